@@ -1,0 +1,32 @@
+"""The `unskill` command: export, stats, edit. Each subcommand lives in its own package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from unskill.runtime.errors import UnskillError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from unskill.exporter import cli as export_cli
+    from unskill.stats import cli as stats_cli
+
+    parser = argparse.ArgumentParser(prog="unskill", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    export_cli.add_parser(subparsers)
+    stats_cli.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UnskillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

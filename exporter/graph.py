@@ -1,0 +1,135 @@
+"""Find each layer's FFL tensors by graph structure and expose them as graph outputs.
+
+The anchor is the down projection: the MatMul/Gemm whose weight is an (ffn, hidden) initializer. Its
+input 0 is the key vector. In a gated FFL the key is Mul(act(gate), up): the input that comes straight
+from a (hidden, ffn) projection is `up`, the other passes through the activation, whose input is the
+pre-activation. In a plain FFL the key is act(fc1) and fc1's output (+bias) is the pre-activation.
+Node names are never used, so any exporter's naming works.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import onnx
+from onnx import TensorProto, helper
+
+from unskill.runtime.errors import UnskillError
+
+PROJECTIONS = ("MatMul", "Gemm")
+SHAPE_ONLY = ("Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
+MAX_ACTIVATION_NODES = 64   # the activation is a short chain (SiLU: 2 ops, GELU-tanh: ~8)
+
+
+@dataclass
+class FFLTensors:
+    key: str           # input of the down projection
+    preact: str        # input of the activation (gate or fc1 output, bias included)
+    up: str | None     # up_proj output in a gated FFL
+
+
+class _GraphIndex:
+    def __init__(self, graph: onnx.GraphProto, hidden: int, ffn: int):
+        self.hidden, self.ffn = hidden, ffn
+        self.initializers = {init.name: tuple(init.dims) for init in graph.initializer}
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.constants = set(self.initializers) | {
+            out for node in graph.node if node.op_type == "Constant" for out in node.output}
+
+    def weight_shape(self, node) -> tuple[int, ...] | None:
+        if node.op_type not in PROJECTIONS or len(node.input) < 2 or node.input[1] not in self.initializers:
+            return None
+        dims = self.initializers[node.input[1]]
+        transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        return dims[::-1] if transposed else dims
+
+    def is_up_projection(self, node) -> bool:
+        return self.weight_shape(node) == (self.hidden, self.ffn)
+
+    def is_down_projection(self, node) -> bool:
+        return self.weight_shape(node) == (self.ffn, self.hidden)
+
+    def _value_source(self, node) -> str | None:
+        """The one computed input of a bias-add or shape-only node; None for anything that mixes values."""
+        computed = [name for name in node.input if name and name not in self.constants]
+        if node.op_type in SHAPE_ONLY or (node.op_type == "Add" and len(computed) == 1):
+            return computed[0] if computed else None
+        return None
+
+    def comes_from_projection(self, tensor: str) -> bool:
+        """True if tensor is an up/gate/fc1 projection output, possibly after a bias add or reshape."""
+        node = self.producer.get(tensor)
+        while node is not None and not self.is_up_projection(node):
+            source = self._value_source(node)
+            if source is None:
+                return False
+            node = self.producer.get(source)
+        return node is not None
+
+    def strip_shape_ops(self, tensor: str) -> str:
+        node = self.producer.get(tensor)
+        while node is not None and node.op_type in SHAPE_ONLY:
+            tensor = node.input[0]
+            node = self.producer.get(tensor)
+        return tensor
+
+    def activation_input(self, activation_output: str) -> str:
+        """Breadth-first back to the nearest tensor that is a projection output: the activation's input."""
+        queue, seen = deque([activation_output]), set()
+        while queue and len(seen) < MAX_ACTIVATION_NODES:
+            tensor = queue.popleft()
+            if tensor in seen or tensor in self.constants:
+                continue
+            seen.add(tensor)
+            if self.comes_from_projection(tensor):
+                return tensor
+            node = self.producer.get(tensor)
+            if node is not None and node.op_type not in PROJECTIONS:
+                queue.extend(node.input)
+        raise UnskillError(f"no FFL pre-activation found behind tensor {activation_output!r}")
+
+
+def find_ffl_tensors(model: onnx.ModelProto, hidden: int, ffn: int) -> list[FFLTensors]:
+    """One FFLTensors per layer, in graph order (which is layer order for every exporter we use)."""
+    if hidden == ffn:
+        raise UnskillError(f"hidden size {hidden} equals the FFL width: the structural match needs them to differ")
+    index = _GraphIndex(model.graph, hidden, ffn)
+    layers = []
+    for node in model.graph.node:
+        if not index.is_down_projection(node):
+            continue
+        key = index.strip_shape_ops(node.input[0])   # Gemm exports flatten the key; expose the 3-D one
+        key_node = index.producer.get(key)
+        if key_node is not None and key_node.op_type == "Mul":
+            direct = [t for t in key_node.input if index.comes_from_projection(t)]
+            through_activation = [t for t in key_node.input if t not in direct]
+            if len(direct) == 1 and len(through_activation) == 1:
+                layers.append(FFLTensors(key, index.activation_input(through_activation[0]), direct[0]))
+                continue
+        layers.append(FFLTensors(key, index.activation_input(key), None))
+    if not layers:
+        raise UnskillError(f"no down projection with a ({ffn}, {hidden}) weight found in the graph")
+    return layers
+
+
+def key_output_name(layer: int) -> str:
+    return f"key.{layer}"
+
+
+def preact_output_name(layer: int) -> str:
+    return f"preact.{layer}"
+
+
+def add_ffl_outputs(model: onnx.ModelProto, layers: list[FFLTensors], ffn: int) -> tuple[list[str], list[str]]:
+    """Expose key and pre-activation of every layer as graph outputs [batch, seq, ffn] via Identity nodes."""
+    graph = model.graph
+    key_names, preact_names = [], []
+    for i, layer in enumerate(layers):
+        for tensor, name, names in ((layer.key, key_output_name(i), key_names),
+                                    (layer.preact, preact_output_name(i), preact_names)):
+            graph.node.append(helper.make_node("Identity", [tensor], [name], name=f"/unskill/{name}"))
+            graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size", "sequence_length", ffn]))
+            names.append(name)
+    return key_names, preact_names
+

@@ -1,0 +1,30 @@
+"""Torch-free runtime: load an exported model, generate, and guard with KSD hypercubes.
+
+    from unskill.runtime import load
+    gen = load("out/smollm2", stats=["math.npz"])
+    print(gen.generate(["What is 12*7?"])[0].text)
+"""
+
+from __future__ import annotations
+
+from .errors import UnskillError
+from .generator import ABSTAIN_MESSAGE, GenerationParams, Generator, Result
+from .ksd import KSDGuard
+from .manifest import Manifest, load_manifest
+from .sampling import SamplingParams
+from .session import OnnxLM
+from .statsfile import StatsFile, load_stats
+from .tokenizer import TextTokenizer
+
+__all__ = ["ABSTAIN_MESSAGE", "GenerationParams", "Generator", "KSDGuard", "Manifest", "OnnxLM", "Result",
+           "SamplingParams", "StatsFile", "TextTokenizer", "UnskillError", "load", "load_manifest", "load_stats"]
+
+
+def load(model_dir, stats=(), alpha: float = 1.0, alpha_mode: str = "k", layers=None, device: str = "auto",
+         threads: int | None = None, abstain_message: str = ABSTAIN_MESSAGE) -> Generator:
+    """A ready Generator for an exported directory, guarded by the given stats files (none: plain generation)."""
+    model = OnnxLM(model_dir, device=device, threads=threads)
+    tokenizer = TextTokenizer(model_dir, model.manifest)
+    stats_files = [load_stats(path, model.manifest) for path in stats]
+    guard = KSDGuard(stats_files, model.manifest, alpha, alpha_mode, layers) if stats_files else None
+    return Generator(model, tokenizer, guard, abstain_message)

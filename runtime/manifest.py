@@ -1,0 +1,61 @@
+"""`unskill.json`: what the exporter knows about a model, so the runtime and stats never need torch or HF."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field
+from pathlib import Path
+
+from .errors import UnskillError
+
+MANIFEST_NAME = "unskill.json"
+FORMAT = "unskill-onnx/1"
+
+
+@dataclass
+class Manifest:
+    arch: str                       # HF model_type, e.g. "llama", "gemma3_text", "gpt2"
+    num_layers: int
+    hidden_size: int
+    key_width: int                  # FFL width: length of the key vector (input of down_proj)
+    activation: str                 # hidden_act of the FFL
+    gated: bool                     # act(W_gate z) * (W_up z) vs act(W_fc z)
+    key_outputs: list[str]          # graph output per layer: key vector (down_proj input)
+    preact_outputs: list[str]       # graph output per layer: pre-activation (gate_proj, or fc1 without gate)
+    fingerprint: str                # sha256 of the weights; stats files carry it to prove they match
+    max_context: int
+    eos_token_ids: list[int]
+    pad_token_id: int
+    bos_token_id: int | None = None
+    add_bos: bool = False
+    chat_template: str | None = None
+    source: str = ""
+    model_file: str = "model.onnx"
+    edits: list[dict] = field(default_factory=list)   # NA / prune history, in order applied
+    format: str = FORMAT
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise UnskillError(f"{path}: no manifest; is {directory} a directory written by `unskill export`?")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UnskillError(f"{path}: not valid JSON ({exc})") from None
+    if raw.get("format") != FORMAT:
+        raise UnskillError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
+    known = Manifest.__dataclass_fields__
+    required = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise UnskillError(f"{path}: missing fields {', '.join(missing)}")
+    manifest = Manifest(**{k: v for k, v in raw.items() if k in known})
+    if len(manifest.key_outputs) != manifest.num_layers or len(manifest.preact_outputs) != manifest.num_layers:
+        raise UnskillError(f"{path}: {manifest.num_layers} layers but {len(manifest.key_outputs)} key outputs")
+    return manifest

@@ -1,0 +1,73 @@
+"""An exported model as an onnxruntime session: one forward call, KV cache kept as OrtValues."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import UnskillError
+from .manifest import Manifest, load_manifest
+
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+
+
+def pick_providers(device: str = "auto") -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise UnskillError("--device cuda: onnxruntime has no CUDA provider (pip install the `gpu` extra)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxLM:
+    """Loads DIR/model.onnx + unskill.json; `forward` runs one step and returns what the caller asked for."""
+
+    def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None):
+        self.directory = Path(directory)
+        self.manifest: Manifest = load_manifest(self.directory)
+        path = self.directory / self.manifest.model_file
+        if not path.is_file():
+            raise UnskillError(f"{path}: missing ONNX model")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=pick_providers(device))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise UnskillError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in self.manifest.key_outputs if n not in self.output_names]
+        if missing:
+            raise UnskillError(f"{path}: graph lacks key outputs {missing[:3]}; re-export with `unskill export`")
+        self.past_names = [n for n in self.input_names if n.startswith(PAST_PREFIX)]
+        past_input = next(i for i in self.session.get_inputs() if i.name.startswith(PAST_PREFIX))
+        self.kv_heads, self.head_dim = past_input.shape[1], past_input.shape[3]
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def empty_past(self, batch: int) -> dict[str, ort.OrtValue]:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        return {name: ort.OrtValue.ortvalue_from_numpy(empty, self.device) for name in self.past_names}
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, ort.OrtValue],
+                extra_outputs: list[str] = ()) -> tuple[np.ndarray, dict[str, ort.OrtValue], dict[str, np.ndarray]]:
+        """(logits of the last position [B, V], next past, extra outputs [B, S, ...])."""
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        if "position_ids" in self.input_names:
+            positions = np.cumsum(attention_mask, axis=1) - 1
+            feeds["position_ids"] = np.maximum(positions, 0)[:, -input_ids.shape[1]:].astype(np.int64)
+        ort_feeds = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feeds.items()}
+        ort_feeds.update(past)   # the previous step's present tensors, passed on without a copy to NumPy
+        present_names = [PRESENT_PREFIX + n[len(PAST_PREFIX):] for n in self.past_names]
+        names = ["logits", *present_names, *extra_outputs]
+        values = self.session.run_with_ort_values(names, ort_feeds)
+        logits = values[0].numpy()[:, -1, :]
+        next_past = dict(zip(self.past_names, values[1:1 + len(present_names)]))
+        extras = {n: v.numpy() for n, v in zip(extra_outputs, values[1 + len(present_names):])}
+        return logits, next_past, extras

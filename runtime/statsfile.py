@@ -1,0 +1,180 @@
+"""The stats `.npz`: streaming moments per layer for KSD, NA and SP, plus where they came from.
+
+Plain arrays only (strings as NumPy unicode arrays, metadata as a JSON string), so it loads with
+allow_pickle=False. Groups and their fields:
+    ksd        key vector at the last prompt token, forget prompts: count, sum, sumsq, min, max
+    na_forget  pre-activation, every real token of forget texts: count, sum, sumsq
+    na_retain  same on retain texts
+    sp_forget  key vector, every real token of forget texts: count, abs_sum, sumsq, pos_count
+    sp_retain  same on retain texts
+count is per layer (L,); the other fields are float64 (L, F). Sums (not means) so shards merge by addition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UnskillError
+from .manifest import Manifest
+
+SCHEMA_VERSION = 1
+GROUP_FIELDS = {
+    "ksd": ("sum", "sumsq", "min", "max"),
+    "na_forget": ("sum", "sumsq"),
+    "na_retain": ("sum", "sumsq"),
+    "sp_forget": ("abs_sum", "sumsq", "pos_count"),
+    "sp_retain": ("abs_sum", "sumsq", "pos_count"),
+}
+
+
+@dataclass
+class Moments:
+    """Float64 running sums over rows of an (n, F) array, per layer. Memory is O(L*F), whatever n."""
+    fields: tuple[str, ...]
+    count: np.ndarray                       # (L,) int64
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, fields, layers: int, width: int) -> "Moments":
+        init = {"min": np.inf, "max": -np.inf}
+        return cls(tuple(fields), np.zeros(layers, np.int64),
+                   {f: np.full((layers, width), init.get(f, 0.0)) for f in fields})
+
+    def add(self, layer: int, rows: np.ndarray) -> None:
+        if rows.shape[0] == 0:
+            return
+        rows = rows.astype(np.float64)
+        self.count[layer] += rows.shape[0]
+        v = self.values
+        if "sum" in v:
+            v["sum"][layer] += rows.sum(0)
+        if "abs_sum" in v:
+            v["abs_sum"][layer] += np.abs(rows).sum(0)
+        if "sumsq" in v:
+            v["sumsq"][layer] += np.einsum("ij,ij->j", rows, rows)
+        if "pos_count" in v:
+            v["pos_count"][layer] += (rows > 0).sum(0)
+        if "min" in v:
+            np.minimum(v["min"][layer], rows.min(0), out=v["min"][layer])
+        if "max" in v:
+            np.maximum(v["max"][layer], rows.max(0), out=v["max"][layer])
+
+    def merge(self, other: "Moments") -> "Moments":
+        combine = {"min": np.minimum, "max": np.maximum}
+        values = {f: combine.get(f, np.add)(self.values[f], other.values[f]) for f in self.fields}
+        return Moments(self.fields, self.count + other.count, values)
+
+    def mean(self, name: str = "sum") -> np.ndarray:
+        return self.values[name] / np.maximum(self.count, 1)[:, None]
+
+    def std(self, ddof: int = 1) -> np.ndarray:
+        """Standard deviation (not variance; the reference code stores a variance under this name)."""
+        n = self.count[:, None].astype(np.float64)
+        centered = self.values["sumsq"] - self.values["sum"] ** 2 / np.maximum(n, 1)
+        return np.sqrt(np.maximum(centered, 0.0) / np.maximum(n - ddof, 1))
+
+
+@dataclass
+class StatsFile:
+    fingerprint: str
+    arch: str
+    key_width: int
+    num_layers: int
+    meta: dict                              # datasets, counts, prompt template, tool version
+    groups: dict[str, Moments]
+
+    @property
+    def skill(self) -> str:
+        return self.meta.get("skill") or self.meta.get("forget", {}).get("name", "forget")
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: a crash leaves no half-written file behind."""
+        path = Path(path)
+        arrays = {
+            "schema_version": np.array(SCHEMA_VERSION),
+            "fingerprint": np.array(self.fingerprint),
+            "arch": np.array(self.arch),
+            "key_width": np.array(self.key_width),
+            "num_layers": np.array(self.num_layers),
+            "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+        }
+        for group, moments in self.groups.items():
+            arrays[f"{group}.count"] = moments.count
+            for name, value in moments.values.items():
+                arrays[f"{group}.{name}"] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".npz", dir=path.parent)
+        os.close(handle)
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def check_model(self, manifest: Manifest, where: str) -> None:
+        if self.fingerprint != manifest.fingerprint:
+            raise UnskillError(f"{where}: stats are from another model (fingerprint {self.fingerprint[:19]}…, "
+                               f"model {manifest.source or manifest.arch} has {manifest.fingerprint[:19]}…)")
+        if (self.num_layers, self.key_width) != (manifest.num_layers, manifest.key_width):
+            raise UnskillError(f"{where}: stats have {self.num_layers}x{self.key_width} keys, "
+                               f"model has {manifest.num_layers}x{manifest.key_width}")
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise UnskillError(f"{path}: no such stats file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise UnskillError(f"{path}: contains pickled objects; refusing to load it") from None
+        raise UnskillError(f"{path}: not a valid .npz ({exc})") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise UnskillError(f"{path}: not a valid .npz ({exc})") from None
+
+
+def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
+    """Read and validate a stats file; with a manifest, also check it belongs to that model."""
+    path = Path(path)
+    arrays = _read_arrays(path)
+    for required in ("schema_version", "fingerprint", "arch", "key_width", "num_layers", "meta"):
+        if required not in arrays:
+            raise UnskillError(f"{path}: not an unskill stats file (no {required!r})")
+    if int(arrays["schema_version"]) != SCHEMA_VERSION:
+        raise UnskillError(f"{path}: schema version {int(arrays['schema_version'])}, expected {SCHEMA_VERSION}")
+    layers, width = int(arrays["num_layers"]), int(arrays["key_width"])
+    groups = {}
+    for group, fields in GROUP_FIELDS.items():
+        if f"{group}.count" not in arrays:
+            continue
+        count = arrays[f"{group}.count"]
+        if count.shape != (layers,) or count.dtype.kind not in "iu":
+            raise UnskillError(f"{path}: {group}.count has shape {count.shape}, expected ({layers},)")
+        values = {}
+        for name in fields:
+            value = arrays.get(f"{group}.{name}")
+            if value is None or value.shape != (layers, width):
+                shape = None if value is None else value.shape
+                raise UnskillError(f"{path}: {group}.{name} has shape {shape}, expected ({layers}, {width})")
+            if not np.isfinite(value[count > 0]).all():
+                raise UnskillError(f"{path}: {group}.{name} contains NaN or infinity")
+            values[name] = value.astype(np.float64)
+        groups[group] = Moments(fields, count.astype(np.int64), values)
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except json.JSONDecodeError:
+        raise UnskillError(f"{path}: meta is not valid JSON") from None
+    stats = StatsFile(str(arrays["fingerprint"]), str(arrays["arch"]), width, layers, meta, groups)
+    if manifest is not None:
+        stats.check_model(manifest, str(path))
+    return stats

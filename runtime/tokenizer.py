@@ -1,0 +1,59 @@
+"""Prompt text -> token ids the way the model was trained to see it (chat template), and back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from .errors import UnskillError
+from .manifest import Manifest
+
+
+def _render_template(template: str, prompt: str, bos: str, eos: str) -> str:
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    messages = [{"role": "user", "content": prompt}]
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                            bos_token=bos, eos_token=eos)
+
+
+class TextTokenizer:
+    def __init__(self, directory: str | Path, manifest: Manifest):
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise UnskillError(f"{path}: missing tokenizer")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.manifest = manifest
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.manifest.chat_template)
+
+    def render(self, prompt: str, chat: bool = True) -> str:
+        """The exact text the model reads; chat is ignored for models without a template."""
+        if not chat or not self.has_chat_template:
+            return prompt
+        ids = self.manifest
+        bos = self.tokenizer.id_to_token(ids.bos_token_id) if ids.bos_token_id is not None else ""
+        eos = self.tokenizer.id_to_token(ids.eos_token_ids[0])
+        return _render_template(self.manifest.chat_template, prompt, bos or "", eos or "")
+
+    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
+        if not prompt.strip():
+            raise UnskillError("empty prompt")
+        templated = chat and self.has_chat_template
+        # A chat template writes its own special tokens (BOS included), so the post-processor must not add more.
+        return self.tokenizer.encode(self.render(prompt, chat), add_special_tokens=not templated).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,58 @@
+"""`unskill stats`: probe an exported model with datasets and write a stats .npz (or merge shards)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("stats", help="probe an exported model with datasets -> stats .npz")
+    p.add_argument("--model", help="directory written by `unskill export`")
+    p.add_argument("--forget", help="dataset SPEC of the skill to forget: builtin:math, gsm8k[:split], PATH[:FIELD] …")
+    p.add_argument("--retain", help="dataset SPEC of what to keep (adds NA and SP statistics)")
+    p.add_argument("--out", required=True, help="stats .npz to write")
+    p.add_argument("--data-dir", help="benchmark data in the shared/data layout (default: $UNSKILL_DATA_DIR)")
+    p.add_argument("--limit", type=int, help="take the first N items of each dataset")
+    p.add_argument("--skill", help="name reported when KSD abstains (default: the forget dataset's name)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-text-tokens", type=int, default=512)
+    p.add_argument("--no-chat", action="store_true", help="probe raw prompts, without the chat template")
+    p.add_argument("--merge", nargs="+", metavar="NPZ", help="merge stats shards into --out instead of probing")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from unskill.runtime.errors import UnskillError
+    from unskill.runtime.statsfile import load_stats
+
+    if args.merge:
+        from .probe import merge_stats
+        merged = load_stats(args.merge[0])
+        for path in args.merge[1:]:
+            merged = merge_stats(merged, load_stats(path), where=path)
+        merged.save(args.out)
+        print(f"merged {len(args.merge)} shards -> {args.out}")
+        return 0
+    if not args.model or not args.forget:
+        raise UnskillError("unskill stats needs --model and --forget (or --merge)")
+    if args.limit is not None and args.limit < 1:
+        raise UnskillError(f"--limit must be >= 1, got {args.limit}")
+
+    from unskill.runtime.session import OnnxLM
+    from unskill.runtime.tokenizer import TextTokenizer
+
+    from .datasets import load_dataset
+    from .probe import ProbeConfig, probe
+
+    forget = load_dataset(args.forget, args.data_dir, args.limit)
+    retain = load_dataset(args.retain, args.data_dir, args.limit) if args.retain else None
+    model = OnnxLM(args.model)
+    tokenizer = TextTokenizer(args.model, model.manifest)
+    config = ProbeConfig(not args.no_chat, args.batch_size, args.max_text_tokens, not args.no_progress)
+    stats = probe(model, tokenizer, forget, retain, config, args.skill)
+    stats.save(Path(args.out))
+    groups = ", ".join(f"{g} ({int(m.count[0])} rows/layer)" for g, m in stats.groups.items())
+    print(f"wrote {args.out}: {groups}")
+    return 0

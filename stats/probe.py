@@ -1,0 +1,129 @@
+"""Run an exported model over datasets and accumulate the statistics each method needs (no torch).
+
+Two kinds of pass:
+  prompt pass  forget prompts as a user sends them (chat template by default, the same rendering the
+               runtime uses), left-padded; keeps the key vector at the last prompt token of every layer.
+  text pass    prompt + completion as plain text, all real tokens (the reference code probes GSM8K answers
+               and MBPP code this way); keeps pre-activations (NA) and keys (SP) of every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from unskill.runtime.errors import UnskillError
+from unskill.runtime.session import OnnxLM
+from unskill.runtime.statsfile import GROUP_FIELDS, Moments, StatsFile
+from unskill.runtime.tokenizer import TextTokenizer
+
+from .datasets import Dataset
+
+
+@dataclass
+class ProbeConfig:
+    chat: bool = True
+    batch_size: int = 8
+    max_text_tokens: int = 512      # text pass truncation; probes are about the skill, not long contexts
+    progress: bool = True
+
+
+def _batches(sequences: list[list[int]], batch_size: int):
+    """Longest first, so padding stays small and the first batch shows the peak memory at once."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        yield [sequences[i] for i in order[start:start + batch_size]]
+
+
+def _left_pad(batch: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(map(len, batch))
+    ids = np.array([[pad] * (width - len(s)) + s for s in batch], dtype=np.int64)
+    mask = np.array([[0] * (width - len(s)) + [1] * len(s) for s in batch], dtype=np.int64)
+    return ids, mask
+
+
+class Prober:
+    def __init__(self, model: OnnxLM, tokenizer: TextTokenizer, config: ProbeConfig):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.manifest = model.manifest
+
+    def _new(self, group: str) -> Moments:
+        return Moments.empty(GROUP_FIELDS[group], self.manifest.num_layers, self.manifest.key_width)
+
+    def _run(self, sequences, outputs, desc):
+        pad = self.manifest.pad_token_id
+        total = (len(sequences) + self.config.batch_size - 1) // self.config.batch_size
+        for batch in tqdm(_batches(sequences, self.config.batch_size), total=total, desc=desc, unit="batch",
+                          disable=not self.config.progress):
+            ids, mask = _left_pad(batch, pad)
+            _, _, values = self.model.forward(ids, mask, self.model.empty_past(len(batch)), outputs)
+            yield mask.astype(bool), values
+
+    def prompt_pass(self, dataset: Dataset) -> Moments:
+        limit = self.manifest.max_context
+        sequences = []
+        for item in dataset.items:
+            ids = self.tokenizer.encode_prompt(item.prompt, self.config.chat)
+            if len(ids) > limit:
+                raise UnskillError(f"{dataset.name}: a prompt of {len(ids)} tokens exceeds the context of {limit}")
+            sequences.append(ids)
+        moments = self._new("ksd")
+        for _, values in self._run(sequences, self.manifest.key_outputs, f"KSD {dataset.name}"):
+            for layer, name in enumerate(self.manifest.key_outputs):
+                moments.add(layer, values[name][:, -1, :])
+        return moments
+
+    def text_pass(self, dataset: Dataset, side: str) -> dict[str, Moments]:
+        sequences = []
+        for item in dataset.items:
+            text = f"{item.prompt}\n{item.completion}" if item.completion else item.prompt
+            sequences.append(self.tokenizer.encode_text(text)[: self.config.max_text_tokens])
+        na, sp = self._new(f"na_{side}"), self._new(f"sp_{side}")
+        outputs = self.manifest.preact_outputs + self.manifest.key_outputs
+        for real, values in self._run(sequences, outputs, f"NA/SP {dataset.name}"):
+            for layer in range(self.manifest.num_layers):
+                na.add(layer, values[self.manifest.preact_outputs[layer]][real])
+                sp.add(layer, values[self.manifest.key_outputs[layer]][real])
+        return {f"na_{side}": na, f"sp_{side}": sp}
+
+
+def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Dataset | None = None,
+          config: ProbeConfig | None = None, skill: str | None = None) -> StatsFile:
+    """KSD stats from the forget prompts; with a retain set, NA and SP stats from both sides as well."""
+    config = config or ProbeConfig()
+    prober = Prober(model, tokenizer, config)
+    groups = {"ksd": prober.prompt_pass(forget)}
+    if retain is not None:
+        groups.update(prober.text_pass(forget, "forget"))
+        groups.update(prober.text_pass(retain, "retain"))
+    manifest = model.manifest
+    meta = {
+        "skill": skill or forget.name,
+        "forget": {"name": forget.name, "count": len(forget.items)},
+        "retain": {"name": retain.name, "count": len(retain.items)} if retain else None,
+        "prompt_template": {"chat": bool(config.chat and tokenizer.has_chat_template),
+                            "template": manifest.chat_template if config.chat else None},
+        "max_text_tokens": config.max_text_tokens,
+        "model_source": manifest.source,
+    }
+    return StatsFile(manifest.fingerprint, manifest.arch, manifest.key_width, manifest.num_layers, meta, groups)
+
+
+def merge_stats(first: StatsFile, second: StatsFile, where: str = "merge") -> StatsFile:
+    """Shards of the same model, template and datasets kind add up to the stats of their union."""
+    if first.fingerprint != second.fingerprint:
+        raise UnskillError(f"{where}: the shards come from different models")
+    if first.meta.get("prompt_template") != second.meta.get("prompt_template"):
+        raise UnskillError(f"{where}: the shards used different prompt templates")
+    if set(first.groups) != set(second.groups):
+        raise UnskillError(f"{where}: the shards hold different groups ({sorted(first.groups)} vs {sorted(second.groups)})")
+    meta = dict(first.meta)
+    for side in ("forget", "retain"):
+        a, b = first.meta.get(side), second.meta.get(side)
+        if a and b:
+            names = a["name"] if a["name"] == b["name"] else f"{a['name']}+{b['name']}"
+            meta[side] = {"name": names, "count": a["count"] + b["count"]}
+    groups = {name: first.groups[name].merge(second.groups[name]) for name in first.groups}
+    return StatsFile(first.fingerprint, first.arch, first.key_width, first.num_layers, meta, groups)

@@ -1,0 +1,52 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))   # tiny_models helper
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("UNSKILL_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not (path / "gsm8k").is_dir():
+        pytest.skip(f"benchmark data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """kind -> (hf_dir, onnx_dir), built and exported once per session."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from tiny_models import build_tiny
+
+    from unskill.exporter.export import export_model
+
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            root = tmp_path_factory.mktemp(f"tiny_{kind}")
+            hf_dir = build_tiny(kind, root / "hf")
+            export_model(str(hf_dir), root / "onnx", progress=False)
+            cache[kind] = (hf_dir, root / "onnx")
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory):
+    """The real packaged SmolLM2 exported once (about a minute); UNSKILL_SMOLLM2_ONNX reuses an export."""
+    reuse = os.environ.get("UNSKILL_SMOLLM2_ONNX")
+    if reuse:
+        return Path(reuse)
+    pytest.importorskip("optimum.exporters.onnx")
+    from unskill.exporter.export import export_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "onnx"
+    export_model("smollm2-135m", out, progress=False)
+    return out

@@ -1,0 +1,89 @@
+"""Tiny random decoder models built from a config, saved as HF directories with a real BPE tokenizer.
+
+For fast export/runtime tests only: random weights say nothing about quality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Write a python function to find the first repeated character in a given string.",
+    "def add(a, b):\n    return a + b\n",
+    "The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
+    "How many apples are left if Tom eats 3 of his 12 apples? 12 - 3 = 9 apples.",
+] * 20
+SPECIALS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|user|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+VOCAB = 512
+
+
+def build_tokenizer(directory: Path, chat_template: str | None = CHAT_TEMPLATE):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_tiny(kind: str, directory: Path, seed: int = 0) -> Path:
+    """kind: llama (gated SiLU), gemma3 (gated GELU-tanh, sliding window), gpt2 (plain GELU, biases)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "llama":
+        config = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=256, **common)
+        model = tf.LlamaForCausalLM(config)
+    elif kind == "gemma3":
+        config = tf.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                     sliding_window=8, **common)
+        model = tf.Gemma3ForCausalLM(config)
+    elif kind == "gpt2":
+        config = tf.GPT2Config(n_embd=64, n_inner=160, n_layer=3, n_head=4, n_positions=256, **common)
+        model = tf.GPT2LMHeadModel(config)
+    else:
+        raise ValueError(kind)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(directory)
+    build_tokenizer(directory, CHAT_TEMPLATE if kind == "llama" else None)
+    return directory
+
+
+def torch_reference(model_dir: Path, input_ids, attention_mask):
+    """Logits and per-layer (key, pre-activation) from the PyTorch model via forward hooks."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    keys, preacts, handles = {}, {}, []
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    for i, block in enumerate(blocks):
+        mlp = block.mlp
+        down = getattr(mlp, "down_proj", None) or mlp.c_proj
+        gate = getattr(mlp, "gate_proj", None) or mlp.c_fc
+        handles.append(down.register_forward_pre_hook(lambda m, args, i=i: keys.__setitem__(i, args[0].detach().numpy())))
+        handles.append(gate.register_forward_hook(lambda m, args, out, i=i: preacts.__setitem__(i, out.detach().numpy())))
+    positions = np.maximum(np.cumsum(attention_mask, 1) - 1, 0)   # left padding, as the runtime does
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(attention_mask),
+                    position_ids=torch.tensor(positions))
+    for handle in handles:
+        handle.remove()
+    n = len(blocks)
+    return out.logits.numpy(), [keys[i] for i in range(n)], [preacts[i] for i in range(n)]
