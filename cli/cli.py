@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     export_cli.add_parser(subparsers)
     stats_cli.add_parser(subparsers)
+    stats_cli.add_data_parser(subparsers)
     return parser
 
 

@@ -70,7 +70,7 @@ class Generator:
                 yield result.text
                 return
             text = result.text
-            if text.endswith("\ufffd"):   # an incomplete UTF-8 sequence: wait for the next token
+            if text.endswith("\ufffd") and not row.done:   # an incomplete UTF-8 sequence: wait for more
                 continue
             if len(text) > len(shown):
                 yield text[len(shown):]

@@ -56,3 +56,23 @@ def run(args: argparse.Namespace) -> int:
     groups = ", ".join(f"{g} ({int(m.count[0])} rows/layer)" for g, m in stats.groups.items())
     print(f"wrote {args.out}: {groups}")
     return 0
+
+
+def add_data_parser(subparsers) -> None:
+    p = subparsers.add_parser("data", help="write a dataset SPEC's prompts as JSONL (input for ksd-run --prompts)")
+    p.add_argument("spec", help="builtin:math, gsm8k:test, mbpp:test, PATH[:FIELD] …")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=int)
+    p.set_defaults(run=run_data)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from unskill.runtime.cli import write_jsonl
+
+    from .datasets import load_dataset
+
+    dataset = load_dataset(args.spec, args.data_dir, args.limit)
+    write_jsonl(args.out, [{"prompt": item.prompt, "completion": item.completion} for item in dataset.items])
+    print(f"{len(dataset.items)} prompts from {dataset.name} -> {args.out}")
+    return 0
