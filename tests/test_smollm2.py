@@ -1,0 +1,65 @@
+"""The packaged SmolLM2-135M end to end: tokenizer, greedy parity with HF, KSD refusing math only."""
+
+import numpy as np
+import pytest
+
+from unskill.runtime import GenerationParams, load
+from unskill.stats.datasets import load_dataset
+from unskill.stats.probe import ProbeConfig, probe
+
+pytestmark = pytest.mark.model
+
+
+def test_tokenizer_has_no_bos_and_round_trips(smollm2_export):
+    generator = load(smollm2_export, device="cpu")
+    tokenizer = generator.tokenizer
+    text = "def f(x):\n    return x ** 2  # naïve — 日本語 😀"
+    ids = tokenizer.encode_text(text)
+    assert ids[0] != generator.model.manifest.bos_token_id
+    assert tokenizer.decode(ids) == text
+    assert generator.model.manifest.eos_token_ids[0] == tokenizer.tokenizer.token_to_id("<|im_end|>")
+    chat = tokenizer.encode_prompt("hi")
+    assert tokenizer.tokenizer.decode(chat, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+
+
+def test_greedy_matches_hf_generate(smollm2_export):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from unskill.exporter.sources import resolve_model
+
+    source = resolve_model("smollm2-135m")
+    hf = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file).eval()
+    generator = load(smollm2_export, device="cpu")
+    prompt = "What is the capital of France? Answer in one word."
+    ids = generator.tokenizer.encode_prompt(prompt)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=24, do_sample=False, eos_token_id=generator.model.manifest.eos_token_ids)
+    theirs = [t for t in out[0, len(ids):].tolist() if t not in generator.model.manifest.eos_token_ids]
+    assert generator.generate([prompt], GenerationParams(max_new_tokens=24))[0].token_ids == theirs
+
+
+def test_builtin_math_stats_refuse_math_and_answer_code(smollm2_export, tmp_path):
+    generator = load(smollm2_export, device="cpu")
+    forget = load_dataset("builtin:math")
+    stats = probe(generator.model, generator.tokenizer, forget, config=ProbeConfig(progress=False))
+    path = stats.save(tmp_path / "math.npz")
+    guarded = load(smollm2_export, stats=[path], device="cpu")
+    math, code = guarded.generate(["A baker makes 24 muffins and sells 3/4 of them. How many muffins are left?",
+                                   "Write a python function to reverse a string."], GenerationParams(max_new_tokens=24))
+    assert math.abstained and math.text == "Your query is not valid."
+    assert not code.abstained and "def" in code.text
+
+
+def test_gsm8k_stats_separate_gsm8k_from_mbpp(smollm2_export, data_dir, tmp_path):
+    """The issue's bar on a smaller sample: >= 90 % of GSM8K test refused, <= 5 % of MBPP test, one alpha."""
+    generator = load(smollm2_export, device="cpu")
+    forget = load_dataset("gsm8k:train", data_dir, limit=200)
+    path = probe(generator.model, generator.tokenizer, forget, config=ProbeConfig(progress=False)).save(tmp_path / "g.npz")
+    guarded = load(smollm2_export, stats=[path], alpha=1.5, device="cpu")
+    params = GenerationParams(max_new_tokens=2)
+    gsm = guarded.generate(load_dataset("gsm8k:test", data_dir, limit=40).prompts, params)
+    mbpp = guarded.generate(load_dataset("mbpp:test", data_dir, limit=40).prompts, params)
+    assert np.mean([r.abstained for r in gsm]) >= 0.9
+    assert np.mean([r.abstained for r in mbpp]) <= 0.05
