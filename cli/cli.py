@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unskill", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     export_cli.add_parser(subparsers)
+    export_cli.add_edit_parser(subparsers)
     stats_cli.add_parser(subparsers)
     stats_cli.add_data_parser(subparsers)
     return parser

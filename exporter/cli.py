@@ -21,3 +21,43 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported {args.model} -> {args.out} ({manifest.num_layers} layers, key width {manifest.key_width}, "
           f"{manifest.fingerprint[:19]})")
     return 0
+
+
+def add_edit_parser(subparsers) -> None:
+    edit = subparsers.add_parser("edit", help="bake Neuron Adjust or Selective Pruning into an exported model")
+    methods = edit.add_subparsers(dest="method", required=True)
+    na = methods.add_parser("na", help="Neuron Adjust: graph nodes that move forget-like pre-activations")
+    prune = methods.add_parser("prune", help="Selective Pruning: remove the most forget-specific FFL neurons")
+    for p in (na, prune):
+        p.add_argument("--model", required=True, help="directory written by `unskill export` (or an edited one)")
+        p.add_argument("--stats", required=True, help="stats .npz of this model, built with --retain")
+        p.add_argument("--out", required=True, help="new directory for the edited model")
+    na.add_argument("--ratio", type=float, default=0.03, help="share of all FFL neurons to adjust (default 0.03)")
+    na.add_argument("--seed", type=int, default=0)
+    na.add_argument("--noise", choices=("random", "input"), default="random",
+                    help="random: RandomUniform op inside the graph; input: na_noise.{layer} inputs (for exact tests)")
+    prune.add_argument("--ratio", type=float, default=0.02, help="share of all FFL neurons to remove (default 0.02)")
+    prune.add_argument("--steps", type=int, default=1, help="prune ratio/steps at a time, re-probing in between")
+    prune.add_argument("--scorer", choices=("abs", "freq", "rms"), default="abs")
+    prune.add_argument("--data-dir", help="benchmark data for re-probing (default: $UNSKILL_DATA_DIR)")
+    prune.add_argument("--no-progress", action="store_true")
+    na.set_defaults(run=run_na)
+    prune.set_defaults(run=run_prune)
+
+
+def run_na(args: argparse.Namespace) -> int:
+    from .neuron_adjust import neuron_adjust
+
+    manifest = neuron_adjust(args.model, args.stats, args.ratio, args.out, args.noise, args.seed)
+    edit = manifest.edits[-1]
+    print(f"NA on {edit['selected']} neurons ({args.ratio:.2%}) -> {args.out}")
+    return 0
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from .prune import prune
+
+    manifest = prune(args.model, args.stats, args.ratio, args.out, args.steps, args.scorer, args.data_dir,
+                     not args.no_progress)
+    print(f"pruned {manifest.edits[-1]['removed']} neurons ({args.ratio:.2%}, {args.steps} step(s)) -> {args.out}")
+    return 0

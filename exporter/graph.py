@@ -133,3 +133,64 @@ def add_ffl_outputs(model: onnx.ModelProto, layers: list[FFLTensors], ffn: int) 
             names.append(name)
     return key_names, preact_names
 
+
+
+@dataclass
+class FFLWeights:
+    """Initializers of one layer's FFL, found from the exported key/preact outputs (shape-independent,
+    so it still works after pruning has changed widths)."""
+    key: str
+    preact: str
+    down: str                   # (F, H) weight of the down projection
+    inputs: list[str]           # (H, F) weights feeding the key: gate (or fc1) first, then up
+    biases: list[str]           # (F,) biases added to those projections
+
+
+def locate_ffl_weights(model: onnx.ModelProto, manifest) -> list[FFLWeights]:
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def source_of(output_name: str) -> str:
+        return producer[output_name].input[0]   # the Identity added by add_ffl_outputs
+
+    def projection_behind(tensor: str) -> tuple[str, list[str]]:
+        """(weight, biases) of the projection that produced tensor, through bias adds."""
+        biases = []
+        node = producer[tensor]
+        while node.op_type == "Add":
+            biases += [i for i in node.input if i in initializers]
+            node = producer[next(i for i in node.input if i not in initializers)]
+        if node.op_type not in PROJECTIONS or node.input[1] not in initializers:
+            raise UnskillError(f"tensor {tensor!r} does not come from a MatMul with a weight initializer")
+        return node.input[1], biases
+
+    layers = []
+    for key_name, preact_name in zip(manifest.key_outputs, manifest.preact_outputs):
+        key, preact = source_of(key_name), source_of(preact_name)
+        down = next((n for n in consumers.get(key, []) if n.op_type == "MatMul" and n.input[1] in initializers), None)
+        if down is None:
+            raise UnskillError(f"layer output {key_name}: no MatMul down projection consumes it (Gemm-based "
+                               "FFLs, e.g. GPT-2, cannot be pruned by removal)")
+        gate_weight, biases = projection_behind(preact)
+        inputs = [gate_weight]
+        key_node = producer[key]
+        if manifest.gated:
+            up_tensor = next(t for t in key_node.input if producer.get(t) is not None and
+                             _is_projection_chain(producer, t, initializers))
+            up_weight, up_biases = projection_behind(up_tensor)
+            inputs.append(up_weight)
+            biases += up_biases
+        layers.append(FFLWeights(key, preact, down.input[1], inputs, biases))
+    return layers
+
+
+def _is_projection_chain(producer, tensor, initializers) -> bool:
+    node = producer.get(tensor)
+    while node is not None and node.op_type == "Add" and any(i in initializers for i in node.input):
+        node = producer.get(next(i for i in node.input if i not in initializers))
+    return node is not None and node.op_type in PROJECTIONS and len(node.input) > 1 and node.input[1] in initializers

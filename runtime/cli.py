@@ -83,6 +83,7 @@ def write_jsonl(path: str, records: list[dict]) -> None:
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         for record in records:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.chmod(tmp, 0o644)   # mkstemp makes it private; results are ordinary files
     os.replace(tmp, target)
 
 

@@ -32,6 +32,9 @@ class Manifest:
     source: str = ""
     model_file: str = "model.onnx"
     edits: list[dict] = field(default_factory=list)   # NA / prune history, in order applied
+    # After pruning: per layer, the original neuron indices still in the graph (None = all). Key and
+    # pre-activation outputs of a pruned layer are narrower; the runtime scatters them back to key_width.
+    kept_neurons: list[list[int]] | None = None
     format: str = FORMAT
 
     def save(self, directory: str | Path) -> Path:

@@ -50,6 +50,24 @@ class OnnxLM:
         past_input = next(i for i in self.session.get_inputs() if i.name.startswith(PAST_PREFIX))
         self.kv_heads, self.head_dim = past_input.shape[1], past_input.shape[3]
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self._kept = self._kept_by_output(self.manifest)
+
+    @staticmethod
+    def _kept_by_output(manifest: Manifest) -> dict[str, np.ndarray]:
+        if manifest.kept_neurons is None:
+            return {}
+        kept = [np.asarray(k, dtype=np.int64) for k in manifest.kept_neurons]
+        return {name: kept[layer] for names in (manifest.key_outputs, manifest.preact_outputs)
+                for layer, name in enumerate(names) if len(kept[layer]) < manifest.key_width}
+
+    def _full_width(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A pruned layer's output with zeros put back where the removed neurons were."""
+        kept = self._kept.get(name)
+        if kept is None:
+            return value
+        full = np.zeros(value.shape[:-1] + (self.manifest.key_width,), dtype=value.dtype)
+        full[..., kept] = value
+        return full
 
     def empty_past(self, batch: int) -> dict[str, ort.OrtValue]:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
@@ -69,5 +87,5 @@ class OnnxLM:
         values = self.session.run_with_ort_values(names, ort_feeds)
         logits = values[0].numpy()[:, -1, :]
         next_past = dict(zip(self.past_names, values[1:1 + len(present_names)]))
-        extras = {n: v.numpy() for n, v in zip(extra_outputs, values[1 + len(present_names):])}
+        extras = {n: self._full_width(n, v.numpy()) for n, v in zip(extra_outputs, values[1 + len(present_names):])}
         return logits, next_past, extras

@@ -114,6 +114,7 @@ class StatsFile:
         os.close(handle)
         try:
             np.savez(tmp, **arrays)
+            os.chmod(tmp, 0o644)   # mkstemp makes it private; stats are ordinary files
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -132,15 +133,31 @@ class StatsFile:
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise UnskillError(f"{path}: no such stats file")
+    # np.load also reads bare .npy and (refusing) pickle files: anything that is not a zip is not a stats file.
+    if not zipfile.is_zipfile(path):
+        raise UnskillError(f"{path}: not a valid .npz (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
+            arrays = {name: archive[name] for name in archive.files}
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise UnskillError(f"{path}: contains pickled objects; refusing to load it") from None
         raise UnskillError(f"{path}: not a valid .npz ({exc})") from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise UnskillError(f"{path}: not a valid .npz ({exc})") from None
+    for name, value in arrays.items():
+        if not isinstance(value, np.ndarray):   # a zip member that is not .npy data comes back as bytes
+            raise UnskillError(f"{path}: member {name!r} is not a NumPy array")
+    return arrays
+
+
+def _scalar(path: Path, arrays: dict[str, np.ndarray], name: str, kinds: str):
+    value = arrays[name]
+    if value.shape != () or value.dtype.kind not in kinds:
+        expected = "an integer" if kinds == "iu" else "a string"
+        raise UnskillError(f"{path}: {name} should be {expected} scalar, "
+                           f"got {value.dtype} array of shape {value.shape}")
+    return value.item()
 
 
 def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
@@ -150,16 +167,19 @@ def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
     for required in ("schema_version", "fingerprint", "arch", "key_width", "num_layers", "meta"):
         if required not in arrays:
             raise UnskillError(f"{path}: not an unskill stats file (no {required!r})")
-    if int(arrays["schema_version"]) != SCHEMA_VERSION:
-        raise UnskillError(f"{path}: schema version {int(arrays['schema_version'])}, expected {SCHEMA_VERSION}")
-    layers, width = int(arrays["num_layers"]), int(arrays["key_width"])
+    version = _scalar(path, arrays, "schema_version", "iu")
+    if version != SCHEMA_VERSION:
+        raise UnskillError(f"{path}: schema version {version}, expected {SCHEMA_VERSION}")
+    layers, width = _scalar(path, arrays, "num_layers", "iu"), _scalar(path, arrays, "key_width", "iu")
+    fingerprint, arch = _scalar(path, arrays, "fingerprint", "U"), _scalar(path, arrays, "arch", "U")
     groups = {}
     for group, fields in GROUP_FIELDS.items():
         if f"{group}.count" not in arrays:
             continue
         count = arrays[f"{group}.count"]
         if count.shape != (layers,) or count.dtype.kind not in "iu":
-            raise UnskillError(f"{path}: {group}.count has shape {count.shape}, expected ({layers},)")
+            raise UnskillError(f"{path}: {group}.count is a {count.dtype} array of shape {count.shape}, "
+                               f"expected integers of shape ({layers},)")
         values = {}
         for name in fields:
             value = arrays.get(f"{group}.{name}")
@@ -171,10 +191,12 @@ def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
             values[name] = value.astype(np.float64)
         groups[group] = Moments(fields, count.astype(np.int64), values)
     try:
-        meta = json.loads(str(arrays["meta"]))
+        meta = json.loads(_scalar(path, arrays, "meta", "U"))
     except json.JSONDecodeError:
         raise UnskillError(f"{path}: meta is not valid JSON") from None
-    stats = StatsFile(str(arrays["fingerprint"]), str(arrays["arch"]), width, layers, meta, groups)
+    if not isinstance(meta, dict):
+        raise UnskillError(f"{path}: meta should be a JSON object, got {type(meta).__name__}")
+    stats = StatsFile(fingerprint, arch, width, layers, meta, groups)
     if manifest is not None:
         stats.check_model(manifest, str(path))
     return stats

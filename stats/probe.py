@@ -76,10 +76,12 @@ class Prober:
         return moments
 
     def text_pass(self, dataset: Dataset, side: str) -> dict[str, Moments]:
+        # Never past the model's context: a learned position table (GPT-2) has no rows beyond it.
+        limit = min(self.config.max_text_tokens, self.manifest.max_context)
         sequences = []
         for item in dataset.items:
             text = f"{item.prompt}\n{item.completion}" if item.completion else item.prompt
-            sequences.append(self.tokenizer.encode_text(text)[: self.config.max_text_tokens])
+            sequences.append(self.tokenizer.encode_text(text)[:limit])
         na, sp = self._new(f"na_{side}"), self._new(f"sp_{side}")
         outputs = self.manifest.preact_outputs + self.manifest.key_outputs
         for real, values in self._run(sequences, outputs, f"NA/SP {dataset.name}"):

@@ -1,0 +1,57 @@
+"""Load an exported directory for graph editing, and write the edited copy beside it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import onnx
+
+from unskill.runtime.errors import UnskillError
+from unskill.runtime.manifest import Manifest, load_manifest
+
+from .export import DATA_FILE, MODEL_FILE, sha256_file
+
+
+def load_exported(directory: str | Path) -> tuple[onnx.ModelProto, Manifest]:
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    path = directory / manifest.model_file
+    if not path.is_file():
+        raise UnskillError(f"{path}: missing ONNX model")
+    return onnx.load(str(path)), manifest
+
+
+def edited_fingerprint(data_path: Path, edits: list[dict]) -> str:
+    """Weights and edit history together: NA changes the graph, not the weights, yet changes the keys."""
+    digest = hashlib.sha256((sha256_file(data_path) + json.dumps(edits, sort_keys=True)).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def save_edited(model: onnx.ModelProto, manifest: Manifest, source_dir: str | Path, out_dir: str | Path,
+                edit: dict, **changes) -> Manifest:
+    """Write DIR2 atomically: model + data, the tokenizer, and the manifest with the edit appended."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".unskill-edit-", dir=out_dir.parent))
+    try:
+        onnx.save(model, str(staging / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=DATA_FILE, size_threshold=1024)
+        (staging / DATA_FILE).chmod(0o644)
+        shutil.copy(Path(source_dir) / "tokenizer.json", staging / "tokenizer.json")
+        edits = [*manifest.edits, edit]
+        new_manifest = replace(manifest, edits=edits, fingerprint=edited_fingerprint(staging / DATA_FILE, edits),
+                               model_file=MODEL_FILE, **changes)
+        new_manifest.save(staging)
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return new_manifest

@@ -1,0 +1,164 @@
+"""Neuron Adjust (Li, Sun, Weng 2025, Algorithm 1) as ONNX nodes, with its NumPy reference.
+
+Per element v of a selected neuron's pre-activation, with Gaussians N(mu_f, sd_f) on forget data and
+N(mu_r, sd_r) on retain data: if p_f(v) > p_r(v), with probability p_f / (p_f + p_r) replace v by
+    2*mu_r - ((v - mu_f) / sd_f * sd_r + mu_r)  =  mu_r - (v - mu_f) * sd_r / sd_f
+i.e. mirror its forget z-score onto the retain distribution. Densities are compared in log space
+(d = log p_f - log p_r, probability = sigmoid(d)), so values far in both tails never divide 0 by 0.
+Differences from the reference code: true standard deviations (it uses a variance, and sd_f = mu_f by a
+slip), and one uniform draw per element (it draws once per layer per forward pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from unskill.runtime.errors import UnskillError
+from unskill.runtime.statsfile import StatsFile
+
+SIGMA_FLOOR = 1e-5
+NOISE_MODES = ("random", "input")
+
+
+@dataclass
+class NAParams:
+    mu_f: np.ndarray      # (L, F) float32, the same for the others
+    sd_f: np.ndarray
+    mu_r: np.ndarray
+    sd_r: np.ndarray
+    selected: np.ndarray  # (L, F) bool
+
+
+def select_neurons(stats: StatsFile, ratio: float, where: str = "stats") -> NAParams:
+    """Top `ratio` of all neurons of all layers by mu_f - mu_r (one global threshold, signed)."""
+    if not 0 < ratio <= 1:
+        raise UnskillError(f"--ratio must be in (0, 1], got {ratio}")
+    missing = [g for g in ("na_forget", "na_retain") if g not in stats.groups]
+    if missing:
+        raise UnskillError(f"{where}: no {', '.join(missing)} statistics; run `unskill stats` with --retain")
+    forget, retain = stats.groups["na_forget"], stats.groups["na_retain"]
+    mu_f, mu_r = forget.mean(), retain.mean()
+    gap = (mu_f - mu_r).ravel()
+    count = max(1, int(round(ratio * gap.size)))
+    selected = np.zeros(gap.size, dtype=bool)
+    selected[np.argsort(-gap, kind="stable")[:count]] = True
+
+    def f32(a):
+        return a.astype(np.float32)
+
+    return NAParams(f32(mu_f), f32(np.maximum(forget.std(), SIGMA_FLOOR)), f32(mu_r),
+                    f32(np.maximum(retain.std(), SIGMA_FLOOR)), selected.reshape(mu_f.shape))
+
+
+def na_reference(v: np.ndarray, mu_f, sd_f, mu_r, sd_r, selected, uniform: np.ndarray) -> np.ndarray:
+    """NumPy Neuron Adjust for one layer: v (..., F), per-neuron vectors (F,), uniform noise like v.
+    Written with the graph's float32 operations in the graph's order, so the two agree element for element."""
+    z_f = (v - mu_f) / sd_f
+    z_r = (v - mu_r) / sd_r
+    log_ratio = np.float32(0.5) * (z_r * z_r - z_f * z_f) + np.log(sd_r / sd_f)   # log p_f - log p_r
+    prob = 1 / (1 + np.exp(-log_ratio))
+    replace = (log_ratio > 0) & selected & (uniform < prob)
+    return np.where(replace, mu_r - z_f * sd_r, v).astype(v.dtype)
+
+
+def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[str, np.ndarray]):
+    """Nodes computing the adjusted pre-activation of one layer; returns (nodes, initializers, output, input)."""
+    p = f"/unskill/na.{layer}/"
+    inits = [numpy_helper.from_array(value, p + name) for name, value in consts.items()]
+    c = {name: p + name for name in consts}
+    n = helper.make_node
+    nodes = [
+        n("Sub", [preact, c["mu_f"]], [p + "dv_f"]), n("Div", [p + "dv_f", c["sd_f"]], [p + "z_f"]),
+        n("Sub", [preact, c["mu_r"]], [p + "dv_r"]), n("Div", [p + "dv_r", c["sd_r"]], [p + "z_r"]),
+        n("Mul", [p + "z_r", p + "z_r"], [p + "zr2"]), n("Mul", [p + "z_f", p + "z_f"], [p + "zf2"]),
+        n("Sub", [p + "zr2", p + "zf2"], [p + "dz"]), n("Mul", [p + "dz", c["half"]], [p + "half_dz"]),
+        n("Add", [p + "half_dz", c["log_sd_ratio"]], [p + "log_ratio"]),
+        n("Sigmoid", [p + "log_ratio"], [p + "prob"]),
+        n("Greater", [p + "log_ratio", c["zero"]], [p + "forget_likelier"]),
+        n("And", [p + "forget_likelier", c["selected"]], [p + "candidate"]),
+    ]
+    graph_input = None
+    if noise == "input":
+        graph_input = f"na_noise.{layer}"
+        uniform = graph_input
+    else:
+        uniform = p + "uniform"
+        nodes.append(n("RandomUniformLike", [preact], [uniform], dtype=TensorProto.FLOAT, low=0.0, high=1.0,
+                       seed=float(seed * 1000 + layer)))
+    nodes += [
+        n("Less", [uniform, p + "prob"], [p + "drawn"]), n("And", [p + "candidate", p + "drawn"], [p + "replace"]),
+        n("Mul", [p + "z_f", c["sd_r"]], [p + "z_sd_r"]), n("Sub", [c["mu_r"], p + "z_sd_r"], [p + "mirrored"]),
+        n("Where", [p + "replace", p + "mirrored", preact], [p + "adjusted"]),
+    ]
+    return nodes, inits, p + "adjusted", graph_input
+
+
+def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept: list[list[int]] | None,
+              noise: str = "random", seed: int = 0) -> list[str]:
+    """Rewire every consumer of each selected layer's pre-activation to the adjusted value.
+    The `preact.{i}` graph output keeps the raw value, so probing an edited model sees natural inputs."""
+    if noise not in NOISE_MODES:
+        raise UnskillError(f"noise mode {noise!r}: use one of {NOISE_MODES}")
+    graph = model.graph
+    noise_inputs, blocks = [], {}
+    for layer, preact in enumerate(preacts):
+        columns = np.asarray(kept[layer]) if kept is not None else slice(None)
+        selected = params.selected[layer][columns]
+        if not selected.any():
+            continue
+        sd_f, sd_r = params.sd_f[layer][columns], params.sd_r[layer][columns]
+        consts = {"mu_f": params.mu_f[layer][columns], "sd_f": sd_f, "mu_r": params.mu_r[layer][columns],
+                  "sd_r": sd_r, "selected": selected, "log_sd_ratio": np.log(sd_r / sd_f).astype(np.float32),
+                  "half": np.array(0.5, np.float32), "zero": np.array(0.0, np.float32)}
+        nodes, inits, adjusted, graph_input = _layer_nodes(layer, preact, noise, seed, consts)
+        for node in graph.node:
+            if node.name.startswith("/unskill/preact."):
+                continue
+            for i, name in enumerate(node.input):
+                if name == preact:
+                    node.input[i] = adjusted
+        blocks[preact] = nodes
+        graph.initializer.extend(inits)
+        if graph_input:
+            graph.input.append(helper.make_tensor_value_info(graph_input, TensorProto.FLOAT,
+                                                             ["batch_size", "sequence_length", len(selected)]))
+            noise_inputs.append(graph_input)
+    _insert_after_producers(graph, blocks)
+    return noise_inputs
+
+
+def _insert_after_producers(graph: onnx.GraphProto, blocks: dict[str, list]) -> None:
+    """Place each block of NA nodes right after the node producing its input tensor: ONNX wants
+    topological order, and every consumer of that tensor already comes after its producer."""
+    ordered = []
+    for node in graph.node:
+        ordered.append(node)
+        for output in node.output:
+            ordered.extend(blocks.pop(output, []))
+    if blocks:
+        raise UnskillError(f"no producer found for {sorted(blocks)[:3]}")
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def neuron_adjust(model_dir, stats_path, ratio: float, out_dir, noise: str = "random", seed: int = 0):
+    """`unskill edit na`: write a copy of the exported model with NA nodes on the selected neurons."""
+    from unskill.runtime.statsfile import load_stats
+
+    from .edit import load_exported, save_edited
+    from .graph import locate_ffl_weights
+
+    model, manifest = load_exported(model_dir)
+    stats = load_stats(stats_path, manifest)
+    params = select_neurons(stats, ratio, str(stats_path))
+    preacts = [w.preact for w in locate_ffl_weights(model, manifest)]
+    noise_inputs = insert_na(model, preacts, params, manifest.kept_neurons, noise, seed)
+    per_layer = params.selected.sum(axis=1)
+    edit = {"method": "na", "ratio": ratio, "noise": noise, "seed": seed, "noise_inputs": noise_inputs,
+            "selected": int(per_layer.sum()), "selected_per_layer": per_layer.tolist(),
+            "stats": str(stats_path), "skill": stats.skill}
+    return save_edited(model, manifest, model_dir, out_dir, edit)
