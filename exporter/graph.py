@@ -146,6 +146,15 @@ class FFLWeights:
     biases: list[str]           # (F,) biases added to those projections
 
 
+def output_sources(model: onnx.ModelProto, output_names: list[str]) -> list[str]:
+    """The graph tensors behind the Identity outputs added by add_ffl_outputs."""
+    source = {node.output[0]: node.input[0] for node in model.graph.node if node.name.startswith("/unskill/")}
+    missing = [n for n in output_names if n not in source]
+    if missing:
+        raise UnskillError(f"graph has no unskill outputs {missing[:3]}; re-export it with `unskill export`")
+    return [source[n] for n in output_names]
+
+
 def locate_ffl_weights(model: onnx.ModelProto, manifest) -> list[FFLWeights]:
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
@@ -154,9 +163,6 @@ def locate_ffl_weights(model: onnx.ModelProto, manifest) -> list[FFLWeights]:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-
-    def source_of(output_name: str) -> str:
-        return producer[output_name].input[0]   # the Identity added by add_ffl_outputs
 
     def projection_behind(tensor: str) -> tuple[str, list[str]]:
         """(weight, biases) of the projection that produced tensor, through bias adds."""
@@ -170,8 +176,8 @@ def locate_ffl_weights(model: onnx.ModelProto, manifest) -> list[FFLWeights]:
         return node.input[1], biases
 
     layers = []
-    for key_name, preact_name in zip(manifest.key_outputs, manifest.preact_outputs):
-        key, preact = source_of(key_name), source_of(preact_name)
+    keys, preacts = output_sources(model, manifest.key_outputs), output_sources(model, manifest.preact_outputs)
+    for key_name, key, preact in zip(manifest.key_outputs, keys, preacts):
         down = next((n for n in consumers.get(key, []) if n.op_type == "MatMul" and n.input[1] in initializers), None)
         if down is None:
             raise UnskillError(f"layer output {key_name}: no MatMul down projection consumes it (Gemm-based "

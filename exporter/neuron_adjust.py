@@ -150,12 +150,12 @@ def neuron_adjust(model_dir, stats_path, ratio: float, out_dir, noise: str = "ra
     from unskill.runtime.statsfile import load_stats
 
     from .edit import load_exported, save_edited
-    from .graph import locate_ffl_weights
+    from .graph import output_sources
 
     model, manifest = load_exported(model_dir)
     stats = load_stats(stats_path, manifest)
     params = select_neurons(stats, ratio, str(stats_path))
-    preacts = [w.preact for w in locate_ffl_weights(model, manifest)]
+    preacts = output_sources(model, manifest.preact_outputs)
     noise_inputs = insert_na(model, preacts, params, manifest.kept_neurons, noise, seed)
     per_layer = params.selected.sum(axis=1)
     edit = {"method": "na", "ratio": ratio, "noise": noise, "seed": seed, "noise_inputs": noise_inputs,

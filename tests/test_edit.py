@@ -1,0 +1,230 @@
+"""Neuron Adjust and Selective Pruning baked into ONNX: the edited graphs against PyTorch + the NumPy rule."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from unskill.exporter.neuron_adjust import NAParams, na_reference, neuron_adjust, select_neurons
+from unskill.exporter.prune import prune, prune_scores
+from unskill.runtime import GenerationParams, UnskillError, load, load_stats
+from unskill.runtime.session import OnnxLM
+from unskill.stats.datasets import Dataset, Item
+from unskill.stats.probe import ProbeConfig, probe
+
+ATOL, RTOL = 1e-4, 1e-3
+FORGET = [Item(f"How many apples are left if Tom eats {i} of his {i + 9} apples?", f"{i + 9} - {i} = 9") for i in range(8)]
+RETAIN = [Item(f"Write a python function number {i}", f"def f{i}(a, b):\n    return a + b") for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def edit_stats(tiny_export, tmp_path_factory):
+    """kind -> stats path with NA and SP groups for that tiny model."""
+    cache = {}
+
+    def get(kind, model_dir=None):
+        model_dir = model_dir or tiny_export(kind)[1]
+        if model_dir not in cache:
+            model = OnnxLM(model_dir, device="cpu")
+            from unskill.runtime.tokenizer import TextTokenizer
+            stats = probe(model, TextTokenizer(model_dir, model.manifest), Dataset("apples", FORGET),
+                          Dataset("code", RETAIN), ProbeConfig(progress=False))
+            cache[model_dir] = stats.save(tmp_path_factory.mktemp("edit") / "s.npz")
+        return cache[model_dir]
+
+    return get
+
+
+def torch_with_hooks(hf_dir, ids, gate_fn=None, key_fn=None):
+    """Logits and per-layer keys of the PyTorch model, the gate/fc1 output passed through gate_fn(layer, np)
+    and the key through key_fn(layer, np)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    keys = {}
+
+    def as_torch(fn, layer, tensor):
+        return torch.from_numpy(fn(layer, tensor.detach().numpy().copy())) if fn else tensor
+
+    for i, block in enumerate(blocks):
+        down = getattr(block.mlp, "down_proj", None) or block.mlp.c_proj
+        gate = getattr(block.mlp, "gate_proj", None) or block.mlp.c_fc
+        gate.register_forward_hook(lambda m, a, out, i=i: as_torch(gate_fn, i, out))
+
+        def pre_hook(m, args, i=i):
+            key = as_torch(key_fn, i, args[0])
+            keys[i] = key.detach().numpy()
+            return (key,)
+        down.register_forward_pre_hook(pre_hook)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(ids)).logits.numpy()
+    return logits, [keys[i] for i in range(len(blocks))]
+
+
+def run_plain_ort(model_dir, ids, extra_feeds=None):
+    """The edited model in plain onnxruntime: no unskill code, standard inputs only (plus given extras)."""
+    manifest = json.loads((model_dir / "unskill.json").read_text())
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in session.get_inputs():
+        if i.name == "position_ids":
+            feeds[i.name] = np.arange(ids.shape[1])[None].repeat(ids.shape[0], 0)
+        elif i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32)
+    feeds.update(extra_feeds or {})
+    outputs = session.run(None, feeds)
+    names = [o.name for o in session.get_outputs()]
+    assert names[0] == "logits"
+    values = dict(zip(names, outputs))
+    return values, manifest, session
+
+
+def test_na_reference_rule():
+    rng = np.random.default_rng(0)
+    mu_f, sd_f, mu_r, sd_r = (np.float32(x) for x in (2.0, 0.5, -1.0, 1.5))
+    v = rng.normal(0, 3, size=(4, 1000)).astype(np.float32)
+    selected = np.ones(1000, bool)
+    always = na_reference(v, mu_f, sd_f, mu_r, sd_r, selected, np.zeros_like(v))
+    z = lambda x, m, s: (x - m) / s
+    forget_likelier = (-0.5 * z(v, mu_f, sd_f) ** 2 - np.log(sd_f)) > (-0.5 * z(v, mu_r, sd_r) ** 2 - np.log(sd_r))
+    mirrored = 2 * mu_r - ((v - mu_f) / sd_f * sd_r + mu_r)
+    np.testing.assert_allclose(always, np.where(forget_likelier, mirrored, v), rtol=1e-5, atol=1e-5)
+    never = na_reference(v, mu_f, sd_f, mu_r, sd_r, selected, np.ones_like(v))
+    np.testing.assert_array_equal(never, v)
+    unselected = na_reference(v, mu_f, sd_f, mu_r, sd_r, ~selected, np.zeros_like(v))
+    np.testing.assert_array_equal(unselected, v)
+    # replacement probability is p_f / (p_f + p_r)
+    point = np.full((200000,), 2.0, np.float32)
+    p_f = np.exp(-0.5 * z(2.0, mu_f, sd_f) ** 2) / sd_f
+    p_r = np.exp(-0.5 * z(2.0, mu_r, sd_r) ** 2) / sd_r
+    drawn = na_reference(point, mu_f, sd_f, mu_r, sd_r, True, rng.uniform(size=point.shape).astype(np.float32))
+    assert abs((drawn != point).mean() - p_f / (p_f + p_r)) < 0.01
+    far = na_reference(np.float32([1e30, -1e30]), mu_f, sd_f, mu_r, sd_r, True, np.zeros(2, np.float32))
+    assert np.isfinite(far).all() or not np.isnan(far).any()
+
+
+def test_selection_is_global_top_ratio(tiny_export, edit_stats):
+    _, onnx_dir = tiny_export("llama")
+    stats = load_stats(edit_stats("llama"))
+    params = select_neurons(stats, 0.1)
+    gap = stats.groups["na_forget"].mean() - stats.groups["na_retain"].mean()
+    count = int(round(0.1 * gap.size))
+    assert params.selected.sum() == count
+    assert gap[params.selected].min() >= gap[~params.selected].max()
+    assert (params.sd_f > 0).all()
+    np.testing.assert_allclose(params.sd_f, np.maximum(stats.groups["na_forget"].std(), 1e-5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gpt2"])
+def test_na_graph_matches_numpy_reference_in_torch(tiny_export, edit_stats, tmp_path, kind):
+    hf_dir, onnx_dir = tiny_export(kind)
+    out = tmp_path / "na"
+    manifest = neuron_adjust(onnx_dir, edit_stats(kind), 0.2, out, noise="input")
+    params = select_neurons(load_stats(edit_stats(kind)), 0.2)
+    ids = np.random.default_rng(1).integers(5, 500, size=(2, 10))
+    width = manifest.key_width
+    noise = {f"na_noise.{l}": np.random.default_rng(l).uniform(size=(2, 10, width)).astype(np.float32)
+             for l in range(manifest.num_layers) if params.selected[l].any()}
+    assert list(noise) == manifest.edits[-1]["noise_inputs"]
+    values, _, _ = run_plain_ort(out, ids, noise)
+
+    replaced = []
+
+    def adjust(layer, v):
+        if f"na_noise.{layer}" not in noise:
+            return v
+        args = [getattr(params, f)[layer] for f in ("mu_f", "sd_f", "mu_r", "sd_r", "selected")]
+        adjusted = na_reference(v, *args, noise[f"na_noise.{layer}"])
+        replaced.append(int((adjusted != v).sum()))
+        return adjusted
+
+    logits, keys = torch_with_hooks(hf_dir, ids, gate_fn=adjust)
+    assert sum(replaced) > 0   # the rule fired, so the comparison means something
+    np.testing.assert_allclose(values["logits"], logits, atol=ATOL, rtol=RTOL)
+    for layer, key in enumerate(keys):
+        np.testing.assert_allclose(values[f"key.{layer}"], key, atol=ATOL, rtol=RTOL)
+
+
+def test_na_random_mode_runs_with_standard_inputs_only(tiny_export, edit_stats, tmp_path):
+    _, onnx_dir = tiny_export("llama")
+    out = tmp_path / "na"
+    neuron_adjust(onnx_dir, edit_stats("llama"), 0.3, out, noise="random", seed=3)
+    original = {i.name for i in ort.InferenceSession(str(onnx_dir / "model.onnx")).get_inputs()}
+    ids = np.random.default_rng(2).integers(5, 500, size=(1, 16))
+    edited, _, session = run_plain_ort(out, ids)
+    assert {i.name for i in session.get_inputs()} == original
+    plain, _, _ = run_plain_ort(onnx_dir, ids)
+    np.testing.assert_allclose(edited["preact.0"], plain["preact.0"], atol=1e-5)   # raw value stays visible
+    assert not np.allclose(edited["logits"], plain["logits"], atol=1e-4)
+    # the guarded runtime runs the edited model too
+    params = GenerationParams(max_new_tokens=8)
+    assert load(out, device="cpu").generate(["apples"], params)[0].finish_reason in ("eos", "length")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_pruned_model_equals_zeroed_keys(tiny_export, edit_stats, tmp_path, kind):
+    hf_dir, onnx_dir = tiny_export(kind)
+    out = tmp_path / "pruned"
+    manifest = prune(onnx_dir, edit_stats(kind), 0.1, out, progress=False)
+    scores = prune_scores(load_stats(edit_stats(kind)))
+    removed = np.zeros_like(scores, dtype=bool)
+    for layer, kept in enumerate(manifest.kept_neurons):
+        removed[layer] = True
+        removed[layer, kept] = False
+    assert removed.sum() == round(0.1 * scores.size) == manifest.edits[-1]["removed"]
+    assert scores[removed].min() >= scores[~removed].max()
+    assert (out / "model.onnx.data").stat().st_size < (onnx_dir / "model.onnx.data").stat().st_size
+
+    ids = np.random.default_rng(3).integers(5, 500, size=(2, 9))
+    values, _, _ = run_plain_ort(out, ids)
+    logits, keys = torch_with_hooks(hf_dir, ids, key_fn=lambda l, k: np.where(removed[l], 0, k).astype(k.dtype))
+    np.testing.assert_allclose(values["logits"], logits, atol=ATOL, rtol=RTOL)
+    model = OnnxLM(out, device="cpu")   # the runtime puts the removed neurons back as zeros
+    _, _, extras = model.forward(ids, np.ones_like(ids), model.empty_past(2), ["key.1"])
+    np.testing.assert_allclose(extras["key.1"], keys[1], atol=ATOL, rtol=RTOL)
+
+
+def test_iterative_prune_then_na_then_ksd(tiny_export, edit_stats, tmp_path, monkeypatch):
+    _, onnx_dir = tiny_export("llama")
+    forget, retain = tmp_path / "f.jsonl", tmp_path / "r.jsonl"
+    for path, items in ((forget, FORGET), (retain, RETAIN)):
+        path.write_text("".join(json.dumps({"prompt": i.prompt, "completion": i.completion}) + "\n" for i in items))
+    from unskill.cli import main
+
+    assert main(["stats", "--model", str(onnx_dir), "--forget", str(forget), "--retain", str(retain),
+                 "--out", str(tmp_path / "s.npz"), "--no-progress"]) == 0
+    assert main(["edit", "prune", "--model", str(onnx_dir), "--stats", str(tmp_path / "s.npz"), "--ratio", "0.1",
+                 "--steps", "3", "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+    pruned = json.loads((tmp_path / "p" / "unskill.json").read_text())
+    assert pruned["edits"][-1]["removed"] == round(0.1 * 3 * 96)
+    # stats of the old model no longer fit the pruned one
+    assert main(["edit", "na", "--model", str(tmp_path / "p"), "--stats", str(tmp_path / "s.npz"),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+    assert main(["stats", "--model", str(tmp_path / "p"), "--forget", str(forget), "--retain", str(retain),
+                 "--out", str(tmp_path / "s2.npz"), "--no-progress"]) == 0
+    assert main(["edit", "na", "--model", str(tmp_path / "p"), "--stats", str(tmp_path / "s2.npz"), "--ratio", "0.05",
+                 "--out", str(tmp_path / "pn")]) == 0
+    final = json.loads((tmp_path / "pn" / "unskill.json").read_text())
+    assert [e["method"] for e in final["edits"]] == ["prune", "na"]
+    assert main(["stats", "--model", str(tmp_path / "pn"), "--forget", str(forget), "--out", str(tmp_path / "k.npz"),
+                 "--no-progress"]) == 0
+    guarded = load(tmp_path / "pn", stats=[tmp_path / "k.npz"], device="cpu")
+    assert guarded.generate([FORGET[0].prompt])[0].abstained
+
+
+def test_edit_errors(tiny_export, tmp_path, capsys):
+    from unskill.cli import main
+
+    _, onnx_dir = tiny_export("llama")
+    ksd_only = tmp_path / "k.npz"
+    assert main(["stats", "--model", str(onnx_dir), "--forget", "builtin:math", "--limit", "4", "--out", str(ksd_only),
+                 "--no-progress"]) == 0
+    assert main(["edit", "na", "--model", str(onnx_dir), "--stats", str(ksd_only), "--out", str(tmp_path / "x")]) == 2
+    assert "--retain" in capsys.readouterr().err
+    assert main(["edit", "prune", "--model", str(onnx_dir), "--stats", str(ksd_only), "--ratio", "1.5",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
