@@ -58,6 +58,14 @@ def _eos_ids(source: ModelSource, model, hf_tokenizer, tokenizer) -> list[int]:
     return ids
 
 
+def _backend_tokenizer(source: ModelSource, model, hf_tokenizer):
+    """transformers 4.57 turns Gemma's SentencePiece-BPE GGUF vocabulary into a wrong Unigram model."""
+    if source.gguf_file and model.config.model_type.startswith("gemma"):
+        from .gguf_tokenizer import gemma_tokenizer_from_gguf
+        return gemma_tokenizer_from_gguf(source.directory / source.gguf_file)
+    return hf_tokenizer.backend_tokenizer
+
+
 def _adds_bos(hf_tokenizer) -> bool:
     bos = hf_tokenizer.bos_token_id
     return bos is not None and hf_tokenizer("a")["input_ids"][:1] == [bos]
@@ -105,7 +113,7 @@ def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progr
         steps.update()
 
         add_bos = source.add_bos if source.add_bos is not None else _adds_bos(hf_tokenizer)
-        tokenizer = fix_tokenizer(hf_tokenizer.backend_tokenizer, add_bos)
+        tokenizer = fix_tokenizer(_backend_tokenizer(source, model, hf_tokenizer), add_bos)
         save_tokenizer(tokenizer, final)
         eos_ids = _eos_ids(source, model, hf_tokenizer, tokenizer)
         pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else eos_ids[0]
