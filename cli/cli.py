@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.add_edit_parser(subparsers)
     stats_cli.add_parser(subparsers)
     stats_cli.add_data_parser(subparsers)
+    stats_cli.add_eval_parser(subparsers)
     return parser
 
 

@@ -28,6 +28,7 @@ class GenerationParams:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     chat: bool = True
+    ignore_eos: bool = False            # mask EOS so exactly max_new_tokens come out (benchmarks)
 
 
 @dataclass
@@ -123,6 +124,9 @@ class Generator:
             mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
 
     def _advance(self, row: _Row, logits: np.ndarray, params: GenerationParams, rng) -> int:
+        if params.ignore_eos:
+            logits = logits.copy()
+            logits[list(self.eos)] = -np.inf
         token = sample(logits, params.sampling, rng)
         if token in self.eos:
             self._finish(row, "eos")

@@ -74,8 +74,9 @@ class OnnxLM:
         return {name: ort.OrtValue.ortvalue_from_numpy(empty, self.device) for name in self.past_names}
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, ort.OrtValue],
-                extra_outputs: list[str] = ()) -> tuple[np.ndarray, dict[str, ort.OrtValue], dict[str, np.ndarray]]:
-        """(logits of the last position [B, V], next past, extra outputs [B, S, ...])."""
+                extra_outputs: list[str] = (), all_logits: bool = False
+                ) -> tuple[np.ndarray, dict[str, ort.OrtValue], dict[str, np.ndarray]]:
+        """(logits of the last position [B, V] or of all [B, S, V], next past, extra outputs [B, S, ...])."""
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         if "position_ids" in self.input_names:
             positions = np.cumsum(attention_mask, axis=1) - 1
@@ -85,7 +86,7 @@ class OnnxLM:
         present_names = [PRESENT_PREFIX + n[len(PAST_PREFIX):] for n in self.past_names]
         names = ["logits", *present_names, *extra_outputs]
         values = self.session.run_with_ort_values(names, ort_feeds)
-        logits = values[0].numpy()[:, -1, :]
+        logits = values[0].numpy() if all_logits else values[0].numpy()[:, -1, :]
         next_past = dict(zip(self.past_names, values[1:1 + len(present_names)]))
         extras = {n: self._full_width(n, v.numpy()) for n, v in zip(extra_outputs, values[1 + len(present_names):])}
         return logits, next_past, extras

@@ -76,3 +76,44 @@ def run_data(args: argparse.Namespace) -> int:
     write_jsonl(args.out, [{"prompt": item.prompt, "completion": item.completion} for item in dataset.items])
     print(f"{len(dataset.items)} prompts from {dataset.name} -> {args.out}")
     return 0
+
+
+def add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="token-level accuracy / NLL per task, and KSD abstention rates")
+    p.add_argument("--model", required=True, help="exported (or edited) model directory")
+    p.add_argument("--tasks", required=True, help="comma-separated dataset SPECs with completions, e.g. gsm8k:test,mbpp:test")
+    p.add_argument("--stats", action="append", default=[], help="KSD stats to also measure abstention with")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--alpha-mode", choices=("k", "sigma"), default="k")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--out", help="write the scores as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from unskill.runtime.ksd import KSDGuard
+    from unskill.runtime.session import OnnxLM
+    from unskill.runtime.statsfile import load_stats
+    from unskill.runtime.tokenizer import TextTokenizer
+
+    from .datasets import load_dataset
+    from .evaluate import token_metrics
+
+    datasets = [load_dataset(spec, args.data_dir, args.limit) for spec in args.tasks.split(",")]
+    model = OnnxLM(args.model)
+    tokenizer = TextTokenizer(args.model, model.manifest)
+    stats = [load_stats(path, model.manifest) for path in args.stats]
+    guard = KSDGuard(stats, model.manifest, args.alpha, args.alpha_mode) if stats else None
+    scores = [token_metrics(model, tokenizer, d, max_tokens=args.max_tokens, guard=guard,
+                            progress=not args.no_progress) for d in datasets]
+    for s in scores:
+        extra = f"  abstain {s.abstain_rate:.3f}  top1(abstain=wrong) {s.top1_with_abstain:.4f}" if guard else ""
+        print(f"{s.task:24s} items {s.items:4d}  tokens {s.tokens:6d}  top1 {s.top1:.4f}  nll {s.nll:.4f}{extra}")
+    if args.out:
+        from unskill.runtime.cli import write_jsonl
+        record = {"model": args.model, "edits": model.manifest.edits, "scores": [s.as_dict() for s in scores]}
+        write_jsonl(args.out, [record])
+    return 0

@@ -1,0 +1,200 @@
+"""Decode speed: unskill runtime (plain and KSD-guarded) vs HF transformers generate vs optimum
+ORTModelForCausalLM, same model, same prompt, greedy, same number of new tokens (token ids asserted equal).
+
+Each engine runs in its own process so peak RSS is its own. Prints a table with ratios to unskill measured
+in this run, and writes JSON.
+
+    python benchmarks/decode.py --model-dir out/smollm2 --hf smollm2-135m --stats out/gsm8k.npz \
+        --stats out/mbpp.npz --stats out/math.npz --new-tokens 128 --runs 3 --out benchmarks/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "Explain in a few sentences how a bicycle works, then list three ways to keep it in good condition."
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def measure(generate, new_tokens: int, runs: int) -> dict:
+    """TTFT = time of a 1-token generate; decode tok/s = (N - 1) / (T_N - TTFT); medians over runs."""
+    generate(4)   # warm-up: session start, memory arenas, caches
+    ttfts, totals, ids = [], [], None
+    for _ in range(runs):
+        ttfts.append(timed(lambda: generate(1))[0])
+        total, ids = timed(lambda: generate(new_tokens))
+        totals.append(total)
+    ttft, total = statistics.median(ttfts), statistics.median(totals)
+    return {"ttft_s": ttft, "total_s": total, "decode_tok_s": (new_tokens - 1) / max(total - ttft, 1e-9),
+            "ids": [int(i) for i in ids]}
+
+
+def engine_unskill(args, stats):
+    from unskill.runtime import GenerationParams, load
+
+    generator = load(args.model_dir, stats=stats, device="cpu")
+    prompt_ids = generator.tokenizer.encode_prompt(PROMPT)
+
+    def generate(n):
+        result = generator.generate([PROMPT], GenerationParams(max_new_tokens=n, ignore_eos=True))[0]
+        assert not result.abstained, "the benchmark prompt must not be refused"
+        return result.token_ids
+
+    return prompt_ids, generate
+
+
+def hf_dir(name: str) -> Path:
+    """A saved HF copy of the built-in model (dequantized GGUF), made once in the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unskill.exporter.sources import cache_dir, resolve_model
+
+    target = cache_dir() / "bench" / f"{name}-hf"
+    if not (target / "config.json").is_file():
+        source = resolve_model(name)
+        AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file).save_pretrained(target)
+        AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file).save_pretrained(target)
+    return target
+
+
+def engine_hf(args, prompt_ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir(args.hf), torch_dtype=torch.float32).eval()
+    inputs = torch.tensor([prompt_ids])
+
+    def generate(n):
+        with torch.no_grad():
+            out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+        return out[0, len(prompt_ids):].tolist()
+
+    return generate
+
+
+def engine_optimum(args, prompt_ids):
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from unskill.exporter.sources import cache_dir
+
+    target = cache_dir() / "bench" / f"{args.hf}-optimum"
+    if not (target / "model.onnx").is_file():
+        from optimum.exporters.onnx import main_export
+        main_export(str(hf_dir(args.hf)), output=target, task="text-generation-with-past", do_validation=False)
+    model = ORTModelForCausalLM.from_pretrained(target, provider="CPUExecutionProvider")
+    inputs = torch.tensor([prompt_ids])
+
+    def generate(n):
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+        return out[0, len(prompt_ids):].tolist()
+
+    return generate
+
+
+def run_engine(args) -> dict:
+    """Child process: one engine, printed as JSON."""
+    name = args.engine
+    stats = args.stats[: int(name.split(":")[1])] if name.startswith("unskill-ksd:") else []
+    prompt_ids, unskill_generate = engine_unskill(args, stats)
+    generate = {"hf": lambda: engine_hf(args, prompt_ids), "optimum": lambda: engine_optimum(args, prompt_ids)}.get(
+        name.split(":")[0], lambda: unskill_generate)()
+    result = measure(generate, args.new_tokens, args.runs)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["prompt_tokens"] = len(prompt_ids)
+    return result
+
+
+def weight_bytes_per_token(model_dir: Path) -> int:
+    """Bytes of projection weights read for one token (MatMul/Gemm initializers; embeddings are gathered)."""
+    import onnx
+
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    sizes = {}
+    for init in model.graph.initializer:
+        n = 4
+        for d in init.dims:
+            n *= d
+        sizes[init.name] = n
+    return sum(sizes.get(node.input[1], 0) for node in model.graph.node if node.op_type in ("MatMul", "Gemm"))
+
+
+def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
+    """Read bandwidth: sum over a large float32 array (one pass of reads), best of a few."""
+    import numpy as np
+
+    data = np.ones(size_mb * (1 << 20) // 4, dtype=np.float32)
+    best = min(timed(lambda: data.sum(dtype=np.float32))[0] for _ in range(repeats))
+    return data.nbytes / best / 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", required=True, type=Path)
+    parser.add_argument("--hf", default="smollm2-135m", help="built-in model name for the PyTorch / optimum peers")
+    parser.add_argument("--stats", action="append", default=[], help="stats files for the guarded runs (up to 3)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--engines", default="unskill,unskill-ksd:1,unskill-ksd:3,optimum,hf")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.engine:
+        print(json.dumps(run_engine(args)))
+        return 0
+
+    results = {}
+    for name in args.engines.split(","):
+        if name.startswith("unskill-ksd:") and len(args.stats) < int(name.split(":")[1]):
+            print(f"skip {name}: needs {name.split(':')[1]} --stats files", file=sys.stderr)
+            continue
+        cmd = [sys.executable, __file__, "--engine", name, *sys.argv[1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if done.returncode != 0:
+            print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{name}: {results[name]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+
+    base = results.get("unskill")
+    for name, r in results.items():
+        r["ids_match_unskill"] = base is not None and r["ids"] == base["ids"]
+    bandwidth = memory_bandwidth_gbs()
+    bytes_per_token = weight_bytes_per_token(args.model_dir)
+    bound = bandwidth * 1e9 / bytes_per_token
+    print(f"\nprompt {base['prompt_tokens'] if base else '?'} tokens, {args.new_tokens} new tokens, greedy, "
+          f"median of {args.runs}; bandwidth {bandwidth:.1f} GB/s, weights read/token {bytes_per_token / 1e6:.0f} MB, "
+          f"bound {bound:.1f} tok/s\n")
+    print("| engine | decode tok/s | vs unskill | TTFT s | vs unskill | peak RSS MB | ids match | share of bound |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        speed = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+        ttft = r["ttft_s"] / base["ttft_s"] if base else float("nan")
+        print(f"| {name} | {r['decode_tok_s']:.1f} | {speed:.2f}x | {r['ttft_s']:.3f} | {ttft:.2f}x | "
+              f"{r['peak_rss_mb']:.0f} | {r['ids_match_unskill']} | {r['decode_tok_s'] / bound:.0%} |")
+    if args.out:
+        summary = {"results": {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in results.items()},
+                   "bandwidth_gbs": bandwidth, "weight_bytes_per_token": bytes_per_token, "bound_tok_s": bound,
+                   "new_tokens": args.new_tokens, "runs": args.runs, "model_dir": str(args.model_dir),
+                   "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
