@@ -71,6 +71,12 @@ class Item:
     prompt: str
     completion: str = ""
 
+    @property
+    def context(self) -> str:
+        """The text the completion follows: a completion starting with a space (MMLU " A", XQuAD answers)
+        continues the prompt's line; any other starts on a new line."""
+        return self.prompt if self.completion[:1].isspace() else self.prompt + "\n"
+
 
 @dataclass
 class Dataset:

@@ -41,7 +41,7 @@ def _scored_sequences(tokenizer: TextTokenizer, dataset: Dataset, max_tokens: in
     for item in dataset.items:
         if not item.completion:
             raise UnskillError(f"{dataset.name}: token metrics need reference completions")
-        prompt = tokenizer.encode_text(item.prompt + "\n")
+        prompt = tokenizer.encode_text(item.context)
         completion = tokenizer.tokenizer.encode(item.completion, add_special_tokens=False).ids
         ids = (prompt + completion)[:max_tokens]
         if len(prompt) >= len(ids):

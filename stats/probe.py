@@ -80,7 +80,7 @@ class Prober:
         limit = min(self.config.max_text_tokens, self.manifest.max_context)
         sequences = []
         for item in dataset.items:
-            text = f"{item.prompt}\n{item.completion}" if item.completion else item.prompt
+            text = item.context + item.completion if item.completion else item.prompt
             sequences.append(self.tokenizer.encode_text(text)[:limit])
         na, sp = self._new(f"na_{side}"), self._new(f"sp_{side}")
         outputs = self.manifest.preact_outputs + self.manifest.key_outputs

@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tiny_models import run_plain_ort, torch_with_hooks
 from unskill.exporter.neuron_adjust import NAParams, na_reference, neuron_adjust, select_neurons
 from unskill.exporter.prune import prune, prune_scores
 from unskill.runtime import GenerationParams, UnskillError, load, load_stats
@@ -34,52 +35,6 @@ def edit_stats(tiny_export, tmp_path_factory):
         return cache[model_dir]
 
     return get
-
-
-def torch_with_hooks(hf_dir, ids, gate_fn=None, key_fn=None):
-    """Logits and per-layer keys of the PyTorch model, the gate/fc1 output passed through gate_fn(layer, np)
-    and the key through key_fn(layer, np)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    blocks = model.transformer.h if hasattr(model, "transformer") else model.model.layers
-    keys = {}
-
-    def as_torch(fn, layer, tensor):
-        return torch.from_numpy(fn(layer, tensor.detach().numpy().copy())) if fn else tensor
-
-    for i, block in enumerate(blocks):
-        down = getattr(block.mlp, "down_proj", None) or block.mlp.c_proj
-        gate = getattr(block.mlp, "gate_proj", None) or block.mlp.c_fc
-        gate.register_forward_hook(lambda m, a, out, i=i: as_torch(gate_fn, i, out))
-
-        def pre_hook(m, args, i=i):
-            key = as_torch(key_fn, i, args[0])
-            keys[i] = key.detach().numpy()
-            return (key,)
-        down.register_forward_pre_hook(pre_hook)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor(ids)).logits.numpy()
-    return logits, [keys[i] for i in range(len(blocks))]
-
-
-def run_plain_ort(model_dir, ids, extra_feeds=None):
-    """The edited model in plain onnxruntime: no unskill code, standard inputs only (plus given extras)."""
-    manifest = json.loads((model_dir / "unskill.json").read_text())
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for i in session.get_inputs():
-        if i.name == "position_ids":
-            feeds[i.name] = np.arange(ids.shape[1])[None].repeat(ids.shape[0], 0)
-        elif i.name.startswith("past_key_values."):
-            feeds[i.name] = np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32)
-    feeds.update(extra_feeds or {})
-    outputs = session.run(None, feeds)
-    names = [o.name for o in session.get_outputs()]
-    assert names[0] == "logits"
-    values = dict(zip(names, outputs))
-    return values, manifest, session
 
 
 def test_na_reference_rule():

@@ -63,3 +63,65 @@ def test_gsm8k_stats_separate_gsm8k_from_mbpp(smollm2_export, data_dir, tmp_path
     mbpp = guarded.generate(load_dataset("mbpp:test", data_dir, limit=40).prompts, params)
     assert np.mean([r.abstained for r in gsm]) >= 0.9
     assert np.mean([r.abstained for r in mbpp]) <= 0.05
+
+
+@pytest.fixture(scope="module")
+def smollm2_torch():
+    from transformers import AutoModelForCausalLM
+
+    from unskill.exporter.sources import resolve_model
+
+    source = resolve_model("smollm2-135m")
+    return AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file).eval()
+
+
+@pytest.fixture(scope="module")
+def smollm2_edit_stats(smollm2_export, tmp_path_factory):
+    generator = load(smollm2_export, device="cpu")
+    stats = probe(generator.model, generator.tokenizer, load_dataset("builtin:math", limit=24),
+                  load_dataset("builtin:code", limit=24), ProbeConfig(progress=False))
+    return stats.save(tmp_path_factory.mktemp("smol") / "math_code.npz")
+
+
+def test_na_graph_matches_numpy_reference(smollm2_export, smollm2_edit_stats, smollm2_torch, tmp_path):
+    """NA at 3 % with the noise fed in: plain onnxruntime vs PyTorch whose gate outputs go through na_reference."""
+    from tiny_models import run_plain_ort, torch_with_hooks
+    from unskill.exporter.neuron_adjust import na_reference, neuron_adjust, select_neurons
+    from unskill.runtime import load_stats
+
+    manifest = neuron_adjust(smollm2_export, smollm2_edit_stats, 0.03, tmp_path / "na", noise="input")
+    params = select_neurons(load_stats(smollm2_edit_stats), 0.03)
+    ids = np.array([load(smollm2_export, device="cpu").tokenizer.encode_text("Tom has 12 apples and eats 3.")])
+    noise = {name: np.random.default_rng(i).uniform(size=ids.shape + (manifest.key_width,)).astype(np.float32)
+             for i, name in enumerate(manifest.edits[-1]["noise_inputs"])}
+    values, _, _ = run_plain_ort(tmp_path / "na", ids, noise)
+    replaced = []
+
+    def adjust(layer, v):
+        if f"na_noise.{layer}" not in noise:
+            return v
+        args = [getattr(params, f)[layer] for f in ("mu_f", "sd_f", "mu_r", "sd_r", "selected")]
+        out = na_reference(v, *args, noise[f"na_noise.{layer}"])
+        replaced.append(int((out != v).sum()))
+        return out
+
+    logits, keys = torch_with_hooks(smollm2_torch, ids, gate_fn=adjust)
+    assert sum(replaced) > 0
+    np.testing.assert_allclose(values["logits"], logits, atol=2e-3, rtol=1e-2)
+    for layer in range(0, manifest.num_layers, 5):
+        np.testing.assert_allclose(values[f"key.{layer}"], keys[layer], atol=2e-3, rtol=1e-2)
+
+
+def test_pruned_smollm2_equals_zeroed_keys(smollm2_export, smollm2_edit_stats, smollm2_torch, tmp_path):
+    from tiny_models import run_plain_ort, torch_with_hooks
+    from unskill.exporter.prune import prune
+
+    manifest = prune(smollm2_export, smollm2_edit_stats, 0.02, tmp_path / "sp", progress=False)
+    removed = np.ones((manifest.num_layers, manifest.key_width), dtype=bool)
+    for layer, kept in enumerate(manifest.kept_neurons):
+        removed[layer, kept] = False
+    assert removed.sum() == round(0.02 * removed.size)
+    ids = np.array([load(smollm2_export, device="cpu").tokenizer.encode_text("def add(a, b): return a + b")])
+    values, _, _ = run_plain_ort(tmp_path / "sp", ids)
+    logits, _ = torch_with_hooks(smollm2_torch, ids, key_fn=lambda l, k: np.where(removed[l], 0, k).astype(k.dtype))
+    np.testing.assert_allclose(values["logits"], logits, atol=2e-3, rtol=1e-2)

@@ -5,7 +5,11 @@ For fast export/runtime tests only: random weights say nothing about quality.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
 
 CORPUS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
@@ -66,7 +70,6 @@ def build_tiny(kind: str, directory: Path, seed: int = 0) -> Path:
 
 def torch_reference(model_dir: Path, input_ids, attention_mask):
     """Logits and per-layer (key, pre-activation) from the PyTorch model via forward hooks."""
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -87,3 +90,51 @@ def torch_reference(model_dir: Path, input_ids, attention_mask):
         handle.remove()
     n = len(blocks)
     return out.logits.numpy(), [keys[i] for i in range(n)], [preacts[i] for i in range(n)]
+
+
+def torch_with_hooks(hf_dir, ids, gate_fn=None, key_fn=None):
+    """Logits and per-layer keys of the PyTorch model (a directory or a loaded model), with the gate/fc1
+    output passed through gate_fn(layer, array) and the key through key_fn(layer, array)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = hf_dir if hasattr(hf_dir, "generate") else AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    keys, handles = {}, []
+
+    def as_torch(fn, layer, tensor):
+        return torch.from_numpy(fn(layer, tensor.detach().numpy().copy())) if fn else tensor
+
+    for i, block in enumerate(blocks):
+        down = getattr(block.mlp, "down_proj", None) or block.mlp.c_proj
+        gate = getattr(block.mlp, "gate_proj", None) or block.mlp.c_fc
+        handles.append(gate.register_forward_hook(lambda m, a, out, i=i: as_torch(gate_fn, i, out)))
+
+        def pre_hook(m, args, i=i):
+            key = as_torch(key_fn, i, args[0])
+            keys[i] = key.detach().numpy()
+            return (key,)
+        handles.append(down.register_forward_pre_hook(pre_hook))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(ids)).logits.numpy()
+    for handle in handles:
+        handle.remove()
+    return logits, [keys[i] for i in range(len(blocks))]
+
+
+def run_plain_ort(model_dir, ids, extra_feeds=None):
+    """The edited model in plain onnxruntime: no unskill code, standard inputs only (plus given extras)."""
+    manifest = json.loads((model_dir / "unskill.json").read_text())
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in session.get_inputs():
+        if i.name == "position_ids":
+            feeds[i.name] = np.arange(ids.shape[1])[None].repeat(ids.shape[0], 0)
+        elif i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32)
+    feeds.update(extra_feeds or {})
+    outputs = session.run(None, feeds)
+    names = [o.name for o in session.get_outputs()]
+    assert names[0] == "logits"
+    values = dict(zip(names, outputs))
+    return values, manifest, session
