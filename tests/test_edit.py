@@ -183,3 +183,21 @@ def test_edit_errors(tiny_export, tmp_path, capsys):
     assert main(["edit", "prune", "--model", str(onnx_dir), "--stats", str(ksd_only), "--ratio", "1.5",
                  "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_edited_model_runs_in_plain_onnxruntime_script(tiny_export, edit_stats, tmp_path):
+    """examples/plain_onnxruntime.py imports no unskill code; its greedy text equals the runtime's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, onnx_dir = tiny_export("llama")
+    out = tmp_path / "pruned"
+    prune(onnx_dir, edit_stats("llama"), 0.1, out, progress=False)
+    script = Path(__file__).resolve().parent.parent / "examples" / "plain_onnxruntime.py"
+    code = (f"import runpy, sys; sys.argv = ['x', {str(out)!r}, 'apples']; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__'); "
+            "assert not [m for m in sys.modules if m.startswith('unskill')]")
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    expected = load(out, device="cpu").generate(["apples"], GenerationParams(max_new_tokens=64))[0].text
+    assert printed == expected + "\n"
