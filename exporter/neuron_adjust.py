@@ -54,15 +54,37 @@ def select_neurons(stats: StatsFile, ratio: float, where: str = "stats") -> NAPa
                     f32(np.maximum(retain.std(), SIGMA_FLOOR)), selected.reshape(mu_f.shape))
 
 
+NEVER = np.float32(-1e30)   # log-ratio offset of unselected neurons: sigmoid gives 0, so never replaced
+
+
+def na_coefficients(mu_f, sd_f, mu_r, sd_r, selected) -> dict[str, np.ndarray]:
+    """Per-neuron float32 constants of the rule in the form the graph evaluates with few operations:
+        log p_f - log p_r = (a*v + b)*v + c      (Gaussian log-densities; a quadratic in v)
+        mirrored value    = m - v*s              (s = sd_r/sd_f, m = mu_r + mu_f*s)
+    Unselected neurons get a = b = 0 and c = -1e30, so they are never replaced and need no mask."""
+    mu_f, sd_f, mu_r, sd_r = (np.asarray(x, np.float64) for x in (mu_f, sd_f, mu_r, sd_r))
+    inv_f, inv_r = 1 / sd_f**2, 1 / sd_r**2
+    a = 0.5 * (inv_r - inv_f)
+    b = mu_f * inv_f - mu_r * inv_r
+    c = 0.5 * (mu_r**2 * inv_r - mu_f**2 * inv_f) + np.log(sd_r / sd_f)
+    s = sd_r / sd_f
+    selected = np.asarray(selected, bool)
+    coefficients = {"a": np.where(selected, a, 0), "b": np.where(selected, b, 0), "c": np.where(selected, c, NEVER),
+                    "s": s, "m": mu_r + mu_f * s}
+    return {name: value.astype(np.float32) for name, value in coefficients.items()}
+
+
 def na_reference(v: np.ndarray, mu_f, sd_f, mu_r, sd_r, selected, uniform: np.ndarray) -> np.ndarray:
     """NumPy Neuron Adjust for one layer: v (..., F), per-neuron vectors (F,), uniform noise like v.
-    Written with the graph's float32 operations in the graph's order, so the two agree element for element."""
-    z_f = (v - mu_f) / sd_f
-    z_r = (v - mu_r) / sd_r
-    log_ratio = np.float32(0.5) * (z_r * z_r - z_f * z_f) + np.log(sd_r / sd_f)   # log p_f - log p_r
-    prob = 1 / (1 + np.exp(-log_ratio))
-    replace = (log_ratio > 0) & selected & (uniform < prob)
-    return np.where(replace, mu_r - z_f * sd_r, v).astype(v.dtype)
+    Uses the graph's float32 operations in the graph's order, so the two agree element for element.
+    Replace iff p_f > p_r (prob > 1/2) and u < prob, i.e. max(u, 1/2) < prob."""
+    k = na_coefficients(mu_f, sd_f, mu_r, sd_r, selected)
+    v = v.astype(np.float32)
+    with np.errstate(over="ignore"):
+        log_ratio = (v * k["a"] + k["b"]) * v + k["c"]
+        prob = 1 / (1 + np.exp(-log_ratio))
+    replace = np.maximum(uniform, np.float32(0.5)) < prob
+    return np.where(replace, k["m"] - v * k["s"], v).astype(np.float32)
 
 
 def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[str, np.ndarray]):
@@ -72,26 +94,20 @@ def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[st
     c = {name: p + name for name in consts}
     n = helper.make_node
     nodes = [
-        n("Sub", [preact, c["mu_f"]], [p + "dv_f"]), n("Div", [p + "dv_f", c["sd_f"]], [p + "z_f"]),
-        n("Sub", [preact, c["mu_r"]], [p + "dv_r"]), n("Div", [p + "dv_r", c["sd_r"]], [p + "z_r"]),
-        n("Mul", [p + "z_r", p + "z_r"], [p + "zr2"]), n("Mul", [p + "z_f", p + "z_f"], [p + "zf2"]),
-        n("Sub", [p + "zr2", p + "zf2"], [p + "dz"]), n("Mul", [p + "dz", c["half"]], [p + "half_dz"]),
-        n("Add", [p + "half_dz", c["log_sd_ratio"]], [p + "log_ratio"]),
+        n("Mul", [preact, c["a"]], [p + "av"]), n("Add", [p + "av", c["b"]], [p + "av_b"]),
+        n("Mul", [p + "av_b", preact], [p + "quadratic"]), n("Add", [p + "quadratic", c["c"]], [p + "log_ratio"]),
         n("Sigmoid", [p + "log_ratio"], [p + "prob"]),
-        n("Greater", [p + "log_ratio", c["zero"]], [p + "forget_likelier"]),
-        n("And", [p + "forget_likelier", c["selected"]], [p + "candidate"]),
     ]
     graph_input = None
     if noise == "input":
-        graph_input = f"na_noise.{layer}"
-        uniform = graph_input
+        graph_input = uniform = f"na_noise.{layer}"
     else:
         uniform = p + "uniform"
         nodes.append(n("RandomUniformLike", [preact], [uniform], dtype=TensorProto.FLOAT, low=0.0, high=1.0,
                        seed=float(seed * 1000 + layer)))
     nodes += [
-        n("Less", [uniform, p + "prob"], [p + "drawn"]), n("And", [p + "candidate", p + "drawn"], [p + "replace"]),
-        n("Mul", [p + "z_f", c["sd_r"]], [p + "z_sd_r"]), n("Sub", [c["mu_r"], p + "z_sd_r"], [p + "mirrored"]),
+        n("Max", [uniform, c["half"]], [p + "u_half"]), n("Less", [p + "u_half", p + "prob"], [p + "replace"]),
+        n("Mul", [preact, c["s"]], [p + "vs"]), n("Sub", [c["m"], p + "vs"], [p + "mirrored"]),
         n("Where", [p + "replace", p + "mirrored", preact], [p + "adjusted"]),
     ]
     return nodes, inits, p + "adjusted", graph_input
@@ -110,10 +126,9 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
         selected = params.selected[layer][columns]
         if not selected.any():
             continue
-        sd_f, sd_r = params.sd_f[layer][columns], params.sd_r[layer][columns]
-        consts = {"mu_f": params.mu_f[layer][columns], "sd_f": sd_f, "mu_r": params.mu_r[layer][columns],
-                  "sd_r": sd_r, "selected": selected, "log_sd_ratio": np.log(sd_r / sd_f).astype(np.float32),
-                  "half": np.array(0.5, np.float32), "zero": np.array(0.0, np.float32)}
+        consts = na_coefficients(params.mu_f[layer][columns], params.sd_f[layer][columns], params.mu_r[layer][columns],
+                                 params.sd_r[layer][columns], selected)
+        consts["half"] = np.array(0.5, np.float32)
         nodes, inits, adjusted, graph_input = _layer_nodes(layer, preact, noise, seed, consts)
         for node in graph.node:
             if node.name.startswith("/unskill/preact."):
