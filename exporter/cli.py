@@ -41,6 +41,11 @@ def add_edit_parser(subparsers) -> None:
     prune.add_argument("--scorer", choices=("abs", "freq", "rms"), default="abs")
     prune.add_argument("--data-dir", help="benchmark data for re-probing (default: $UNSKILL_DATA_DIR)")
     prune.add_argument("--no-progress", action="store_true")
+    quant = methods.add_parser("quantize", help="int8 (MatMulInteger) or int4 (MatMulNBits) weights")
+    quant.add_argument("--model", required=True)
+    quant.add_argument("--out", required=True)
+    quant.add_argument("--mode", choices=("int8", "int4"), default="int8")
+    quant.set_defaults(run=run_quantize)
     na.set_defaults(run=run_na)
     prune.set_defaults(run=run_prune)
 
@@ -60,4 +65,12 @@ def run_prune(args: argparse.Namespace) -> int:
     manifest = prune(args.model, args.stats, args.ratio, args.out, args.steps, args.scorer, args.data_dir,
                      not args.no_progress)
     print(f"pruned {manifest.edits[-1]['removed']} neurons ({args.ratio:.2%}, {args.steps} step(s)) -> {args.out}")
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize
+
+    quantize(args.model, args.out, args.mode)
+    print(f"quantized {args.model} to {args.mode} -> {args.out}")
     return 0

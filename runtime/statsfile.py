@@ -122,7 +122,7 @@ class StatsFile:
         return path
 
     def check_model(self, manifest: Manifest, where: str) -> None:
-        if self.fingerprint != manifest.fingerprint:
+        if self.fingerprint != manifest.fingerprint and self.fingerprint not in (manifest.stats_compatible or []):
             raise UnskillError(f"{where}: stats are from another model (fingerprint {self.fingerprint[:19]}…, "
                                f"model {manifest.source or manifest.arch} has {manifest.fingerprint[:19]}…)")
         if (self.num_layers, self.key_width) != (manifest.num_layers, manifest.key_width):

@@ -201,3 +201,21 @@ def test_edited_model_runs_in_plain_onnxruntime_script(tiny_export, edit_stats, 
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     expected = load(out, device="cpu").generate(["apples"], GenerationParams(max_new_tokens=64))[0].text
     assert printed == expected + "\n"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_keeps_outputs_and_accepts_fp32_stats(tiny_export, edit_stats, tmp_path, mode):
+    from unskill.exporter.quantize import quantize
+
+    _, onnx_dir = tiny_export("llama")
+    out = tmp_path / mode
+    manifest = quantize(onnx_dir, out, mode)
+    assert manifest.stats_compatible == [json.loads((onnx_dir / "unskill.json").read_text())["fingerprint"]]
+    ids = np.random.default_rng(4).integers(5, 500, size=(1, 12))
+    quantized, _, _ = run_plain_ort(out, ids)
+    plain, _, _ = run_plain_ort(onnx_dir, ids)
+    assert (out / "model.onnx.data").stat().st_size < (onnx_dir / "model.onnx.data").stat().st_size
+    error = np.abs(quantized["logits"] - plain["logits"]).max() / np.abs(plain["logits"]).max()
+    assert error < (0.05 if mode == "int8" else 0.2)
+    assert quantized["key.2"].shape == plain["key.2"].shape
+    load(out, stats=[edit_stats("llama")], device="cpu")   # fp32 stats are accepted on the quantized model
