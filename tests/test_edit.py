@@ -6,8 +6,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tiny_models import run_plain_ort, torch_with_hooks
-from unskill.exporter.neuron_adjust import NAParams, na_reference, neuron_adjust, select_neurons
+from tiny_models import na_gate_hook, run_plain_ort, torch_with_hooks
+from unskill.exporter.neuron_adjust import na_reference, neuron_adjust, select_neurons
 from unskill.exporter.prune import prune, prune_scores
 from unskill.runtime import GenerationParams, UnskillError, load, load_stats
 from unskill.runtime.session import OnnxLM
@@ -86,16 +86,7 @@ def test_na_graph_matches_numpy_reference_in_torch(tiny_export, edit_stats, tmp_
     assert list(noise) == manifest.edits[-1]["noise_inputs"]
     values, _, _ = run_plain_ort(out, ids, noise)
 
-    replaced = []
-
-    def adjust(layer, v):
-        if f"na_noise.{layer}" not in noise:
-            return v
-        args = [getattr(params, f)[layer] for f in ("mu_f", "sd_f", "mu_r", "sd_r", "selected")]
-        adjusted = na_reference(v, *args, noise[f"na_noise.{layer}"])
-        replaced.append(int((adjusted != v).sum()))
-        return adjusted
-
+    adjust, replaced = na_gate_hook(params, noise)
     logits, keys = torch_with_hooks(hf_dir, ids, gate_fn=adjust)
     assert sum(replaced) > 0   # the rule fired, so the comparison means something
     np.testing.assert_allclose(values["logits"], logits, atol=ATOL, rtol=RTOL)

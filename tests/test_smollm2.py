@@ -85,8 +85,8 @@ def smollm2_edit_stats(smollm2_export, tmp_path_factory):
 
 def test_na_graph_matches_numpy_reference(smollm2_export, smollm2_edit_stats, smollm2_torch, tmp_path):
     """NA at 3 % with the noise fed in: plain onnxruntime vs PyTorch whose gate outputs go through na_reference."""
-    from tiny_models import run_plain_ort, torch_with_hooks
-    from unskill.exporter.neuron_adjust import na_reference, neuron_adjust, select_neurons
+    from tiny_models import na_gate_hook, run_plain_ort, torch_with_hooks
+    from unskill.exporter.neuron_adjust import neuron_adjust, select_neurons
     from unskill.runtime import load_stats
 
     manifest = neuron_adjust(smollm2_export, smollm2_edit_stats, 0.03, tmp_path / "na", noise="input")
@@ -95,16 +95,7 @@ def test_na_graph_matches_numpy_reference(smollm2_export, smollm2_edit_stats, sm
     noise = {name: np.random.default_rng(i).uniform(size=ids.shape + (manifest.key_width,)).astype(np.float32)
              for i, name in enumerate(manifest.edits[-1]["noise_inputs"])}
     values, _, _ = run_plain_ort(tmp_path / "na", ids, noise)
-    replaced = []
-
-    def adjust(layer, v):
-        if f"na_noise.{layer}" not in noise:
-            return v
-        args = [getattr(params, f)[layer] for f in ("mu_f", "sd_f", "mu_r", "sd_r", "selected")]
-        out = na_reference(v, *args, noise[f"na_noise.{layer}"])
-        replaced.append(int((out != v).sum()))
-        return out
-
+    adjust, replaced = na_gate_hook(params, noise)
     logits, keys = torch_with_hooks(smollm2_torch, ids, gate_fn=adjust)
     assert sum(replaced) > 0
     np.testing.assert_allclose(values["logits"], logits, atol=2e-3, rtol=1e-2)

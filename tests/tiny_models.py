@@ -138,3 +138,21 @@ def run_plain_ort(model_dir, ids, extra_feeds=None):
     assert names[0] == "logits"
     values = dict(zip(names, outputs))
     return values, manifest, session
+
+
+def na_gate_hook(params, noise: dict[str, np.ndarray]):
+    """A gate_fn for torch_with_hooks applying the NumPy NA rule with the fed noise; and the list that
+    collects how many elements it replaced per layer (so a test can check the rule fired at all)."""
+    from unskill.exporter.neuron_adjust import na_reference
+
+    replaced = []
+
+    def adjust(layer, v):
+        if f"na_noise.{layer}" not in noise:
+            return v
+        args = [getattr(params, f)[layer] for f in ("mu_f", "sd_f", "mu_r", "sd_r", "selected")]
+        adjusted = na_reference(v, *args, noise[f"na_noise.{layer}"])
+        replaced.append(int((adjusted != v).sum()))
+        return adjusted
+
+    return adjust, replaced
