@@ -34,6 +34,8 @@ def add_edit_parser(subparsers) -> None:
         p.add_argument("--out", required=True, help="new directory for the edited model")
     na.add_argument("--ratio", type=float, default=0.03, help="share of all FFL neurons to adjust (default 0.03)")
     na.add_argument("--seed", type=int, default=0)
+    na.add_argument("--form", choices=("masked", "gather"), default="masked",
+                    help="masked: rule over the whole layer; gather: only the selected columns, scattered back")
     na.add_argument("--noise", choices=("random", "input"), default="random",
                     help="random: RandomUniform op inside the graph; input: na_noise.{layer} inputs (for exact tests)")
     prune.add_argument("--ratio", type=float, default=0.02, help="share of all FFL neurons to remove (default 0.02)")
@@ -53,7 +55,7 @@ def add_edit_parser(subparsers) -> None:
 def run_na(args: argparse.Namespace) -> int:
     from .neuron_adjust import neuron_adjust
 
-    manifest = neuron_adjust(args.model, args.stats, args.ratio, args.out, args.noise, args.seed)
+    manifest = neuron_adjust(args.model, args.stats, args.ratio, args.out, args.noise, args.seed, args.form)
     edit = manifest.edits[-1]
     print(f"NA on {edit['selected']} neurons ({args.ratio:.2%}) -> {args.out}")
     return 0

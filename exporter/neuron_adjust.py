@@ -22,6 +22,7 @@ from unskill.runtime.statsfile import StatsFile
 
 SIGMA_FLOOR = 1e-5
 NOISE_MODES = ("random", "input")
+FORMS = ("masked", "gather")
 
 
 @dataclass
@@ -87,38 +88,57 @@ def na_reference(v: np.ndarray, mu_f, sd_f, mu_r, sd_r, selected, uniform: np.nd
     return np.where(replace, k["m"] - v * k["s"], v).astype(np.float32)
 
 
-def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[str, np.ndarray]):
-    """Nodes computing the adjusted pre-activation of one layer; returns (nodes, initializers, output, input)."""
+def _rule_nodes(p: str, x: str, uniform: str, c: dict[str, str]) -> list:
+    """The rule on tensor x with noise `uniform` (same shape), ending in tensor p + "adjusted"."""
+    n = helper.make_node
+    return [
+        n("Mul", [x, c["a"]], [p + "av"]), n("Add", [p + "av", c["b"]], [p + "av_b"]),
+        n("Mul", [p + "av_b", x], [p + "quadratic"]), n("Add", [p + "quadratic", c["c"]], [p + "log_ratio"]),
+        n("Sigmoid", [p + "log_ratio"], [p + "prob"]),
+        n("Max", [uniform, c["half"]], [p + "u_half"]), n("Less", [p + "u_half", p + "prob"], [p + "replace"]),
+        n("Mul", [x, c["s"]], [p + "vs"]), n("Sub", [c["m"], p + "vs"], [p + "mirrored"]),
+        n("Where", [p + "replace", p + "mirrored", x], [p + "adjusted"]),
+    ]
+
+
+def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[str, np.ndarray], form: str):
+    """Nodes computing the adjusted pre-activation of one layer; returns (nodes, initializers, output, input).
+    masked: the rule over the whole layer (unselected neurons have c = -1e30, so never change).
+    gather: Gather the selected columns, apply the rule to them only, ScatterElements them back."""
     p = f"/unskill/na.{layer}/"
     inits = [numpy_helper.from_array(value, p + name) for name, value in consts.items()]
     c = {name: p + name for name in consts}
     n = helper.make_node
-    nodes = [
-        n("Mul", [preact, c["a"]], [p + "av"]), n("Add", [p + "av", c["b"]], [p + "av_b"]),
-        n("Mul", [p + "av_b", preact], [p + "quadratic"]), n("Add", [p + "quadratic", c["c"]], [p + "log_ratio"]),
-        n("Sigmoid", [p + "log_ratio"], [p + "prob"]),
-    ]
-    graph_input = None
-    if noise == "input":
-        graph_input = uniform = f"na_noise.{layer}"
+    graph_input = f"na_noise.{layer}" if noise == "input" else None
+    nodes, x = [], preact
+    if form == "gather":
+        x = p + "picked"
+        nodes.append(n("Gather", [preact, c["columns"]], [x], axis=-1))
+    if graph_input and form == "gather":
+        uniform = p + "noise_picked"
+        nodes.append(n("Gather", [graph_input, c["columns"]], [uniform], axis=-1))
+    elif graph_input:
+        uniform = graph_input
     else:
         uniform = p + "uniform"
-        nodes.append(n("RandomUniformLike", [preact], [uniform], dtype=TensorProto.FLOAT, low=0.0, high=1.0,
+        nodes.append(n("RandomUniformLike", [x], [uniform], dtype=TensorProto.FLOAT, low=0.0, high=1.0,
                        seed=float(seed * 1000 + layer)))
-    nodes += [
-        n("Max", [uniform, c["half"]], [p + "u_half"]), n("Less", [p + "u_half", p + "prob"], [p + "replace"]),
-        n("Mul", [preact, c["s"]], [p + "vs"]), n("Sub", [c["m"], p + "vs"], [p + "mirrored"]),
-        n("Where", [p + "replace", p + "mirrored", preact], [p + "adjusted"]),
-    ]
+    nodes += _rule_nodes(p, x, uniform, c)
+    if form == "gather":
+        nodes += [n("Shape", [x], [p + "picked_shape"]), n("Expand", [c["columns"], p + "picked_shape"], [p + "index"]),
+                  n("ScatterElements", [preact, p + "index", p + "adjusted"], [p + "scattered"], axis=-1)]
+        return nodes, inits, p + "scattered", graph_input
     return nodes, inits, p + "adjusted", graph_input
 
 
 def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept: list[list[int]] | None,
-              noise: str = "random", seed: int = 0) -> list[str]:
+              noise: str = "random", seed: int = 0, form: str = "masked") -> list[str]:
     """Rewire every consumer of each selected layer's pre-activation to the adjusted value.
     The `preact.{i}` graph output keeps the raw value, so probing an edited model sees natural inputs."""
     if noise not in NOISE_MODES:
         raise UnskillError(f"noise mode {noise!r}: use one of {NOISE_MODES}")
+    if form not in FORMS:
+        raise UnskillError(f"NA form {form!r}: use one of {FORMS}")
     graph = model.graph
     noise_inputs, blocks = [], {}
     for layer, preact in enumerate(preacts):
@@ -126,10 +146,13 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
         selected = params.selected[layer][columns]
         if not selected.any():
             continue
-        consts = na_coefficients(params.mu_f[layer][columns], params.sd_f[layer][columns], params.mu_r[layer][columns],
-                                 params.sd_r[layer][columns], selected)
+        vectors = [v[layer][columns] for v in (params.mu_f, params.sd_f, params.mu_r, params.sd_r)]
+        picked = np.flatnonzero(selected) if form == "gather" else slice(None)
+        consts = na_coefficients(*(v[picked] for v in vectors), selected[picked])
         consts["half"] = np.array(0.5, np.float32)
-        nodes, inits, adjusted, graph_input = _layer_nodes(layer, preact, noise, seed, consts)
+        if form == "gather":
+            consts["columns"] = np.flatnonzero(selected).astype(np.int64)
+        nodes, inits, adjusted, graph_input = _layer_nodes(layer, preact, noise, seed, consts, form)
         for node in graph.node:
             if node.name.startswith("/unskill/preact."):
                 continue
@@ -160,7 +183,8 @@ def _insert_after_producers(graph: onnx.GraphProto, blocks: dict[str, list]) -> 
     graph.node.extend(ordered)
 
 
-def neuron_adjust(model_dir, stats_path, ratio: float, out_dir, noise: str = "random", seed: int = 0):
+def neuron_adjust(model_dir, stats_path, ratio: float, out_dir, noise: str = "random", seed: int = 0,
+                  form: str = "masked"):
     """`unskill edit na`: write a copy of the exported model with NA nodes on the selected neurons."""
     from unskill.runtime.statsfile import load_stats
 
@@ -171,9 +195,9 @@ def neuron_adjust(model_dir, stats_path, ratio: float, out_dir, noise: str = "ra
     stats = load_stats(stats_path, manifest)
     params = select_neurons(stats, ratio, str(stats_path))
     preacts = output_sources(model, manifest.preact_outputs)
-    noise_inputs = insert_na(model, preacts, params, manifest.kept_neurons, noise, seed)
+    noise_inputs = insert_na(model, preacts, params, manifest.kept_neurons, noise, seed, form)
     per_layer = params.selected.sum(axis=1)
-    edit = {"method": "na", "ratio": ratio, "noise": noise, "seed": seed, "noise_inputs": noise_inputs,
+    edit = {"method": "na", "ratio": ratio, "form": form, "noise": noise, "seed": seed, "noise_inputs": noise_inputs,
             "selected": int(per_layer.sum()), "selected_per_layer": per_layer.tolist(),
             "stats": str(stats_path), "skill": stats.skill}
     return save_edited(model, manifest, model_dir, out_dir, edit)

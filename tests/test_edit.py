@@ -73,11 +73,12 @@ def test_selection_is_global_top_ratio(tiny_export, edit_stats):
     np.testing.assert_allclose(params.sd_f, np.maximum(stats.groups["na_forget"].std(), 1e-5), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3", "gpt2"])
-def test_na_graph_matches_numpy_reference_in_torch(tiny_export, edit_stats, tmp_path, kind):
+@pytest.mark.parametrize("kind,form", [("llama", "masked"), ("gemma3", "masked"), ("gpt2", "masked"),
+                                       ("llama", "gather"), ("gpt2", "gather")])
+def test_na_graph_matches_numpy_reference_in_torch(tiny_export, edit_stats, tmp_path, kind, form):
     hf_dir, onnx_dir = tiny_export(kind)
     out = tmp_path / "na"
-    manifest = neuron_adjust(onnx_dir, edit_stats(kind), 0.2, out, noise="input")
+    manifest = neuron_adjust(onnx_dir, edit_stats(kind), 0.2, out, noise="input", form=form)
     params = select_neurons(load_stats(edit_stats(kind)), 0.2)
     ids = np.random.default_rng(1).integers(5, 500, size=(2, 10))
     width = manifest.key_width
