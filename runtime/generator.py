@@ -104,7 +104,9 @@ class Generator:
         past = self.model.empty_past(len(rows))
         guard_outputs = self.guard.output_names if self.guard else []
         budget = min(params.max_new_tokens, self.model.manifest.max_context - width)
-        for step in range(budget + 1):
+        # One forward per token; none after the last one (as in HF generate and the reference code, whose
+        # guard sees the last position of every forward call), so a batch ends once every row is done.
+        for step in range(budget):
             logits, past, keys = self.model.forward(input_ids, mask, past, guard_outputs)
             hits = self.guard.check({n: k[:, -1, :] for n, k in keys.items()}) if self.guard else [None] * len(rows)
             next_ids = np.full(len(rows), pad, dtype=np.int64)
@@ -113,10 +115,10 @@ class Generator:
                     continue
                 if hits[i] is not None:
                     self._abstain(row, hits[i], step)
-                elif step == budget:
-                    self._finish(row, "length" if step == params.max_new_tokens else "context")
-                else:
-                    next_ids[i] = self._advance(row, logits[i], params, rng)
+                    continue
+                next_ids[i] = self._advance(row, logits[i], params, rng)
+                if not row.done and step + 1 == budget:
+                    self._finish(row, "length" if budget == params.max_new_tokens else "context")
             yield rows
             if all(row.done for row in rows):
                 return

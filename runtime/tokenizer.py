@@ -10,7 +10,8 @@ from .errors import UnskillError
 from .manifest import Manifest
 
 
-def _render_template(template: str, prompt: str, bos: str, eos: str) -> str:
+def _compile_template(template: str):
+    """Chat templates are Jinja, run sandboxed the way transformers runs them."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -19,9 +20,7 @@ def _render_template(template: str, prompt: str, bos: str, eos: str) -> str:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    messages = [{"role": "user", "content": prompt}]
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            bos_token=bos, eos_token=eos)
+    return env.from_string(template)
 
 
 class TextTokenizer:
@@ -31,6 +30,7 @@ class TextTokenizer:
             raise UnskillError(f"{path}: missing tokenizer")
         self.tokenizer = Tokenizer.from_file(str(path))
         self.manifest = manifest
+        self._template = _compile_template(manifest.chat_template) if manifest.chat_template else None
 
     @property
     def has_chat_template(self) -> bool:
@@ -43,7 +43,9 @@ class TextTokenizer:
         ids = self.manifest
         bos = self.tokenizer.id_to_token(ids.bos_token_id) if ids.bos_token_id is not None else ""
         eos = self.tokenizer.id_to_token(ids.eos_token_ids[0])
-        return _render_template(self.manifest.chat_template, prompt, bos or "", eos or "")
+        messages = [{"role": "user", "content": prompt}]
+        return self._template.render(messages=messages, add_generation_prompt=True, bos_token=bos or "",
+                                     eos_token=eos or "")
 
     def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
         if not prompt.strip():
