@@ -50,7 +50,8 @@ def main() -> int:
     print("|---|---|---|---|")
     summary = {}
     for name, values in rates.items():
-        edits = ", ".join(f"{e['method']} {e['ratio']:.1%}" for e in generators[name].model.manifest.edits) or "none"
+        edits = ", ".join(f"{e['method']} {e.get('mode') or format(e['ratio'], '.1%')}"
+                          for e in generators[name].model.manifest.edits) or "none"
         median = statistics.median(values)
         summary[name] = {"edits": edits, "decode_tok_s": median, "ratio": median / base, "runs": values}
         print(f"| {name} | {edits} | {median:.1f} | {median / base:.3f}x |")
