@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats_cli.add_parser(subparsers)
     stats_cli.add_data_parser(subparsers)
     stats_cli.add_eval_parser(subparsers)
+    stats_cli.add_calibrate_parser(subparsers)
     return parser
 
 

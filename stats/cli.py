@@ -117,3 +117,38 @@ def run_eval(args: argparse.Namespace) -> int:
         record = {"model": args.model, "edits": model.manifest.edits, "scores": [s.as_dict() for s in scores]}
         write_jsonl(args.out, [record])
     return 0
+
+
+def add_calibrate_parser(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="choose KSD alpha so retain prompts are refused at most --target")
+    p.add_argument("--model", required=True)
+    p.add_argument("--stats", required=True, help="KSD stats of the skill to forget")
+    p.add_argument("--retain", required=True, help="validation prompts that must stay answered, e.g. mbpp:validation")
+    p.add_argument("--forget", help="validation prompts of the skill, to report coverage, e.g. gsm8k:validation")
+    p.add_argument("--target", type=float, default=0.01, help="largest allowed retain false-abstain rate (default 0.01)")
+    p.add_argument("--layer", type=int, default=-1)
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--no-chat", action="store_true")
+    p.set_defaults(run=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from unskill.runtime.session import OnnxLM
+    from unskill.runtime.statsfile import load_stats
+    from unskill.runtime.tokenizer import TextTokenizer
+
+    from .calibrate import calibrate
+    from .datasets import load_dataset
+
+    model = OnnxLM(args.model)
+    stats = load_stats(args.stats, model.manifest)
+    retain = load_dataset(args.retain, args.data_dir, args.limit)
+    forget = load_dataset(args.forget, args.data_dir, args.limit) if args.forget else None
+    result = calibrate(model, TextTokenizer(args.model, model.manifest), stats, retain, forget, args.target,
+                       args.layer, not args.no_chat)
+    coverage = f", forget refused {result.forget_abstain:.1%} of {result.forget_items}" if forget else ""
+    print(f"alpha {result.alpha:.4g} (x k, layer {result.layer}): retain refused {result.retain_abstain:.1%} "
+          f"of {result.retain_items}{coverage}\nuse: ksd-run --stats {args.stats} --alpha {result.alpha:.4g} "
+          f"--layers {result.layer}")
+    return 0

@@ -81,13 +81,22 @@ def token_metrics(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, bat
     return score
 
 
-def abstentions(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, guard: KSDGuard, chat: bool = True,
-                batch_size: int = 8) -> np.ndarray:
-    """Per item: would KSD abstain at the prompt? One prefill per item serves every hypercube."""
+def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, outputs: list[str], chat: bool = True,
+                batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Key vectors at the last prompt token, (items, F) per requested output: one prefill per item,
+    whatever the number of hypercubes checked on it."""
     sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
-    result = []
+    collected = {name: [] for name in outputs}
     for start in range(0, len(sequences), batch_size):
         ids, mask = _left_pad(sequences[start:start + batch_size], model.manifest.pad_token_id)
-        _, _, keys = model.forward(ids, mask, model.empty_past(ids.shape[0]), guard.output_names)
-        result += [hit is not None for hit in guard.check({n: k[:, -1, :] for n, k in keys.items()})]
-    return np.array(result)
+        _, _, keys = model.forward(ids, mask, model.empty_past(ids.shape[0]), outputs)
+        for name in outputs:
+            collected[name].append(keys[name][:, -1, :])
+    return {name: np.concatenate(parts) for name, parts in collected.items()}
+
+
+def abstentions(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, guard: KSDGuard, chat: bool = True,
+                batch_size: int = 8) -> np.ndarray:
+    """Per item: would KSD abstain at the prompt?"""
+    keys = prompt_keys(model, tokenizer, dataset, guard.output_names, chat, batch_size)
+    return np.array([hit is not None for hit in guard.check(keys)])

@@ -57,3 +57,22 @@ def test_eval_cli_writes_scores(tiny_export, tmp_path):
     assert main(["eval", "--model", str(onnx_dir), "--tasks", str(data), "--out", str(out), "--no-progress"]) == 0
     record = json.loads(out.read_text())
     assert record["scores"][0]["items"] == 3 and 0 <= record["scores"][0]["top1"] <= 1
+
+
+def test_calibrated_alpha_keeps_retain_refusals_under_target(tiny_export):
+    from unskill.stats.calibrate import calibrate
+
+    _, onnx_dir = tiny_export("llama")
+    generator = load(onnx_dir, device="cpu")
+    model, tokenizer = generator.model, generator.tokenizer
+    forget = Dataset("apples", [Item(f"How many apples are left if Tom eats {i} of his {i + 9} apples?") for i in range(10)])
+    retain = Dataset("other", [Item(f"Write a python function number {i} for lists") for i in range(20)])
+    stats = probe(model, tokenizer, forget, config=ProbeConfig(progress=False))
+    result = calibrate(model, tokenizer, stats, retain, forget, target=0.1)
+    assert result.retain_abstain <= 0.1 and result.retain_items == 20
+    guard = KSDGuard([stats], model.manifest, alpha=result.alpha)
+    from unskill.stats.evaluate import abstentions
+    assert abstentions(model, tokenizer, retain, guard).mean() == result.retain_abstain
+    assert abstentions(model, tokenizer, forget, guard).mean() == result.forget_abstain
+    wider = KSDGuard([stats], model.manifest, alpha=result.alpha * 1.01 + 1e-9)
+    assert abstentions(model, tokenizer, retain, wider).mean() > 0.1 or result.alpha == float("inf")
