@@ -107,12 +107,34 @@ def engine_optimum(args, prompt_ids):
     return generate
 
 
+def engine_genai(args, prompt_ids):
+    """onnxruntime-genai on a model its builder made (see benchmarks/README.md for the build command)."""
+    import onnxruntime_genai as og
+
+    if not args.genai_dir:
+        raise SystemExit("the genai engine needs --genai-dir")
+    model = og.Model(str(args.genai_dir))
+
+    def generate(n):
+        params = og.GeneratorParams(model)
+        total = len(prompt_ids) + n
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt_ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return list(generator.get_sequence(0))[len(prompt_ids):]
+
+    return generate
+
+
 def run_engine(args) -> dict:
     """Child process: one engine, printed as JSON."""
     name = args.engine
     stats = args.stats[: int(name.split(":")[1])] if name.startswith("unskill-ksd:") else []
     prompt_ids, unskill_generate = engine_unskill(args, stats)
-    generate = {"hf": lambda: engine_hf(args, prompt_ids), "optimum": lambda: engine_optimum(args, prompt_ids)}.get(
+    generate = {"hf": lambda: engine_hf(args, prompt_ids), "optimum": lambda: engine_optimum(args, prompt_ids),
+                "genai": lambda: engine_genai(args, prompt_ids)}.get(
         name.split(":")[0], lambda: unskill_generate)()
     result = measure(generate, args.new_tokens, args.runs)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -158,7 +180,8 @@ def main() -> int:
     parser.add_argument("--stats", action="append", default=[], help="stats files for the guarded runs (up to 3)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--engines", default="unskill,unskill-ksd:1,unskill-ksd:3,optimum,hf")
+    parser.add_argument("--engines", default="unskill,unskill-ksd:1,unskill-ksd:3,optimum,hf,genai")
+    parser.add_argument("--genai-dir", type=Path, help="onnxruntime-genai model folder (builder output)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,6 +191,9 @@ def main() -> int:
 
     results = {}
     for name in args.engines.split(","):
+        if name == "genai" and not args.genai_dir:
+            print("skip genai: no --genai-dir", file=sys.stderr)
+            continue
         if name.startswith("unskill-ksd:") and len(args.stats) < int(name.split(":")[1]):
             print(f"skip {name}: needs {name.split(':')[1]} --stats files", file=sys.stderr)
             continue
