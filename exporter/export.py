@@ -103,7 +103,7 @@ def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progr
         ffl = find_ffl_tensors(graph, hidden, ffn)
         if len(ffl) != layers_n:
             raise UnskillError(f"{spec}: found {len(ffl)} FFL layers in the graph, config says {layers_n}")
-        key_names, preact_names = add_ffl_outputs(graph, ffl, ffn)
+        key_names, preact_names, last_names = add_ffl_outputs(graph, ffl, ffn)
         final = staging / "final"
         final.mkdir()
         onnx.save(graph, str(final / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -121,7 +121,7 @@ def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progr
 
         manifest = Manifest(
             arch=model.config.model_type, num_layers=layers_n, hidden_size=hidden, key_width=ffn,
-            activation=str(act), gated=ffl[0].up is not None, key_outputs=key_names,
+            activation=str(act), gated=ffl[0].up is not None, key_outputs=key_names, key_last_outputs=last_names,
             preact_outputs=preact_names, fingerprint=sha256_file(final / DATA_FILE),
             max_context=int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 2048)),
             eos_token_ids=eos_ids, pad_token_id=int(pad_id), bos_token_id=hf_tokenizer.bos_token_id,

@@ -121,18 +121,25 @@ def preact_output_name(layer: int) -> str:
     return f"preact.{layer}"
 
 
-def add_ffl_outputs(model: onnx.ModelProto, layers: list[FFLTensors], ffn: int) -> tuple[list[str], list[str]]:
-    """Expose key and pre-activation of every layer as graph outputs [batch, seq, ffn] via Identity nodes."""
+def add_ffl_outputs(model: onnx.ModelProto, layers: list[FFLTensors], ffn: int) -> tuple[list[str], list[str], list[str]]:
+    """Expose key and pre-activation of every layer as graph outputs [batch, seq, ffn] via Identity nodes,
+    and the key at the last position as `key_last.{i}` [batch, ffn]: probing needs only that, and fetching
+    it alone spares copying every position of every layer out of the session."""
     graph = model.graph
-    key_names, preact_names = [], []
+    last = "/unskill/last_position"
+    graph.initializer.append(helper.make_tensor(last, TensorProto.INT64, [], [-1]))
+    key_names, preact_names, last_names = [], [], []
     for i, layer in enumerate(layers):
         for tensor, name, names in ((layer.key, key_output_name(i), key_names),
                                     (layer.preact, preact_output_name(i), preact_names)):
             graph.node.append(helper.make_node("Identity", [tensor], [name], name=f"/unskill/{name}"))
             graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size", "sequence_length", ffn]))
             names.append(name)
-    return key_names, preact_names
-
+        name = f"key_last.{i}"
+        graph.node.append(helper.make_node("Gather", [layer.key, last], [name], name=f"/unskill/{name}", axis=1))
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size", ffn]))
+        last_names.append(name)
+    return key_names, preact_names, last_names
 
 
 @dataclass

@@ -73,7 +73,7 @@ def remove_neurons(model: onnx.ModelProto, manifest: Manifest, pruned: np.ndarra
         _slice(initializers[weights.down], keep_mask, axis=0)
     del model.graph.value_info[:]   # stale shape hints of the sliced tensors; onnxruntime infers its own
     for output in model.graph.output:
-        if output.name in manifest.key_outputs or output.name in manifest.preact_outputs:
+        if output.name in {*manifest.key_outputs, *manifest.preact_outputs, *(manifest.key_last_outputs or [])}:
             output.type.tensor_type.shape.dim[-1].dim_param = f"ffn_{output.name}"
     return kept_after
 

@@ -35,6 +35,8 @@ class Manifest:
     # After pruning: per layer, the original neuron indices still in the graph (None = all). Key and
     # pre-activation outputs of a pruned layer are narrower; the runtime scatters them back to key_width.
     kept_neurons: list[list[int]] | None = None
+    # Per layer, the key at the last position only ([batch, ffn]); absent in exports before it existed.
+    key_last_outputs: list[str] | None = None
     # Fingerprints whose stats still apply (a quantized model accepts its fp32 parent's stats).
     stats_compatible: list[str] | None = None
     format: str = FORMAT

@@ -57,8 +57,9 @@ class OnnxLM:
         if manifest.kept_neurons is None:
             return {}
         kept = [np.asarray(k, dtype=np.int64) for k in manifest.kept_neurons]
-        return {name: kept[layer] for names in (manifest.key_outputs, manifest.preact_outputs)
-                for layer, name in enumerate(names) if len(kept[layer]) < manifest.key_width}
+        outputs = (manifest.key_outputs, manifest.preact_outputs, manifest.key_last_outputs or [])
+        return {name: kept[layer] for names in outputs for layer, name in enumerate(names)
+                if len(kept[layer]) < manifest.key_width}
 
     def _full_width(self, name: str, value: np.ndarray) -> np.ndarray:
         """A pruned layer's output with zeros put back where the removed neurons were."""
@@ -74,9 +75,10 @@ class OnnxLM:
         return {name: ort.OrtValue.ortvalue_from_numpy(empty, self.device) for name in self.past_names}
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, ort.OrtValue],
-                extra_outputs: list[str] = (), all_logits: bool = False
-                ) -> tuple[np.ndarray, dict[str, ort.OrtValue], dict[str, np.ndarray]]:
-        """(logits of the last position [B, V] or of all [B, S, V], next past, extra outputs [B, S, ...])."""
+                extra_outputs: list[str] = (), all_logits: bool = False, logits: bool = True
+                ) -> tuple[np.ndarray | None, dict[str, ort.OrtValue], dict[str, np.ndarray]]:
+        """(logits of the last position [B, V], of all [B, S, V], or None when not wanted; next past;
+        extra outputs as NumPy)."""
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         if "position_ids" in self.input_names:
             positions = np.cumsum(attention_mask, axis=1) - 1
@@ -84,9 +86,12 @@ class OnnxLM:
         ort_feeds = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feeds.items()}
         ort_feeds.update(past)   # the previous step's present tensors, passed on without a copy to NumPy
         present_names = [PRESENT_PREFIX + n[len(PAST_PREFIX):] for n in self.past_names]
-        names = ["logits", *present_names, *extra_outputs]
-        values = self.session.run_with_ort_values(names, ort_feeds)
-        logits = values[0].numpy() if all_logits else values[0].numpy()[:, -1, :]
-        next_past = dict(zip(self.past_names, values[1:1 + len(present_names)]))
-        extras = {n: self._full_width(n, v.numpy()) for n, v in zip(extra_outputs, values[1 + len(present_names):])}
-        return logits, next_past, extras
+        head = ["logits"] if logits else []
+        values = self.session.run_with_ort_values([*head, *present_names, *extra_outputs], ort_feeds)
+        out_logits = None
+        if logits:
+            out_logits = values[0].numpy() if all_logits else values[0].numpy()[:, -1, :]
+        rest = values[len(head):]
+        next_past = dict(zip(self.past_names, rest[:len(present_names)]))
+        extras = {n: self._full_width(n, v.numpy()) for n, v in zip(extra_outputs, rest[len(present_names):])}
+        return out_logits, next_past, extras

@@ -89,7 +89,7 @@ def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, outpu
     collected = {name: [] for name in outputs}
     for start in range(0, len(sequences), batch_size):
         ids, mask = _left_pad(sequences[start:start + batch_size], model.manifest.pad_token_id)
-        _, _, keys = model.forward(ids, mask, model.empty_past(ids.shape[0]), outputs)
+        _, _, keys = model.forward(ids, mask, model.empty_past(ids.shape[0]), outputs, logits=False)
         for name in outputs:
             collected[name].append(keys[name][:, -1, :])
     return {name: np.concatenate(parts) for name, parts in collected.items()}

@@ -53,12 +53,13 @@ class Prober:
         return Moments.empty(GROUP_FIELDS[group], self.manifest.num_layers, self.manifest.key_width)
 
     def _run(self, sequences, outputs, desc):
+        """Batches of (real-token mask, requested outputs); logits are never fetched."""
         pad = self.manifest.pad_token_id
         total = (len(sequences) + self.config.batch_size - 1) // self.config.batch_size
         for batch in tqdm(_batches(sequences, self.config.batch_size), total=total, desc=desc, unit="batch",
                           disable=not self.config.progress):
             ids, mask = _left_pad(batch, pad)
-            _, _, values = self.model.forward(ids, mask, self.model.empty_past(len(batch)), outputs)
+            _, _, values = self.model.forward(ids, mask, self.model.empty_past(len(batch)), outputs, logits=False)
             yield mask.astype(bool), values
 
     def prompt_pass(self, dataset: Dataset) -> Moments:
@@ -70,9 +71,11 @@ class Prober:
                 raise UnskillError(f"{dataset.name}: a prompt of {len(ids)} tokens exceeds the context of {limit}")
             sequences.append(ids)
         moments = self._new("ksd")
-        for _, values in self._run(sequences, self.manifest.key_outputs, f"KSD {dataset.name}"):
-            for layer, name in enumerate(self.manifest.key_outputs):
-                moments.add(layer, values[name][:, -1, :])
+        last_only = self.manifest.key_last_outputs
+        outputs = last_only or self.manifest.key_outputs
+        for _, values in self._run(sequences, outputs, f"KSD {dataset.name}"):
+            for layer, name in enumerate(outputs):
+                moments.add(layer, values[name] if last_only else values[name][:, -1, :])
         return moments
 
     def text_pass(self, dataset: Dataset, side: str) -> dict[str, Moments]:

@@ -76,3 +76,14 @@ def test_smollm2_parity_with_torch_hooks(smollm2_export, tmp_path):
     AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file).save_pretrained(hf_dir)
     ids = np.array([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2]], dtype=np.int64)
     assert_parity(smollm2_export, hf_dir, ids, np.ones_like(ids), atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_key_last_outputs_equal_last_position_of_keys(tiny_export, kind):
+    _, onnx_dir = tiny_export(kind)
+    model = OnnxLM(onnx_dir, device="cpu")
+    ids = np.random.default_rng(5).integers(5, 500, size=(2, 7))
+    names = model.manifest.key_outputs + model.manifest.key_last_outputs
+    _, _, values = model.forward(ids, np.ones_like(ids), model.empty_past(2), names, logits=False)
+    for key, last in zip(model.manifest.key_outputs, model.manifest.key_last_outputs):
+        np.testing.assert_array_equal(values[last], values[key][:, -1, :])
