@@ -21,7 +21,8 @@ from decode import hf_dir
 from unskill.runtime import OnnxLM, TextTokenizer
 from unskill.runtime.statsfile import GROUP_FIELDS, Moments
 from unskill.stats.datasets import load_dataset
-from unskill.stats.probe import ProbeConfig, Prober, _left_pad
+from unskill.runtime.session import left_pad
+from unskill.stats.probe import ProbeConfig, Prober
 
 
 def torch_probe(model_name: str, sequences: list[list[int]], pad: int, batch_size: int, layers: int, width: int):
@@ -37,7 +38,7 @@ def torch_probe(model_name: str, sequences: list[list[int]], pad: int, batch_siz
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))   # same batches as unskill
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
-            ids, mask = _left_pad([sequences[i] for i in order[s:s + batch_size]], pad)
+            ids, mask = left_pad([sequences[i] for i in order[s:s + batch_size]], pad)
             positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
             model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions))
     return time.perf_counter() - start, moments

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, processors
 
+from unskill.runtime.errors import UnskillError
+
 
 def fix_tokenizer(tokenizer: Tokenizer, add_bos: bool) -> Tokenizer:
     spec = json.loads(tokenizer.to_str())
@@ -23,7 +25,6 @@ def fix_tokenizer(tokenizer: Tokenizer, add_bos: bool) -> Tokenizer:
 
 
 def token_id(tokenizer: Tokenizer, token: str, where: str) -> int:
-    from unskill.runtime.errors import UnskillError
     idx = tokenizer.token_to_id(token)
     if idx is None:
         raise UnskillError(f"{where}: token {token!r} is not in the vocabulary")

@@ -16,7 +16,7 @@ import numpy as np
 from .errors import UnskillError
 from .ksd import Hit, KSDGuard
 from .sampling import SamplingParams, sample
-from .session import OnnxLM
+from .session import OnnxLM, left_pad
 from .tokenizer import TextTokenizer
 
 ABSTAIN_MESSAGE = "Your query is not valid."
@@ -97,10 +97,9 @@ class Generator:
         encoded = self.encode(prompts, params)
         rows = [_Row(p) for p in prompts]
         rng = np.random.default_rng(params.sampling.seed)
-        width = max(map(len, encoded))
         pad = self.model.manifest.pad_token_id
-        input_ids = np.array([[pad] * (width - len(ids)) + ids for ids in encoded], dtype=np.int64)
-        mask = np.array([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], dtype=np.int64)
+        input_ids, mask = left_pad(encoded, pad)
+        width = input_ids.shape[1]
         past = self.model.empty_past(len(rows))
         guard_outputs = self.guard.output_names if self.guard else []
         budget = min(params.max_new_tokens, self.model.manifest.max_context - width)

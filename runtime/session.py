@@ -13,6 +13,14 @@ from .manifest import Manifest, load_manifest
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 
 
+def left_pad(sequences: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) for a batch, padded on the left so every row's last token is at -1."""
+    width = max(map(len, sequences))
+    ids = np.array([[pad] * (width - len(s)) + s for s in sequences], dtype=np.int64)
+    mask = np.array([[0] * (width - len(s)) + [1] * len(s) for s in sequences], dtype=np.int64)
+    return ids, mask
+
+
 def pick_providers(device: str = "auto") -> list[str]:
     available = ort.get_available_providers()
     if device == "cpu":

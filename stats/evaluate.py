@@ -14,11 +14,10 @@ from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.ksd import KSDGuard
-from unskill.runtime.session import OnnxLM
+from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.tokenizer import TextTokenizer
 
 from .datasets import Dataset
-from .probe import _left_pad
 
 
 @dataclass
@@ -56,12 +55,12 @@ def token_metrics(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, bat
                   max_tokens: int = 512, guard: KSDGuard | None = None, chat: bool = True,
                   progress: bool = True) -> TokenScore:
     sequences = _scored_sequences(tokenizer, dataset, min(max_tokens, model.manifest.max_context))
-    hits, tokens, nll = [], [], []
+    hits, nll = [], []
     pad = model.manifest.pad_token_id
     for start in tqdm(range(0, len(sequences), batch_size), desc=f"eval {dataset.name}", unit="batch",
                       disable=not progress):
         batch = sequences[start:start + batch_size]
-        ids, mask = _left_pad([s for s, _ in batch], pad)
+        ids, mask = left_pad([s for s, _ in batch], pad)
         logits, _, _ = model.forward(ids, mask, model.empty_past(len(batch)), all_logits=True)
         for row, (seq, first) in enumerate(batch):
             offset = ids.shape[1] - len(seq)   # left padding
@@ -88,7 +87,7 @@ def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, outpu
     sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
     collected = {name: [] for name in outputs}
     for start in range(0, len(sequences), batch_size):
-        ids, mask = _left_pad(sequences[start:start + batch_size], model.manifest.pad_token_id)
+        ids, mask = left_pad(sequences[start:start + batch_size], model.manifest.pad_token_id)
         _, _, keys = model.forward(ids, mask, model.empty_past(ids.shape[0]), outputs, logits=False)
         for name in outputs:
             collected[name].append(keys[name][:, -1, :])

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
-from unskill.runtime.session import OnnxLM
+from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import GROUP_FIELDS, Moments, StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
@@ -37,13 +36,6 @@ def _batches(sequences: list[list[int]], batch_size: int):
         yield [sequences[i] for i in order[start:start + batch_size]]
 
 
-def _left_pad(batch: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(map(len, batch))
-    ids = np.array([[pad] * (width - len(s)) + s for s in batch], dtype=np.int64)
-    mask = np.array([[0] * (width - len(s)) + [1] * len(s) for s in batch], dtype=np.int64)
-    return ids, mask
-
-
 class Prober:
     def __init__(self, model: OnnxLM, tokenizer: TextTokenizer, config: ProbeConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -58,7 +50,7 @@ class Prober:
         total = (len(sequences) + self.config.batch_size - 1) // self.config.batch_size
         for batch in tqdm(_batches(sequences, self.config.batch_size), total=total, desc=desc, unit="batch",
                           disable=not self.config.progress):
-            ids, mask = _left_pad(batch, pad)
+            ids, mask = left_pad(batch, pad)
             _, _, values = self.model.forward(ids, mask, self.model.empty_past(len(batch)), outputs, logits=False)
             yield mask.astype(bool), values
 

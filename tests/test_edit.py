@@ -9,7 +9,7 @@ import pytest
 from tiny_models import na_gate_hook, run_plain_ort, torch_with_hooks
 from unskill.exporter.neuron_adjust import na_reference, neuron_adjust, select_neurons
 from unskill.exporter.prune import prune, prune_scores
-from unskill.runtime import GenerationParams, UnskillError, load, load_stats
+from unskill.runtime import GenerationParams, load, load_stats
 from unskill.runtime.session import OnnxLM
 from unskill.stats.datasets import Dataset, Item
 from unskill.stats.probe import ProbeConfig, probe

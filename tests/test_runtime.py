@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from unskill.runtime import GenerationParams, SamplingParams, UnskillError, load
-from unskill.runtime.ksd import KSDGuard, fitted_k
+from unskill.runtime.ksd import fitted_k
 from unskill.runtime.statsfile import Moments
 from unskill.stats.datasets import Dataset, Item
 from unskill.stats.probe import ProbeConfig, probe
