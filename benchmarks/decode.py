@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from unskill.runtime import GenerationParams
+
 PROMPT = "Explain in a few sentences how a bicycle works, then list three ways to keep it in good condition."
 
 
@@ -27,6 +29,18 @@ def timed(fn):
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
+
+
+def decode_rate(generator, prompts: list[str], new_tokens: int, repeats: int = 1) -> float:
+    """Generated tokens per second of an unskill Generator, all rows: batch * (N - 1) / (T_N - T_1), EOS
+    masked. With repeats > 1 each time is a median, so prefill jitter at long prompts does not leak in."""
+    def run(n):
+        start = time.perf_counter()
+        generator.generate(prompts, GenerationParams(max_new_tokens=n, ignore_eos=True))
+        return time.perf_counter() - start
+    first = statistics.median(run(1) for _ in range(repeats))
+    total = statistics.median(run(new_tokens) for _ in range(repeats))
+    return len(prompts) * (new_tokens - 1) / (total - first)
 
 
 def measure(generate, new_tokens: int, runs: int) -> dict:
@@ -43,7 +57,7 @@ def measure(generate, new_tokens: int, runs: int) -> dict:
 
 
 def engine_unskill(args, stats):
-    from unskill.runtime import GenerationParams, load
+    from unskill.runtime import load
 
     generator = load(args.model_dir, stats=stats, device="cpu")
     prompt_ids = generator.tokenizer.encode_prompt(PROMPT)

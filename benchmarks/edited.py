@@ -12,23 +12,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from decode import PROMPT
+from decode import PROMPT, decode_rate
 
-from unskill.runtime import GenerationParams, load
-
-
-def decode_rate(generator, new_tokens: int) -> float:
-    params = GenerationParams(max_new_tokens=1, ignore_eos=True)
-    start = time.perf_counter()
-    generator.generate([PROMPT], params)
-    first = time.perf_counter() - start
-    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    generator.generate([PROMPT], params)
-    return (new_tokens - 1) / (time.perf_counter() - start - first)
+from unskill.runtime import load
 
 
 def main() -> int:
@@ -41,10 +29,10 @@ def main() -> int:
     generators = {str(d): load(d, device="cpu") for d in args.model_dirs}
     rates = {name: [] for name in generators}
     for generator in generators.values():
-        decode_rate(generator, 8)   # warm-up
+        decode_rate(generator, [PROMPT], 8)   # warm-up
     for _ in range(args.runs):
         for name, generator in generators.items():
-            rates[name].append(decode_rate(generator, args.new_tokens))
+            rates[name].append(decode_rate(generator, [PROMPT], args.new_tokens))
     base = statistics.median(rates[str(args.model_dirs[0])])
     print("| model | edits | decode tok/s (median) | vs unedited |")
     print("|---|---|---|---|")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
+
+from decode import decode_rate
 
 from unskill.runtime import GenerationParams, load
 from unskill.stats.datasets import load_dataset
@@ -29,16 +30,9 @@ def prompt_of(tokenizer, length: int) -> str:
     return tokenizer.decode(ids[: max(1, length - base)])
 
 
-def decode_rate(generator, prompts: list[str], new_tokens: int, repeats: int = 3) -> float:
-    """Medians of several 1-token and N-token runs, so prefill jitter at long prompts does not leak in."""
-    def run(n):
-        start = time.perf_counter()
-        generator.generate(prompts, GenerationParams(max_new_tokens=n, ignore_eos=True))
-        return time.perf_counter() - start
-    run(2)   # warm-up for this shape
-    first = statistics.median(run(1) for _ in range(repeats))
-    total = statistics.median(run(new_tokens) for _ in range(repeats))
-    return len(prompts) * (new_tokens - 1) / (total - first)
+def warm_rate(generator, prompts: list[str], new_tokens: int) -> float:
+    generator.generate(prompts, GenerationParams(max_new_tokens=2, ignore_eos=True))   # warm-up for this shape
+    return decode_rate(generator, prompts, new_tokens, repeats=3)
 
 
 def main() -> int:
@@ -56,13 +50,13 @@ def main() -> int:
 
     print("| prompt tokens | decode tok/s (batch 1) |\n|---|---|")
     for length in map(int, args.lengths.split(",")):
-        rate = decode_rate(generator, [prompt_of(tokenizer, length)], args.new_tokens)
+        rate = warm_rate(generator, [prompt_of(tokenizer, length)], args.new_tokens)
         results["length"][length] = rate
         print(f"| {length} | {rate:.1f} |")
 
     print("\n| batch | decode tok/s, all rows (prompt 64) | per row |\n|---|---|---|")
     for batch in map(int, args.batches.split(",")):
-        rate = decode_rate(generator, [prompt_of(tokenizer, 64)] * batch, args.new_tokens)
+        rate = warm_rate(generator, [prompt_of(tokenizer, 64)] * batch, args.new_tokens)
         results["batch"][batch] = rate
         print(f"| {batch} | {rate:.1f} | {rate / batch:.1f} |")
 
