@@ -12,6 +12,8 @@ def build_parser() -> argparse.ArgumentParser:
     from unskill.exporter import cli as export_cli
     from unskill.stats import cli as stats_cli
 
+    from . import calibrate_na, report
+
     parser = argparse.ArgumentParser(prog="unskill", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     export_cli.add_parser(subparsers)
@@ -20,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats_cli.add_data_parser(subparsers)
     stats_cli.add_eval_parser(subparsers)
     stats_cli.add_calibrate_parser(subparsers)
+    calibrate_na.add_parser(subparsers)
+    report.add_parser(subparsers)
     return parser
 
 

@@ -75,16 +75,23 @@ def result_record(result: Result) -> dict:
             "layer": result.layer, "finish_reason": result.finish_reason}
 
 
-def write_jsonl(path: str, records: list[dict]) -> None:
-    """Atomic: the output file appears complete or not at all."""
+def write_text_atomic(path: str, text: str) -> None:
+    """The output file appears complete or not at all."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".ksd-run-", dir=target.parent)
+    handle, tmp = tempfile.mkstemp(prefix=".unskill-", dir=target.parent)
     with os.fdopen(handle, "w", encoding="utf-8") as out:
-        for record in records:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.write(text)
     os.chmod(tmp, 0o644)   # mkstemp makes it private; results are ordinary files
     os.replace(tmp, target)
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def write_json(path: str, document: dict) -> None:
+    write_text_atomic(path, json.dumps(document, ensure_ascii=False, indent=1) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

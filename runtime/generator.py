@@ -41,13 +41,14 @@ class Result:
     skill: str | None = None
     layer: int | None = None
     abstained_at: int | None = None     # 0 = at the prompt, n = after n generated tokens
+    forwards: int = 0                   # forward calls this row took part in (= guard checks it got)
 
 
 class _Row:
     """Per-prompt decode state."""
 
     def __init__(self, prompt: str):
-        self.prompt, self.ids, self.done, self.result = prompt, [], False, None
+        self.prompt, self.ids, self.done, self.result, self.forwards = prompt, [], False, None, 0
 
 
 class Generator:
@@ -112,6 +113,7 @@ class Generator:
             for i, row in enumerate(rows):
                 if row.done:
                     continue
+                row.forwards += 1
                 if hits[i] is not None:
                     self._abstain(row, hits[i], step)
                     continue
@@ -149,4 +151,6 @@ class Generator:
         row.result = Result(row.prompt, self.abstain_message, [], "abstain", True, hit.skill, hit.layer, step)
 
     def _result(self, row: _Row) -> Result:
-        return row.result if row.result else Result(row.prompt, self.tokenizer.decode(row.ids), row.ids, "running")
+        result = row.result or Result(row.prompt, self.tokenizer.decode(row.ids), row.ids, "running")
+        result.forwards = row.forwards
+        return result

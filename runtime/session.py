@@ -57,6 +57,8 @@ class OnnxLM:
         self.past_names = [n for n in self.input_names if n.startswith(PAST_PREFIX)]
         past_input = next(i for i in self.session.get_inputs() if i.name.startswith(PAST_PREFIX))
         self.kv_heads, self.head_dim = past_input.shape[1], past_input.shape[3]
+        logits_dim = next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1]
+        self.vocab_size = logits_dim if isinstance(logits_dim, int) else 1 << 18
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._kept = self._kept_by_output(self.manifest)
 

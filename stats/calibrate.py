@@ -12,13 +12,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from unskill.runtime.errors import UnskillError
-from unskill.runtime.ksd import build_cubes
 from unskill.runtime.session import OnnxLM
 from unskill.runtime.statsfile import StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
 from .datasets import Dataset
-from .evaluate import prompt_keys
+from .evaluate import KeyEntry, prompt_keys
 
 
 @dataclass
@@ -34,20 +33,16 @@ class Calibration:
         return asdict(self)
 
 
-def entry_alphas(keys: np.ndarray, stats: StatsFile, layer: int) -> np.ndarray:
-    (cube,) = build_cubes(stats, [layer], 1.0, "k")   # alpha 1: halfwidth = k * sigma
-    return np.max(np.abs(keys - cube.center) / cube.halfwidth, axis=1)
-
-
 def calibrate(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, retain: Dataset,
               forget: Dataset | None = None, target: float = 0.01, layer: int = -1, chat: bool = True) -> Calibration:
     if not 0 <= target < 1:
         raise UnskillError(f"--target must be in [0, 1), got {target}")
-    layer = layer % model.manifest.num_layers
-    output = model.manifest.key_outputs[layer]
+    manifest = model.manifest
+    entry = KeyEntry({"skill": stats}, manifest.num_layers, manifest.key_outputs, layer)
+    layer = entry.layer
 
     def alphas(dataset):
-        return entry_alphas(prompt_keys(model, tokenizer, dataset, [output], chat)[output], stats, layer)
+        return np.array([row["skill"] for row in entry(prompt_keys(model, tokenizer, dataset, layer, chat))])
 
     retain_alphas = np.sort(alphas(retain))
     allowed = int(np.floor(target * retain_alphas.size))   # retain prompts we may refuse

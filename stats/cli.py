@@ -18,7 +18,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-text-tokens", type=int, default=512)
     p.add_argument("--no-chat", action="store_true", help="probe raw prompts, without the chat template")
+    p.add_argument("--text", action="store_true",
+                   help="also keep the forget side's NA/SP statistics without --retain (a shard for --compose)")
     p.add_argument("--merge", nargs="+", metavar="NPZ", help="merge stats shards into --out instead of probing")
+    p.add_argument("--compose", nargs="+", metavar="NPZ",
+                   help="FORGET.npz RETAIN.npz...: forget's stats, retain side from the others' forget-side "
+                        "text stats (each probed with --text), e.g. one XQuAD language against the rest")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
@@ -34,6 +39,14 @@ def run(args: argparse.Namespace) -> int:
             merged = merge_stats(merged, load_stats(path), where=path)
         merged.save(args.out)
         print(f"merged {len(args.merge)} shards -> {args.out}")
+        return 0
+    if args.compose:
+        from .probe import compose_stats
+        if len(args.compose) < 2:
+            raise UnskillError("--compose needs FORGET.npz and at least one RETAIN.npz")
+        shards = [load_stats(path) for path in args.compose]
+        compose_stats(shards[0], shards[1:], where=args.out).save(args.out)
+        print(f"composed {args.compose[0]} against {len(shards) - 1} retain shards -> {args.out}")
         return 0
     if not args.model or not args.forget:
         raise UnskillError("unskill stats needs --model and --forget (or --merge)")
@@ -51,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     model = OnnxLM(args.model)
     tokenizer = TextTokenizer(args.model, model.manifest)
     config = ProbeConfig(not args.no_chat, args.batch_size, args.max_text_tokens, not args.no_progress)
-    stats = probe(model, tokenizer, forget, retain, config, args.skill)
+    stats = probe(model, tokenizer, forget, retain, config, args.skill, text=args.text)
     stats.save(Path(args.out))
     groups = ", ".join(f"{g} ({int(m.count[0])} rows/layer)" for g, m in stats.groups.items())
     print(f"wrote {args.out}: {groups}")
@@ -79,43 +92,90 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="token-level accuracy / NLL per task, and KSD abstention rates")
+    p = subparsers.add_parser("eval", help="score a model on token-level and generation tasks, with KSD abstention")
     p.add_argument("--model", required=True, help="exported (or edited) model directory")
-    p.add_argument("--tasks", required=True, help="comma-separated dataset SPECs with completions, e.g. gsm8k:test,mbpp:test")
-    p.add_argument("--stats", action="append", default=[], help="KSD stats to also measure abstention with")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--alpha-mode", choices=("k", "sigma"), default="k")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated: dataset SPECs (token level, e.g. gsm8k:test,mbpp:test,mmlu:test,"
+                        "xquad-en:test) and generation tasks gen:gsm8k, gen:mbpp, gen:mmlu, gen:xquad-LL")
+    p.add_argument("--stats", action="append", default=[], metavar="[NAME=]NPZ",
+                   help="record KSD entry alphas for these stats (NAME defaults to the stats' skill)")
+    p.add_argument("--alpha", type=float, help="also print abstention and abstain-as-failure scores at this alpha (x k)")
+    p.add_argument("--layer", type=int, default=-1, help="the layer KSD checks (default: the last)")
     p.add_argument("--data-dir")
-    p.add_argument("--limit", type=int, default=200)
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--out", help="write the scores as JSON here")
+    p.add_argument("--limit", type=int, default=200, help="items per token-level task (seeded sample; default 200)")
+    p.add_argument("--gen-limit", type=int, default=50, help="items per generation task (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per MBPP program in the sandbox")
+    p.add_argument("--no-chat", action="store_true", help="plain prompts instead of the chat template")
+    p.add_argument("--method", help="label for the report: original, na, sp … (default: from the model's edits)")
+    p.add_argument("--setting", help="label for the report: the forgotten skill, e.g. gsm8k or xquad-en")
+    p.add_argument("--cache", help="per-item cache directory (default: $UNSKILL_CACHE/eval or ~/.cache/unskill/eval)")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--out", help="write the results as JSON here (input of `unskill report`)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run_eval)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    from unskill.runtime.ksd import KSDGuard
-    from unskill.runtime.session import OnnxLM
+def _named_stats(values: list[str], manifest) -> dict:
+    from unskill.runtime.errors import UnskillError
     from unskill.runtime.statsfile import load_stats
+
+    named = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        path = path if sep and not Path(value).exists() else value
+        stats = load_stats(path, manifest)
+        name = name if sep and path != value else stats.skill
+        if name in named:
+            raise UnskillError(f"{path}: a second stats file named {name!r}; name them with NAME=PATH")
+        named[name] = stats
+    return named
+
+
+def _default_method(edits: list) -> str:
+    kinds = [{"prune": "sp"}.get(edit.get("method"), edit.get("method", "?")) for edit in edits]
+    return "+".join(kinds) if kinds else "original"
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import os
+
+    from unskill.runtime.cli import write_json
+    from unskill.runtime.session import OnnxLM
     from unskill.runtime.tokenizer import TextTokenizer
 
-    from .datasets import load_dataset
-    from .evaluate import token_metrics
+    from .evaluate import EvalConfig, Harness, ksd_view
 
-    datasets = [load_dataset(spec, args.data_dir, args.limit) for spec in args.tasks.split(",")]
     model = OnnxLM(args.model)
     tokenizer = TextTokenizer(args.model, model.manifest)
-    stats = [load_stats(path, model.manifest) for path in args.stats]
-    guard = KSDGuard(stats, model.manifest, args.alpha, args.alpha_mode) if stats else None
-    scores = [token_metrics(model, tokenizer, d, max_tokens=args.max_tokens, guard=guard,
-                            progress=not args.no_progress) for d in datasets]
-    for s in scores:
-        extra = f"  abstain {s.abstain_rate:.3f}  top1(abstain=wrong) {s.top1_with_abstain:.4f}" if guard else ""
-        print(f"{s.task:24s} items {s.items:4d}  tokens {s.tokens:6d}  top1 {s.top1:.4f}  nll {s.nll:.4f}{extra}")
+    stats = _named_stats(args.stats, model.manifest)
+    config = EvalConfig(args.data_dir, args.limit, args.gen_limit, args.seed, not args.no_chat,
+                        max_tokens=args.max_tokens, layer=args.layer, timeout_s=args.timeout,
+                        progress=not args.no_progress)
+    cache = None if args.no_cache else Path(args.cache or Path(os.environ.get("UNSKILL_CACHE", Path.home() / ".cache" / "unskill")) / "eval")
+    harness = Harness(model, tokenizer, config, stats, cache)
+    results = harness.run([t for t in args.tasks.split(",") if t])
+    for name, task in results.items():
+        line = f"{name:20s} {task['metric']:12s} {task['score']:.4f}  items {task['items']}"
+        if task["kind"] == "tokens":
+            line += f"  nll {task['nll']:.4f}"
+        if args.alpha is not None:
+            for stats_name in stats:
+                view = ksd_view(task, stats_name, args.alpha)
+                line += f"  | KSD {stats_name}: abstain {view['abstain']:.3f} score {view['score']:.4f}"
+        print(line)
     if args.out:
-        from unskill.runtime.cli import write_jsonl
-        record = {"model": args.model, "edits": model.manifest.edits, "scores": [s.as_dict() for s in scores]}
-        write_jsonl(args.out, [record])
+        manifest = model.manifest
+        write_json(args.out, {
+            "model": str(args.model), "source": manifest.source, "fingerprint": manifest.fingerprint,
+            "edits": manifest.edits, "method": args.method or _default_method(manifest.edits),
+            "setting": args.setting, "chat": harness.templated, "seed": args.seed,
+            "ksd": {"layer": harness.entry.layer, "stats": {n: {"skill": s.skill, "k": c.k} for (n, s), c in
+                                                            zip(stats.items(), harness.entry.cubes.values())}}
+            if stats else None,
+            "tasks": results})
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -130,6 +190,7 @@ def add_calibrate_parser(subparsers) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--out", help="write the choice as JSON here (input of `unskill report --calibration`)")
     p.set_defaults(run=run_calibrate)
 
 
@@ -151,4 +212,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(f"alpha {result.alpha:.4g} (x k, layer {result.layer}): retain refused {result.retain_abstain:.1%} "
           f"of {result.retain_items}{coverage}\nuse: ksd-run --stats {args.stats} --alpha {result.alpha:.4g} "
           f"--layers {result.layer}")
+    if args.out:
+        from unskill.runtime.cli import write_json
+        write_json(args.out, {"method": "ksd", "source": model.manifest.source, "skill": stats.skill, "stats": args.stats, "retain": args.retain,
+                              "forget": args.forget, "target": args.target, **result.as_dict()})
     return 0

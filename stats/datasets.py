@@ -9,6 +9,8 @@ SPEC forms:
   builtin:math | builtin:code | builtin:general  (or bare math, code, general)
   BENCH[:SPLIT]  for BENCH in BENCHMARKS, read from the data dir (default split: train; dev for mmlu)
   PATH[:FIELD]   a .jsonl, .json, .csv or plain-text file
+  SPEC[A:B]      items A..B-1 of SPEC (Python slice bounds), e.g. xquad-en:train[100:150]
+  SPEC+SPEC+...  the items of each in turn (`limit` applies to each part), e.g. xquad-es:train+xquad-de:train
 
 Benchmark splits:
   gsm8k    train, validation, test. validation is the LAST 500 items of train.jsonl and `train`
@@ -41,13 +43,16 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from unskill.runtime.errors import UnskillError
 
-__all__ = ["Item", "Dataset", "load_dataset", "resolve_data_dir", "BENCHMARKS", "BUILTINS"]
+__all__ = ["Item", "Dataset", "load_dataset", "sample", "resolve_data_dir", "BENCHMARKS", "BUILTINS"]
 
 BUILTINS = ("math", "code", "general")
 XQUAD_LANGUAGES = ("en", "es", "de", "ar", "hi", "vi", "zh")
@@ -64,12 +69,16 @@ _PROMPT_FIELDS = ("prompt", "question", "text")
 _COMPLETION_FIELDS = ("completion", "answer")
 _JSON_LIST_KEYS = ("data", "items")
 _MMLU_CHOICES = "ABCD"
+_SLICE = re.compile(r"(?P<base>.+)\[(?P<lo>-?\d*):(?P<hi>-?\d*)\]")
 
 
 @dataclass(frozen=True)
 class Item:
     prompt: str
     completion: str = ""
+    group: str = ""                  # MMLU subject (few-shot examples come from the same one)
+    tests: tuple[str, ...] = ()      # MBPP asserts, run by the pass@1 metric
+    setup: str = ""                  # MBPP test_setup_code, run before the asserts
 
     @property
     def context(self) -> str:
@@ -106,12 +115,29 @@ def load_dataset(spec: str, data_dir: str | os.PathLike | None = None, limit: in
     """Read SPEC (see the module docstring); `limit` keeps the first N items after splitting."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UnskillError(f"{spec}: limit must be an integer >= 1 (got {limit!r})")
+    if not Path(spec).exists():
+        if "+" in spec:
+            parts = [load_dataset(part, data_dir, limit) for part in spec.split("+")]
+            return Dataset("+".join(p.name for p in parts), [item for p in parts for item in p.items])
+        sliced = _SLICE.fullmatch(spec)
+        if sliced:
+            base = load_dataset(sliced["base"], data_dir)
+            lo, hi = (int(x) if x else None for x in (sliced["lo"], sliced["hi"]))
+            return _finish(f"{base.name}[{sliced['lo']}:{sliced['hi']}]", spec, base.items[lo:hi], limit)
     head, _, rest = spec.partition(":")
     if head == "builtin" or spec in BUILTINS:
         return _load_builtin(spec, rest if head == "builtin" else spec, limit)
     if head in BENCHMARKS or (head.startswith("xquad-") and not Path(spec).exists()):
         return _load_benchmark(spec, head, rest, data_dir, limit)
     return _load_file(spec, limit)
+
+
+def sample(dataset: Dataset, size: int | None, seed: int = 0) -> Dataset:
+    """A seeded random subset of `size` items, kept in dataset order (MMLU's first N would be one subject)."""
+    if size is None or size >= len(dataset.items):
+        return dataset
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(dataset.items))[:size])
+    return Dataset(dataset.name, [dataset.items[i] for i in chosen])
 
 
 def _finish(name: str, where: Any, items: list[Item], limit: int | None) -> Dataset:
@@ -179,8 +205,13 @@ def _mbpp(root: Path, split: str) -> tuple[Path, list[Item]]:
         if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
             raise UnskillError(f"{path}: {loc}: 'test_list' is missing or not a list of strings")
         prompt = _field(path, loc, rec, "text") + "\nYour code should pass these tests:\n" + "\n".join(tests)
-        items.append(Item(prompt, _field(path, loc, rec, "code").replace("\r\n", "\n").replace("\r", "\n")))
+        setup = rec.get("test_setup_code") or ""
+        items.append(Item(prompt, _lf(_field(path, loc, rec, "code")), tests=tuple(tests), setup=_lf(setup)))
     return path, items
+
+
+def _lf(code: str) -> str:
+    return code.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _mmlu(root: Path, split: str) -> tuple[Path, list[Item]]:
@@ -203,7 +234,8 @@ def _mmlu(root: Path, split: str) -> tuple[Path, list[Item]]:
             if answer.strip() not in _MMLU_CHOICES:
                 raise UnskillError(f"{path}: line {reader.line_num}: answer {answer!r} is not one of A, B, C, D")
             options = "".join(f"\n{letter}. {text}" for letter, text in zip(_MMLU_CHOICES, choices))
-            items.append(Item(f"{question}{options}\nAnswer:", " " + answer.strip()))
+            subject = path.name.removesuffix(f"_{split}.csv")
+            items.append(Item(f"{question}{options}\nAnswer:", " " + answer.strip(), group=subject))
     return folder, items
 
 

@@ -1,101 +1,319 @@
-"""Token-level skill metrics and KSD abstention rates: what `unskill eval` reports.
+"""The evaluation harness behind `unskill eval`: every task of `tasks.py` scored per item, KSD abstention taken
+from the same forward passes, and a per-item cache so an interrupted run resumes where it stopped.
 
-Token metrics score the reference completion given the prompt (plain text, no chat template), teacher
-forced: top-1 next-token accuracy and mean negative log-likelihood over the completion tokens only.
-Meaningful even for small models that cannot solve the task in generation.
+KSD costs no extra pass. For each stats file the harness records an item's *entry alpha*: the smallest alpha
+(in units of the file's fitted k) whose cube holds the key at the last prompt token, max_d |v - mu| / (k sigma).
+In generation it is the minimum over every forward the row took part in, because the guard checks each one.
+KSD at alpha abstains on an item exactly when its entry alpha <= alpha, so one prefill (or one generation) per
+item serves every hypercube and every alpha; `ksd_view` turns the records into abstention-as-failure scores.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
-from unskill.runtime.ksd import KSDGuard
+from unskill.runtime.generator import GenerationParams, Generator
+from unskill.runtime.ksd import build_cubes
 from unskill.runtime.session import OnnxLM, left_pad
+from unskill.runtime.statsfile import StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
-from .datasets import Dataset
+from . import tasks as T
+from .datasets import Dataset, Item, load_dataset, sample
+from .sandbox import Limits
+
+HARNESS_VERSION = 1          # bump when a change alters cached per-item records
+LOGITS_BUDGET = 1 << 28      # floats of all-position logits per token-level batch (1 GiB)
 
 
 @dataclass
-class TokenScore:
-    task: str
-    items: int
-    tokens: int
-    top1: float
-    nll: float
-    abstain_rate: float | None = None
-    top1_with_abstain: float | None = None   # abstained items count as all-wrong
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _scored_sequences(tokenizer: TextTokenizer, dataset: Dataset, max_tokens: int):
-    """(ids, index of the first completion token) per item; the completion is cut to fit max_tokens."""
-    sequences = []
-    for item in dataset.items:
-        if not item.completion:
-            raise UnskillError(f"{dataset.name}: token metrics need reference completions")
-        prompt = tokenizer.encode_text(item.context)
-        completion = tokenizer.tokenizer.encode(item.completion, add_special_tokens=False).ids
-        ids = (prompt + completion)[:max_tokens]
-        if len(prompt) >= len(ids):
-            continue   # nothing of the completion fits
-        sequences.append((ids, len(prompt)))
-    if not sequences:
-        raise UnskillError(f"{dataset.name}: no item fits in {max_tokens} tokens")
-    return sequences
+class EvalConfig:
+    data_dir: str | None = None
+    limit: int = 200              # items per token-level task (a seeded sample)
+    gen_limit: int = 50           # items per generation task
+    seed: int = 0
+    chat: bool = True
+    batch_size: int = 4
+    gen_batch_size: int = 8
+    max_tokens: int = 1024        # token level: prompt + completion cut to this
+    layer: int = -1               # the layer whose key KSD checks (ksd-run's default: the last)
+    timeout_s: float = 10.0       # per MBPP program
+    progress: bool = True
 
 
-def token_metrics(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, batch_size: int = 4,
-                  max_tokens: int = 512, guard: KSDGuard | None = None, chat: bool = True,
-                  progress: bool = True) -> TokenScore:
-    sequences = _scored_sequences(tokenizer, dataset, min(max_tokens, model.manifest.max_context))
-    hits, nll = [], []
-    pad = model.manifest.pad_token_id
-    for start in tqdm(range(0, len(sequences), batch_size), desc=f"eval {dataset.name}", unit="batch",
-                      disable=not progress):
-        batch = sequences[start:start + batch_size]
-        ids, mask = left_pad([s for s, _ in batch], pad)
-        logits, _, _ = model.forward(ids, mask, model.empty_past(len(batch)), all_logits=True)
-        for row, (seq, first) in enumerate(batch):
+class KeyEntry:
+    """Entry alphas of key vectors for several stats files at one layer."""
+
+    def __init__(self, stats: dict[str, StatsFile], num_layers: int, key_outputs: list[str], layer: int):
+        self.layer = layer % num_layers
+        self.output = key_outputs[self.layer]
+        self.cubes = {name: build_cubes(s, [self.layer], 1.0, "k")[0] for name, s in stats.items()}
+
+    def __call__(self, keys: np.ndarray) -> list[dict[str, float]]:
+        """keys (B, F) -> per row {stats name: entry alpha}."""
+        per_name = {name: np.max(np.abs(keys - c.center) / c.halfwidth, axis=-1) for name, c in self.cubes.items()}
+        return [{name: float(values[row]) for name, values in per_name.items()} for row in range(keys.shape[0])]
+
+    def digest(self) -> dict[str, str]:
+        return {name: hashlib.sha256(c.center.tobytes() + c.halfwidth.tobytes()).hexdigest()[:16]
+                for name, c in self.cubes.items()}
+
+
+class _StepRecorder:
+    """Stands in for the KSD guard in the decode loop: abstains never, records every check's entry alphas."""
+
+    def __init__(self, entry: KeyEntry):
+        self.entry, self.output_names, self.steps = entry, [entry.output], []
+
+    def check(self, last_keys: dict[str, np.ndarray]):
+        self.steps.append(self.entry(last_keys[self.entry.output]))
+        return [None] * len(self.steps[-1])
+
+    def row_entry(self, row: int, forwards: int) -> dict[str, float]:
+        seen = [step[row] for step in self.steps[:max(forwards, 1)]]
+        return {name: min(s[name] for s in seen) for name in seen[0]}
+
+
+class ItemCache:
+    """One JSONL file per (model fingerprint, task, settings): a line per finished item, appended as it ends."""
+
+    def __init__(self, directory: Path | None, identity: dict):
+        self.records: dict[str, dict] = {}
+        self.path = None
+        if directory is None:
+            return
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{digest}.jsonl"
+        if self.path.exists():
+            self._read()
+        else:
+            self.path.write_text(json.dumps({"identity": identity}) + "\n")
+
+    def _read(self) -> None:
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                if number < len(lines) - 1:   # only a torn last line (a killed run) is expected
+                    raise UnskillError(f"{self.path}: line {number} is not JSON; delete the file to re-run") from None
+                record = None
+            if record:
+                self.records[record.pop("key")] = record
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def add(self, key: str, record: dict) -> None:
+        self.records[key] = record
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"key": key, **record}) + "\n")
+
+
+def item_key(item: Item) -> str:
+    return hashlib.sha256(json.dumps([item.prompt, item.completion, item.tests]).encode()).hexdigest()[:20]
+
+
+class Harness:
+    def __init__(self, model: OnnxLM, tokenizer: TextTokenizer, config: EvalConfig,
+                 stats: dict[str, StatsFile] | None = None, cache_dir: Path | None = None):
+        self.model, self.tokenizer, self.config, self.cache_dir = model, tokenizer, config, cache_dir
+        manifest = model.manifest
+        self.entry = KeyEntry(stats, manifest.num_layers, manifest.key_outputs, config.layer) if stats else None
+        self.templated = config.chat and tokenizer.has_chat_template
+
+    # ----------------------------------------------------------------------------------------- driver
+
+    def run(self, task_names: list[str]) -> dict[str, dict]:
+        return {name: self.run_task(T.parse_task(name)) for name in task_names}
+
+    def run_task(self, spec: T.TaskSpec) -> dict:
+        size = self.config.limit if spec.kind == "tokens" else self.config.gen_limit
+        dataset = sample(load_dataset(spec.source, self.config.data_dir), size, self.config.seed)
+        T.check_items(spec, dataset)
+        cache = ItemCache(self.cache_dir, self._identity(spec))
+        keys = [item_key(item) for item in dataset.items]
+        todo = [i for i, key in enumerate(keys) if key not in cache]
+        runner = {"tokens": self._tokens, "mmlu": self._mmlu}.get(spec.kind, self._generation)
+        with tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"eval {spec.name}", unit="item",
+                  disable=not self.config.progress) as bar:
+            for index, record in runner(spec, dataset, todo):
+                cache.add(keys[index], record)
+                bar.update()
+        return summarise(spec, dataset.name, [cache.records[key] for key in keys])
+
+    def _identity(self, spec: T.TaskSpec) -> dict:
+        return {"harness": HARNESS_VERSION, "model": self.model.manifest.fingerprint, "task": spec.name,
+                "chat": self.templated, "max_tokens": self.config.max_tokens if spec.kind == "tokens" else None,
+                "timeout_s": self.config.timeout_s if spec.kind == "mbpp" else None,
+                "ksd": {"layer": self.entry.layer, "cubes": self.entry.digest()} if self.entry else None}
+
+    def _entries(self, keys: np.ndarray) -> list[dict[str, float] | None]:
+        return self.entry(keys) if self.entry else [None] * keys.shape[0]
+
+    def _key_outputs(self) -> list[str]:
+        return [self.entry.output] if self.entry else []
+
+    # ----------------------------------------------------------------------------------------- token level
+
+    def _scored_sequence(self, item: Item) -> tuple[list[int], int]:
+        """(prompt ids + completion ids, prompt length). The prompt is encoded exactly as KSD's probes and
+        ksd-run encode it, so its last token's key is the one the guard would check."""
+        prompt = self.tokenizer.encode_prompt(item.prompt, self.config.chat)
+        separator = "" if self.templated else item.context[len(item.prompt):]
+        encode = self.tokenizer.tokenizer.encode
+        completion = encode(separator + T.completion_text(item, self.templated), add_special_tokens=False).ids
+        return prompt + completion, len(prompt)
+
+    def _tokens(self, spec: T.TaskSpec, dataset: Dataset, todo: list[int]):
+        limit = min(self.config.max_tokens, self.model.manifest.max_context)
+        sequences = {}
+        for index in todo:
+            ids, first = self._scored_sequence(dataset.items[index])
+            if first >= limit:
+                yield index, {"skipped": f"prompt of {first} tokens exceeds {limit}"}
+            else:
+                sequences[index] = (ids[:limit], first)
+        for batch in self._token_batches(sequences):
+            yield from self._score_batch(batch, sequences)
+
+    def _token_batches(self, sequences: dict[int, tuple[list[int], int]]):
+        """Longest first; rows * width * vocab stays under LOGITS_BUDGET (Gemma's vocabulary is 262k)."""
+        order = sorted(sequences, key=lambda i: -len(sequences[i][0]))
+        budget = max(1, LOGITS_BUDGET // self.model.vocab_size)
+        while order:
+            width = len(sequences[order[0]][0])
+            rows = max(1, min(self.config.batch_size, budget // width))
+            yield order[:rows]
+            order = order[rows:]
+
+    def _score_batch(self, batch: list[int], sequences):
+        ids, mask = left_pad([sequences[i][0] for i in batch], self.model.manifest.pad_token_id)
+        logits, _, extras = self.model.forward(ids, mask, self.model.empty_past(len(batch)), self._key_outputs(),
+                                               all_logits=True)
+        for row, index in enumerate(batch):
+            seq, first = sequences[index]
             offset = ids.shape[1] - len(seq)   # left padding
-            predicted = logits[row, offset + first - 1: offset + len(seq) - 1]   # position t predicts t+1
+            predicted = logits[row, offset + first - 1: offset + len(seq) - 1].astype(np.float64)
             target = np.asarray(seq[first:])
-            shifted = predicted - predicted.max(axis=-1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-            hits.append(predicted.argmax(-1) == target)
-            nll.append(-log_probs[np.arange(target.size), target])
-    all_hits, all_nll = np.concatenate(hits), np.concatenate(nll)
-    score = TokenScore(dataset.name, len(sequences), int(all_hits.size), float(all_hits.mean()), float(all_nll.mean()))
-    if guard is not None:
-        abstained = abstentions(model, tokenizer, dataset, guard, chat, batch_size)
-        score.abstain_rate = float(abstained.mean())
-        kept = [h for h, a in zip(hits, abstained) if not a]
-        score.top1_with_abstain = float(sum(h.sum() for h in kept) / all_hits.size)
-    return score
+            top = predicted.max(axis=-1)
+            log_norm = np.log(np.exp(predicted - top[:, None]).sum(axis=-1)) + top
+            nll = log_norm - predicted[np.arange(target.size), target]
+            record = {"hits": int((predicted.argmax(-1) == target).sum()), "tokens": int(target.size),
+                      "nll": float(nll.sum())}
+            if self.entry:
+                record["entry"] = self.entry(extras[self.entry.output][row, offset + first - 1][None])[0]
+            yield index, record
+
+    # ----------------------------------------------------------------------------------------- MMLU 5-shot
+
+    def _mmlu(self, spec: T.TaskSpec, dataset: Dataset, todo: list[int]):
+        prompts = T.few_shot_prompts(spec, [dataset.items[i] for i in todo], self.config.data_dir)
+        letters = T.letter_ids(self.tokenizer, self.templated)
+        encoded = [self.tokenizer.encode_prompt(p, self.config.chat) for p in prompts]
+        order = sorted(range(len(todo)), key=lambda j: -len(encoded[j]))
+        manifest = self.model.manifest
+        last_key = manifest.key_last_outputs[self.entry.layer] if self.entry and manifest.key_last_outputs else None
+        for start in range(0, len(order), self.config.batch_size):
+            chunk = order[start:start + self.config.batch_size]
+            ids, mask = left_pad([encoded[j] for j in chunk], manifest.pad_token_id)
+            wanted = [last_key] if last_key else self._key_outputs()
+            logits, _, extras = self.model.forward(ids, mask, self.model.empty_past(len(chunk)), wanted)
+            keys = extras[wanted[0]] if wanted else None
+            entries = self._entries(keys if last_key else keys[:, -1, :]) if wanted else [None] * len(chunk)
+            for row, j in enumerate(chunk):
+                item = dataset.items[todo[j]]
+                choice = T.LETTERS[int(np.argmax(logits[row, letters]))]
+                record = {"score": choice == item.completion.strip(), "reply": choice}
+                if entries[row] is not None:
+                    record["entry"] = entries[row]
+                yield todo[j], record
+
+    # ----------------------------------------------------------------------------------------- generation
+
+    def _generation(self, spec: T.TaskSpec, dataset: Dataset, todo: list[int]):
+        prompts = dict(zip(todo, T.few_shot_prompts(spec, [dataset.items[i] for i in todo], self.config.data_dir)))
+        limit = self.model.manifest.max_context
+        lengths = {i: len(self.tokenizer.encode_prompt(prompts[i], self.config.chat)) for i in todo}
+        for index in [i for i in todo if lengths[i] >= limit]:
+            yield index, {"skipped": f"prompt of {lengths[index]} tokens exceeds the context of {limit}"}
+        order = sorted((i for i in todo if lengths[i] < limit), key=lambda i: -lengths[i])
+        params = GenerationParams(max_new_tokens=spec.max_new_tokens, stop=spec.stop, chat=self.config.chat)
+        limits = Limits(timeout_s=self.config.timeout_s)
+        for start in range(0, len(order), self.config.gen_batch_size):
+            batch = order[start:start + self.config.gen_batch_size]
+            recorder = _StepRecorder(self.entry) if self.entry else None
+            results = Generator(self.model, self.tokenizer, recorder).generate([prompts[i] for i in batch], params)
+            for row, (index, result) in enumerate(zip(batch, results)):
+                item = dataset.items[index]
+                if spec.kind == "gsm8k":
+                    passed = T.score_gsm8k(result.text, item)
+                elif spec.kind == "mbpp":
+                    passed = T.score_mbpp(result.text, item, limits)
+                else:
+                    passed = T.score_xquad(result.text, item)
+                record = {"score": bool(passed), "reply": result.text[:1000]}
+                if recorder:
+                    record["entry"] = recorder.row_entry(row, result.forwards)
+                yield index, record
 
 
-def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, outputs: list[str], chat: bool = True,
-                batch_size: int = 8) -> dict[str, np.ndarray]:
-    """Key vectors at the last prompt token, (items, F) per requested output: one prefill per item,
-    whatever the number of hypercubes checked on it."""
-    sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
-    collected = {name: [] for name in outputs}
-    for start in range(0, len(sequences), batch_size):
-        ids, mask = left_pad(sequences[start:start + batch_size], model.manifest.pad_token_id)
-        _, _, keys = model.forward(ids, mask, model.empty_past(ids.shape[0]), outputs, logits=False)
-        for name in outputs:
-            collected[name].append(keys[name][:, -1, :])
-    return {name: np.concatenate(parts) for name, parts in collected.items()}
+# --------------------------------------------------------------------------------------------- summaries
+
+def summarise(spec: T.TaskSpec, dataset_name: str, records: list[dict]) -> dict:
+    scored = [r for r in records if "skipped" not in r]
+    if not scored:
+        raise UnskillError(f"{spec.name}: every item was skipped ({records[0]['skipped']})")
+    summary = {"kind": spec.kind, "metric": spec.metric, "dataset": dataset_name, "items": len(scored),
+               "skipped": len(records) - len(scored)}
+    if spec.kind == "tokens":
+        hits, tokens, nll = (np.array([r[f] for r in scored], dtype=np.float64) for f in ("hits", "tokens", "nll"))
+        summary.update(score=float(hits.sum() / tokens.sum()), nll=float(nll.sum() / tokens.sum()),
+                       tokens=int(tokens.sum()), per_item={"hits": hits.astype(int).tolist(),
+                                                           "tokens": tokens.astype(int).tolist()})
+    else:
+        passed = [bool(r["score"]) for r in scored]
+        summary.update(score=float(np.mean(passed)), per_item={"score": passed},
+                       replies=[r.get("reply", "") for r in scored[:3]])
+    if scored and "entry" in scored[0]:
+        summary["entry"] = {name: [r["entry"][name] for r in scored] for name in scored[0]["entry"]}
+    return summary
 
 
-def abstentions(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, guard: KSDGuard, chat: bool = True,
+def ksd_view(task: dict, stats_name: str, alpha: float) -> dict:
+    """Abstention rate and the score with abstentions counted as failures, for KSD with one stats file at
+    `alpha` (x its fitted k), from the entry alphas recorded with the task."""
+    entries = task.get("entry", {}).get(stats_name)
+    if entries is None:
+        raise UnskillError(f"{task['dataset']}: no KSD entries recorded for {stats_name!r} (run eval with its --stats)")
+    abstained = np.asarray(entries) <= alpha
+    per_item = task["per_item"]
+    if task["kind"] == "tokens":
+        hits, tokens = np.asarray(per_item["hits"]), np.asarray(per_item["tokens"])
+        score = float((hits * ~abstained).sum() / tokens.sum())
+    else:
+        score = float(np.mean(np.asarray(per_item["score"]) & ~abstained))
+    return {"abstain": float(abstained.mean()), "score": score}
+
+
+def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, layer: int, chat: bool = True,
                 batch_size: int = 8) -> np.ndarray:
-    """Per item: would KSD abstain at the prompt?"""
-    keys = prompt_keys(model, tokenizer, dataset, guard.output_names, chat, batch_size)
-    return np.array([hit is not None for hit in guard.check(keys)])
+    """Key vectors at the last prompt token of one layer, (items, F), in dataset order (calibration)."""
+    manifest = model.manifest
+    output = (manifest.key_last_outputs or manifest.key_outputs)[layer]
+    sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
+    collected = []
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = left_pad(sequences[start:start + batch_size], manifest.pad_token_id)
+        _, _, keys = model.forward(ids, mask, model.empty_past(ids.shape[0]), [output], logits=False)
+        collected.append(keys[output] if manifest.key_last_outputs else keys[output][:, -1, :])
+    return np.concatenate(collected)

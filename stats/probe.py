@@ -87,13 +87,15 @@ class Prober:
 
 
 def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Dataset | None = None,
-          config: ProbeConfig | None = None, skill: str | None = None) -> StatsFile:
-    """KSD stats from the forget prompts; with a retain set, NA and SP stats from both sides as well."""
+          config: ProbeConfig | None = None, skill: str | None = None, text: bool = False) -> StatsFile:
+    """KSD stats from the forget prompts; with a retain set, NA and SP stats from both sides as well.
+    `text` adds the forget side's NA/SP stats without a retain set (a shard for `compose_stats`)."""
     config = config or ProbeConfig()
     prober = Prober(model, tokenizer, config)
     groups = {"ksd": prober.prompt_pass(forget)}
-    if retain is not None:
+    if retain is not None or text:
         groups.update(prober.text_pass(forget, "forget"))
+    if retain is not None:
         groups.update(prober.text_pass(retain, "retain"))
     manifest = model.manifest
     meta = {
@@ -124,3 +126,25 @@ def merge_stats(first: StatsFile, second: StatsFile, where: str = "merge") -> St
             meta[side] = {"name": names, "count": a["count"] + b["count"]}
     groups = {name: first.groups[name].merge(second.groups[name]) for name in first.groups}
     return StatsFile(first.fingerprint, first.arch, first.key_width, first.num_layers, meta, groups)
+
+
+def compose_stats(forget: StatsFile, others: list[StatsFile], where: str = "compose") -> StatsFile:
+    """`forget`'s KSD and forget-side groups, with a retain side made of the others' forget-side text stats.
+    One text pass per language then serves as forget in its own setting and as retain in all the others."""
+    if not others:
+        raise UnskillError(f"{where}: compose needs at least one retain shard")
+    for shard in [forget, *others]:
+        missing = {"ksd", "na_forget", "sp_forget"} - set(shard.groups)
+        if missing:
+            raise UnskillError(f"{where}: {shard.skill!r} lacks {sorted(missing)}; probe it with --text")
+        if shard.fingerprint != forget.fingerprint:
+            raise UnskillError(f"{where}: {shard.skill!r} comes from a different model")
+    retain = {side: others[0].groups[f"{side}_forget"] for side in ("na", "sp")}
+    for shard in others[1:]:
+        retain = {side: moments.merge(shard.groups[f"{side}_forget"]) for side, moments in retain.items()}
+    groups = {name: forget.groups[name] for name in ("ksd", "na_forget", "sp_forget")}
+    groups.update({f"{side}_retain": moments for side, moments in retain.items()})
+    names = [shard.meta["forget"]["name"] for shard in others]
+    meta = dict(forget.meta, retain={"name": "+".join(names),
+                                     "count": sum(shard.meta["forget"]["count"] for shard in others)})
+    return StatsFile(forget.fingerprint, forget.arch, forget.key_width, forget.num_layers, meta, groups)

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Reproduce docs/results.md: export, stats, calibration, edits, evaluation and the report.
+#
+#   scripts/reproduce.sh                  the small run (SmolLM2; GSM8K <-> MBPP; < 1 hour on a 2-core CPU)
+#   SIZE=full scripts/reproduce.sh smollm2-135m gemma3-270m     the published run (hours)
+#   STEPS="eval report" scripts/reproduce.sh ...                some steps only
+#
+# Every step skips outputs that already exist and the evaluation caches per item, so a killed run resumes.
+# Env: UNSKILL_DATA_DIR (benchmarks, default ../shared/data), WORK (default runs/), SIZE (small|full),
+#      SETTINGS (default: gsm8k mbpp, plus the 7 XQuAD languages when SIZE=full), SP_RATIO (default 0.02).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export UNSKILL_DATA_DIR=${UNSKILL_DATA_DIR:-$(cd .. && pwd)/shared/data}
+U=${UNSKILL:-.venv/bin/unskill}
+WORK=${WORK:-runs}
+SIZE=${SIZE:-small}
+STEPS=${STEPS:-"export stats calibrate edit eval report"}
+LANGS="en es de ar hi vi zh"
+if [ "$SIZE" = full ]; then
+  PROBE=200; XPROBE=100; LIMIT=200; XLIMIT=100; GEN=50; XGEN=50; VAL=100
+  SETTINGS=${SETTINGS:-"gsm8k mbpp $(for l in $LANGS; do printf 'xquad-%s ' $l; done)"}
+else
+  PROBE=100; XPROBE=50; LIMIT=60; XLIMIT=30; GEN=12; XGEN=10; VAL=50
+  SETTINGS=${SETTINGS:-"gsm8k mbpp"}
+fi
+SP_RATIO=${SP_RATIO:-0.02}
+MODELS=${*:-smollm2-135m}
+other() { [ "$1" = gsm8k ] && echo mbpp || echo gsm8k; }
+xquad_others() { for o in $LANGS; do [ "xquad-$o" != "$1" ] && printf '%s\n' "$2/shard-$o.npz"; done; }
+xquad_val() { local s=""; for o in $LANGS; do [ "xquad-$o" != "$1" ] && s="$s+xquad-$o:train[$XPROBE:$((XPROBE + 20))]"; done; echo "${s#+}"; }
+
+for MODEL in $MODELS; do
+  M=$WORK/$MODEL; S=$M/stats; R=$M/results; C=$M/calibration; mkdir -p "$S" "$R" "$C"
+  for step in $STEPS; do case $step in
+  export)
+    [ -f "$M/onnx/unskill.json" ] || $U export --model "$MODEL" --out "$M/onnx" ;;
+  stats)
+    for s in $SETTINGS; do case $s in
+      gsm8k|mbpp)
+        [ -f "$S/$s.npz" ] || $U stats --model "$M/onnx" --forget "$s:train" --retain "$(other $s):train" \
+          --limit $PROBE --skill "$s" --out "$S/$s.npz" ;;
+      xquad-*)
+        for l in $LANGS; do [ -f "$S/shard-$l.npz" ] || $U stats --model "$M/onnx" --forget "xquad-$l:train" \
+          --text --limit $XPROBE --skill "xquad-$l" --out "$S/shard-$l.npz"; done
+        [ -f "$S/$s.npz" ] || $U stats --compose "$S/shard-${s#xquad-}.npz" $(xquad_others "$s" "$S") --out "$S/$s.npz" ;;
+    esac; done ;;
+  calibrate)
+    for s in $SETTINGS; do
+      case $s in
+        gsm8k|mbpp) retain="$(other $s):validation"; forget="$s:validation" ;;
+        xquad-*) retain=$(xquad_val "$s"); forget="$s:train[$XPROBE:$((XPROBE + 100))]" ;;
+      esac
+      [ -f "$C/ksd-$s.json" ] || $U calibrate --model "$M/onnx" --stats "$S/$s.npz" --retain "$retain" \
+        --forget "$forget" --limit $VAL --out "$C/ksd-$s.json"
+      [ -f "$C/na-$s.json" ] || $U calibrate-na --model "$M/onnx" --stats "$S/$s.npz" --retain "$retain" \
+        --forget "$forget" --limit $VAL --keep "$M/na-$s" --out "$C/na-$s.json"
+    done ;;
+  edit)
+    for s in $SETTINGS; do
+      [ -f "$M/sp-$s/unskill.json" ] || $U edit prune --model "$M/onnx" --stats "$S/$s.npz" --ratio $SP_RATIO --out "$M/sp-$s"
+    done ;;
+  eval)
+    stats_args=$(for s in $SETTINGS; do printf -- '--stats %s=%s ' "$s" "$S/$s.npz"; done)
+    main_tasks="gsm8k:test,mbpp:test,mmlu:test,gen:gsm8k,gen:mbpp,gen:mmlu"
+    xq_tok=$(for l in $LANGS; do printf 'xquad-%s:test,' $l; done)
+    xq_gen=$(for l in $LANGS; do printf 'gen:xquad-%s,' $l; done)
+    [ -f "$R/original.json" ] || $U eval --model "$M/onnx" --tasks "$main_tasks" $stats_args --limit $LIMIT \
+      --gen-limit $GEN --out "$R/original.json"
+    if [[ "$SETTINGS" == *xquad* ]]; then
+      [ -f "$R/original-xquad.json" ] || $U eval --model "$M/onnx" --tasks "$xq_tok$xq_gen" $stats_args \
+        --limit $XLIMIT --gen-limit $XGEN --out "$R/original-xquad.json"
+    fi
+    for s in $SETTINGS; do for method in na sp; do
+      [ -d "$M/$method-$s" ] || continue
+      case $s in
+        gsm8k|mbpp) tasks=$main_tasks; limit=$LIMIT; gen=$GEN ;;
+        xquad-*) tasks="${xq_tok}mmlu:test"; limit=$XLIMIT; gen=$XGEN ;;
+      esac
+      [ -f "$R/$method-$s.json" ] || $U eval --model "$M/$method-$s" --tasks "$tasks" --limit $limit \
+        --gen-limit $gen --method $method --setting "$s" --out "$R/$method-$s.json"
+    done; done ;;
+  esac; done
+done
+
+if [[ "$STEPS" == *report* ]]; then
+  results=$(for MODEL in $MODELS; do ls $WORK/$MODEL/results/*.json; done)
+  calib=$(for MODEL in $MODELS; do ls $WORK/$MODEL/calibration/*.json 2>/dev/null || true; done)
+  $U report --results $results --calibration $calib --out "${REPORT:-$WORK/results.md}" \
+    --commands scripts/reproduce.sh
+fi
