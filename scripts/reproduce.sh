@@ -24,6 +24,8 @@ else
   SETTINGS=${SETTINGS:-"gsm8k mbpp"}
 fi
 SP_RATIO=${SP_RATIO:-0.02}
+NA_RATIOS=${NA_RATIOS:-0.005,0.01,0.02,0.03}
+NA_VAL=${NA_VAL:-40}
 MODELS=${*:-smollm2-135m}
 other() { [ "$1" = gsm8k ] && echo mbpp || echo gsm8k; }
 xquad_others() { for o in $LANGS; do [ "xquad-$o" != "$1" ] && printf '%s\n' "$2/shard-$o.npz"; done; }
@@ -53,25 +55,26 @@ for MODEL in $MODELS; do
       [ -f "$C/ksd-$s.json" ] || $U calibrate --model "$M/onnx" --stats "$S/$s.npz" --retain "$retain" \
         --forget "$forget" --limit $VAL --out "$C/ksd-$s.json"
       [ -f "$C/na-$s.json" ] || $U calibrate-na --model "$M/onnx" --stats "$S/$s.npz" --retain "$retain" \
-        --forget "$forget" --limit $VAL --keep "$M/na-$s" --out "$C/na-$s.json"
+        --forget "$forget" --limit $NA_VAL --ratios $NA_RATIOS --keep "$M/na-$s" --out "$C/na-$s.json"
     done ;;
   edit)
     for s in $SETTINGS; do
       [ -f "$M/sp-$s/unskill.json" ] || $U edit prune --model "$M/onnx" --stats "$S/$s.npz" --ratio $SP_RATIO --out "$M/sp-$s"
     done ;;
-  eval)
-    stats_args=$(for s in $SETTINGS; do printf -- '--stats %s=%s ' "$s" "$S/$s.npz"; done)
+  eval|eval-original|eval-xquad|eval-edited)
+    # Every setting's stats (not the per-language shards): one pass records KSD entries for all of them.
+    stats_args=$(for f in "$S"/*.npz; do n=$(basename "$f" .npz); [[ $n == shard-* ]] || printf -- '--stats %s=%s ' "$n" "$f"; done)
     main_tasks="gsm8k:test,mbpp:test,mmlu:test,gen:gsm8k,gen:mbpp,gen:mmlu"
     xq_tok=$(for l in $LANGS; do printf 'xquad-%s:test,' $l; done)
     xq_gen=$(for l in $LANGS; do printf 'gen:xquad-%s,' $l; done)
-    [ -f "$R/original.json" ] || $U eval --model "$M/onnx" --tasks "$main_tasks" $stats_args --limit $LIMIT \
+    [[ $step == eval-xquad || $step == eval-edited ]] || [ -f "$R/original.json" ] || $U eval --model "$M/onnx" --tasks "$main_tasks" $stats_args --limit $LIMIT \
       --gen-limit $GEN --out "$R/original.json"
-    if [[ "$SETTINGS" == *xquad* ]]; then
+    if [[ "$SETTINGS" == *xquad* && ( $step == eval || $step == eval-xquad ) ]]; then
       [ -f "$R/original-xquad.json" ] || $U eval --model "$M/onnx" --tasks "$xq_tok$xq_gen" $stats_args \
         --limit $XLIMIT --gen-limit $XGEN --out "$R/original-xquad.json"
     fi
     for s in $SETTINGS; do for method in na sp; do
-      [ -d "$M/$method-$s" ] || continue
+      [[ $step == eval || $step == eval-edited ]] && [ -d "$M/$method-$s" ] || continue
       case $s in
         gsm8k|mbpp) tasks=$main_tasks; limit=$LIMIT; gen=$GEN ;;
         xquad-*) tasks="${xq_tok}mmlu:test"; limit=$XLIMIT; gen=$XGEN ;;

@@ -220,8 +220,11 @@ class Harness:
         prompts = T.few_shot_prompts(spec, [dataset.items[i] for i in todo], self.config.data_dir)
         letters = T.letter_ids(self.tokenizer, self.templated)
         encoded = [self.tokenizer.encode_prompt(p, self.config.chat) for p in prompts]
-        order = sorted(range(len(todo)), key=lambda j: -len(encoded[j]))
         manifest = self.model.manifest
+        too_long = [j for j in range(len(todo)) if len(encoded[j]) >= manifest.max_context]
+        for j in too_long:
+            yield todo[j], {"skipped": f"prompt of {len(encoded[j])} tokens exceeds the context of {manifest.max_context}"}
+        order = sorted(set(range(len(todo))) - set(too_long), key=lambda j: -len(encoded[j]))
         last_key = manifest.key_last_outputs[self.entry.layer] if self.entry and manifest.key_last_outputs else None
         for start in range(0, len(order), self.config.batch_size):
             chunk = order[start:start + self.config.batch_size]

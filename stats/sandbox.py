@@ -106,18 +106,22 @@ def run_python(code: str, limits: Limits = Limits()) -> Outcome:
         with open(script, "w", encoding="utf-8") as handle:
             handle.write(PRELUDE + code + "\n")
         command = [*_net_namespace_prefix(), sys.executable, "-I", "-B", script]
-        proc = subprocess.Popen(command, cwd=workdir, env={"PATH": "/usr/bin:/bin", "HOME": workdir},
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=lambda: _set_limits(limits))
-        try:
-            _, stderr = proc.communicate(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return Outcome(False, "timeout", f"over {limits.timeout_s:g} s")
-        _kill_group(proc)   # anything it left running in its session
+        # stderr goes to a file, not a pipe: a pipe held open by a left-behind child would keep us waiting.
+        with open(os.path.join(workdir, ".stderr"), "w+b") as stderr:
+            proc = subprocess.Popen(command, cwd=workdir, env={"PATH": "/usr/bin:/bin", "HOME": workdir,
+                                                               "TMPDIR": workdir},
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                    start_new_session=True, preexec_fn=lambda: _set_limits(limits))
+            try:
+                proc.wait(timeout=limits.timeout_s)
+            except subprocess.TimeoutExpired:
+                return Outcome(False, "timeout", f"over {limits.timeout_s:g} s")
+            finally:
+                _kill_group(proc)   # on timeout, and anything it left running in its session
+            stderr.seek(0)
+            lines = stderr.read().decode("utf-8", "replace").strip().splitlines()
         if proc.returncode == 0:
             return Outcome(True, "passed")
-        lines = stderr.decode("utf-8", "replace").strip().splitlines()
         return Outcome(False, "failed", lines[-1][:200] if lines else f"exit status {proc.returncode}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -128,7 +132,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.communicate()
+    proc.wait()
 
 
 def mbpp_program(code: str, tests: tuple[str, ...], setup: str = "") -> str:

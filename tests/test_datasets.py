@@ -331,3 +331,22 @@ def test_bad_limit(tmp_path, limit):
     path = _write(tmp_path, "ok.txt", "a\n")
     _raises(["ok.txt", "limit"], path, limit=limit)
     _raises(["builtin:math", "limit"], "builtin:math", limit=limit)
+
+
+def test_slices_joins_and_seeded_samples(data_dir):
+    from unskill.stats.datasets import sample
+
+    train = load_dataset("xquad-en:train", data_dir)
+    sliced = load_dataset("xquad-en:train[100:103]", data_dir)
+    assert sliced.items == train.items[100:103] and sliced.name == "xquad-en:train[100:103]"
+    joined = load_dataset("xquad-en:train[0:2]+xquad-de:train[:1]", data_dir)
+    assert joined.items == train.items[:2] + load_dataset("xquad-de:train", data_dir, limit=1).items
+    assert len(load_dataset("xquad-en:train+xquad-de:train", data_dir, limit=2)) == 4
+    mmlu = load_dataset("mmlu:test", data_dir)
+    picked = sample(mmlu, 20, seed=0)
+    assert picked.items == sample(mmlu, 20, seed=0).items != sample(mmlu, 20, seed=1).items
+    assert set(sample(mmlu, 10, seed=0).items) < set(picked.items)   # a smaller run reuses a bigger one's cache
+    assert len({item.group for item in picked.items}) > 5   # not one subject, as the first 20 would be
+    mbpp = load_dataset("mbpp:test", data_dir, limit=1).items[0]
+    assert len(mbpp.tests) == 3 and "\r" not in mbpp.completion
+    _raises(["nope", "no such file"], "nope[1:2]", data_dir)

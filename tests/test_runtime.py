@@ -151,8 +151,8 @@ def test_bad_input_is_one_clear_error(tiny_export, llama_stats, tmp_path):
     generator = load(onnx_dir, device="cpu")
     with pytest.raises(UnskillError, match="empty prompt"):
         generator.generate(["  "], greedy(3))
-    with pytest.raises(UnskillError, match="does not fit the context of 256"):
-        generator.generate(["apples " * 300], greedy(3))
+    with pytest.raises(UnskillError, match="does not fit the context of 4096"):
+        generator.generate(["apples " * 5000], greedy(3))
     with pytest.raises(UnskillError, match="out of range"):
         load(onnx_dir, stats=[llama_stats[1]], layers=[7], device="cpu")
     with pytest.raises(UnskillError, match="alpha must be positive"):

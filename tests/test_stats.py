@@ -290,6 +290,29 @@ def test_merge_of_shards_equals_stats_of_union(llama, files):
     assert merged.meta["prompt_template"] == union.meta["prompt_template"]
 
 
+def test_compose_uses_the_other_shards_forget_text_as_retain(llama, files, tmp_path):
+    """One --text shard per skill; composing A against B equals probing forget A with retain B."""
+    from unskill.stats.probe import compose_stats
+
+    forget, retain = load_dataset(str(files["forget"])), load_dataset(str(files["retain"]))
+    direct = llama.probe(forget, retain, batch_size=1)
+    shard_a = probe(llama.lm, llama.tok, forget, config=ProbeConfig(progress=False, batch_size=1), text=True)
+    shard_b = probe(llama.lm, llama.tok, retain, config=ProbeConfig(progress=False, batch_size=1), text=True)
+    assert set(shard_a.groups) == {"ksd", "na_forget", "sp_forget"}
+    shard_a.save(tmp_path / "a.npz")
+    shard_b.save(tmp_path / "b.npz")
+    out = tmp_path / "a_vs_b.npz"
+    assert main(["stats", "--compose", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--out", str(out)]) == 0
+    composed = load_stats(out)
+    expected, got = all_arrays(direct), all_arrays(composed)
+    assert set(got) == set(expected)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-9, atol=1e-12, err_msg=name)
+    assert composed.meta["retain"]["count"] == len(RETAIN)
+    with pytest.raises(UnskillError, match="probe it with --text"):
+        compose_stats(direct, [llama.probe(retain)])
+
+
 def test_merge_refuses_mismatched_shards(llama, tiny_export, files):
     forget = load_dataset(str(files["forget_a"]))
     gemma = Model(tiny_export("gemma3")[1])

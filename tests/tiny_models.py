@@ -50,7 +50,7 @@ def build_tiny(kind: str, directory: Path, seed: int = 0) -> Path:
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if kind == "llama":
         config = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                                num_key_value_heads=2, max_position_embeddings=256, **common)
+                                num_key_value_heads=2, max_position_embeddings=4096, **common)
         model = tf.LlamaForCausalLM(config)
     elif kind == "gemma3":
         config = tf.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
