@@ -66,6 +66,7 @@ class Model:
         self.source, self.original, self.edited, self.ksd_stats = source, {}, {}, {}
         self.alphas: dict[str, float] = {}
         self.na_ratios: dict[str, float] = {}
+        self.calibrations: list[dict] = []
 
     def add(self, doc: dict) -> None:
         method = doc.get("method") or "original"
@@ -143,6 +144,28 @@ def absolute_table(model: Model) -> list[str]:
     for task in tasks:
         t = model.original[task]
         lines.append(f"| {task} | {t['metric']} | {t['items']} | {t['score']:.3f} |")
+    return lines
+
+
+def calibration_table(model: Model) -> list[str]:
+    lines = ["| forget | method | chosen | retain (validation) | forget (validation) |", "|---|---|---|---|---|"]
+    for doc in sorted(model.calibrations, key=lambda d: (d["setting"], d["method"])):
+        if doc["method"] == "ksd":
+            lines.append(f"| {doc['setting']} | KSD | α = {doc['alpha']:.3g} · k (layer {doc['layer']}) "
+                         f"| {doc['retain_abstain']:.1%} of {doc['retain_items']} refused "
+                         f"| {doc['forget_abstain']:.1%} of {doc['forget_items']} refused |")
+        else:
+            chosen = doc.get("chosen")
+            tried = ", ".join(f"{c['ratio']:.2%}: {c['retain_rel']:.3f}/{c['forget_rel']:.3f}" for c in doc["candidates"])
+            if chosen:
+                cells = [f"β = {chosen['ratio']:.2%}", f"top-1 ×{chosen['retain_rel']:.3f}",
+                         f"top-1 ×{chosen['forget_rel']:.3f} (tried β: retain/forget {tried})"]
+            else:
+                cells = ["none met the target", "—", f"tried β: retain/forget {tried}"]
+            lines.append(f"| {doc['setting']} | NA | " + " | ".join(cells) + " |")
+    for setting, alpha in model.alphas.items():
+        if not any(d["setting"] == setting and d["method"] == "ksd" for d in model.calibrations):
+            lines.append(f"| {setting} | KSD | α = {alpha:.3g} · k (default, not calibrated) | — | — |")
     return lines
 
 
@@ -236,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         if model is None:
             continue
         setting = doc.get("setting") or doc.get("skill")
+        model.calibrations.append(dict(doc, setting=setting))
         if doc["method"] == "ksd":
             model.alphas[setting] = doc["alpha"]
         elif doc["method"] == "na" and doc.get("ratio") is not None:
@@ -253,8 +277,8 @@ def run(args: argparse.Namespace) -> int:
             _alpha_of(model, setting, args.alpha)
         lines += [f"## {source}", "", *relative_table(model), "", "Original model, absolute scores:", "",
                   *absolute_table(model), ""]
-        calibrated = ", ".join(f"{s} α={a:.3g}" for s, a in model.alphas.items())
-        lines += [f"KSD alphas (x fitted k, last layer): {calibrated}.", ""]
+        lines += ["What calibration chose (validation splits, never the test items above):", "",
+                  *calibration_table(model), ""]
         for path in plot(model, folder):
             lines += [f"![{path.stem}]({path.relative_to(out.parent) if path.is_relative_to(out.parent) else path})", ""]
     if args.commands:
