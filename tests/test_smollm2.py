@@ -65,6 +65,23 @@ def test_gsm8k_stats_separate_gsm8k_from_mbpp(smollm2_export, data_dir, tmp_path
     assert np.mean([r.abstained for r in mbpp]) <= 0.05
 
 
+def test_harness_on_the_real_model(smollm2_export, data_dir, tmp_path):
+    """SmolLM2 predicts most reference-answer tokens, and KSD entries recorded by the harness from gsm8k stats
+    separate GSM8K from MBPP at alpha 1.5 (x k), in token tasks and during generation."""
+    from unskill.stats.evaluate import EvalConfig, Harness, ksd_view
+
+    generator = load(smollm2_export, device="cpu")
+    forget = load_dataset("gsm8k:train", data_dir, limit=100)
+    stats = probe(generator.model, generator.tokenizer, forget, config=ProbeConfig(progress=False))
+    harness = Harness(generator.model, generator.tokenizer,
+                      EvalConfig(str(data_dir), limit=12, gen_limit=4, progress=False), {"gsm8k": stats})
+    results = harness.run(["gsm8k:test", "mbpp:test", "gen:xquad-en"])
+    assert results["gsm8k:test"]["score"] > 0.5 and results["mbpp:test"]["score"] > 0.5
+    assert ksd_view(results["gsm8k:test"], "gsm8k", 1.5)["abstain"] >= 0.9
+    assert ksd_view(results["mbpp:test"], "gsm8k", 1.5)["abstain"] == 0
+    assert results["gen:xquad-en"]["items"] == 4 and "entry" in results["gen:xquad-en"]
+
+
 @pytest.fixture(scope="module")
 def smollm2_torch():
     from transformers import AutoModelForCausalLM
