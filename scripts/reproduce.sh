@@ -7,7 +7,8 @@
 #
 # Every step skips outputs that already exist and the evaluation caches per item, so a killed run resumes.
 # Env: UNSKILL_DATA_DIR (benchmarks, default ../shared/data), WORK (default runs/), SIZE (small|full),
-#      SETTINGS (default: gsm8k mbpp, plus the 7 XQuAD languages when SIZE=full), SP_RATIO (default 0.02).
+#      SETTINGS (default: gsm8k mbpp, plus the 7 XQuAD languages when SIZE=full), SP_RATIO (default 0.02),
+#      NA_RATIOS, NA_VAL (calibrate-na candidates and items), MAIN_TASKS / EDITED_TASKS (eval task lists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export UNSKILL_DATA_DIR=${UNSKILL_DATA_DIR:-$(cd .. && pwd)/shared/data}
@@ -17,10 +18,12 @@ SIZE=${SIZE:-small}
 STEPS=${STEPS:-"export stats calibrate edit eval report"}
 LANGS="en es de ar hi vi zh"
 if [ "$SIZE" = full ]; then
-  PROBE=200; XPROBE=100; LIMIT=200; XLIMIT=100; GEN=50; XGEN=50; VAL=100
+  PROBE=${PROBE:-200}; XPROBE=${XPROBE:-100}; LIMIT=${LIMIT:-200}; XLIMIT=${XLIMIT:-100}; GEN=${GEN:-50}
+  XGEN=${XGEN:-50}; VAL=${VAL:-100}
   SETTINGS=${SETTINGS:-"gsm8k mbpp $(for l in $LANGS; do printf 'xquad-%s ' $l; done)"}
 else
-  PROBE=100; XPROBE=50; LIMIT=60; XLIMIT=30; GEN=12; XGEN=10; VAL=50
+  PROBE=${PROBE:-100}; XPROBE=${XPROBE:-50}; LIMIT=${LIMIT:-60}; XLIMIT=${XLIMIT:-30}; GEN=${GEN:-12}
+  XGEN=${XGEN:-10}; VAL=${VAL:-50}
   SETTINGS=${SETTINGS:-"gsm8k mbpp"}
 fi
 SP_RATIO=${SP_RATIO:-0.02}
@@ -28,8 +31,8 @@ NA_RATIOS=${NA_RATIOS:-0.005,0.01,0.02,0.03}
 NA_VAL=${NA_VAL:-40}
 MODELS=${*:-smollm2-135m}
 other() { [ "$1" = gsm8k ] && echo mbpp || echo gsm8k; }
-xquad_others() { for o in $LANGS; do [ "xquad-$o" != "$1" ] && printf '%s\n' "$2/shard-$o.npz"; done; }
-xquad_val() { local s=""; for o in $LANGS; do [ "xquad-$o" != "$1" ] && s="$s+xquad-$o:train[$XPROBE:$((XPROBE + 20))]"; done; echo "${s#+}"; }
+xquad_others() { for o in $LANGS; do if [ "xquad-$o" != "$1" ]; then printf '%s\n' "$2/shard-$o.npz"; fi; done; }
+xquad_val() { local s=""; for o in $LANGS; do if [ "xquad-$o" != "$1" ]; then s="$s+xquad-$o:train[$XPROBE:$((XPROBE + 20))]"; fi; done; echo "${s#+}"; }
 
 for MODEL in $MODELS; do
   M=$WORK/$MODEL; S=$M/stats; R=$M/results; C=$M/calibration; mkdir -p "$S" "$R" "$C"
@@ -64,7 +67,7 @@ for MODEL in $MODELS; do
   eval|eval-original|eval-xquad|eval-edited)
     # Every setting's stats (not the per-language shards): one pass records KSD entries for all of them.
     stats_args=$(for f in "$S"/*.npz; do n=$(basename "$f" .npz); [[ $n == shard-* ]] || printf -- '--stats %s=%s ' "$n" "$f"; done)
-    main_tasks="gsm8k:test,mbpp:test,mmlu:test,gen:gsm8k,gen:mbpp,gen:mmlu"
+    main_tasks=${MAIN_TASKS:-"gsm8k:test,mbpp:test,mmlu:test,gen:gsm8k,gen:mbpp,gen:mmlu"}
     xq_tok=$(for l in $LANGS; do printf 'xquad-%s:test,' $l; done)
     xq_gen=$(for l in $LANGS; do printf 'gen:xquad-%s,' $l; done)
     [[ $step == eval-xquad || $step == eval-edited ]] || [ -f "$R/original.json" ] || $U eval --model "$M/onnx" --tasks "$main_tasks" $stats_args --limit $LIMIT \
@@ -76,7 +79,7 @@ for MODEL in $MODELS; do
     for s in $SETTINGS; do for method in na sp; do
       [[ $step == eval || $step == eval-edited ]] && [ -d "$M/$method-$s" ] || continue
       case $s in
-        gsm8k|mbpp) tasks=$main_tasks; limit=$LIMIT; gen=$GEN ;;
+        gsm8k|mbpp) tasks=${EDITED_TASKS:-$main_tasks}; limit=$LIMIT; gen=$GEN ;;
         xquad-*) tasks="${xq_tok}mmlu:test"; limit=$XLIMIT; gen=$XGEN ;;
       esac
       [ -f "$R/$method-$s.json" ] || $U eval --model "$M/$method-$s" --tasks "$tasks" --limit $limit \
