@@ -186,15 +186,18 @@ class Harness:
         for batch in self._token_batches(sequences):
             yield from self._score_batch(batch, sequences)
 
-    def _token_batches(self, sequences: dict[int, tuple[list[int], int]]):
-        """Longest first; rows * width * vocab stays under LOGITS_BUDGET (Gemma's vocabulary is 262k)."""
-        order = sorted(sequences, key=lambda i: -len(sequences[i][0]))
+    def _batches(self, order: list[int], lengths: dict[int, int], batch_size: int):
+        """`order` is longest first. The graph computes logits at every position, so rows * width * vocab
+        stays under LOGITS_BUDGET (Gemma's vocabulary is 262k): long prompts go a few at a time."""
         budget = max(1, LOGITS_BUDGET // self.model.vocab_size)
         while order:
-            width = len(sequences[order[0]][0])
-            rows = max(1, min(self.config.batch_size, budget // width))
+            rows = max(1, min(batch_size, budget // lengths[order[0]]))
             yield order[:rows]
             order = order[rows:]
+
+    def _token_batches(self, sequences: dict[int, tuple[list[int], int]]):
+        order = sorted(sequences, key=lambda i: -len(sequences[i][0]))
+        yield from self._batches(order, {i: len(seq) for i, (seq, _) in sequences.items()}, self.config.batch_size)
 
     def _score_batch(self, batch: list[int], sequences):
         ids, mask = left_pad([sequences[i][0] for i in batch], self.model.manifest.pad_token_id)
@@ -226,8 +229,7 @@ class Harness:
             yield todo[j], {"skipped": f"prompt of {len(encoded[j])} tokens exceeds the context of {manifest.max_context}"}
         order = sorted(set(range(len(todo))) - set(too_long), key=lambda j: -len(encoded[j]))
         last_key = manifest.key_last_outputs[self.entry.layer] if self.entry and manifest.key_last_outputs else None
-        for start in range(0, len(order), self.config.batch_size):
-            chunk = order[start:start + self.config.batch_size]
+        for chunk in self._batches(order, {j: len(encoded[j]) for j in order}, self.config.batch_size):
             ids, mask = left_pad([encoded[j] for j in chunk], manifest.pad_token_id)
             wanted = [last_key] if last_key else self._key_outputs()
             logits, _, extras = self.model.forward(ids, mask, self.model.empty_past(len(chunk)), wanted)
@@ -252,8 +254,7 @@ class Harness:
         order = sorted((i for i in todo if lengths[i] < limit), key=lambda i: -lengths[i])
         params = GenerationParams(max_new_tokens=spec.max_new_tokens, stop=spec.stop, chat=self.config.chat)
         limits = Limits(timeout_s=self.config.timeout_s)
-        for start in range(0, len(order), self.config.gen_batch_size):
-            batch = order[start:start + self.config.gen_batch_size]
+        for batch in self._batches(order, lengths, self.config.gen_batch_size):
             recorder = _StepRecorder(self.entry) if self.entry else None
             results = Generator(self.model, self.tokenizer, recorder).generate([prompts[i] for i in batch], params)
             for row, (index, result) in enumerate(zip(batch, results)):
