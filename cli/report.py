@@ -65,8 +65,8 @@ class Model:
     def __init__(self, source: str):
         self.source, self.original, self.edited, self.ksd_stats = source, {}, {}, {}
         self.alphas: dict[str, float] = {}
-        self.na_ratios: dict[str, float] = {}
         self.calibrations: list[dict] = []
+        self.edit_ratios: dict[tuple[str, str], float] = {}
 
     def add(self, doc: dict) -> None:
         method = doc.get("method") or "original"
@@ -78,6 +78,9 @@ class Model:
             if key[1] is None:
                 raise UnskillError(f"{doc['_path']}: an edited run needs --setting (the forgotten skill)")
             self.edited.setdefault(key, {}).update(doc["tasks"])
+            ratios = [edit.get("ratio") for edit in doc.get("edits", []) if edit.get("ratio")]
+            if ratios:
+                self.edit_ratios[key] = ratios[-1]
 
     def settings(self) -> list[str]:
         found = set(self.ksd_stats) | {setting for _, setting in self.edited}
@@ -131,8 +134,9 @@ def relative_table(model: Model) -> list[str]:
                 rates = [r for r in rates if r is not None]
                 abstain.append(sum(rates) / len(rates) if rates else None)
             label = LABELS[method] + (f" (α={alpha:.3g}·k)" if method == "ksd" else "")
-            if method == "na" and setting in model.na_ratios:
-                label += f" (β={model.na_ratios[setting]:.2%})"
+            if (method, setting) in model.edit_ratios:
+                share = model.edit_ratios[(method, setting)]
+                label += f" (β={share:.2%})" if method == "na" else f" ({share:.0%} pruned)"
             lines.append(f"| {setting} | {label} | " + " | ".join(_fmt(c) for c in cells) + " | "
                          + " | ".join(_fmt(a) for a in abstain) + " |")
     return lines
@@ -262,8 +266,6 @@ def run(args: argparse.Namespace) -> int:
         model.calibrations.append(dict(doc, setting=setting))
         if doc["method"] == "ksd":
             model.alphas[setting] = doc["alpha"]
-        elif doc["method"] == "na" and doc.get("ratio") is not None:
-            model.na_ratios[setting] = doc["ratio"]
     out = Path(args.out)
     folder = Path(args.plots) if args.plots else out.parent
     folder.mkdir(parents=True, exist_ok=True)
