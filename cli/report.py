@@ -196,7 +196,9 @@ def plot(model: Model, folder: Path) -> list[Path]:
     written = []
     settings = [s for s in model.settings() if not s.startswith("xquad-")]
     xq = [s for s in model.settings() if s.startswith("xquad-")]
-    groups = settings + (["xquad (mean)"] if xq else [])
+    xq_measured = [s for s in xq if any(model.relative(m, s, [f"{s}:test"], model.alphas[s]) is not None
+                                        for m in METHODS)]
+    groups = settings + (["xquad (mean)"] if xq_measured else [])
     if not groups:
         return []
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
@@ -222,14 +224,15 @@ def plot(model: Model, folder: Path) -> list[Path]:
         ax.set_ylim(0, 1.15)
         ax.set_title(f"forget {group}")
         ax.set_ylabel("token top-1, after / before")
-    axes[0][0].legend(loc="lower left", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle(f"{model.source}: what is forgotten, what is kept")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = folder / f"{model.source}-bars.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
-    if xq:
+    if xq_measured:
         fig, axes = plt.subplots(1, len(METHODS), figsize=(4.6 * len(METHODS), 4), squeeze=False)
         for ax, method in zip(axes[0], METHODS):
             langs, rows = heatmap_values(model, method)
