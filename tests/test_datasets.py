@@ -160,7 +160,7 @@ def test_mbpp_prompt_format(data_dir):
 def test_mmlu_prompt_format(data_dir):
     first = load_dataset("mmlu:dev", data_dir=data_dir).items[0]
     assert first == Item("Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer:",
-                         " B")
+                         " B", group="abstract_algebra")
     assert {item.completion for item in load_dataset("mmlu:test", data_dir=data_dir).items} == {" A", " B", " C", " D"}
 
 
