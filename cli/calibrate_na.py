@@ -68,15 +68,14 @@ def run(args: argparse.Namespace) -> int:
             candidates.append({"ratio": ratio, "retain": after[args.retain], "forget": after[args.forget],
                                "retain_rel": retain_rel, "forget_rel": forget_rel})
             print(f"ratio {ratio:.4f}: retain {retain_rel:.4f} x, forget {forget_rel:.4f} x")
-            if retain_rel >= 1 - args.target:
-                chosen = candidates[-1]
-                if args.keep:
-                    shutil.rmtree(args.keep, ignore_errors=True)
-                    shutil.move(str(out), args.keep)
-            else:
+            if retain_rel < 1 - args.target:
                 break   # larger ratios only edit more neurons
-            if not (args.keep and chosen is candidates[-1]):
-                shutil.rmtree(out, ignore_errors=True)
+            chosen = candidates[-1]
+            if args.keep:
+                shutil.rmtree(args.keep, ignore_errors=True)
+                shutil.move(str(out), args.keep)
+            else:
+                shutil.rmtree(out)   # one model on disk at a time
     if chosen is None:
         print(f"no ratio keeps retain within {args.target:.1%}; the smallest tried was {ratios[0]}")
     else:

@@ -123,7 +123,7 @@ def relative_table(model: Model) -> list[str]:
     for setting in model.settings():
         forget, retain = setting_tasks(setting)
         for method in METHODS:
-            alpha = model.alphas.get(setting, None)
+            alpha = model.alphas[setting]
             cells = [model.relative(method, setting, part, alpha) for group in (forget, retain, list(GENERAL))
                      for part in (_by_level(group)[0], _by_level(group)[1])]
             if all(c is None for c in cells):
@@ -171,10 +171,6 @@ def calibration_table(model: Model) -> list[str]:
         if not any(d["setting"] == setting and d["method"] == "ksd" for d in model.calibrations):
             lines.append(f"| {setting} | KSD | α = {alpha:.3g} · k (default, not calibrated) | — | — |")
     return lines
-
-
-def _alpha_of(model: Model, setting: str, default: float) -> float:
-    return model.alphas.setdefault(setting, default)
 
 
 def heatmap_values(model: Model, method: str):
@@ -279,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
              "MMLU 5-shot = letter log-probability accuracy. `—` = not measured, or a zero baseline.", ""]
     for source, model in models.items():
         for setting in model.settings():
-            _alpha_of(model, setting, args.alpha)
+            model.alphas.setdefault(setting, args.alpha)
         lines += [f"## {source}", "", *relative_table(model), "", "Original model, absolute scores:", "",
                   *absolute_table(model), ""]
         lines += ["What calibration chose (validation splits, never the test items above):", "",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unskill.runtime.cache import cache_dir
 from unskill.runtime.errors import UnskillError
 
 
@@ -18,10 +18,6 @@ class ModelSource:
     # Tokenizer facts GGUF conversion gets wrong in transformers 4.57 (see REFERENCE.md):
     add_bos: bool | None = None
     eos_tokens: list[str] = field(default_factory=list)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("UNSKILL_CACHE", Path.home() / ".cache" / "unskill"))
 
 
 def _package_dir(package: str) -> Path:

@@ -124,9 +124,10 @@ def _named_stats(values: list[str], manifest) -> dict:
     named = {}
     for value in values:
         name, sep, path = value.partition("=")
-        path = path if sep and not Path(value).exists() else value
+        if not sep or Path(value).exists():   # a bare path (even one with '=' in its name)
+            name, path = "", value
         stats = load_stats(path, manifest)
-        name = name if sep and path != value else stats.skill
+        name = name or stats.skill
         if name in named:
             raise UnskillError(f"{path}: a second stats file named {name!r}; name them with NAME=PATH")
         named[name] = stats
@@ -139,8 +140,7 @@ def _default_method(edits: list) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import os
-
+    from unskill.runtime.cache import cache_dir
     from unskill.runtime.cli import write_json
     from unskill.runtime.session import OnnxLM
     from unskill.runtime.tokenizer import TextTokenizer
@@ -153,7 +153,7 @@ def run_eval(args: argparse.Namespace) -> int:
     config = EvalConfig(args.data_dir, args.limit, args.gen_limit, args.seed, not args.no_chat,
                         max_tokens=args.max_tokens, layer=args.layer, timeout_s=args.timeout,
                         progress=not args.no_progress)
-    cache = None if args.no_cache else Path(args.cache or Path(os.environ.get("UNSKILL_CACHE", Path.home() / ".cache" / "unskill")) / "eval")
+    cache = None if args.no_cache else Path(args.cache) if args.cache else cache_dir() / "eval"
     harness = Harness(model, tokenizer, config, stats, cache)
     results = harness.run([t for t in args.tasks.split(",") if t])
     for name, task in results.items():
@@ -171,8 +171,8 @@ def run_eval(args: argparse.Namespace) -> int:
             "model": str(args.model), "source": manifest.source, "fingerprint": manifest.fingerprint,
             "edits": manifest.edits, "method": args.method or _default_method(manifest.edits),
             "setting": args.setting, "chat": harness.templated, "seed": args.seed,
-            "ksd": {"layer": harness.entry.layer, "stats": {n: {"skill": s.skill, "k": c.k} for (n, s), c in
-                                                            zip(stats.items(), harness.entry.cubes.values())}}
+            "ksd": {"layer": harness.entry.layer,
+                    "stats": {n: {"skill": s.skill, "k": harness.entry.cubes[n].k} for n, s in stats.items()}}
             if stats else None,
             "tasks": results})
         print(f"wrote {args.out}")

@@ -157,9 +157,6 @@ class Harness:
                 "timeout_s": self.config.timeout_s if spec.kind == "mbpp" else None,
                 "ksd": {"layer": self.entry.layer, "cubes": self.entry.digest()} if self.entry else None}
 
-    def _entries(self, keys: np.ndarray) -> list[dict[str, float] | None]:
-        return self.entry(keys) if self.entry else [None] * keys.shape[0]
-
     def _key_outputs(self) -> list[str]:
         return [self.entry.output] if self.entry else []
 
@@ -220,41 +217,42 @@ class Harness:
     # ----------------------------------------------------------------------------------------- MMLU 5-shot
 
     def _mmlu(self, spec: T.TaskSpec, dataset: Dataset, todo: list[int]):
-        prompts = T.few_shot_prompts(spec, [dataset.items[i] for i in todo], self.config.data_dir)
         letters = T.letter_ids(self.tokenizer, self.templated)
-        encoded = [self.tokenizer.encode_prompt(p, self.config.chat) for p in prompts]
-        manifest = self.model.manifest
-        too_long = [j for j in range(len(todo)) if len(encoded[j]) >= manifest.max_context]
-        for j in too_long:
-            yield todo[j], {"skipped": f"prompt of {len(encoded[j])} tokens exceeds the context of {manifest.max_context}"}
-        order = sorted(set(range(len(todo))) - set(too_long), key=lambda j: -len(encoded[j]))
-        last_key = manifest.key_last_outputs[self.entry.layer] if self.entry and manifest.key_last_outputs else None
-        for chunk in self._batches(order, {j: len(encoded[j]) for j in order}, self.config.batch_size):
-            ids, mask = left_pad([encoded[j] for j in chunk], manifest.pad_token_id)
-            wanted = [last_key] if last_key else self._key_outputs()
-            logits, _, extras = self.model.forward(ids, mask, self.model.empty_past(len(chunk)), wanted)
-            keys = extras[wanted[0]] if wanted else None
-            entries = self._entries(keys if last_key else keys[:, -1, :]) if wanted else [None] * len(chunk)
-            for row, j in enumerate(chunk):
-                item = dataset.items[todo[j]]
+        _, encoded, order, skipped = self._fit_prompts(spec, dataset, todo)
+        yield from skipped
+        for chunk in self._batches(order, {i: len(encoded[i]) for i in order}, self.config.batch_size):
+            ids, mask = left_pad([encoded[i] for i in chunk], self.model.manifest.pad_token_id)
+            if self.entry:
+                logits, keys = last_prompt_keys(self.model, ids, mask, self.entry.layer)
+                entries = self.entry(keys)
+            else:
+                logits, _, _ = self.model.forward(ids, mask, self.model.empty_past(len(chunk)))
+            for row, index in enumerate(chunk):
                 choice = T.LETTERS[int(np.argmax(logits[row, letters]))]
-                record = {"score": choice == item.completion.strip(), "reply": choice}
-                if entries[row] is not None:
+                record = {"score": choice == dataset.items[index].completion.strip(), "reply": choice}
+                if self.entry:
                     record["entry"] = entries[row]
-                yield todo[j], record
+                yield index, record
+
+    def _fit_prompts(self, spec: T.TaskSpec, dataset: Dataset, todo: list[int]):
+        """Item index -> prompt text and -> its ids; the indices that fit the context, longest first; skip
+        records for the rest."""
+        prompts = dict(zip(todo, T.few_shot_prompts(spec, [dataset.items[i] for i in todo], self.config.data_dir)))
+        encoded = {i: self.tokenizer.encode_prompt(p, self.config.chat) for i, p in prompts.items()}
+        limit = self.model.manifest.max_context
+        skipped = [(i, {"skipped": f"prompt of {len(ids)} tokens exceeds the context of {limit}"})
+                   for i, ids in encoded.items() if len(ids) >= limit]
+        order = sorted((i for i in todo if len(encoded[i]) < limit), key=lambda i: -len(encoded[i]))
+        return prompts, encoded, order, skipped
 
     # ----------------------------------------------------------------------------------------- generation
 
     def _generation(self, spec: T.TaskSpec, dataset: Dataset, todo: list[int]):
-        prompts = dict(zip(todo, T.few_shot_prompts(spec, [dataset.items[i] for i in todo], self.config.data_dir)))
-        limit = self.model.manifest.max_context
-        lengths = {i: len(self.tokenizer.encode_prompt(prompts[i], self.config.chat)) for i in todo}
-        for index in [i for i in todo if lengths[i] >= limit]:
-            yield index, {"skipped": f"prompt of {lengths[index]} tokens exceeds the context of {limit}"}
-        order = sorted((i for i in todo if lengths[i] < limit), key=lambda i: -lengths[i])
+        prompts, encoded, order, skipped = self._fit_prompts(spec, dataset, todo)
+        yield from skipped
         params = GenerationParams(max_new_tokens=spec.max_new_tokens, stop=spec.stop, chat=self.config.chat)
         limits = Limits(timeout_s=self.config.timeout_s)
-        for batch in self._batches(order, lengths, self.config.gen_batch_size):
+        for batch in self._batches(order, {i: len(encoded[i]) for i in order}, self.config.gen_batch_size):
             recorder = _StepRecorder(self.entry) if self.entry else None
             results = Generator(self.model, self.tokenizer, recorder).generate([prompts[i] for i in batch], params)
             for row, (index, result) in enumerate(zip(batch, results)):
@@ -288,7 +286,7 @@ def summarise(spec: T.TaskSpec, dataset_name: str, records: list[dict]) -> dict:
         passed = [bool(r["score"]) for r in scored]
         summary.update(score=float(np.mean(passed)), per_item={"score": passed},
                        replies=[r.get("reply", "") for r in scored[:3]])
-    if scored and "entry" in scored[0]:
+    if "entry" in scored[0]:
         summary["entry"] = {name: [r["entry"][name] for r in scored] for name in scored[0]["entry"]}
     return summary
 
@@ -309,15 +307,22 @@ def ksd_view(task: dict, stats_name: str, alpha: float) -> dict:
     return {"abstain": float(abstained.mean()), "score": score}
 
 
+def last_prompt_keys(model: OnnxLM, ids: np.ndarray, mask: np.ndarray, layer: int, logits: bool = True):
+    """One prefill: (last-position logits or None, the key at the last position of `layer`, (B, F)). Uses the
+    graph's key_last output where the export has it, so the full (B, S, F) key never leaves onnxruntime."""
+    manifest = model.manifest
+    output = (manifest.key_last_outputs or manifest.key_outputs)[layer]
+    out_logits, _, extras = model.forward(ids, mask, model.empty_past(ids.shape[0]), [output], logits=logits)
+    keys = extras[output]
+    return out_logits, keys if manifest.key_last_outputs else keys[:, -1, :]
+
+
 def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, layer: int, chat: bool = True,
                 batch_size: int = 8) -> np.ndarray:
     """Key vectors at the last prompt token of one layer, (items, F), in dataset order (calibration)."""
-    manifest = model.manifest
-    output = (manifest.key_last_outputs or manifest.key_outputs)[layer]
     sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
     collected = []
     for start in range(0, len(sequences), batch_size):
-        ids, mask = left_pad(sequences[start:start + batch_size], manifest.pad_token_id)
-        _, _, keys = model.forward(ids, mask, model.empty_past(ids.shape[0]), [output], logits=False)
-        collected.append(keys[output] if manifest.key_last_outputs else keys[output][:, -1, :])
+        ids, mask = left_pad(sequences[start:start + batch_size], model.manifest.pad_token_id)
+        collected.append(last_prompt_keys(model, ids, mask, layer, logits=False)[1])
     return np.concatenate(collected)
