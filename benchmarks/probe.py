@@ -22,7 +22,16 @@ from unskill.runtime import OnnxLM, TextTokenizer
 from unskill.runtime.statsfile import GROUP_FIELDS, Moments
 from unskill.stats.datasets import load_dataset
 from unskill.runtime.session import left_pad
-from unskill.stats.probe import ProbeConfig, Prober
+from unskill.stats.probe import ProbeConfig, Prober, last_position_keys, shared_prefix_length
+
+
+def onnx_variant(model: OnnxLM, sequences: list[list[int]], batch_size: int, share_prefix: bool) -> float:
+    """Seconds for the KSD prompt pass on `model`'s graph, with or without the shared-prefix prefill."""
+    outputs = model.manifest.key_last_outputs
+    start = time.perf_counter()
+    for _ in last_position_keys(model, sequences, outputs, batch_size, share_prefix=share_prefix):
+        pass
+    return time.perf_counter() - start
 
 
 def torch_probe(model_name: str, sequences: list[list[int]], pad: int, batch_size: int, layers: int, width: int):
@@ -64,16 +73,27 @@ def main() -> int:
     unskill_s = time.perf_counter() - start
     sequences = [tokenizer.encode_prompt(item.prompt) for item in dataset.items]
     tokens = sum(map(len, sequences))
+    # The levers one by one, each after a warm-up batch: the full graph (LM head included) without and
+    # with the shared prefix, and the keys-only graph without it; `unskill stats` uses both.
+    levers = {}
+    for label, lm, share in (("full graph", model, False), ("full graph + shared prefix", model, True),
+                             ("keys-only graph", model.key_only(), False)):
+        onnx_variant(lm, sequences[:args.batch_size], args.batch_size, share)
+        levers[label] = onnx_variant(lm, sequences, args.batch_size, share)
     torch_s, theirs = torch_probe(args.hf, sequences, model.manifest.pad_token_id, args.batch_size,
                                   model.manifest.num_layers, model.manifest.key_width)
     gap = float(np.max(np.abs(ours.mean() - theirs.mean())))
-    print(f"{len(sequences)} prompts, {tokens} tokens, batch {args.batch_size}; max |mean difference| {gap:.2e}\n")
+    print(f"{len(sequences)} prompts, {tokens} tokens ({shared_prefix_length(sequences)} shared by all), "
+          f"batch {args.batch_size}; max |mean difference| {gap:.2e}\n")
     print("| probe | seconds | tokens/s | vs unskill |\n|---|---|---|---|")
-    for name, seconds in (("unskill stats (ONNX Runtime)", unskill_s), ("PyTorch forward hooks", torch_s)):
+    rows = [(f"unskill: {label}", seconds) for label, seconds in levers.items()]
+    rows += [("unskill stats (keys-only graph + shared prefix)", unskill_s), ("PyTorch forward hooks", torch_s)]
+    for name, seconds in rows:
         print(f"| {name} | {seconds:.2f} | {tokens / seconds:.0f} | {unskill_s / seconds:.2f}x |")
     if args.out:
         args.out.write_text(json.dumps({"prompts": len(sequences), "tokens": tokens, "unskill_s": unskill_s,
-                                        "torch_s": torch_s, "max_mean_gap": gap}, indent=2) + "\n")
+                                        "torch_s": torch_s, "max_mean_gap": gap,
+                                        "levers_s": levers}, indent=2) + "\n")
     return 0
 
 

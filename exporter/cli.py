@@ -48,6 +48,9 @@ def add_edit_parser(subparsers) -> None:
     quant.add_argument("--out", required=True)
     quant.add_argument("--mode", choices=("int8", "int4"), default="int8")
     quant.set_defaults(run=run_quantize)
+    probe = methods.add_parser("probe-graph", help="add probe.onnx (keys only, no LM head) to an older export, in place")
+    probe.add_argument("--model", required=True)
+    probe.set_defaults(run=run_probe_graph)
     na.set_defaults(run=run_na)
     prune.set_defaults(run=run_prune)
 
@@ -75,4 +78,22 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     quantize(args.model, args.out, args.mode)
     print(f"quantized {args.model} to {args.mode} -> {args.out}")
+    return 0
+
+
+def run_probe_graph(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from unskill.runtime.errors import UnskillError
+    from unskill.runtime.manifest import load_manifest
+
+    from .export import write_probe_graph
+
+    directory = Path(args.model)
+    manifest = load_manifest(directory)
+    if not manifest.key_last_outputs:
+        raise UnskillError(f"{directory}: export lacks key_last outputs; re-export it with `unskill export`")
+    write_probe_graph(directory, manifest)
+    manifest.save(directory)
+    print(f"wrote {directory / manifest.probe_file}")
     return 0

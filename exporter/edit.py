@@ -14,7 +14,7 @@ import onnx
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest, load_manifest
 
-from .export import DATA_FILE, MODEL_FILE, sha256_file
+from .export import DATA_FILE, MODEL_FILE, sha256_file, write_probe_graph
 
 
 def load_exported(directory: str | Path) -> tuple[onnx.ModelProto, Manifest]:
@@ -47,7 +47,8 @@ def save_edited(model: onnx.ModelProto, manifest: Manifest, source_dir: str | Pa
         shutil.copy(Path(source_dir) / "tokenizer.json", staging / "tokenizer.json")
         edits = [*manifest.edits, edit]
         new_manifest = replace(manifest, edits=edits, fingerprint=edited_fingerprint(staging / DATA_FILE, edits),
-                               model_file=MODEL_FILE, **changes)
+                               model_file=MODEL_FILE, probe_file=None, **changes)
+        write_probe_graph(staging, new_manifest)
         new_manifest.save(staging)
         if out_dir.exists():
             out_dir.rmdir()

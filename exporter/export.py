@@ -12,12 +12,13 @@ from tqdm import tqdm
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
-from .graph import add_ffl_outputs, find_ffl_tensors
+from .graph import add_ffl_outputs, find_ffl_tensors, probe_graph
 from .sources import ModelSource, resolve_model
 from .tokenizer_fix import fix_tokenizer, save_tokenizer, token_id
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+PROBE_FILE = "probe.onnx"   # key_last.* only, sharing DATA_FILE: the fast graph for KSD prompt passes
 TASK = "text-generation-with-past"
 
 
@@ -79,6 +80,19 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def write_probe_graph(directory: Path, manifest: Manifest) -> None:
+    """DIR/probe.onnx beside DIR/model.onnx, its weights read from the same data file; records it in the
+    manifest (the caller saves it). No-op for models without key_last outputs."""
+    import onnx
+
+    if not manifest.key_last_outputs:
+        return
+    model = onnx.load(str(directory / manifest.model_file), load_external_data=False)
+    presents = [o.name for o in model.graph.output if o.name.startswith("present.")]
+    onnx.save(probe_graph(model, manifest.key_last_outputs + presents), str(directory / PROBE_FILE))
+    manifest.probe_file = PROBE_FILE
+
+
 def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progress: bool = True) -> Manifest:
     """Export `spec` into `out_dir`; the directory appears only once everything in it is written."""
     import onnx
@@ -127,6 +141,7 @@ def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progr
             eos_token_ids=eos_ids, pad_token_id=int(pad_id), bos_token_id=hf_tokenizer.bos_token_id,
             add_bos=add_bos, chat_template=getattr(hf_tokenizer, "chat_template", None), source=spec,
         )
+        write_probe_graph(final, manifest)
         manifest.save(final)
         if out_dir.exists():
             out_dir.rmdir()

@@ -207,3 +207,30 @@ def _is_projection_chain(producer, tensor, initializers) -> bool:
     while node is not None and node.op_type == "Add" and any(i in initializers for i in node.input):
         node = producer.get(next(i for i in node.input if i not in initializers))
     return node is not None and node.op_type in PROJECTIONS and len(node.input) > 1 and node.input[1] in initializers
+
+
+def probe_graph(model: onnx.ModelProto, keep_outputs: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that computes only `keep_outputs` (key_last.* and present.*): no LM head, no final
+    norm, no full-sequence key/pre-activation outputs. onnxruntime runs every node of a graph whatever the
+    caller fetches, so a prompt pass that wants keys alone needs a graph that holds nothing else. Load
+    `model` with load_external_data=False: the copy's weights then still point into the model's data file."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    live, pending = set(), list(keep_outputs)
+    while pending:
+        node = producer.get(pending.pop())
+        if node is not None and id(node) not in live:
+            live.add(id(node))
+            pending.extend(name for name in node.input if name)
+    nodes = [node for node in graph.node if id(node) in live]
+    used = {name for node in nodes for name in node.input} | set(keep_outputs)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    kept = probe.graph
+    for field, items in (("node", nodes), ("initializer", [i for i in graph.initializer if i.name in used]),
+                         ("input", [i for i in graph.input if i.name in used]),
+                         ("output", [o for o in graph.output if o.name in keep_outputs]),
+                         ("value_info", [v for v in graph.value_info if v.name in used])):
+        kept.ClearField(field)
+        getattr(kept, field).extend(items)
+    return probe

@@ -37,6 +37,8 @@ class Manifest:
     kept_neurons: list[list[int]] | None = None
     # Per layer, the key at the last position only ([batch, ffn]); absent in exports before it existed.
     key_last_outputs: list[str] | None = None
+    # A graph with only key_last.* and present.* outputs (no LM head), sharing the weights file.
+    probe_file: str | None = None
     # Fingerprints whose stats still apply (a quantized model accepts its fp32 parent's stats).
     stats_compatible: list[str] | None = None
     format: str = FORMAT

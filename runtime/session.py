@@ -35,10 +35,15 @@ def pick_providers(device: str = "auto") -> list[str]:
 class OnnxLM:
     """Loads DIR/model.onnx + unskill.json; `forward` runs one step and returns what the caller asked for."""
 
-    def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None):
+    def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None,
+                 graph: str = "model"):
+        """graph="probe" loads the keys-only graph (manifest.probe_file): no logits, faster prompt passes."""
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory)
-        path = self.directory / self.manifest.model_file
+        self.device_request, self.threads = device, threads
+        if graph == "probe" and not self.manifest.probe_file:
+            raise UnskillError(f"{self.directory}: no probe graph; add one with `unskill edit probe-graph`")
+        path = self.directory / (self.manifest.probe_file if graph == "probe" else self.manifest.model_file)
         if not path.is_file():
             raise UnskillError(f"{path}: missing ONNX model")
         options = ort.SessionOptions()
@@ -51,16 +56,26 @@ class OnnxLM:
             raise UnskillError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = {o.name for o in self.session.get_outputs()}
-        missing = [n for n in self.manifest.key_outputs if n not in self.output_names]
+        wanted = self.manifest.key_last_outputs if graph == "probe" else self.manifest.key_outputs
+        missing = [n for n in wanted if n not in self.output_names]
         if missing:
             raise UnskillError(f"{path}: graph lacks key outputs {missing[:3]}; re-export with `unskill export`")
         self.past_names = [n for n in self.input_names if n.startswith(PAST_PREFIX)]
         past_input = next(i for i in self.session.get_inputs() if i.name.startswith(PAST_PREFIX))
         self.kv_heads, self.head_dim = past_input.shape[1], past_input.shape[3]
-        logits_dim = next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1]
-        self.vocab_size = logits_dim if isinstance(logits_dim, int) else 1 << 18
+        logits = [o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"]
+        self.vocab_size = (logits[0] if isinstance(logits[0], int) else 1 << 18) if logits else None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._kept = self._kept_by_output(self.manifest)
+        self._key_only: OnnxLM | None = None
+
+    def key_only(self) -> "OnnxLM":
+        """The same model on its keys-only probe graph where the export has one, else self."""
+        if not self.manifest.probe_file or "logits" not in self.output_names:
+            return self
+        if self._key_only is None:
+            self._key_only = OnnxLM(self.directory, self.device_request, self.threads, graph="probe")
+        return self._key_only
 
     @staticmethod
     def _kept_by_output(manifest: Manifest) -> dict[str, np.ndarray]:

@@ -8,7 +8,8 @@
 # Every step skips outputs that already exist and the evaluation caches per item, so a killed run resumes.
 # Env: UNSKILL_DATA_DIR (benchmarks, default ../shared/data), WORK (default runs/), SIZE (small|full),
 #      SETTINGS (default: gsm8k mbpp, plus the 7 XQuAD languages when SIZE=full), SP_RATIO (default 0.02),
-#      NA_RATIOS, NA_VAL (calibrate-na candidates and items), MAIN_TASKS / EDITED_TASKS (eval task lists).
+#      NA_RATIOS, NA_VAL (calibrate-na candidates and items), MAIN_TASKS / EDITED_TASKS (eval task lists),
+#      XMAX (token budget of XQuAD items, default 4096).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export UNSKILL_DATA_DIR=${UNSKILL_DATA_DIR:-$(cd .. && pwd)/shared/data}
@@ -27,6 +28,7 @@ else
   SETTINGS=${SETTINGS:-"gsm8k mbpp"}
 fi
 SP_RATIO=${SP_RATIO:-0.02}
+XMAX=${XMAX:-4096}   # XQuAD contexts run long in Hindi/Arabic/Vietnamese/Chinese tokens: keep all 100 items
 NA_RATIOS=${NA_RATIOS:-0.005,0.01,0.02,0.03}
 NA_VAL=${NA_VAL:-40}
 MODELS=${*:-smollm2-135m}
@@ -74,16 +76,16 @@ for MODEL in $MODELS; do
       --gen-limit $GEN --out "$R/original.json"
     if [[ "$SETTINGS" == *xquad* && ( $step == eval || $step == eval-xquad ) ]]; then
       [ -f "$R/original-xquad.json" ] || $U eval --model "$M/onnx" --tasks "$xq_tok$xq_gen" $stats_args \
-        --limit $XLIMIT --gen-limit $XGEN --out "$R/original-xquad.json"
+        --limit $XLIMIT --gen-limit $XGEN --max-tokens $XMAX --out "$R/original-xquad.json"
     fi
     for s in $SETTINGS; do for method in na sp; do
       [[ $step == eval || $step == eval-edited ]] && [ -d "$M/$method-$s" ] || continue
       case $s in
-        gsm8k|mbpp) tasks=${EDITED_TASKS:-$main_tasks}; limit=$LIMIT; gen=$GEN ;;
-        xquad-*) tasks="${xq_tok}mmlu:test"; limit=$XLIMIT; gen=$XGEN ;;
+        gsm8k|mbpp) tasks=${EDITED_TASKS:-$main_tasks}; limit=$LIMIT; gen=$GEN; extra="" ;;
+        xquad-*) tasks="${xq_tok}mmlu:test"; limit=$XLIMIT; gen=$XGEN; extra="--max-tokens $XMAX" ;;
       esac
       [ -f "$R/$method-$s.json" ] || $U eval --model "$M/$method-$s" --tasks "$tasks" --limit $limit \
-        --gen-limit $gen --method $method --setting "$s" --out "$R/$method-$s.json"
+        --gen-limit $gen $extra --method $method --setting "$s" --out "$R/$method-$s.json"
     done; done ;;
   esac; done
 done

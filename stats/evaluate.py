@@ -27,6 +27,7 @@ from unskill.runtime.tokenizer import TextTokenizer
 
 from . import tasks as T
 from .datasets import Dataset, Item, load_dataset, sample
+from .probe import last_position_keys
 from .sandbox import Limits
 
 HARNESS_VERSION = 1          # bump when a change alters cached per-item records
@@ -321,8 +322,14 @@ def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, layer
                 batch_size: int = 8) -> np.ndarray:
     """Key vectors at the last prompt token of one layer, (items, F), in dataset order (calibration)."""
     sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
-    collected = []
-    for start in range(0, len(sequences), batch_size):
-        ids, mask = left_pad(sequences[start:start + batch_size], model.manifest.pad_token_id)
-        collected.append(last_prompt_keys(model, ids, mask, layer, logits=False)[1])
-    return np.concatenate(collected)
+    if not model.manifest.key_last_outputs:   # an export from before key_last
+        collected = []
+        for start in range(0, len(sequences), batch_size):
+            ids, mask = left_pad(sequences[start:start + batch_size], model.manifest.pad_token_id)
+            collected.append(last_prompt_keys(model, ids, mask, layer, logits=False)[1])
+        return np.concatenate(collected)
+    output = model.manifest.key_last_outputs[layer]
+    keys = np.empty((len(sequences), model.manifest.key_width), dtype=np.float32)
+    for rows, values in last_position_keys(model.key_only(), sequences, [output], batch_size):
+        keys[rows] = values[output]
+    return keys

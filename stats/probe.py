@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import onnxruntime as ort
 from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
@@ -29,17 +31,70 @@ class ProbeConfig:
     progress: bool = True
 
 
-def _batches(sequences: list[list[int]], batch_size: int):
+MIN_SHARED_PREFIX = 4   # shorter common prefixes are not worth a separate prefill
+
+
+def _order(sequences: list[list[int]]) -> list[int]:
     """Longest first, so padding stays small and the first batch shows the peak memory at once."""
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    return sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+
+
+def _batches(sequences: list[list[int]], batch_size: int):
+    order = _order(sequences)
     for start in range(0, len(order), batch_size):
         yield [sequences[i] for i in order[start:start + batch_size]]
+
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with (the chat template's system turn, a few-shot header), leaving at
+    least one token of each sequence to run after it."""
+    shortest = min(map(len, sequences))
+    first = sequences[0]
+    length = 0
+    while length < shortest - 1 and all(seq[length] == first[length] for seq in sequences):
+        length += 1
+    return length
+
+
+def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[str], batch_size: int,
+                       progress: bool = False, desc: str = "keys", share_prefix: bool = True):
+    """Yield (sequence indices, {output: value at each sequence's last token}) batch by batch. The common
+    prefix of all sequences runs once; its KV cache is repeated for every batch, so a prompt pass costs
+    the tokens after it only. Rows are [prefix | left padding | suffix]; positions come from the mask."""
+    shared = shared_prefix_length(sequences) if share_prefix else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    prefix_cache = {}
+    if shared:
+        ids = np.asarray([sequences[0][:shared]], dtype=np.int64)
+        _, past, _ = model.forward(ids, np.ones_like(ids), model.empty_past(1), [], logits=False)
+        prefix_cache = {name: value.numpy() for name, value in past.items()}
+    order = _order(sequences)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+        rows = order[start:start + batch_size]
+        ids, mask = left_pad([sequences[i][shared:] for i in rows], model.manifest.pad_token_id)
+        if shared:
+            mask = np.concatenate([np.ones((len(rows), shared), dtype=np.int64), mask], axis=1)
+            past = {name: ort.OrtValue.ortvalue_from_numpy(np.repeat(value, len(rows), axis=0))
+                    for name, value in prefix_cache.items()}
+        else:
+            past = model.empty_past(len(rows))
+        _, _, values = model.forward(ids, mask, past, outputs, logits=False)
+        yield rows, values
 
 
 class Prober:
     def __init__(self, model: OnnxLM, tokenizer: TextTokenizer, config: ProbeConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.manifest = model.manifest
+        self._key_model = None
+
+    @property
+    def key_model(self) -> OnnxLM:
+        """The keys-only graph for prompt passes (loaded on first use; the text pass needs the full one)."""
+        if self._key_model is None:
+            self._key_model = self.model.key_only()
+        return self._key_model
 
     def _new(self, group: str) -> Moments:
         return Moments.empty(GROUP_FIELDS[group], self.manifest.num_layers, self.manifest.key_width)
@@ -63,11 +118,18 @@ class Prober:
                 raise UnskillError(f"{dataset.name}: a prompt of {len(ids)} tokens exceeds the context of {limit}")
             sequences.append(ids)
         moments = self._new("ksd")
-        last_only = self.manifest.key_last_outputs
-        outputs = last_only or self.manifest.key_outputs
+        if self.manifest.key_last_outputs:
+            model, outputs = self.key_model, self.manifest.key_last_outputs
+            batches = last_position_keys(model, sequences, outputs, self.config.batch_size,
+                                         self.config.progress, f"KSD {dataset.name}")
+            for _, values in batches:
+                for layer, name in enumerate(outputs):
+                    moments.add(layer, values[name])
+            return moments
+        outputs = self.manifest.key_outputs   # exports from before key_last: every position comes out
         for _, values in self._run(sequences, outputs, f"KSD {dataset.name}"):
             for layer, name in enumerate(outputs):
-                moments.add(layer, values[name] if last_only else values[name][:, -1, :])
+                moments.add(layer, values[name][:, -1, :])
         return moments
 
     def text_pass(self, dataset: Dataset, side: str) -> dict[str, Moments]:

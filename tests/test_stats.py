@@ -15,7 +15,8 @@ from unskill.runtime.session import OnnxLM
 from unskill.runtime.statsfile import GROUP_FIELDS, SCHEMA_VERSION, Moments, StatsFile, load_stats
 from unskill.runtime.tokenizer import TextTokenizer
 from unskill.stats.datasets import load_dataset
-from unskill.stats.probe import ProbeConfig, merge_stats, probe
+from unskill.stats.probe import (MIN_SHARED_PREFIX, ProbeConfig, last_position_keys, merge_stats, probe,
+                                 shared_prefix_length)
 
 from tiny_models import CHAT_TEMPLATE
 
@@ -243,6 +244,33 @@ def test_probe_matches_single_unpadded_runs(llama, files, llama_stats):
             np.testing.assert_allclose(na.std()[layer], pre.std(0, ddof=1), atol=1e-4)
             np.testing.assert_allclose(sp.mean("abs_sum")[layer], np.abs(key).mean(0), atol=1e-4)
             assert np.abs(sp.values["pos_count"][layer] - (key > 0).sum(0)).max() <= 1
+
+
+def test_probe_graph_with_shared_prefix_matches_single_runs(llama):
+    """The keys-only graph (no LM head, weights read from model.onnx.data) run after one shared prefill of
+    the chat template's common prefix gives every prompt's last-token keys of the full graph run alone."""
+    import onnx
+
+    m = llama.manifest
+    keys_model = llama.lm.key_only()
+    assert keys_model is not llama.lm and "logits" not in keys_model.output_names
+    assert set(m.key_last_outputs) <= keys_model.output_names
+    graph = onnx.load(str(llama.dir / m.probe_file), load_external_data=False)
+    external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
+
+    header = "Answer the following question carefully, briefly and in English. "   # like a system turn
+    prompts = [llama.tok.encode_prompt(header + p, chat=True) for p, _ in FORGET]
+    assert shared_prefix_length(prompts) >= MIN_SHARED_PREFIX
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2    # one token is always left to run
+    got = {}
+    for rows, values in last_position_keys(keys_model, prompts, m.key_last_outputs, batch_size=4):
+        got.update({index: [values[name][row] for name in m.key_last_outputs] for row, index in enumerate(rows)})
+    assert sorted(got) == list(range(len(prompts)))
+    for index, ids in enumerate(prompts):
+        alone = single_run(llama.lm, ids, m.key_outputs)
+        for layer, name in enumerate(m.key_outputs):
+            np.testing.assert_allclose(got[index][layer], alone[name][-1], atol=1e-4)
 
 
 def test_probe_meta_and_groups(llama, gpt2, files, llama_stats):
