@@ -108,7 +108,8 @@ class Generator:
         # guard sees the last position of every forward call), so a batch ends once every row is done.
         for step in range(budget):
             logits, past, keys = self.model.forward(input_ids, mask, past, guard_outputs)
-            hits = self.guard.check({n: k[:, -1, :] for n, k in keys.items()}) if self.guard else [None] * len(rows)
+            last = {n: k if k.ndim == 2 else k[:, -1, :] for n, k in keys.items()}   # key_last.* are 2-D
+            hits = self.guard.check(last) if self.guard else [None] * len(rows)
             next_ids = np.full(len(rows), pad, dtype=np.int64)
             for i, row in enumerate(rows):
                 if row.done:

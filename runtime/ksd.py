@@ -76,8 +76,11 @@ class KSDGuard:
             raise UnskillError("KSD guard needs at least one stats file")
         layers = [manifest.num_layers - 1] if layers is None else [self._layer(i, manifest) for i in layers]
         self.cubes = [cube for stats in stats_files for cube in build_cubes(stats, layers, alpha, alpha_mode)]
-        self.output_names = [manifest.key_outputs[i] for i in sorted(set(layers))]
-        self._output_of_layer = {i: manifest.key_outputs[i] for i in layers}
+        # key_last.{i} ([B, F]) where the export has it: a long prompt's prefill then copies one position
+        # out of onnxruntime, not [B, S, F].
+        names = manifest.key_last_outputs or manifest.key_outputs
+        self.output_names = [names[i] for i in sorted(set(layers))]
+        self._output_of_layer = {i: names[i] for i in layers}
 
     @staticmethod
     def _layer(index: int, manifest: Manifest) -> int:

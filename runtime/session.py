@@ -36,18 +36,22 @@ class OnnxLM:
     """Loads DIR/model.onnx + unskill.json; `forward` runs one step and returns what the caller asked for."""
 
     def __init__(self, directory: str | Path, device: str = "auto", threads: int | None = None,
-                 graph: str = "model"):
-        """graph="probe" loads the keys-only graph (manifest.probe_file): no logits, faster prompt passes."""
+                 graph: str = "model", options: ort.SessionOptions | None = None, path: str | Path | None = None):
+        """graph="probe" loads the keys-only graph (manifest.probe_file): no logits, faster prompt passes.
+        `options` replaces the default session options (benchmarks/levers.py); `path` another graph file
+        of the same model (an offline-optimized copy)."""
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory)
         self.device_request, self.threads = device, threads
         if graph == "probe" and not self.manifest.probe_file:
             raise UnskillError(f"{self.directory}: no probe graph; add one with `unskill edit probe-graph`")
-        path = self.directory / (self.manifest.probe_file if graph == "probe" else self.manifest.model_file)
+        path = Path(path) if path else self.directory / (
+            self.manifest.probe_file if graph == "probe" else self.manifest.model_file)
         if not path.is_file():
             raise UnskillError(f"{path}: missing ONNX model")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if options is None:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
         try:

@@ -76,7 +76,7 @@ _SLICE = re.compile(r"(?P<base>.+)\[(?P<lo>-?\d*):(?P<hi>-?\d*)\]")
 class Item:
     prompt: str
     completion: str = ""
-    group: str = ""                  # MMLU subject (few-shot examples come from the same one)
+    group: str = ""                  # MMLU subject (few-shot examples come from it); XQuAD paragraph
     tests: tuple[str, ...] = ()      # MBPP asserts, run by the pass@1 metric
     setup: str = ""                  # MBPP test_setup_code, run before the asserts
 
@@ -91,6 +91,7 @@ class Item:
 class Dataset:
     name: str
     items: list[Item]
+    grouped: bool = False            # items of a group share their prompt's start: sample whole groups
 
     @property
     def prompts(self) -> list[str]:
@@ -133,11 +134,22 @@ def load_dataset(spec: str, data_dir: str | os.PathLike | None = None, limit: in
 
 
 def sample(dataset: Dataset, size: int | None, seed: int = 0) -> Dataset:
-    """A seeded random subset of `size` items, kept in dataset order (MMLU's first N would be one subject)."""
+    """A seeded random subset of `size` items, kept in dataset order (MMLU's first N would be one subject).
+    A grouped dataset (XQuAD) gives whole groups in random order, the last one cut to reach `size`: the
+    questions of one paragraph then share one prefill of its context in the harness."""
     if size is None or size >= len(dataset.items):
         return dataset
-    chosen = np.sort(np.random.default_rng(seed).permutation(len(dataset.items))[:size])
-    return Dataset(dataset.name, [dataset.items[i] for i in chosen])
+    rng = np.random.default_rng(seed)
+    if not dataset.grouped:
+        chosen = np.sort(rng.permutation(len(dataset.items))[:size])
+    else:
+        members: dict[str, list[int]] = {}
+        for index, item in enumerate(dataset.items):
+            members.setdefault(item.group, []).append(index)
+        groups = list(members.values())
+        picked = [index for g in rng.permutation(len(groups)) for index in groups[g]][:size]
+        chosen = np.sort(picked)
+    return Dataset(dataset.name, [dataset.items[i] for i in chosen], dataset.grouped)
 
 
 def _finish(name: str, where: Any, items: list[Item], limit: int | None) -> Dataset:
@@ -177,7 +189,9 @@ def _load_benchmark(spec: str, bench: str, split: str, data_dir, limit: int | No
         where, items = _xquad(root, bench.removeprefix("xquad-"), split)
     else:
         where, items = {"gsm8k": _gsm8k, "mbpp": _mbpp, "mmlu": _mmlu}[family](root, split)
-    return _finish(f"{bench}:{split}", where, items, limit)
+    dataset = _finish(f"{bench}:{split}", where, items, limit)
+    dataset.grouped = family == "xquad"
+    return dataset
 
 
 def _gsm8k(root: Path, split: str) -> tuple[Path, list[Item]]:
@@ -246,11 +260,12 @@ def _xquad(root: Path, lang: str, split: str) -> tuple[Path, list[Item]]:
         articles = doc["data"]
         half = len(articles) // 2
         items = []
-        for article in articles[:half] if split == "train" else articles[half:]:
-            for para in article["paragraphs"]:
+        for a, article in enumerate(articles[:half] if split == "train" else articles[half:]):
+            for p, para in enumerate(article["paragraphs"]):
                 for qa in para["qas"]:
                     answer = qa["answers"][0]["text"] if qa["answers"] else ""
-                    items.append(Item(f"{para['context']}\n\nQuestion: {qa['question']}\nAnswer:", " " + answer))
+                    items.append(Item(f"{para['context']}\n\nQuestion: {qa['question']}\nAnswer:", " " + answer,
+                                      group=f"{split}/{a}/{p}"))
     except (KeyError, TypeError, IndexError) as exc:
         raise UnskillError(f"{path}: not SQuAD-format JSON ({type(exc).__name__}: {exc})") from None
     return path, items

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
@@ -27,7 +28,7 @@ from unskill.runtime.tokenizer import TextTokenizer
 
 from . import tasks as T
 from .datasets import Dataset, Item, load_dataset, sample
-from .probe import last_position_keys
+from .probe import MIN_SHARED_PREFIX, last_position_keys, shared_prefix_length
 from .sandbox import Limits
 
 HARNESS_VERSION = 1          # bump when a change alters cached per-item records
@@ -181,8 +182,26 @@ class Harness:
                 yield index, {"skipped": f"prompt of {first} tokens exceeds {limit}"}
             else:
                 sequences[index] = (ids[:limit], first)
-        for batch in self._token_batches(sequences):
-            yield from self._score_batch(batch, sequences)
+        groups: dict[str, list[int]] = {}
+        for index in sequences:
+            groups.setdefault(dataset.items[index].group, []).append(index)
+        for members in groups.values():
+            shared, past = self._shared_prefill(members, sequences)
+            rest = {i: (seq[shared:], first - shared) for i, (seq, first) in sequences.items() if i in members}
+            for batch in self._token_batches(rest):
+                yield from self._score_batch(batch, rest, shared, past)
+
+    def _shared_prefill(self, members: list[int], sequences) -> tuple[int, dict[str, np.ndarray] | None]:
+        """The prompt start every member shares (an XQuAD paragraph's context, the chat template's system
+        turn) run once: (its length, its KV cache as NumPy), or (0, None) when too short to matter. It stops
+        before each prompt's last token, whose logits score the first completion token."""
+        shared = min(shared_prefix_length([sequences[i][0] for i in members]),
+                     min(sequences[i][1] for i in members) - 1)
+        if shared < MIN_SHARED_PREFIX or len(members) < 2:
+            return 0, None
+        ids = np.asarray([sequences[members[0]][0][:shared]], dtype=np.int64)
+        _, past, _ = self.model.forward(ids, np.ones_like(ids), self.model.empty_past(1), logits=False)
+        return shared, {name: value.numpy() for name, value in past.items()}
 
     def _batches(self, order: list[int], lengths: dict[int, int], batch_size: int):
         """`order` is longest first. The graph computes logits at every position, so rows * width * vocab
@@ -197,10 +216,16 @@ class Harness:
         order = sorted(sequences, key=lambda i: -len(sequences[i][0]))
         yield from self._batches(order, {i: len(seq) for i, (seq, _) in sequences.items()}, self.config.batch_size)
 
-    def _score_batch(self, batch: list[int], sequences):
+    def _score_batch(self, batch: list[int], sequences, shared: int = 0, prefix: dict | None = None):
+        """Score rows that continue a shared prefix of `shared` tokens (KV cache `prefix`), or none."""
         ids, mask = left_pad([sequences[i][0] for i in batch], self.model.manifest.pad_token_id)
-        logits, _, extras = self.model.forward(ids, mask, self.model.empty_past(len(batch)), self._key_outputs(),
-                                               all_logits=True)
+        if prefix:
+            mask = np.concatenate([np.ones((len(batch), shared), dtype=np.int64), mask], axis=1)
+            past = {name: ort.OrtValue.ortvalue_from_numpy(np.repeat(value, len(batch), axis=0))
+                    for name, value in prefix.items()}
+        else:
+            past = self.model.empty_past(len(batch))
+        logits, _, extras = self.model.forward(ids, mask, past, self._key_outputs(), all_logits=True)
         for row, index in enumerate(batch):
             seq, first = sequences[index]
             offset = ids.shape[1] - len(seq)   # left padding

@@ -63,6 +63,30 @@ def test_token_metrics_equal_direct_computation(llama, tmp_path, chat):
     np.testing.assert_allclose([result["score"], result["nll"]], [top1, nll], rtol=1e-4)
 
 
+def test_xquad_paragraphs_share_one_prefill(llama, apple_stats, tmp_path, data_dir):
+    """XQuAD samples whole paragraphs, and the questions of one paragraph continue one prefill of its
+    context: scores equal the direct unbatched computation, entry alphas equal a run without sharing."""
+    from unskill.stats.datasets import load_dataset, sample
+
+    generator, _ = llama
+    model, tokenizer = generator.model, generator.tokenizer
+    items = sample(load_dataset("xquad-en:test", data_dir), 7, 0).items
+    groups = [item.group for item in items]
+    assert len(set(groups)) <= 3 and max(groups.count(g) for g in groups) >= 3   # paragraphs, not scattered
+    config = EvalConfig(str(data_dir), limit=7, batch_size=3, progress=False)
+    stats = {"apples": apple_stats}
+    harness = Harness(model, tokenizer, config, stats)
+    first_paragraph = {i: harness._scored_sequence(item) for i, item in enumerate(items) if item.group == groups[0]}
+    assert harness._shared_prefill(list(first_paragraph), first_paragraph)[0] > 50   # the context, once
+    shared = harness.run(["xquad-en:test"])["xquad-en:test"]
+    top1, nll, tokens = direct_token_scores(model, tokenizer, items, True)
+    assert shared["items"] == 7 and shared["tokens"] == tokens
+    np.testing.assert_allclose([shared["score"], shared["nll"]], [top1, nll], rtol=1e-4)
+    spec = write_items(tmp_path / "xquad.jsonl", items)   # same items, no groups: nothing shared
+    alone = Harness(model, tokenizer, config, stats).run([spec])[spec]
+    np.testing.assert_allclose(shared["entry"]["apples"], alone["entry"]["apples"], rtol=1e-4)
+
+
 def test_token_entries_decide_abstention_like_the_guard(llama, apple_stats, tmp_path):
     """An item abstains at alpha exactly when the runtime guard refuses its prompt."""
     generator, _ = llama
