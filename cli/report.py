@@ -77,7 +77,9 @@ class Model:
             key = ({"prune": "sp"}.get(method, method), doc.get("setting"))
             if key[1] is None:
                 raise UnskillError(f"{doc['_path']}: an edited run needs --setting (the forgotten skill)")
-            self.edited.setdefault(key, {}).update(doc["tasks"])
+            runs = self.edited.setdefault(key, {})
+            for task, result in doc["tasks"].items():
+                runs.setdefault(task, []).append(result)
             ratios = [edit.get("ratio") for edit in doc.get("edits", []) if edit.get("ratio")]
             if ratios:
                 self.edit_ratios[key] = ratios[-1]
@@ -95,8 +97,17 @@ class Model:
                 return None, None
             view = ksd_view(base, setting, alpha)
             return view["score"], view["abstain"]
-        run = self.edited.get((method, setting), {}).get(task)
+        run = self._edited_run(method, setting, task)
         return (run["score"], None) if run else (None, None)
+
+    def _edited_run(self, method: str, setting: str, task: str) -> dict | None:
+        """The edited model's run of `task` on as many items as the original's (same seed: the same items);
+        a run on another sample size is not comparable and is left out."""
+        before = self.original.get(task)
+        for run in self.edited.get((method, setting), {}).get(task, []):
+            if before is None or run["items"] == before["items"]:
+                return run
+        return None
 
     def relative(self, method: str, setting: str, tasks: list[str], alpha: float) -> float | None:
         """Mean over tasks of after / before, skipping tasks not run or with a zero baseline."""

@@ -9,7 +9,7 @@
 # Env: UNSKILL_DATA_DIR (benchmarks, default ../shared/data), WORK (default runs/), SIZE (small|full),
 #      SETTINGS (default: gsm8k mbpp, plus the 7 XQuAD languages when SIZE=full), SP_RATIO (default 0.02),
 #      NA_RATIOS, NA_VAL (calibrate-na candidates and items), MAIN_TASKS / EDITED_TASKS (eval task lists),
-#      XMAX (token budget of XQuAD items, default 4096).
+#      XMAX (token budget of XQuAD items, default 4096), GENERAL_TASKS (general set for the XQuAD edits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export UNSKILL_DATA_DIR=${UNSKILL_DATA_DIR:-$(cd .. && pwd)/shared/data}
@@ -57,7 +57,8 @@ for MODEL in $MODELS; do
         gsm8k|mbpp) retain="$(other $s):validation"; forget="$s:validation" ;;
         xquad-*) retain=$(xquad_val "$s"); forget="$s:train[$XPROBE:$((XPROBE + 100))]" ;;
       esac
-      [ -f "$C/ksd-$s.json" ] || $U calibrate --model "$M/onnx" --stats "$S/$s.npz" --retain "$retain" \
+      # KSD must not refuse general questions either: MMLU dev prompts join the retain side (never test items).
+      [ -f "$C/ksd-$s.json" ] || $U calibrate --model "$M/onnx" --stats "$S/$s.npz" --retain "$retain+mmlu:dev" \
         --forget "$forget" --limit $VAL --out "$C/ksd-$s.json"
       [ -f "$C/na-$s.json" ] || $U calibrate-na --model "$M/onnx" --stats "$S/$s.npz" --retain "$retain" \
         --forget "$forget" --limit $NA_VAL --ratios $NA_RATIOS --keep "$M/na-$s" --out "$C/na-$s.json"
@@ -82,10 +83,15 @@ for MODEL in $MODELS; do
       [[ $step == eval || $step == eval-edited ]] && [ -d "$M/$method-$s" ] || continue
       case $s in
         gsm8k|mbpp) tasks=${EDITED_TASKS:-$main_tasks}; limit=$LIMIT; gen=$GEN; extra="" ;;
-        xquad-*) tasks="${xq_tok}mmlu:test"; limit=$XLIMIT; gen=$XGEN; extra="--max-tokens $XMAX" ;;
+        xquad-*) tasks="${xq_tok%,}"; limit=$XLIMIT; gen=$XGEN; extra="--max-tokens $XMAX" ;;
       esac
       [ -f "$R/$method-$s.json" ] || $U eval --model "$M/$method-$s" --tasks "$tasks" --limit $limit \
         --gen-limit $gen $extra --method $method --setting "$s" --out "$R/$method-$s.json"
+      # XQuAD settings: the general set on the original's sample size, so after / before compare the same items.
+      if [[ $s == xquad-* ]]; then
+        [ -f "$R/$method-$s-general.json" ] || $U eval --model "$M/$method-$s" --tasks "${GENERAL_TASKS:-mmlu:test}" \
+          --limit $LIMIT --gen-limit $GEN --method $method --setting "$s" --out "$R/$method-$s-general.json"
+      fi
     done; done ;;
   esac; done
 done

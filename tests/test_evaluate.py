@@ -238,3 +238,19 @@ def test_mbpp_pass_at_1_runs_the_asserts_in_the_sandbox(data_dir):
     limits = Limits(timeout_s=5)
     assert T.score_mbpp(item.completion, item, limits)
     assert not T.score_mbpp("def remove_Occ(s, ch):\n    return s", item, limits)
+
+
+def test_report_compares_only_runs_on_the_same_sample_size():
+    """An edited run of a task on another sample size than the original's is left out of after / before."""
+    from unskill.cli.report import Model
+
+    def task(items, score):
+        return {"kind": "tokens", "metric": "top1", "dataset": "mmlu:test", "items": items, "score": score}
+
+    model = Model("m")
+    model.add({"method": "original", "tasks": {"mmlu:test": task(200, 0.5)}, "_path": "o.json"})
+    model.add({"method": "na", "setting": "xquad-en", "tasks": {"mmlu:test": task(100, 0.1)}, "_path": "a.json"})
+    assert model.score("na", "xquad-en", "mmlu:test", 1.0) == (None, None)
+    model.add({"method": "na", "setting": "xquad-en", "tasks": {"mmlu:test": task(200, 0.4)}, "_path": "b.json"})
+    assert model.score("na", "xquad-en", "mmlu:test", 1.0) == (0.4, None)
+    assert model.relative("na", "xquad-en", ["mmlu:test"], 1.0) == pytest.approx(0.8)
