@@ -242,7 +242,7 @@ def test_mbpp_pass_at_1_runs_the_asserts_in_the_sandbox(data_dir):
 
 def test_report_compares_only_runs_on_the_same_sample_size():
     """An edited run of a task on another sample size than the original's is left out of after / before."""
-    from unskill.cli.report import Model
+    from unskill.report import Model
 
     def task(items, score):
         return {"kind": "tokens", "metric": "top1", "dataset": "mmlu:test", "items": items, "score": score}
