@@ -23,7 +23,13 @@ def load_exported(directory: str | Path) -> tuple[onnx.ModelProto, Manifest]:
     path = directory / manifest.model_file
     if not path.is_file():
         raise UnskillError(f"{path}: missing ONNX model")
-    return onnx.load(str(path)), manifest
+    try:
+        return onnx.load(str(path)), manifest
+    except onnx.checker.ValidationError as error:
+        # e.g. onnx >= 1.17 refuses external data with several hard links (`cp -al` copies): copy the files.
+        raise UnskillError(f"{path}: onnx refuses to load it: {error}") from None
+    except (OSError, ValueError) as error:
+        raise UnskillError(f"{path}: cannot read the ONNX model: {error}") from None
 
 
 def edited_fingerprint(data_path: Path, edits: list[dict]) -> str:

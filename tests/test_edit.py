@@ -177,6 +177,24 @@ def test_edit_errors(tiny_export, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_hard_linked_export_gives_one_line_error(tiny_export, edit_stats, tmp_path, capsys):
+    """`cp -al` copies share the weights file; onnx refuses such external data, we name the file instead."""
+    import os
+    import shutil
+
+    from unskill.cli import main
+
+    _, onnx_dir = tiny_export("llama")
+    linked = tmp_path / "linked"
+    shutil.copytree(onnx_dir, linked, copy_function=os.link)
+    code = main(["edit", "prune", "--model", str(linked), "--stats", str(edit_stats("llama")), "--ratio", "0.1",
+                 "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(linked / "model.onnx") in err and "hard link" in err
+    assert not (tmp_path / "p").exists()
+
+
 def test_edited_model_runs_in_plain_onnxruntime_script(tiny_export, edit_stats, tmp_path):
     """examples/plain_onnxruntime.py imports no unskill code; its greedy text equals the runtime's."""
     import subprocess
