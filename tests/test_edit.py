@@ -227,10 +227,14 @@ def test_quantized_model_keeps_outputs_and_accepts_fp32_stats(tiny_export, edit_
     quantized, _, _ = run_plain_ort(out, ids)
     plain, _, _ = run_plain_ort(onnx_dir, ids)
     assert (out / "model.onnx.data").stat().st_size < (onnx_dir / "model.onnx.data").stat().st_size
-    # Random tiny weights give near-flat logits (|max| ~0.7) that dynamic uint8 activations blur: bound the
-    # relative RMS error and the greedy choice; benchmarks/quantized.py measures accuracy on the real model.
-    rel_rms = np.linalg.norm(quantized["logits"] - plain["logits"]) / np.linalg.norm(plain["logits"])
+    # Random tiny weights give near-flat logits (|max| ~0.7) that int8's dynamic uint8 activations blur (max
+    # error 0.198 of the largest logit): bound the relative RMS error and the greedy choice; int4 keeps its
+    # max-error bound too. benchmarks/README.md ("Quantization") measures accuracy on the real model.
+    diff = quantized["logits"] - plain["logits"]
+    rel_rms = np.linalg.norm(diff) / np.linalg.norm(plain["logits"])
     agree = (quantized["logits"].argmax(-1) == plain["logits"].argmax(-1)).mean()
     assert rel_rms < 0.2 and agree >= 0.75, (rel_rms, agree)
+    if mode == "int4":
+        assert np.abs(diff).max() / np.abs(plain["logits"]).max() < 0.2
     assert quantized["key.2"].shape == plain["key.2"].shape
     load(out, stats=[edit_stats("llama")], device="cpu")   # fp32 stats are accepted on the quantized model
