@@ -34,6 +34,12 @@ NA_VAL=${NA_VAL:-40}
 MODELS=${*:-smollm2-135m}
 other() { [ "$1" = gsm8k ] && echo mbpp || echo gsm8k; }
 xquad_others() { for o in $LANGS; do if [ "xquad-$o" != "$1" ]; then printf '%s\n' "$2/shard-$o.npz"; fi; done; }
+val_spec() { case $1 in xquad-*) echo "$1:train[$XPROBE:$((XPROBE + 100))]" ;; *) echo "$1:validation" ;; esac; }
+ksd_group() {   # SETTING...: calibrate KSD for all of them in one pass unless each already has its JSON
+  local args=() need="" s
+  for s in "$@"; do [ -f "$C/ksd-$s.json" ] || need=1; args+=(--stats "$s=$S/$s.npz" --forget "$s=$(val_spec "$s")"); done
+  [ -z "$need" ] || $U calibrate --model "$M/onnx" "${args[@]}" --retain mmlu:dev --limit $VAL --out-dir "$C"
+}
 xquad_val() { local s=""; for o in $LANGS; do if [ "xquad-$o" != "$1" ]; then s="$s+xquad-$o:train[$XPROBE:$((XPROBE + 20))]"; fi; done; echo "${s#+}"; }
 
 for MODEL in $MODELS; do
@@ -49,19 +55,28 @@ for MODEL in $MODELS; do
       xquad-*)
         for l in $LANGS; do [ -f "$S/shard-$l.npz" ] || $U stats --model "$M/onnx" --forget "xquad-$l:train" \
           --text --limit $XPROBE --skill "xquad-$l" --out "$S/shard-$l.npz"; done
-        [ -f "$S/$s.npz" ] || $U stats --compose "$S/shard-${s#xquad-}.npz" $(xquad_others "$s" "$S") --out "$S/$s.npz" ;;
+        # every language's composed stats, not only $s's: KSD calibrates all seven cubes in one pass
+        for l in $LANGS; do [ -f "$S/xquad-$l.npz" ] || $U stats --compose "$S/shard-$l.npz" \
+          $(xquad_others "xquad-$l" "$S") --out "$S/xquad-$l.npz"; done ;;
     esac; done ;;
   calibrate)
+    # KSD, one pass per group (GSM8K + MBPP; the seven XQuAD languages): each validation prompt is prefilled once
+    # and scored against every cube; a setting's retain set is the other settings' validation prompts plus MMLU
+    # dev prompts (KSD must not refuse general questions either). Never test items.
+    pair=$(for s in $SETTINGS; do case $s in gsm8k|mbpp) printf '%s ' $s ;; esac; done)
+    case "$pair" in
+      *" "*" "*) ksd_group gsm8k mbpp ;;
+      ?*) s=${pair% }; [ -f "$C/ksd-$s.json" ] || $U calibrate --model "$M/onnx" --stats "$S/$s.npz" \
+            --retain "$(other $s):validation+mmlu:dev" --forget "$s:validation" --limit $VAL --out "$C/ksd-$s.json" ;;
+    esac
+    if [[ "$SETTINGS" == *xquad* ]]; then ksd_group $(for l in $LANGS; do printf 'xquad-%s ' $l; done); fi
     for s in $SETTINGS; do
       case $s in
-        gsm8k|mbpp) retain="$(other $s):validation"; forget="$s:validation" ;;
-        xquad-*) retain=$(xquad_val "$s"); forget="$s:train[$XPROBE:$((XPROBE + 100))]" ;;
+        gsm8k|mbpp) retain="$(other $s):validation" ;;
+        xquad-*) retain=$(xquad_val "$s") ;;
       esac
-      # KSD must not refuse general questions either: MMLU dev prompts join the retain side (never test items).
-      [ -f "$C/ksd-$s.json" ] || $U calibrate --model "$M/onnx" --stats "$S/$s.npz" --retain "$retain+mmlu:dev" \
-        --forget "$forget" --limit $VAL --out "$C/ksd-$s.json"
       [ -f "$C/na-$s.json" ] || $U calibrate-na --model "$M/onnx" --stats "$S/$s.npz" --retain "$retain" \
-        --forget "$forget" --limit $NA_VAL --ratios $NA_RATIOS --keep "$M/na-$s" --out "$C/na-$s.json"
+        --forget "$(val_spec $s)" --limit $NA_VAL --ratios $NA_RATIOS --keep "$M/na-$s" --out "$C/na-$s.json"
     done ;;
   edit)
     for s in $SETTINGS; do

@@ -117,15 +117,19 @@ def add_eval_parser(subparsers) -> None:
     p.set_defaults(run=run_eval)
 
 
+def _split_named(value: str) -> tuple[str, str]:
+    """NAME=PATH -> (NAME, PATH); a bare path (even one with '=' in its name) -> ("", PATH)."""
+    name, sep, path = value.partition("=")
+    return ("", value) if not sep or Path(value).exists() else (name, path)
+
+
 def _named_stats(values: list[str], manifest) -> dict:
     from unskill.runtime.errors import UnskillError
     from unskill.runtime.statsfile import load_stats
 
     named = {}
     for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or Path(value).exists():   # a bare path (even one with '=' in its name)
-            name, path = "", value
+        name, path = _split_named(value)
         stats = load_stats(path, manifest)
         name = name or stats.skill
         if name in named:
@@ -180,21 +184,29 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_calibrate_parser(subparsers) -> None:
-    p = subparsers.add_parser("calibrate", help="choose KSD alpha so retain prompts are refused at most --target")
+    p = subparsers.add_parser("calibrate", help="choose KSD alpha so retain prompts are refused at most --target",
+                              description="One skill: --stats NPZ --retain SPEC [--forget SPEC] --out JSON. "
+                              "Several skills in one pass: --stats NAME=NPZ and --forget NAME=SPEC for each, "
+                              "[--retain SPEC shared by all] --out-dir DIR; a skill's retain set is then the "
+                              "shared retain plus every other skill's forget prompts.")
     p.add_argument("--model", required=True)
-    p.add_argument("--stats", required=True, help="KSD stats of the skill to forget")
-    p.add_argument("--retain", required=True, help="validation prompts that must stay answered, e.g. mbpp:validation")
-    p.add_argument("--forget", help="validation prompts of the skill, to report coverage, e.g. gsm8k:validation")
+    p.add_argument("--stats", action="append", required=True, metavar="[NAME=]NPZ",
+                   help="KSD stats of the skill to forget (repeat with NAME=NPZ for several skills)")
+    p.add_argument("--retain", help="validation prompts that must stay answered, e.g. mbpp:validation")
+    p.add_argument("--forget", action="append", default=[], metavar="[NAME=]SPEC",
+                   help="validation prompts of the skill, to report coverage, e.g. gsm8k:validation")
     p.add_argument("--target", type=float, default=0.01, help="largest allowed retain false-abstain rate (default 0.01)")
     p.add_argument("--layer", type=int, default=-1)
     p.add_argument("--data-dir")
-    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--limit", type=int, default=200, help="items per dataset spec part (default 200)")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--out", help="write the choice as JSON here (input of `unskill report --calibration`)")
+    p.add_argument("--out-dir", help="several skills: write ksd-NAME.json for each here")
     p.set_defaults(run=run_calibrate)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from unskill.runtime.errors import UnskillError
     from unskill.runtime.session import OnnxLM
     from unskill.runtime.statsfile import load_stats
     from unskill.runtime.tokenizer import TextTokenizer
@@ -202,18 +214,69 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
     from .datasets import load_dataset
 
+    if len(args.stats) > 1 or args.out_dir:
+        return _run_calibrate_skills(args)
+    if not args.retain:
+        raise UnskillError("unskill calibrate: one skill needs --retain SPEC")
+    if len(args.forget) > 1:
+        raise UnskillError("unskill calibrate: one --stats takes at most one --forget")
+    stats_path, forget_spec = args.stats[0], (args.forget or [None])[0]
     model = OnnxLM(args.model)
-    stats = load_stats(args.stats, model.manifest)
+    stats = load_stats(stats_path, model.manifest)
     retain = load_dataset(args.retain, args.data_dir, args.limit)
-    forget = load_dataset(args.forget, args.data_dir, args.limit) if args.forget else None
+    forget = load_dataset(forget_spec, args.data_dir, args.limit) if forget_spec else None
     result = calibrate(model, TextTokenizer(args.model, model.manifest), stats, retain, forget, args.target,
                        args.layer, not args.no_chat)
-    coverage = f", forget refused {result.forget_abstain:.1%} of {result.forget_items}" if forget else ""
-    print(f"alpha {result.alpha:.4g} (x k, layer {result.layer}): retain refused {result.retain_abstain:.1%} "
-          f"of {result.retain_items}{coverage}\nuse: ksd-run --stats {args.stats} --alpha {result.alpha:.4g} "
-          f"--layers {result.layer}")
+    _print_calibration(stats.skill, stats_path, result)
     if args.out:
         from unskill.runtime.cli import write_json
-        write_json(args.out, {"method": "ksd", "source": model.manifest.source, "skill": stats.skill, "stats": args.stats, "retain": args.retain,
-                              "forget": args.forget, "target": args.target, **result.as_dict()})
+        write_json(args.out, {"method": "ksd", "source": model.manifest.source, "skill": stats.skill,
+                              "stats": stats_path, "retain": args.retain, "forget": forget_spec,
+                              "target": args.target, **result.as_dict()})
     return 0
+
+
+def _run_calibrate_skills(args: argparse.Namespace) -> int:
+    from unskill.runtime.cli import write_json
+    from unskill.runtime.errors import UnskillError
+    from unskill.runtime.session import OnnxLM
+    from unskill.runtime.tokenizer import TextTokenizer
+
+    from .calibrate import calibrate_skills
+    from .datasets import load_dataset
+
+    if not args.out_dir or args.out:
+        raise UnskillError("unskill calibrate: several --stats write one file each: give --out-dir DIR, not --out")
+    model = OnnxLM(args.model)
+    stats = _named_stats(args.stats, model.manifest)
+    paths = dict(zip(stats, (_split_named(value)[1] for value in args.stats)))   # same order as the values
+    forget_specs = {}
+    for value in args.forget:
+        name, sep, spec = value.partition("=")
+        if not sep:
+            raise UnskillError(f"unskill calibrate: --forget {value!r}: several skills need NAME=SPEC")
+        forget_specs[name] = spec
+    forget = {name: load_dataset(spec, args.data_dir, args.limit) for name, spec in forget_specs.items()}
+    retain = load_dataset(args.retain, args.data_dir, args.limit) if args.retain else None
+    results = calibrate_skills(model, TextTokenizer(args.model, model.manifest), stats, forget, retain,
+                               args.target, args.layer, not args.no_chat)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, result in results.items():
+        _print_calibration(name, paths[name], result)
+        retain_spec = "+".join([spec for other, spec in forget_specs.items() if other != name]
+                               + ([args.retain] if args.retain else []))
+        write_json(str(out_dir / f"ksd-{name}.json"),
+                   {"method": "ksd", "source": model.manifest.source, "skill": stats[name].skill, "setting": name,
+                    "stats": paths[name], "retain": retain_spec, "forget": forget_specs[name],
+                    "target": args.target, **result.as_dict()})
+    print(f"wrote {len(results)} calibrations to {out_dir}")
+    return 0
+
+
+def _print_calibration(name: str, stats_path: str, result) -> None:
+    coverage = (f", forget refused {result.forget_abstain:.1%} of {result.forget_items}"
+                if result.forget_items is not None else "")
+    print(f"{name}: alpha {result.alpha:.4g} (x k, layer {result.layer}): retain refused "
+          f"{result.retain_abstain:.1%} of {result.retain_items}{coverage}\n"
+          f"  use: ksd-run --stats {stats_path} --alpha {result.alpha:.4g} --layers {result.layer}")

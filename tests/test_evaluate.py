@@ -176,6 +176,42 @@ def test_mmlu_five_shot_uses_the_subject_dev_items(llama, data_dir):
     assert result["items"] + result["skipped"] == 3 and result["items"] >= 1 and set(result["replies"]) <= set("ABCD")
 
 
+def test_calibrating_several_skills_in_one_pass_matches_one_at_a_time(llama, apple_stats, tmp_path):
+    """Each skill's retain set = the shared retain + the other skills' forget prompts: same alphas as calibrate()."""
+    from unskill.cli import main
+    from unskill.stats.calibrate import calibrate, calibrate_skills
+
+    generator, onnx_dir = llama
+    model, tokenizer = generator.model, generator.tokenizer
+    apples = Dataset("apples", [Item(f"Tom has {i + 9} apples and eats {i}. How many are left?") for i in range(8)])
+    code = Dataset("code", [Item(f"Write a python function number {i} that sorts a list") for i in range(8)])
+    general = Dataset("general", [Item(f"What is the capital of country number {i}?") for i in range(6)])
+    code_stats = probe(model, tokenizer, code, config=ProbeConfig(progress=False), skill="code")
+    together = calibrate_skills(model, tokenizer, {"apples": apple_stats, "code": code_stats},
+                                {"apples": apples, "code": code}, general, target=0.2)
+    alone = {"apples": calibrate(model, tokenizer, apple_stats, Dataset("r", code.items + general.items), apples, 0.2),
+             "code": calibrate(model, tokenizer, code_stats, Dataset("r", apples.items + general.items), code, 0.2)}
+    for name in alone:
+        assert together[name].as_dict() == pytest.approx(alone[name].as_dict(), rel=1e-6), name
+        assert together[name].retain_items == 14 and together[name].retain_abstain <= 0.2
+
+    # the CLI: NAME=NPZ / NAME=SPEC pairs, one JSON per skill; a skill without its forget set is a one-line error
+    stats_paths = {"apples": tmp_path / "apples.npz", "code": tmp_path / "code.npz"}
+    apple_stats.save(stats_paths["apples"])
+    code_stats.save(stats_paths["code"])
+    specs = {"apples": write_items(tmp_path / "apples.jsonl", apples.items),
+             "code": write_items(tmp_path / "code.jsonl", code.items)}
+    args = ["calibrate", "--model", str(onnx_dir), *[a for n, p in stats_paths.items() for a in ("--stats", f"{n}={p}")],
+            "--retain", write_items(tmp_path / "general.jsonl", general.items), "--target", "0.2", "--no-chat"]
+    assert main([*args, *[a for n, s in specs.items() for a in ("--forget", f"{n}={s}")],
+                 "--out-dir", str(tmp_path / "calibration")]) == 0
+    written = json.loads((tmp_path / "calibration" / "ksd-code.json").read_text())
+    assert written["setting"] == "code" and written["forget"] == specs["code"] and written["retain_items"] == 14
+    assert written["retain"].startswith(specs["apples"] + "+")
+    assert main([*args, "--forget", f"apples={specs['apples']}", "--out-dir", str(tmp_path / "c2")]) == 2
+    assert not (tmp_path / "c2").exists()
+
+
 def test_cli_eval_calibrate_and_report(llama, tmp_path, data_dir):
     pytest.importorskip("matplotlib")
     from unskill.cli import main
