@@ -252,8 +252,8 @@ def _run_calibrate_skills(args: argparse.Namespace) -> int:
     paths = dict(zip(stats, (_split_named(value)[1] for value in args.stats)))   # same order as the values
     forget_specs = {}
     for value in args.forget:
-        name, sep, spec = value.partition("=")
-        if not sep:
+        name, spec = _split_named(value)
+        if not name:
             raise UnskillError(f"unskill calibrate: --forget {value!r}: several skills need NAME=SPEC")
         forget_specs[name] = spec
     forget = {name: load_dataset(spec, args.data_dir, args.limit) for name, spec in forget_specs.items()}
