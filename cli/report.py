@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="KSD alpha (x k) where no calibration is given")
     p.add_argument("--out", required=True, help="Markdown file to write, e.g. docs/results.md")
     p.add_argument("--plots", help="folder for the PNG plots (default: next to --out)")
-    p.add_argument("--commands", help="a text file with the commands that produced the results, quoted in the report")
+    p.add_argument("--commands", nargs="+", default=[],
+                   help="text files with the commands that produced the results, quoted in the report")
     p.set_defaults(run=run)
 
 
@@ -71,7 +72,8 @@ class Model:
     def add(self, doc: dict) -> None:
         method = doc.get("method") or "original"
         if method == "original":
-            self.original.update(doc["tasks"])
+            for task, result in doc["tasks"].items():
+                self._add_original(task, result, doc["_path"])
             self.ksd_stats.update((doc.get("ksd") or {}).get("stats", {}))
         else:
             key = ({"prune": "sp"}.get(method, method), doc.get("setting"))
@@ -83,6 +85,19 @@ class Model:
             ratios = [edit.get("ratio") for edit in doc.get("edits", []) if edit.get("ratio")]
             if ratios:
                 self.edit_ratios[key] = ratios[-1]
+
+    def _add_original(self, task: str, result: dict, path: str) -> None:
+        """Two runs of the original on the same task (e.g. MMLU in the GSM8K run and in the XQuAD run) are the
+        same items when the sizes match (same seed): merge their KSD entries, so each setting keeps its own."""
+        known = self.original.get(task)
+        if known is None:
+            self.original[task] = result
+            return
+        if known["items"] != result["items"]:
+            raise UnskillError(f"{path}: {task} of the original was run on {result['items']} items here and on "
+                               f"{known['items']} in another file; pass runs of one sample size")
+        merged = dict(known, entry={**known.get("entry", {}), **result.get("entry", {})})
+        self.original[task] = merged
 
     def settings(self) -> list[str]:
         found = set(self.ksd_stats) | {setting for _, setting in self.edited}
@@ -194,6 +209,11 @@ def heatmap_values(model: Model, method: str):
     return langs, rows
 
 
+def heatmap_methods(model: Model) -> list[str]:
+    """The methods with at least one measured cell: a run of KSD alone draws one panel, not two empty ones."""
+    return [m for m in METHODS if any(v is not None for row in heatmap_values(model, m)[1] for v in row)]
+
+
 def plot(model: Model, folder: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -240,8 +260,9 @@ def plot(model: Model, folder: Path) -> list[Path]:
     plt.close(fig)
     written.append(path)
     if xq_measured:
-        fig, axes = plt.subplots(1, len(METHODS), figsize=(4.6 * len(METHODS), 4), squeeze=False)
-        for ax, method in zip(axes[0], METHODS):
+        methods = heatmap_methods(model)
+        fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods) + 1, 4), squeeze=False)
+        for ax, method in zip(axes[0], methods):
             langs, rows = heatmap_values(model, method)
             grid = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
             image = ax.imshow(grid, vmin=0, vmax=1.1, cmap="viridis")
@@ -294,7 +315,9 @@ def run(args: argparse.Namespace) -> int:
         for path in plot(model, folder):
             lines += [f"![{path.stem}]({path.relative_to(out.parent) if path.is_relative_to(out.parent) else path})", ""]
     if args.commands:
-        lines += ["## Commands", "", "```", Path(args.commands).read_text(encoding="utf-8").rstrip(), "```", ""]
+        lines += ["## Commands", ""]
+        for path in args.commands:
+            lines += [f"`{path}`:", "", "```", Path(path).read_text(encoding="utf-8").rstrip(), "```", ""]
     write_text_atomic(str(out), "\n".join(lines))
     print(f"wrote {out} ({len(models)} model(s))")
     return 0

@@ -290,3 +290,27 @@ def test_report_compares_only_runs_on_the_same_sample_size():
     model.add({"method": "na", "setting": "xquad-en", "tasks": {"mmlu:test": task(200, 0.4)}, "_path": "b.json"})
     assert model.score("na", "xquad-en", "mmlu:test", 1.0) == (0.4, None)
     assert model.relative("na", "xquad-en", ["mmlu:test"], 1.0) == pytest.approx(0.8)
+
+
+def test_report_merges_ksd_entries_of_two_original_runs():
+    """MMLU run with the GSM8K stats in one file and with the XQuAD stats in another: both settings keep their
+    KSD view; a run of the same task on another sample size is refused with the file's name."""
+    from unskill.report import Model, heatmap_methods
+    from unskill.runtime.errors import UnskillError
+
+    def mmlu(items, entry):
+        per_item = {"hits": [1] * items, "tokens": [1] * items}
+        return {"kind": "tokens", "metric": "top1", "dataset": "mmlu:test", "items": items, "score": 1.0,
+                "per_item": per_item, "entry": entry}
+
+    model = Model("m")
+    model.add({"method": "original", "tasks": {"mmlu:test": mmlu(4, {"gsm8k": [0.5, 2, 2, 2]})}, "_path": "a.json"})
+    model.add({"method": "original", "tasks": {"mmlu:test": mmlu(4, {"xquad-en": [0.5, 0.5, 2, 2]}),
+                                               "xquad-en:test": mmlu(4, {"xquad-en": [0.5, 2, 2, 2]})},
+               "ksd": {"stats": {"xquad-en": "xquad-en.npz"}}, "_path": "b.json"})
+    assert model.score("ksd", "gsm8k", "mmlu:test", 1.0) == (0.75, 0.25)
+    assert model.score("ksd", "xquad-en", "mmlu:test", 1.0) == (0.5, 0.5)
+    model.alphas["xquad-en"] = 1.0
+    assert heatmap_methods(model) == ["ksd"]   # no NA / SP runs: their panels are not drawn
+    with pytest.raises(UnskillError, match=r"c\.json: mmlu:test of the original was run on 8 items"):
+        model.add({"method": "original", "tasks": {"mmlu:test": mmlu(8, {})}, "_path": "c.json"})
