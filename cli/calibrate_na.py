@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
 def _scores(model_dir: Path, args, tasks: list[str]) -> dict[str, float]:
     from unskill.runtime.session import OnnxLM
     from unskill.runtime.tokenizer import TextTokenizer
-    from unskill.stats.evaluate import EvalConfig, Harness
+    from unskill.evals.evaluate import EvalConfig, Harness
 
     model = OnnxLM(model_dir)
     config = EvalConfig(args.data_dir, args.limit, seed=args.seed, progress=not args.no_progress)

@@ -12,7 +12,9 @@ def build_parser() -> argparse.ArgumentParser:
     from unskill.exporter import cli as export_cli
     from unskill.stats import cli as stats_cli
 
-    from . import calibrate_na, report
+    from unskill.evals import report
+
+    from . import calibrate_na
 
     parser = argparse.ArgumentParser(prog="unskill", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)

@@ -17,7 +17,7 @@ from unskill.runtime.statsfile import StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
 from .datasets import Dataset
-from .evaluate import KeyEntry, prompt_keys
+from unskill.evals.evaluate import KeyEntry, prompt_keys
 
 
 @dataclass

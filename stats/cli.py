@@ -149,7 +149,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from unskill.runtime.session import OnnxLM
     from unskill.runtime.tokenizer import TextTokenizer
 
-    from .evaluate import EvalConfig, Harness, ksd_view
+    from unskill.evals.evaluate import EvalConfig, Harness, ksd_view
 
     model = OnnxLM(args.model)
     tokenizer = TextTokenizer(args.model, model.manifest)

@@ -10,9 +10,9 @@ from unskill.runtime import load
 from unskill.runtime.generator import GenerationParams, Generator
 from unskill.runtime.ksd import KSDGuard
 from unskill.stats.datasets import Dataset, Item
-from unskill.stats.evaluate import EvalConfig, Harness, ItemCache, ksd_view
+from unskill.evals.evaluate import EvalConfig, Harness, ItemCache, ksd_view
 from unskill.stats.probe import ProbeConfig, probe
-from unskill.stats.tasks import parse_task
+from unskill.evals.tasks import parse_task
 
 ITEMS = [Item("Tom has 12 apples and eats 3.", "12 - 3 = 9 apples"), Item("The capital of France is", " Paris"),
          Item("Write a python function to add", "def add(a, b):\n    return a + b")]
@@ -165,7 +165,7 @@ def test_cache_resumes_and_ignores_a_torn_last_line(llama, tmp_path):
 
 def test_mmlu_five_shot_uses_the_subject_dev_items(llama, data_dir):
     generator, _ = llama
-    from unskill.stats import tasks as T
+    from unskill.evals import tasks as T
     from unskill.stats.datasets import load_dataset
     item = load_dataset("mmlu:test", data_dir, limit=1).items[0]
     (prompt,) = T.few_shot_prompts(parse_task("gen:mmlu"), [item], data_dir)
@@ -250,7 +250,7 @@ def test_cli_eval_calibrate_and_report(llama, tmp_path, data_dir):
 
 def test_task_names_and_scoring_rules():
     from unskill.runtime.errors import UnskillError
-    from unskill.stats import tasks as T
+    from unskill.evals import tasks as T
 
     assert parse_task("gsm8k:test").kind == "tokens" and parse_task("gen:xquad-zh").source == "xquad-zh:test"
     with pytest.raises(UnskillError, match="unknown generation task"):
@@ -266,9 +266,9 @@ def test_task_names_and_scoring_rules():
 
 
 def test_mbpp_pass_at_1_runs_the_asserts_in_the_sandbox(data_dir):
-    from unskill.stats import tasks as T
+    from unskill.evals import tasks as T
     from unskill.stats.datasets import load_dataset
-    from unskill.stats.sandbox import Limits
+    from unskill.evals.sandbox import Limits
 
     item = load_dataset("mbpp:test", data_dir, limit=1).items[0]
     limits = Limits(timeout_s=5)
@@ -278,7 +278,7 @@ def test_mbpp_pass_at_1_runs_the_asserts_in_the_sandbox(data_dir):
 
 def test_report_compares_only_runs_on_the_same_sample_size():
     """An edited run of a task on another sample size than the original's is left out of after / before."""
-    from unskill.report import Model
+    from unskill.evals.report import Model
 
     def task(items, score):
         return {"kind": "tokens", "metric": "top1", "dataset": "mmlu:test", "items": items, "score": score}
@@ -295,7 +295,7 @@ def test_report_compares_only_runs_on_the_same_sample_size():
 def test_report_merges_ksd_entries_of_two_original_runs():
     """MMLU run with the GSM8K stats in one file and with the XQuAD stats in another: both settings keep their
     KSD view; a run of the same task on another sample size is refused with the file's name."""
-    from unskill.report import Model, heatmap_methods
+    from unskill.evals.report import Model, heatmap_methods
     from unskill.runtime.errors import UnskillError
 
     def mmlu(items, entry):

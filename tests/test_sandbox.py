@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from unskill.stats.sandbox import Limits, run_python
+from unskill.evals.sandbox import Limits, run_python
 
 FAST = Limits(timeout_s=3)
 

@@ -68,7 +68,7 @@ def test_gsm8k_stats_separate_gsm8k_from_mbpp(smollm2_export, data_dir, tmp_path
 def test_harness_on_the_real_model(smollm2_export, data_dir, tmp_path):
     """SmolLM2 predicts most reference-answer tokens, and KSD entries recorded by the harness from gsm8k stats
     separate GSM8K from MBPP at alpha 1.5 (x k), in token tasks and during generation."""
-    from unskill.stats.evaluate import EvalConfig, Harness, ksd_view
+    from unskill.evals.evaluate import EvalConfig, Harness, ksd_view
 
     generator = load(smollm2_export, device="cpu")
     forget = load_dataset("gsm8k:train", data_dir, limit=100)

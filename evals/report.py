@@ -15,7 +15,7 @@ from pathlib import Path
 
 from unskill.runtime.errors import UnskillError
 from unskill.stats.datasets import XQUAD_LANGUAGES
-from unskill.stats.evaluate import ksd_view
+from unskill.evals.evaluate import ksd_view
 
 METHODS = ("ksd", "na", "sp")
 LABELS = {"ksd": "KSD", "na": "NA", "sp": "SP"}

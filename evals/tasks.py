@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from unskill.runtime.errors import UnskillError
 
-from .datasets import Dataset, Item, load_dataset
+from unskill.stats.datasets import Dataset, Item, load_dataset
 from .sandbox import Limits, mbpp_program, run_python
 
 GSM8K_SHOTS, MMLU_SHOTS = 8, 5

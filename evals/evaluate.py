@@ -27,8 +27,8 @@ from unskill.runtime.statsfile import StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
 from . import tasks as T
-from .datasets import Dataset, Item, load_dataset, sample
-from .probe import MIN_SHARED_PREFIX, last_position_keys, shared_prefix_length
+from unskill.stats.datasets import Dataset, Item, load_dataset, sample
+from unskill.stats.probe import MIN_SHARED_PREFIX, last_position_keys, shared_prefix_length
 from .sandbox import Limits
 
 HARNESS_VERSION = 1          # bump when a change alters cached per-item records
