@@ -20,9 +20,11 @@ __all__ = ["ABSTAIN_MESSAGE", "GenerationParams", "Generator", "KSDGuard", "Mani
            "SamplingParams", "StatsFile", "TextTokenizer", "UnskillError", "load", "load_manifest", "load_stats"]
 
 
-def load(model_dir, stats=(), alpha: float = 1.0, alpha_mode: str = "k", layers=None, device: str = "auto",
+def load(model_dir, stats=(), alpha: float | None = None, alpha_mode: str = "k", layers=None, device: str = "auto",
          threads: int | None = None, abstain_message: str = ABSTAIN_MESSAGE) -> Generator:
-    """A ready Generator for an exported directory, guarded by the given stats files (none: plain generation)."""
+    """A ready Generator for an exported directory, guarded by the given stats files (none: plain generation).
+    Without alpha and layers each stats file's calibrated rule is used where it has one, else the paper's
+    (last layer, alpha 1 x k)."""
     model = OnnxLM(model_dir, device=device, threads=threads)
     tokenizer = TextTokenizer(model_dir, model.manifest)
     stats_files = [load_stats(path, model.manifest) for path in stats]

@@ -19,9 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ksd-run", description=__doc__)
     p.add_argument("--onnx", required=True, help="DIR/model.onnx written by `unskill export` (or DIR)")
     p.add_argument("--stats", action="append", default=[], help="stats .npz, one hypercube set per file (repeatable)")
-    p.add_argument("--alpha", type=float, default=1.0, help="cube half-width: multiple of the fitted k (default) or of sigma")
+    p.add_argument("--alpha", type=float, help="cube half-width: multiple of the fitted k or of sigma (default: each stats "
+                   "file's calibrated rule where `unskill calibrate` stored one, else 1.0 at the last layer)")
     p.add_argument("--alpha-mode", choices=ALPHA_MODES, default="k", help="k: alpha*k*sigma (fitted k, default); sigma: alpha*sigma")
-    p.add_argument("--layers", default="-1", help="comma-separated FFL layers to check (default -1, the last); 'all'")
+    p.add_argument("--layers", help="comma-separated FFL layers to check, or 'all' (default: the stored rule's, else -1)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="JSONL with a \"prompt\" field per line, or a text file with one prompt per line")
     p.add_argument("--output", help="write one JSON line per prompt here (prompt, text, abstained, skill, layer)")
@@ -72,7 +73,7 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
 
 def result_record(result: Result) -> dict:
     return {"prompt": result.prompt, "text": result.text, "abstained": result.abstained, "skill": result.skill,
-            "layer": result.layer, "finish_reason": result.finish_reason}
+            "layer": result.layer, "rule": result.rule, "finish_reason": result.finish_reason}
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -103,9 +104,11 @@ def run(args: argparse.Namespace) -> int:
     model_dir = model_dir if model_dir.is_dir() else model_dir.parent
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     from .manifest import load_manifest
-    layers = parse_layers(args.layers, load_manifest(model_dir).num_layers)
+    layers = parse_layers(args.layers, load_manifest(model_dir).num_layers) if args.layers else None
     generator = load(model_dir, args.stats, args.alpha, args.alpha_mode, layers, args.device, args.threads,
                      args.abstain_message)
+    if generator.guard and not args.quiet:
+        print("\n".join(f"guard: {line}" for line in generator.guard.describe()), file=sys.stderr)
     params = GenerationParams(args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
                               tuple(args.stop), not args.no_chat)
     if not prompts:
@@ -121,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(results)} prompts, {abstained} abstained ({abstained / len(results):.1%}) -> {args.output}")
     else:
         for result in results:
-            tag = f" [abstained: {result.skill}, layer {result.layer}]" if result.abstained else ""
+            tag = f" [abstained: {result.skill}, layer {result.layer}, {result.rule}]" if result.abstained else ""
             print(f">>> {result.prompt}\n{result.text}{tag}\n")
     return 0
 

@@ -16,10 +16,11 @@ import numpy as np
 
 from .errors import UnskillError
 from .manifest import Manifest
-from .statsfile import StatsFile
+from .statsfile import GuardSetting, StatsFile
 
 SIGMA_FLOOR = 1e-6   # a dimension constant over all probes still admits float noise around it
 ALPHA_MODES = ("k", "sigma")
+RULES = ("box", "gauss")
 
 
 @dataclass
@@ -36,9 +37,27 @@ class Hypercube:
 
 
 @dataclass
+class Ellipsoid:
+    """The diagonal-Gaussian region: mean over dimensions of ((v - mu) / sigma)^2 <= threshold."""
+    skill: str
+    layer: int
+    center: np.ndarray      # (F,) float32
+    inverse_sigma: np.ndarray   # (F,) float32
+    threshold: float
+
+    def score(self, keys: np.ndarray) -> np.ndarray:
+        z = (keys - self.center) * self.inverse_sigma
+        return np.einsum("bf,bf->b", z, z) / z.shape[-1]
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        return self.score(keys) <= self.threshold
+
+
+@dataclass
 class Hit:
     skill: str
     layer: int
+    rule: str = "paper"     # which rule fired: "paper" (one cube) or the stored calibrated rule's name
 
 
 def fitted_k(mean: np.ndarray, std: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
@@ -67,20 +86,54 @@ def build_cubes(stats: StatsFile, layers: list[int], alpha: float, alpha_mode: s
     return cubes
 
 
-class KSDGuard:
-    """Several skills, several layers: a row abstains if any cube holds its key at any checked layer."""
+def build_regions(stats: StatsFile, setting: GuardSetting) -> list:
+    """A stored rule's regions, one per layer: cubes (thresholds in units of the fitted k) or ellipsoids
+    (thresholds on the mean squared z-score)."""
+    if setting.rule == "box":
+        return [build_cubes(stats, [layer], alpha, "k")[0] for layer, alpha in zip(setting.layers, setting.thresholds)]
+    moments = stats.groups["ksd"]
+    mean, std = moments.mean(), np.maximum(moments.std(ddof=1), SIGMA_FLOOR)
+    return [Ellipsoid(stats.skill, layer, mean[layer].astype(np.float32), (1 / std[layer]).astype(np.float32),
+                      float(threshold)) for layer, threshold in zip(setting.layers, setting.thresholds)]
 
-    def __init__(self, stats_files: list[StatsFile], manifest: Manifest, alpha: float = 1.0,
-                 alpha_mode: str = "k", layers: list[int] | None = None):
+
+@dataclass
+class Detector:
+    """One skill's rule: a row is refused when at least `votes` of its regions hold the key of their layer."""
+    skill: str
+    rule: str
+    regions: list
+    votes: int = 1
+
+
+class KSDGuard:
+    """Several skills, several layers. Per stats file either the rule stored by `unskill calibrate` (when no
+    alpha and no layers are given) or the paper's: one cube per checked layer, any cube refuses."""
+
+    def __init__(self, stats_files: list[StatsFile], manifest: Manifest, alpha: float | None = None,
+                 alpha_mode: str = "k", layers: list[int] | None = None, use_stored: bool = True):
         if not stats_files:
             raise UnskillError("KSD guard needs at least one stats file")
+        explicit = alpha is not None or layers is not None or alpha_mode != "k"
         layers = [manifest.num_layers - 1] if layers is None else [self._layer(i, manifest) for i in layers]
-        self.cubes = [cube for stats in stats_files for cube in build_cubes(stats, layers, alpha, alpha_mode)]
-        # key_last.{i} ([B, F]) where the export has it: a long prompt's prefill then copies one position
-        # out of onnxruntime, not [B, S, F].
-        names = manifest.key_last_outputs or manifest.key_outputs
-        self.output_names = [names[i] for i in sorted(set(layers))]
-        self._output_of_layer = {i: names[i] for i in layers}
+        self.detectors = []
+        for stats in stats_files:
+            setting = stats.guard if use_stored and not explicit else None
+            if setting is not None:
+                for layer in setting.layers:
+                    self._layer(layer, manifest)
+                self.detectors.append(Detector(stats.skill, setting.name, build_regions(stats, setting), setting.votes))
+            else:
+                cubes = build_cubes(stats, layers, 1.0 if alpha is None else alpha, alpha_mode)
+                self.detectors.append(Detector(stats.skill, "paper", cubes, 1))
+        self.cubes = [region for detector in self.detectors for region in detector.regions]
+        checked = sorted({region.layer for region in self.cubes})
+        if not manifest.key_last_outputs:
+            raise UnskillError(f"{manifest.source or manifest.arch}: the export has no key_last outputs; "
+                               "re-export it with `unskill export`")
+        names = manifest.key_last_outputs
+        self.output_names = [names[i] for i in checked]
+        self._output_of_layer = {i: names[i] for i in checked}
 
     @staticmethod
     def _layer(index: int, manifest: Manifest) -> int:
@@ -89,12 +142,20 @@ class KSDGuard:
             raise UnskillError(f"layer {index} out of range: the model has {manifest.num_layers} FFL layers")
         return layer
 
+    def describe(self) -> list[str]:
+        """One line per skill: the rule, its layers and thresholds."""
+        return [f"{d.skill}: {d.rule}, layers {[r.layer for r in d.regions]}, "
+                f"{'any' if d.votes == 1 else f'{d.votes} of {len(d.regions)}'}" for d in self.detectors]
+
     def check(self, last_keys: dict[str, np.ndarray]) -> list[Hit | None]:
         """last_keys: output name -> (B, F) key at the last position. First hit per row, else None."""
         batch = next(iter(last_keys.values())).shape[0]
         hits: list[Hit | None] = [None] * batch
-        for cube in self.cubes:
-            inside = cube.contains(last_keys[self._output_of_layer[cube.layer]])
-            for row in np.flatnonzero(inside):
-                hits[row] = hits[row] or Hit(cube.skill, cube.layer)
+        for detector in self.detectors:
+            inside = np.stack([region.contains(last_keys[self._output_of_layer[region.layer]])
+                               for region in detector.regions])          # (regions, B)
+            fired = inside.sum(axis=0) >= detector.votes
+            for row in np.flatnonzero(fired):
+                layer = detector.regions[int(np.argmax(inside[:, row]))].layer
+                hits[row] = hits[row] or Hit(detector.skill, layer, detector.rule)
         return hits

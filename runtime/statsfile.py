@@ -8,6 +8,8 @@ allow_pickle=False. Groups and their fields:
     sp_forget  key vector, every real token of forget texts: count, abs_sum, sumsq, pos_count
     sp_retain  same on retain texts
 count is per layer (L,); the other fields are float64 (L, F). Sums (not means) so shards merge by addition.
+An optional `guard` member (a JSON string) holds the rule `unskill calibrate` chose (GuardSetting); merged
+shards drop it (their cubes changed, so it must be calibrated again). Files without it load with guard None.
 """
 
 from __future__ import annotations
@@ -81,6 +83,46 @@ class Moments:
         return np.sqrt(np.maximum(centered, 0.0) / np.maximum(n - ddof, 1))
 
 
+GUARD_RULES = ("box", "gauss")
+
+
+@dataclass
+class GuardSetting:
+    """The calibrated KSD rule for one skill: per layer a region (box: the cube at `threshold` x k; gauss: mean
+    squared z-score <= threshold); the prompt is refused when at least `votes` regions hold its keys."""
+    rule: str
+    layers: list[int]
+    thresholds: list[float]
+    votes: int = 1
+    calibration: dict = field(default_factory=dict)   # what it was calibrated on, with the rates it reached
+
+    @property
+    def name(self) -> str:
+        return f"calibrated {self.rule}, {self.votes} of layers {','.join(map(str, self.layers))}"
+
+    def to_json(self) -> str:
+        return json.dumps({"rule": self.rule, "layers": self.layers, "thresholds": self.thresholds,
+                           "votes": self.votes, "calibration": self.calibration}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str, num_layers: int) -> "GuardSetting":
+        try:
+            raw = json.loads(text)
+            setting = cls(str(raw["rule"]), [int(i) for i in raw["layers"]], [float(t) for t in raw["thresholds"]],
+                          int(raw["votes"]), dict(raw.get("calibration") or {}))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UnskillError(f"{where}: guard setting is not valid ({type(exc).__name__}: {exc})") from None
+        problem = (f"rule {setting.rule!r} is not one of {GUARD_RULES}" if setting.rule not in GUARD_RULES else
+                   "needs as many thresholds as layers" if len(setting.layers) != len(setting.thresholds)
+                   or not setting.layers else
+                   f"a layer is outside 0..{num_layers - 1}" if not all(0 <= i < num_layers for i in setting.layers) else
+                   f"votes {setting.votes} not in 1..{len(setting.layers)}" if not 1 <= setting.votes <= len(setting.layers)
+                   else "thresholds must be positive" if not all(t > 0 for t in setting.thresholds) else None)
+        if problem:
+            raise UnskillError(f"{where}: guard setting {problem}")
+        return setting
+
+
 @dataclass
 class StatsFile:
     fingerprint: str
@@ -89,6 +131,7 @@ class StatsFile:
     num_layers: int
     meta: dict                              # datasets, counts, prompt template, tool version
     groups: dict[str, Moments]
+    guard: GuardSetting | None = None       # the calibrated rule, where `unskill calibrate` stored one
 
     @property
     def skill(self) -> str:
@@ -105,6 +148,8 @@ class StatsFile:
             "num_layers": np.array(self.num_layers),
             "meta": np.array(json.dumps(self.meta, sort_keys=True)),
         }
+        if self.guard is not None:
+            arrays["guard"] = np.array(self.guard.to_json())
         for group, moments in self.groups.items():
             arrays[f"{group}.count"] = moments.count
             for name, value in moments.values.items():
@@ -196,7 +241,10 @@ def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
         raise UnskillError(f"{path}: meta is not valid JSON") from None
     if not isinstance(meta, dict):
         raise UnskillError(f"{path}: meta should be a JSON object, got {type(meta).__name__}")
-    stats = StatsFile(fingerprint, arch, width, layers, meta, groups)
+    guard = None
+    if "guard" in arrays:
+        guard = GuardSetting.from_json(_scalar(path, arrays, "guard", "U"), str(path), layers)
+    stats = StatsFile(fingerprint, arch, width, layers, meta, groups, guard)
     if manifest is not None:
         stats.check_model(manifest, str(path))
     return stats

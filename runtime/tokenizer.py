@@ -38,21 +38,30 @@ class TextTokenizer:
 
     def render(self, prompt: str, chat: bool = True) -> str:
         """The exact text the model reads; chat is ignored for models without a template."""
+        return self.render_turns((("user", prompt),), chat)
+
+    def render_turns(self, turns, chat: bool = True) -> str:
+        """A conversation of (role, text) turns ending with the user's; without a template, the texts
+        joined by blank lines."""
         if not chat or not self.has_chat_template:
-            return prompt
+            return "\n\n".join(text for _, text in turns)
         ids = self.manifest
         bos = self.tokenizer.id_to_token(ids.bos_token_id) if ids.bos_token_id is not None else ""
         eos = self.tokenizer.id_to_token(ids.eos_token_ids[0])
-        messages = [{"role": "user", "content": prompt}]
+        messages = [{"role": role, "content": text} for role, text in turns]
         return self._template.render(messages=messages, add_generation_prompt=True, bos_token=bos or "",
                                      eos_token=eos or "")
 
-    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
-        if not prompt.strip():
+    def encode_turns(self, turns, chat: bool = True) -> list[int]:
+        """Token ids of a conversation, as `encode_prompt` encodes a single user turn."""
+        if not turns or not turns[-1][1].strip():
             raise UnskillError("empty prompt")
         templated = chat and self.has_chat_template
+        return self.tokenizer.encode(self.render_turns(turns, chat), add_special_tokens=not templated).ids
+
+    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
         # A chat template writes its own special tokens (BOS included), so the post-processor must not add more.
-        return self.tokenizer.encode(self.render(prompt, chat), add_special_tokens=not templated).ids
+        return self.encode_turns((("user", prompt),), chat)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True).ids
