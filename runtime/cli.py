@@ -133,8 +133,8 @@ def interactive(generator, params: GenerationParams) -> int:
         if not prompt:
             break
         try:
-            for piece in generator.stream(prompt, params):
-                print(piece, end="", flush=True)
+            for event in generator.stream(prompt, params):
+                print(event.text, end="", flush=True)
         except UnskillError as exc:
             print(f"error: {exc}", end="", file=sys.stderr)
         print()
