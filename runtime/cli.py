@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnskillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C: one line; outputs are written atomically, so nothing half-done stays
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

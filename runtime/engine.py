@@ -89,10 +89,11 @@ class BatchEngine:
             self._thread.join(timeout=30)
 
     def submit(self, prompt: Prompt, params: GenerationParams, on_event: Callable[[Event], None],
-               hold_tokens: int = 0) -> Request:
-        """Checks the request now (UnskillError on bad input) and queues it; events arrive via on_event."""
+               hold_tokens: int = 0, ids: list[int] | None = None) -> Request:
+        """Checks the request now (UnskillError on bad input) and queues it; events arrive via on_event.
+        ids: the prompt's tokens when the caller has encoded it already."""
         self.generator.check_params(params)
-        ids = self.generator.encode([prompt], params)[0]
+        ids = ids if ids is not None else self.generator.encode([prompt], params)[0]
         request = Request(prompt, params, ids, on_event, hold_tokens)
         with self._wake:
             if self._closed:

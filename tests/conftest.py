@@ -64,3 +64,15 @@ def llama_stats(tiny_export, tmp_path_factory):
     forget = Dataset("probe", [Item(f"How many apples are left if Tom eats {i} of his {i + 9} apples?") for i in range(12)])
     stats = probe(generator.model, generator.tokenizer, forget, config=ProbeConfig(progress=False))
     return stats, stats.save(tmp_path_factory.mktemp("stats") / "apples.npz")
+
+
+@pytest.fixture(scope="session")
+def smollm2_math_stats(smollm2_export, tmp_path_factory):
+    """KSD stats of the built-in math probes on the real SmolLM2 (a few seconds)."""
+    from unskill.runtime import load
+    from unskill.stats.datasets import load_dataset
+    from unskill.stats.probe import ProbeConfig, probe
+
+    generator = load(smollm2_export, device="cpu")
+    stats = probe(generator.model, generator.tokenizer, load_dataset("builtin:math"), config=ProbeConfig(progress=False))
+    return stats.save(tmp_path_factory.mktemp("smollm2_stats") / "math.npz")
