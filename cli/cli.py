@@ -1,4 +1,4 @@
-"""The `unskill` command: export, stats, edit. Each subcommand lives in its own package."""
+"""The `unskill` command: export, stats, edit, serve. Each subcommand lives in its own package."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from unskill.evals import report
 
-    from . import calibrate_na
+    from . import calibrate_na, serve
 
     parser = argparse.ArgumentParser(prog="unskill", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats_cli.add_calibrate_parser(subparsers)
     calibrate_na.add_parser(subparsers)
     report.add_parser(subparsers)
+    serve.add_parser(subparsers)
     return parser
 
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnskillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C: one line; outputs are written atomically, so nothing half-done stays
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -45,7 +45,12 @@ def read_prompts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise UnskillError(f"{path}: no such prompts file")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise UnskillError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise UnskillError(f"{path}: cannot read it ({exc.strerror})") from None
     if file.suffix == ".jsonl":
         prompts = []
         for number, line in enumerate(lines, 1):
@@ -76,15 +81,38 @@ def result_record(result: Result) -> dict:
             "layer": result.layer, "rule": result.rule, "finish_reason": result.finish_reason}
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """The output file appears complete or not at all."""
+def check_output_path(path: str, flag: str = "--output") -> None:
+    """Fail before any work when the output could not be written: a directory, a read-only file or folder."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".unskill-", dir=target.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.chmod(tmp, 0o644)   # mkstemp makes it private; results are ordinary files
-    os.replace(tmp, target)
+    if target.is_dir():
+        raise UnskillError(f"{flag} {path}: is a directory, expected a file path")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise UnskillError(f"{flag} {path}: the file is read-only")
+    parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise UnskillError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UnskillError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """The output file appears complete or not at all; no temporary file stays behind."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=".unskill-", dir=target.parent)
+    except OSError as exc:
+        raise UnskillError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(tmp, 0o644)   # mkstemp makes it private; results are ordinary files
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise UnskillError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
@@ -95,11 +123,28 @@ def write_json(path: str, document: dict) -> None:
     write_text_atomic(path, json.dumps(document, ensure_ascii=False, indent=1) + "\n")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked without the model, before it loads."""
+    import math
+
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise UnskillError(f"{flag} must be >= 1, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise UnskillError(f"--threads must be >= 1, got {args.threads}")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise UnskillError(f"--alpha must be a finite number > 0, got {args.alpha}")
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
+    if args.output:
+        check_output_path(args.output)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import load
 
+    check_args(args)
     model_dir = Path(args.onnx)
     model_dir = model_dir if model_dir.is_dir() else model_dir.parent
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
@@ -136,8 +181,8 @@ def interactive(generator, params: GenerationParams) -> int:
         if not prompt:
             break
         try:
-            for piece in generator.stream(prompt, params):
-                print(piece, end="", flush=True)
+            for event in generator.stream(prompt, params):
+                print(event.text, end="", flush=True)
         except UnskillError as exc:
             print(f"error: {exc}", end="", file=sys.stderr)
         print()
@@ -151,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnskillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C: one line; outputs are written atomically, so nothing half-done stays
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

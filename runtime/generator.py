@@ -2,14 +2,16 @@
 
 Streaming API in the spirit of onnxruntime-genai's Generator:
     gen = Generator(model, tokenizer, guard)
-    for piece in gen.stream("What is 2+3?"): print(piece, end="")
+    for event in gen.stream("What is 2+3?"): print(event.text, end="")
     results = gen.generate(["prompt a", "prompt b"], GenerationParams(max_new_tokens=64))
+A prompt is a string (one user turn) or a chat: a list of {"role": ..., "content": ...} messages
+(system, user, assistant turns), rendered with the model's chat template.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Union
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from .session import OnnxLM, left_pad
 from .tokenizer import TextTokenizer
 
 ABSTAIN_MESSAGE = "Your query is not valid."
+Prompt = Union[str, list]   # text, or chat messages [{"role": "system"|"user"|"assistant", "content": str}]
 
 
 @dataclass
@@ -33,7 +36,7 @@ class GenerationParams:
 
 @dataclass
 class Result:
-    prompt: str
+    prompt: Prompt
     text: str
     token_ids: list[int]
     finish_reason: str = "length"       # eos | length | stop | abstain | context
@@ -43,13 +46,63 @@ class Result:
     rule: str | None = None             # the KSD rule that fired ("paper" or the stored calibrated rule)
     abstained_at: int | None = None     # 0 = at the prompt, n = after n generated tokens
     forwards: int = 0                   # forward calls this row took part in (= guard checks it got)
+    prompt_tokens: int = 0
+
+
+@dataclass
+class Event:
+    """One step of a stream: the text added since the last event; the last event has finish_reason set."""
+    text: str
+    finish_reason: str | None = None    # None while running; then as Result.finish_reason
+    abstained: bool = False
+    skill: str | None = None
+    layer: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class _Row:
     """Per-prompt decode state."""
 
-    def __init__(self, prompt: str):
+    def __init__(self, prompt: Prompt, prompt_tokens: int = 0):
         self.prompt, self.ids, self.done, self.result, self.forwards = prompt, [], False, None, 0
+        self.prompt_tokens = prompt_tokens
+
+
+class TextStream:
+    """Turns a row's growing token list into text deltas (Events).
+
+    hold_tokens: send nothing until that many generated tokens have passed the guard (-1: until the end),
+    so a refusal within them never leaves partial text with the client; the refusal then arrives as the
+    abstain message alone. Text that could still become a stop string, or an incomplete UTF-8 sequence,
+    waits for the next token."""
+
+    def __init__(self, generator: "Generator", stop: tuple[str, ...] = (), hold_tokens: int = 0):
+        self.generator, self.hold_tokens, self.shown = generator, hold_tokens, ""
+        self.stop_margin = max((len(s) for s in stop), default=1) - 1
+
+    def update(self, row: _Row) -> Event | None:
+        result = self.generator._result(row)
+        counts = dict(prompt_tokens=row.prompt_tokens, completion_tokens=len(row.ids))
+        if row.done:
+            text = result.text
+            if result.abstained:   # the whole answer is replaced; what was already sent cannot be taken back
+                text = result.text if not self.shown else ""
+                counts["completion_tokens"] = 0
+            delta = text[len(self.shown):] if text.startswith(self.shown) else ""
+            self.shown += delta
+            return Event(delta, result.finish_reason, result.abstained, result.skill, result.layer, **counts)
+        # The guard has passed token n once the forward that fed it was checked: n = len(ids) - 1.
+        if self.hold_tokens < 0 or len(row.ids) - 1 < self.hold_tokens:
+            return None
+        text = result.text
+        if text.endswith("\ufffd"):   # an incomplete UTF-8 sequence: wait for more
+            return None
+        text = text[:len(text) - self.stop_margin]
+        if len(text) <= len(self.shown) or not text.startswith(self.shown):
+            return None
+        delta, self.shown = text[len(self.shown):], text
+        return Event(delta, **counts)
 
 
 class Generator:
@@ -58,46 +111,46 @@ class Generator:
         self.model, self.tokenizer, self.guard, self.abstain_message = model, tokenizer, guard, abstain_message
         self.eos = set(model.manifest.eos_token_ids)
 
-    def generate(self, prompts: list[str], params: GenerationParams | None = None) -> list[Result]:
+    def generate(self, prompts: list[Prompt], params: GenerationParams | None = None) -> list[Result]:
         rows = None
         for rows in self._steps(prompts, params or GenerationParams()):
             pass
         return [self._result(row) for row in rows]
 
-    def stream(self, prompt: str, params: GenerationParams | None = None) -> Iterator[str]:
-        """Yields text pieces as they are decoded; an abstention yields the abstain message alone."""
-        shown = ""
-        for (row,) in self._steps([prompt], params or GenerationParams()):
-            result = self._result(row)
-            if result.abstained:
-                yield result.text
-                return
-            text = result.text
-            if text.endswith("\ufffd") and not row.done:   # an incomplete UTF-8 sequence: wait for more
-                continue
-            if len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
+    def stream(self, prompt: Prompt, params: GenerationParams | None = None, hold_tokens: int = 0
+               ) -> Iterator[Event]:
+        """Yields Events as tokens are decoded; the last one carries the finish reason (and abstention).
+        An abstention yields the abstain message alone unless text beyond hold_tokens was already sent."""
+        params = params or GenerationParams()
+        text_stream = TextStream(self, params.stop, hold_tokens)
+        for (row,) in self._steps([prompt], params):
+            event = text_stream.update(row)
+            if event is not None:
+                yield event
 
-    def encode(self, prompts: list[str], params: GenerationParams) -> list[list[int]]:
+    def encode(self, prompts: list[Prompt], params: GenerationParams) -> list[list[int]]:
         limit = self.model.manifest.max_context
         encoded = []
         for prompt in prompts:
             ids = self.tokenizer.encode_prompt(prompt, params.chat)
             if len(ids) >= limit:
-                raise UnskillError(f"prompt of {len(ids)} tokens does not fit the context of {limit}: {prompt[:40]!r}…")
+                raise UnskillError(f"prompt of {len(ids)} tokens does not fit the context of {limit}: "
+                                   f"{str(prompt)[:40]!r}…")
             encoded.append(ids)
         return encoded
 
-    def _steps(self, prompts: list[str], params: GenerationParams) -> Iterator[list[_Row]]:
+    def check_params(self, params: GenerationParams) -> None:
+        if not 1 <= params.max_new_tokens:
+            raise UnskillError(f"max new tokens must be >= 1, got {params.max_new_tokens}")
+        params.sampling.validate(self.model.vocab_size)
+
+    def _steps(self, prompts: list[Prompt], params: GenerationParams) -> Iterator[list[_Row]]:
         """Runs the batch to the end, yielding the row states after the prompt and after each token."""
         if not prompts:
             raise UnskillError("no prompts")
-        if params.max_new_tokens < 1:
-            raise UnskillError(f"max new tokens must be >= 1, got {params.max_new_tokens}")
-        params.sampling.validate()
+        self.check_params(params)
         encoded = self.encode(prompts, params)
-        rows = [_Row(p) for p in prompts]
+        rows = [_Row(p, len(ids)) for p, ids in zip(prompts, encoded)]
         rng = np.random.default_rng(params.sampling.seed)
         pad = self.model.manifest.pad_token_id
         input_ids, mask = left_pad(encoded, pad)
@@ -109,24 +162,34 @@ class Generator:
         # guard sees the last position of every forward call), so a batch ends once every row is done.
         for step in range(budget):
             logits, past, keys = self.model.forward(input_ids, mask, past, guard_outputs)
-            last = {n: k if k.ndim == 2 else k[:, -1, :] for n, k in keys.items()}   # key_last.* are 2-D
-            hits = self.guard.check(last) if self.guard else [None] * len(rows)
+            hits = self.check_guard(keys, len(rows))
             next_ids = np.full(len(rows), pad, dtype=np.int64)
             for i, row in enumerate(rows):
-                if row.done:
-                    continue
-                row.forwards += 1
-                if hits[i] is not None:
-                    self._abstain(row, hits[i], step)
-                    continue
-                next_ids[i] = self._advance(row, logits[i], params, rng)
-                if not row.done and step + 1 == budget:
-                    self._finish(row, "length" if budget == params.max_new_tokens else "context")
+                if not row.done:
+                    next_ids[i] = self.step_row(row, logits[i], hits[i], step, budget, params, rng)
             yield rows
             if all(row.done for row in rows):
                 return
             input_ids = next_ids[:, None]
             mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
+
+    def check_guard(self, keys: dict[str, np.ndarray], batch: int) -> list[Hit | None]:
+        """The guard's verdict per row on the keys of the last position (key_last.* are already 2-D)."""
+        if not self.guard:
+            return [None] * batch
+        return self.guard.check({n: k if k.ndim == 2 else k[:, -1, :] for n, k in keys.items()})
+
+    def step_row(self, row: _Row, logits: np.ndarray, hit: Hit | None, step: int, budget: int,
+                 params: GenerationParams, rng) -> int:
+        """One forward's outcome for one row: abstain on a guard hit, else the next token (pad when done)."""
+        row.forwards += 1
+        if hit is not None:
+            self._abstain(row, hit, step)
+            return self.model.manifest.pad_token_id
+        token = self._advance(row, logits, params, rng)
+        if not row.done and step + 1 == budget:
+            self._finish(row, "length" if budget == params.max_new_tokens else "context")
+        return token
 
     def _advance(self, row: _Row, logits: np.ndarray, params: GenerationParams, rng) -> int:
         if params.ignore_eos:
@@ -155,5 +218,5 @@ class Generator:
 
     def _result(self, row: _Row) -> Result:
         result = row.result or Result(row.prompt, self.tokenizer.decode(row.ids), row.ids, "running")
-        result.forwards = row.forwards
+        result.forwards, result.prompt_tokens = row.forwards, row.prompt_tokens
         return result

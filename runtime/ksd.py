@@ -10,6 +10,7 @@ at the last prompt token over the forget probes. The cube is |v - mu| <= r * sig
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,8 +70,8 @@ def fitted_k(mean: np.ndarray, std: np.ndarray, low: np.ndarray, high: np.ndarra
 def build_cubes(stats: StatsFile, layers: list[int], alpha: float, alpha_mode: str) -> list[Hypercube]:
     if alpha_mode not in ALPHA_MODES:
         raise UnskillError(f"alpha mode {alpha_mode!r}: use one of {ALPHA_MODES}")
-    if not alpha > 0:
-        raise UnskillError(f"alpha must be positive, got {alpha}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise UnskillError(f"alpha must be positive and finite, got {alpha}")
     moments = stats.groups.get("ksd")
     if moments is None:
         raise UnskillError(f"stats for {stats.skill!r} have no KSD group; rebuild them with `unskill stats`")
@@ -80,6 +81,9 @@ def build_cubes(stats: StatsFile, layers: list[int], alpha: float, alpha_mode: s
         if moments.count[layer] < 2:
             raise UnskillError(f"stats for {stats.skill!r}: layer {layer} has {moments.count[layer]} probes, need >= 2")
         k = fitted_k(mean[layer], std[layer], moments.values["min"][layer], moments.values["max"][layer])
+        if not (k > 0 and math.isfinite(k)):   # identical probes: a cube of width 0 would never fire
+            raise UnskillError(f"stats for {stats.skill!r}: layer {layer}'s probe keys have no spread (k = {k:g}); "
+                               f"the cube would refuse nothing; probe with more varied prompts")
         radius = alpha * k if alpha_mode == "k" else alpha
         cubes.append(Hypercube(stats.skill, layer, mean[layer].astype(np.float32),
                                (radius * std[layer]).astype(np.float32), k))

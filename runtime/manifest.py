@@ -49,6 +49,37 @@ class Manifest:
         return path
 
 
+def _int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _list_of(check, allow_none: bool = False, non_empty: bool = False):
+    def valid(value) -> bool:
+        if value is None:
+            return allow_none
+        return isinstance(value, list) and (bool(value) or not non_empty) and all(check(v) for v in value)
+    return valid
+
+
+def _str(value) -> bool:
+    return isinstance(value, str)
+
+
+# What each field must hold; a manifest edited by hand (or damaged) fails here in one line, not deep inside.
+FIELD_TYPES = {
+    "arch": _str, "activation": _str, "fingerprint": _str, "source": _str, "model_file": _str, "format": _str,
+    "num_layers": lambda v: _int(v, 1), "hidden_size": lambda v: _int(v, 1), "key_width": lambda v: _int(v, 1),
+    "max_context": lambda v: _int(v, 2), "pad_token_id": _int,
+    "bos_token_id": lambda v: v is None or _int(v), "gated": lambda v: isinstance(v, bool),
+    "add_bos": lambda v: isinstance(v, bool),
+    "key_outputs": _list_of(_str), "preact_outputs": _list_of(_str),
+    "key_last_outputs": _list_of(_str, allow_none=True), "eos_token_ids": _list_of(_int, non_empty=True),
+    "chat_template": lambda v: v is None or _str(v), "probe_file": lambda v: v is None or _str(v),
+    "edits": _list_of(lambda v: isinstance(v, dict)), "kept_neurons": _list_of(_list_of(_int), allow_none=True),
+    "stats_compatible": _list_of(_str, allow_none=True),
+}
+
+
 def load_manifest(directory: str | Path) -> Manifest:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
@@ -57,6 +88,8 @@ def load_manifest(directory: str | Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UnskillError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UnskillError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("format") != FORMAT:
         raise UnskillError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
     known = Manifest.__dataclass_fields__
@@ -64,6 +97,9 @@ def load_manifest(directory: str | Path) -> Manifest:
     missing = [name for name in required if name not in raw]
     if missing:
         raise UnskillError(f"{path}: missing fields {', '.join(missing)}")
+    for name, value in raw.items():
+        if name in FIELD_TYPES and not FIELD_TYPES[name](value):
+            raise UnskillError(f"{path}: field {name!r} has the wrong type or value ({str(value)[:60]!r})")
     manifest = Manifest(**{k: v for k, v in raw.items() if k in known})
     if len(manifest.key_outputs) != manifest.num_layers or len(manifest.preact_outputs) != manifest.num_layers:
         raise UnskillError(f"{path}: {manifest.num_layers} layers but {len(manifest.key_outputs)} key outputs")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +17,14 @@ class SamplingParams:
     top_p: float = 1.0            # 1 = off
     seed: int | None = None
 
-    def validate(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise UnskillError(f"bad sampling settings: temperature={self.temperature}, top_k={self.top_k}, "
-                               f"top_p={self.top_p}")
+    def validate(self, vocab_size: int | None = None) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UnskillError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise UnskillError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or (vocab_size and self.top_k > vocab_size):
+            limit = f" and <= the vocabulary size {vocab_size}" if vocab_size else ""
+            raise UnskillError(f"top_k must be >= 0{limit}, got {self.top_k}")
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

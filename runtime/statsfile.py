@@ -205,6 +205,22 @@ def _scalar(path: Path, arrays: dict[str, np.ndarray], name: str, kinds: str):
     return value.item()
 
 
+def _check_consistent(path: Path, group: str, moments: Moments) -> None:
+    """Sums that no real data could give (min above max, a negative variance) mean a damaged file."""
+    used = moments.count > 0
+    v = moments.values
+    if "min" in v and (v["min"][used] > v["max"][used]).any():
+        raise UnskillError(f"{path}: {group}.min is above {group}.max; the file is damaged")
+    if "sumsq" in v and "sum" in v:
+        n = np.maximum(moments.count, 1)[:, None]
+        centered = v["sumsq"] - v["sum"] ** 2 / n
+        tolerance = 1e-6 * np.maximum(np.abs(v["sumsq"]), 1.0)
+        if (centered[used] < -tolerance[used]).any():
+            raise UnskillError(f"{path}: {group} has a negative variance (sumsq < sum^2/count); the file is damaged")
+    if "sumsq" in v and (v["sumsq"][used] < 0).any():
+        raise UnskillError(f"{path}: {group}.sumsq is negative; the file is damaged")
+
+
 def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
     """Read and validate a stats file; with a manifest, also check it belongs to that model."""
     path = Path(path)
@@ -234,7 +250,11 @@ def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
             if not np.isfinite(value[count > 0]).all():
                 raise UnskillError(f"{path}: {group}.{name} contains NaN or infinity")
             values[name] = value.astype(np.float64)
-        groups[group] = Moments(fields, count.astype(np.int64), values)
+        if (count < 0).any():
+            raise UnskillError(f"{path}: {group}.count has negative entries")
+        moments = Moments(fields, count.astype(np.int64), values)
+        _check_consistent(path, group, moments)
+        groups[group] = moments
     try:
         meta = json.loads(_scalar(path, arrays, "meta", "U"))
     except json.JSONDecodeError:

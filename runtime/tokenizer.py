@@ -10,7 +10,10 @@ from .errors import UnskillError
 from .manifest import Manifest
 
 
-def _compile_template(template: str):
+ROLES = ("system", "user", "assistant")
+
+
+def _compile_template(template: str, where: str):
     """Chat templates are Jinja, run sandboxed the way transformers runs them."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -20,7 +23,32 @@ def _compile_template(template: str):
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template)
+    try:
+        return env.from_string(template)
+    except TemplateError as exc:
+        raise UnskillError(f"{where}: the chat template is not valid Jinja ({exc})") from None
+
+
+def check_messages(messages) -> list[dict]:
+    """A chat as a list of {"role", "content"} with known roles and string content, else one clear error."""
+    if not isinstance(messages, list) or not messages:
+        raise UnskillError("messages must be a non-empty list of {\"role\", \"content\"} objects")
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise UnskillError(f"message {number}: needs a role, one of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise UnskillError(f"message {number}: content must be a string")
+    if messages[-1]["role"] != "user":
+        raise UnskillError("the last message must be the user's")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def check_text(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:   # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise UnskillError(f"prompt is not valid UTF-8 text: {text[:40]!r}") from None
+    return text
 
 
 class TextTokenizer:
@@ -28,40 +56,52 @@ class TextTokenizer:
         path = Path(directory) / "tokenizer.json"
         if not path.is_file():
             raise UnskillError(f"{path}: missing tokenizer")
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:   # tokenizers raises a bare Exception for a truncated or foreign file
+            raise UnskillError(f"{path}: not a valid tokenizer ({str(exc).splitlines()[0][:120]})") from None
         self.manifest = manifest
-        self._template = _compile_template(manifest.chat_template) if manifest.chat_template else None
+        where = Path(directory) / "unskill.json"
+        self._template = _compile_template(manifest.chat_template, where) if manifest.chat_template else None
 
     @property
     def has_chat_template(self) -> bool:
         return bool(self.manifest.chat_template)
 
-    def render(self, prompt: str, chat: bool = True) -> str:
-        """The exact text the model reads; chat is ignored for models without a template."""
-        return self.render_turns((("user", prompt),), chat)
-
-    def render_turns(self, turns, chat: bool = True) -> str:
-        """A conversation of (role, text) turns ending with the user's; without a template, the texts
-        joined by blank lines."""
+    def render(self, prompt, chat: bool = True) -> str:
+        """The exact text the model reads. prompt: a string (one user turn) or a list of chat messages;
+        chat is ignored for models without a template (messages are then joined by blank lines)."""
+        messages = check_messages(prompt) if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
         if not chat or not self.has_chat_template:
-            return "\n\n".join(text for _, text in turns)
+            return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in messages)
+        from jinja2.exceptions import TemplateError
+
         ids = self.manifest
         bos = self.tokenizer.id_to_token(ids.bos_token_id) if ids.bos_token_id is not None else ""
         eos = self.tokenizer.id_to_token(ids.eos_token_ids[0])
-        messages = [{"role": role, "content": text} for role, text in turns]
-        return self._template.render(messages=messages, add_generation_prompt=True, bos_token=bos or "",
-                                     eos_token=eos or "")
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=True, bos_token=bos or "",
+                                         eos_token=eos or "")
+        except (TemplateError, TypeError, ValueError) as exc:
+            raise UnskillError(f"the model's chat template failed on this prompt ({exc})") from None
 
-    def encode_turns(self, turns, chat: bool = True) -> list[int]:
-        """Token ids of a conversation, as `encode_prompt` encodes a single user turn."""
-        if not turns or not turns[-1][1].strip():
+    def encode_prompt(self, prompt, chat: bool = True) -> list[int]:
+        texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in check_messages(prompt)]
+        for text in texts:
+            check_text(text)
+        if not "".join(texts).strip():
             raise UnskillError("empty prompt")
         templated = chat and self.has_chat_template
-        return self.tokenizer.encode(self.render_turns(turns, chat), add_special_tokens=not templated).ids
-
-    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
         # A chat template writes its own special tokens (BOS included), so the post-processor must not add more.
-        return self.encode_turns((("user", prompt),), chat)
+        return self.tokenizer.encode(self.render(prompt, chat), add_special_tokens=not templated).ids
+
+    def render_turns(self, turns, chat: bool = True) -> str:
+        """`render` of a conversation given as (role, text) pairs."""
+        return self.render([{"role": role, "content": text} for role, text in turns], chat)
+
+    def encode_turns(self, turns, chat: bool = True) -> list[int]:
+        """`encode_prompt` of a conversation given as (role, text) pairs."""
+        return self.encode_prompt([{"role": role, "content": text} for role, text in turns], chat)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True).ids

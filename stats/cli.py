@@ -28,10 +28,39 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """What can be refused before any model loads or any probe runs."""
+    from unskill.runtime.cli import check_output_path
+    from unskill.runtime.errors import UnskillError
+
+    for flag, value in (("--batch-size", args.batch_size), ("--max-text-tokens", args.max_text_tokens)):
+        if value < 1:
+            raise UnskillError(f"{flag} must be >= 1, got {value}")
+    check_output_path(args.out, "--out")
+    shards = args.merge or args.compose or []
+    seen = {}
+    for path in shards:
+        key = _file_identity(path)
+        if key in seen:
+            raise UnskillError(f"{path}: the same stats as {seen[key]}; merging it twice would count its probes twice")
+        seen[key] = path
+
+
+def _file_identity(path: str):
+    """A shard's real path and content hash: the same file under two names, or a copy, is still the same."""
+    import hashlib
+
+    file = Path(path)
+    if not file.is_file():
+        return path
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
 def run(args: argparse.Namespace) -> int:
     from unskill.runtime.errors import UnskillError
     from unskill.runtime.statsfile import load_stats
 
+    _check_args(args)
     if args.merge:
         from .probe import merge_stats
         merged = load_stats(args.merge[0])

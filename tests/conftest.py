@@ -50,3 +50,29 @@ def smollm2_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "onnx"
     export_model("smollm2-135m", out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def llama_stats(tiny_export, tmp_path_factory):
+    """KSD stats of twelve apple questions on the tiny llama: (StatsFile, path)."""
+    from unskill.runtime import load
+    from unskill.stats.datasets import Dataset, Item
+    from unskill.stats.probe import ProbeConfig, probe
+
+    _, onnx_dir = tiny_export("llama")
+    generator = load(onnx_dir, device="cpu")
+    forget = Dataset("probe", [Item(f"How many apples are left if Tom eats {i} of his {i + 9} apples?") for i in range(12)])
+    stats = probe(generator.model, generator.tokenizer, forget, config=ProbeConfig(progress=False))
+    return stats, stats.save(tmp_path_factory.mktemp("stats") / "apples.npz")
+
+
+@pytest.fixture(scope="session")
+def smollm2_math_stats(smollm2_export, tmp_path_factory):
+    """KSD stats of the built-in math probes on the real SmolLM2 (a few seconds)."""
+    from unskill.runtime import load
+    from unskill.stats.datasets import load_dataset
+    from unskill.stats.probe import ProbeConfig, probe
+
+    generator = load(smollm2_export, device="cpu")
+    stats = probe(generator.model, generator.tokenizer, load_dataset("builtin:math"), config=ProbeConfig(progress=False))
+    return stats.save(tmp_path_factory.mktemp("smollm2_stats") / "math.npz")

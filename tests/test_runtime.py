@@ -52,7 +52,7 @@ def test_batch_with_left_padding_equals_single(tiny_export, kind):
 def test_stream_pieces_join_to_generated_text(tiny_export):
     _, onnx_dir = tiny_export("llama")
     generator = load(onnx_dir, device="cpu")
-    streamed = "".join(generator.stream(PROMPTS[0], greedy(15, chat=True)))
+    streamed = "".join(event.text for event in generator.stream(PROMPTS[0], greedy(15, chat=True)))
     assert streamed == generator.generate([PROMPTS[0]], greedy(15, chat=True))[0].text
 
 
@@ -98,15 +98,6 @@ def test_fitted_k_is_the_smallest_cube_holding_all_probes():
     np.testing.assert_allclose(k, np.max(np.abs(rows - rows.mean(0)) / rows.std(0, ddof=1)), rtol=1e-12)
     assert (np.abs(rows - mean) <= k * std + 1e-12).all()
     assert not (np.abs(rows - mean) <= 0.999 * k * std).all()
-
-
-@pytest.fixture(scope="module")
-def llama_stats(tiny_export, tmp_path_factory):
-    _, onnx_dir = tiny_export("llama")
-    generator = load(onnx_dir, device="cpu")
-    forget = Dataset("probe", [Item(f"How many apples are left if Tom eats {i} of his {i + 9} apples?") for i in range(12)])
-    stats = probe(generator.model, generator.tokenizer, forget, config=ProbeConfig(progress=False))
-    return stats, stats.save(tmp_path_factory.mktemp("stats") / "apples.npz")
 
 
 def test_every_probe_prompt_is_inside_its_own_cube(tiny_export, llama_stats):

@@ -1,0 +1,80 @@
+"""`unskill serve`: the OpenAI-compatible guarded server (runtime/server.py) on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    from unskill.runtime.ksd import ALPHA_MODES
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with the KSD guard and batching")
+    p.add_argument("--model", required=True, help="directory written by `unskill export`")
+    p.add_argument("--stats", action="append", default=[], help="stats .npz of a skill to refuse (repeatable)")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--alpha-mode", choices=ALPHA_MODES, default="k")
+    p.add_argument("--layers", default="-1", help="FFL layers to check: comma-separated, or 'all' (default -1)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("UNSKILL_API_KEY"),
+                   help="require Authorization: Bearer KEY (default: $UNSKILL_API_KEY; none: open)")
+    p.add_argument("--model-name", help="the id clients use (default: the model directory's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get 503")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--context", type=int, help="prompt + max_tokens limit (default: the model's context)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--hold-tokens", type=int, default=16,
+                   help="streams send nothing until the guard passed this many tokens (-1: the whole answer)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--abstain-message", default=None)
+    p.set_defaults(run=run)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    from unskill.runtime.errors import UnskillError
+
+    for name in ("max_batch", "max_queue", "max_tokens", "default_max_tokens", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise UnskillError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.context is not None and args.context < 2:
+        raise UnskillError(f"--context must be >= 2, got {args.context}")
+    if args.hold_tokens < -1:
+        raise UnskillError(f"--hold-tokens must be >= -1, got {args.hold_tokens}")
+    if not 0 <= args.port <= 65535:
+        raise UnskillError(f"--port must be in 0..65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UnskillError("--api-key is empty")
+    try:   # fail now, in one line, rather than after the model has loaded
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as exc:
+        raise UnskillError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    import uvicorn
+
+    from unskill.runtime import ABSTAIN_MESSAGE, load
+    from unskill.runtime.cli import parse_layers
+    from unskill.runtime.engine import BatchEngine
+    from unskill.runtime.manifest import load_manifest
+    from unskill.runtime.server import ServeLimits, build_app
+
+    layers = parse_layers(args.layers, load_manifest(args.model).num_layers)
+    generator = load(args.model, args.stats, args.alpha, args.alpha_mode, layers, args.device, args.threads,
+                     args.abstain_message or ABSTAIN_MESSAGE)
+    engine = BatchEngine(generator, args.max_batch, args.max_queue)
+    limits = ServeLimits(args.max_body_bytes, args.max_tokens, args.default_max_tokens, args.context, args.hold_tokens)
+    name = args.model_name or Path(args.model).resolve().name
+    app = build_app(engine, name, args.api_key, limits)
+    print(f"unskill serve: {name} on http://{args.host}:{args.port}/v1 "
+          f"({len(args.stats)} stats file(s), batch {args.max_batch}, auth {'on' if args.api_key else 'off'})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

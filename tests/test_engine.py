@@ -1,0 +1,106 @@
+"""The batching engine on real exported models: rows that join and leave a running batch get the same
+greedy tokens as one request at a time, the guard fires per row, and a cancelled row frees its slot."""
+
+import queue
+import threading
+
+import pytest
+
+from unskill.runtime import GenerationParams, load
+from unskill.runtime.engine import BatchEngine
+
+PROMPTS = ["Natalia sold clips to 48 of her friends", "Write a python function",
+           "The capital of France is", "def add(a, b):", "How many apples are left if Tom eats 3"]
+
+
+def greedy(n, chat=False, stop=()):
+    return GenerationParams(max_new_tokens=n, chat=chat, stop=tuple(stop))
+
+
+def staggered(engine, prompts, lengths, hold_tokens=0, chat=False):
+    """Submits each prompt once the previous one has streamed a few events, so rows join a running
+    batch at different cache lengths; returns every request's events."""
+    outs = [queue.Queue() for _ in prompts]
+    for i, (prompt, n) in enumerate(zip(prompts, lengths)):
+        started = threading.Event()
+
+        def on_event(event, out=outs[i], started=started):
+            out.put(event)
+            started.set()
+        engine.submit(prompt, greedy(n, chat), on_event, hold_tokens)
+        started.wait(timeout=60)
+    results = []
+    for out in outs:
+        events = [out.get(timeout=120)]
+        while events[-1].finish_reason is None:
+            events.append(out.get(timeout=120))
+        results.append(events)
+    return results
+
+
+# Not gemma3: its sliding-window layers count padding columns in the window (the tiny one's window is 8
+# tokens), the same limit as Generator's left-padded batches (test_runtime.py tests llama and gpt2).
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_rows_joining_and_leaving_match_one_at_a_time(tiny_export, kind):
+    _, onnx_dir = tiny_export(kind)
+    generator = load(onnx_dir, device="cpu")
+    lengths = [14, 5, 20, 3, 9]   # rows leave at different steps; later ones join longer caches
+    single = [generator.generate([p], greedy(n))[0] for p, n in zip(PROMPTS, lengths)]
+    engine = BatchEngine(generator, max_batch=4).start()
+    try:
+        batched = staggered(engine, PROMPTS, lengths)
+        assert engine.steps < sum(r.forwards for r in single) - len(PROMPTS)   # decode steps were shared
+    finally:
+        engine.close()
+    assert ["".join(e.text for e in events) for events in batched] == [r.text for r in single]
+    assert [events[-1].finish_reason for events in batched] == [r.finish_reason for r in single]
+    assert [events[-1].completion_tokens for events in batched] == [len(r.token_ids) for r in single]
+
+
+def test_guard_fires_per_row_and_hold_back_sends_no_partial_text(tiny_export, llama_stats):
+    _, onnx_dir = tiny_export("llama")
+    guarded = load(onnx_dir, stats=[llama_stats[1]], device="cpu")
+    prompts = ["How many apples are left if Tom eats 3 of his 12 apples?", "Write a python function"]
+    expected = guarded.generate(prompts, greedy(6, chat=True))
+    assert [r.abstained for r in expected] == [True, False]
+    engine = BatchEngine(guarded, max_batch=4).start()
+    try:
+        events = staggered(engine, prompts, [6, 6], hold_tokens=-1, chat=True)
+    finally:
+        engine.close()
+    refused, answered = events
+    assert [e.text for e in refused] == [guarded.abstain_message]   # one event: the refusal alone
+    assert refused[-1].finish_reason == "abstain" and refused[-1].skill == "probe"
+    assert len(answered) == 1 and answered[0].text == expected[1].text   # held back to the end
+
+
+def test_cancelled_row_leaves_the_batch(tiny_export):
+    _, onnx_dir = tiny_export("llama")
+    generator = load(onnx_dir, device="cpu")
+    engine = BatchEngine(generator, max_batch=1).start()
+    try:
+        seen = threading.Event()
+        request = engine.submit(PROMPTS[0], GenerationParams(max_new_tokens=4000, chat=False, ignore_eos=True),
+                                lambda event: seen.set())
+        assert seen.wait(timeout=60)
+        request.cancel()
+        # the only slot is free again: the next request runs to the end
+        events = engine.run(PROMPTS[1], greedy(5))
+        assert events[-1].finish_reason in ("length", "eos") and engine.load["active"] == 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.model
+def test_smollm2_batched_equals_single(smollm2_export):
+    generator = load(smollm2_export, device="cpu")
+    prompts = ["Write a python function to reverse a string.", "What is the capital of France?",
+               [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a color."}]]
+    lengths = [24, 12, 8]
+    single = [generator.generate([p], greedy(n, chat=True))[0] for p, n in zip(prompts, lengths)]
+    engine = BatchEngine(generator, max_batch=4).start()
+    try:
+        batched = staggered(engine, prompts, lengths, chat=True)
+    finally:
+        engine.close()
+    assert ["".join(e.text for e in events) for events in batched] == [r.text for r in single]
