@@ -36,8 +36,9 @@ def add_edit_parser(subparsers) -> None:
     na.add_argument("--seed", type=int, default=0)
     na.add_argument("--form", choices=("masked", "gather"), default="masked",
                     help="masked: rule over the whole layer; gather: only the selected columns, scattered back")
-    na.add_argument("--noise", choices=("random", "input"), default="random",
-                    help="random: RandomUniform op inside the graph; input: na_noise.{layer} inputs (for exact tests)")
+    na.add_argument("--noise", choices=("hash", "session", "input"), default="hash",
+                    help="hash: noise from (seed, position, neuron), the same output for the same prompt; session: "
+                         "stateful RandomUniformLike op; input: na_noise.{layer} inputs (for exact tests)")
     prune.add_argument("--ratio", type=float, default=0.02, help="share of all FFL neurons to remove (default 0.02)")
     prune.add_argument("--steps", type=int, default=1, help="prune ratio/steps at a time, re-probing in between")
     prune.add_argument("--scorer", choices=("abs", "freq", "rms"), default="abs")
@@ -88,6 +89,7 @@ def run_probe_graph(args: argparse.Namespace) -> int:
     from unskill.runtime.manifest import load_manifest
 
     from .export import write_probe_graph
+    from .metadata import write_metadata
 
     directory = Path(args.model)
     manifest = load_manifest(directory)
@@ -95,5 +97,6 @@ def run_probe_graph(args: argparse.Namespace) -> int:
         raise UnskillError(f"{directory}: export lacks key_last outputs; re-export it with `unskill export`")
     write_probe_graph(directory, manifest)
     manifest.save(directory)
+    write_metadata(directory, manifest, None)
     print(f"wrote {directory / manifest.probe_file}")
     return 0

@@ -15,6 +15,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest, load_manifest
 
 from .export import DATA_FILE, MODEL_FILE, sha256_file, write_probe_graph
+from .metadata import copy_source_config, publish_permissions, write_metadata
 
 
 def load_exported(directory: str | Path) -> tuple[onnx.ModelProto, Manifest]:
@@ -56,6 +57,9 @@ def save_edited(model: onnx.ModelProto, manifest: Manifest, source_dir: str | Pa
                                model_file=MODEL_FILE, probe_file=None, **changes)
         write_probe_graph(staging, new_manifest)
         new_manifest.save(staging)
+        copy_source_config(source_dir, staging)
+        write_metadata(staging, new_manifest, None)
+        publish_permissions(staging)
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)
