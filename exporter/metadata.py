@@ -120,6 +120,15 @@ def genai_config(manifest: Manifest, config: dict, inputs: list[str], kv_heads: 
     return {"model": model, "search": search}
 
 
+def hf_config(model) -> dict:
+    """The source config as save_pretrained writes it (non-default fields), naming the architecture and
+    without the local path it was loaded from."""
+    config = model.config.to_diff_dict()
+    config["architectures"] = [type(model).__name__]
+    config.pop("_name_or_path", None)
+    return config
+
+
 def write_metadata(directory: str | Path, manifest: Manifest, source_config: dict | None) -> None:
     """Write every ecosystem file into `directory` (which holds the graph, tokenizer.json and the manifest
     fields in `manifest`). source_config: the source model's config dict; None keeps config.json as it is
