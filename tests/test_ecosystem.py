@@ -178,3 +178,70 @@ def test_smollm2_deploy_folder_matches_and_is_guarded(smollm2_edits, tmp_path):
                                   GenerationParams(max_new_tokens=8))
     assert math.abstained and not code.abstained
     assert np.isfinite(code.token_ids).all()
+
+
+def run_genai_guard(directory, stats, prompts, max_new_tokens, alpha=1.0) -> list[dict]:
+    """examples/genai_guard.py in a fresh interpreter where onnxruntime's Python session cannot be built:
+    genai runs the model, unskill only checks keys."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "genai_guard.py"
+    code = ("import json, runpy, sys, onnxruntime\n"
+            "def refuse(*a, **k): raise AssertionError('the example must not open an onnxruntime session')\n"
+            "onnxruntime.InferenceSession = refuse\n"
+            f"ns = runpy.run_path({str(script)!r})\n"
+            f"for p in {prompts!r}:\n"
+            f"    print(json.dumps(ns['guarded_generate']({str(directory)!r}, [{str(stats)!r}], p, {max_new_tokens}, "
+            f"alpha={alpha})))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def ksd_run_records(directory, stats, prompts, tmp_path, max_new_tokens, alpha=1.0) -> list[dict]:
+    from unskill.runtime.cli import main as ksd_run
+
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    assert ksd_run(["--onnx", str(directory), "--stats", str(stats), "--alpha", str(alpha), "--prompts",
+                    str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens",
+                    str(max_new_tokens), "--device", "cpu", "--quiet"]) == 0
+    return [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["export", "pruned", "deploy"])
+def test_genai_guard_example_matches_ksd_run_on_tiny(tiny_family, name, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from unskill.runtime.statsfile import load_stats
+
+    directory = tiny_family[name]
+    stats = tmp_path / "apples.npz"   # KSD stats of this very model (the NA deploy folder takes the NA model's)
+    source = tiny_family["na"] if name == "deploy" else directory
+    assert main(["stats", "--model", str(source), "--forget", "builtin:math", "--limit", "16", "--out", str(stats),
+                 "--no-progress"]) == 0
+    load_stats(stats, load(directory, device="cpu").model.manifest)
+    prompts = ["What is 12 * 7?", "Write a python function to add two numbers.", PROMPT]
+    ours = run_genai_guard(directory, stats, prompts, 12, alpha=2.0)
+    theirs = ksd_run_records(directory, stats, prompts, tmp_path, 12, alpha=2.0)
+    runtime = load(directory, stats=[stats], alpha=2.0, device="cpu").generate(prompts, GenerationParams(max_new_tokens=12))
+    assert [r["abstained"] for r in ours] == [r["abstained"] for r in theirs]
+    assert any(r["abstained"] for r in ours) and not all(r["abstained"] for r in ours)
+    for mine, record, result in zip(ours, theirs, runtime):
+        assert (mine["skill"], mine["layer"]) == (record["skill"], record["layer"])
+        assert mine["token_ids"] == result.token_ids and mine["abstained_at"] == result.abstained_at
+
+
+@pytest.mark.model
+def test_smollm2_genai_guard_example_matches_ksd_run(smollm2_edits, tmp_path):
+    from unskill.stats.datasets import load_dataset
+    from unskill.stats.probe import ProbeConfig, probe
+
+    directory = smollm2_edits["export"]
+    generator = load(directory, device="cpu")
+    stats = probe(generator.model, generator.tokenizer, load_dataset("builtin:math"),
+                  config=ProbeConfig(progress=False)).save(tmp_path / "math.npz")
+    prompts = [SMOL_PROMPT, "Write a python function to reverse a string."]
+    ours = run_genai_guard(directory, stats, prompts, 24)
+    theirs = ksd_run_records(directory, stats, prompts, tmp_path, 24)
+    assert [r["abstained"] for r in ours] == [r["abstained"] for r in theirs] == [True, False]
+    assert [r["text"] for r in ours] == [r["text"] for r in theirs]
