@@ -20,7 +20,7 @@ def main(model_dir: str, prompt: str, max_new_tokens: int = 64) -> str:
     directory = Path(model_dir)
     manifest = json.loads((directory / "unskill.json").read_text())
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    session = ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(directory / manifest["model_file"]), providers=["CPUExecutionProvider"])
     if manifest["chat_template"]:
         text = jinja2.Template(manifest["chat_template"]).render(
             messages=[{"role": "user", "content": prompt}], add_generation_prompt=True)

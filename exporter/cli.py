@@ -10,14 +10,46 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, help="HF directory, .gguf file, or smollm2-135m / gemma3-270m")
     parser.add_argument("--out", required=True, help="new directory for model.onnx, tokenizer.json, unskill.json")
     parser.add_argument("--opset", type=int, default=None)
+    _add_target(parser)
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run)
+
+
+def _add_target(parser) -> None:
+    parser.add_argument("--target", choices=("full", "deploy"), default="full",
+                        help="full: graph with key/pre-activation outputs for stats and edits; deploy: a serving "
+                             "folder (logits, present.*, key_last.*; onnx/model.onnx), as `unskill edit slim`")
+    parser.add_argument("--no-guard", action="store_true", help="with --target deploy: drop key_last.* too")
+
+
+def _with_target(args: argparse.Namespace, build):
+    """Run build(out) for --target full; for deploy build the full model in a hidden sibling, then slim it."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from unskill.runtime.errors import UnskillError
+
+    out = Path(args.out)
+    if getattr(args, "target", "full") == "full":
+        return build(out)
+    if out.exists() and any(out.iterdir()):
+        raise UnskillError(f"{out}: exists and is not empty; choose a new --out")
+    from .deploy import slim
+
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".unskill-full-", dir=out.resolve().parent) as scratch:
+        manifest = build(Path(scratch) / "full")
+        deployed = slim(Path(scratch) / "full", out, guard=not args.no_guard)
+        shutil.rmtree(Path(scratch) / "full")
+    return manifest if manifest is not None else deployed   # the full model's edit, for the summary line
 
 
 def run(args: argparse.Namespace) -> int:
     from .export import export_model
 
-    manifest = export_model(args.model, args.out, opset=args.opset, progress=not args.no_progress)
+    manifest = _with_target(args, lambda out: export_model(args.model, out, opset=args.opset,
+                                                           progress=not args.no_progress))
     print(f"exported {args.model} -> {args.out} ({manifest.num_layers} layers, key width {manifest.key_width}, "
           f"{manifest.fingerprint[:19]})")
     return 0
@@ -32,12 +64,14 @@ def add_edit_parser(subparsers) -> None:
         p.add_argument("--model", required=True, help="directory written by `unskill export` (or an edited one)")
         p.add_argument("--stats", required=True, help="stats .npz of this model, built with --retain")
         p.add_argument("--out", required=True, help="new directory for the edited model")
+        _add_target(p)
     na.add_argument("--ratio", type=float, default=0.03, help="share of all FFL neurons to adjust (default 0.03)")
     na.add_argument("--seed", type=int, default=0)
     na.add_argument("--form", choices=("masked", "gather"), default="masked",
                     help="masked: rule over the whole layer; gather: only the selected columns, scattered back")
-    na.add_argument("--noise", choices=("random", "input"), default="random",
-                    help="random: RandomUniform op inside the graph; input: na_noise.{layer} inputs (for exact tests)")
+    na.add_argument("--noise", choices=("hash", "session", "input"), default="hash",
+                    help="hash: noise from (seed, position, neuron), the same output for the same prompt; session: "
+                         "stateful RandomUniformLike op; input: na_noise.{layer} inputs (for exact tests)")
     prune.add_argument("--ratio", type=float, default=0.02, help="share of all FFL neurons to remove (default 0.02)")
     prune.add_argument("--steps", type=int, default=1, help="prune ratio/steps at a time, re-probing in between")
     prune.add_argument("--scorer", choices=("abs", "freq", "rms"), default="abs")
@@ -47,7 +81,13 @@ def add_edit_parser(subparsers) -> None:
     quant.add_argument("--model", required=True)
     quant.add_argument("--out", required=True)
     quant.add_argument("--mode", choices=("int8", "int4"), default="int8")
+    _add_target(quant)
     quant.set_defaults(run=run_quantize)
+    slim = methods.add_parser("slim", help="a serving folder: only logits, present.* and key_last.* (onnx/model.onnx)")
+    slim.add_argument("--model", required=True, help="directory written by `unskill export` (or an edited one)")
+    slim.add_argument("--out", required=True, help="new directory for the deploy folder")
+    slim.add_argument("--no-guard", action="store_true", help="drop key_last.* too (no KSD guard will run)")
+    slim.set_defaults(run=run_slim)
     probe = methods.add_parser("probe-graph", help="add probe.onnx (keys only, no LM head) to an older export, in place")
     probe.add_argument("--model", required=True)
     probe.set_defaults(run=run_probe_graph)
@@ -58,7 +98,8 @@ def add_edit_parser(subparsers) -> None:
 def run_na(args: argparse.Namespace) -> int:
     from .neuron_adjust import neuron_adjust
 
-    manifest = neuron_adjust(args.model, args.stats, args.ratio, args.out, args.noise, args.seed, args.form)
+    manifest = _with_target(args, lambda out: neuron_adjust(args.model, args.stats, args.ratio, out, args.noise,
+                                                            args.seed, args.form))
     edit = manifest.edits[-1]
     print(f"NA on {edit['selected']} neurons ({args.ratio:.2%}) -> {args.out}")
     return 0
@@ -67,8 +108,8 @@ def run_na(args: argparse.Namespace) -> int:
 def run_prune(args: argparse.Namespace) -> int:
     from .prune import prune
 
-    manifest = prune(args.model, args.stats, args.ratio, args.out, args.steps, args.scorer, args.data_dir,
-                     not args.no_progress)
+    manifest = _with_target(args, lambda out: prune(args.model, args.stats, args.ratio, out, args.steps, args.scorer,
+                                                    args.data_dir, not args.no_progress))
     print(f"pruned {manifest.edits[-1]['removed']} neurons ({args.ratio:.2%}, {args.steps} step(s)) -> {args.out}")
     return 0
 
@@ -76,8 +117,17 @@ def run_prune(args: argparse.Namespace) -> int:
 def run_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize
 
-    quantize(args.model, args.out, args.mode)
+    _with_target(args, lambda out: quantize(args.model, out, args.mode))
     print(f"quantized {args.model} to {args.mode} -> {args.out}")
+    return 0
+
+
+def run_slim(args: argparse.Namespace) -> int:
+    from .deploy import slim
+
+    manifest = slim(args.model, args.out, guard=not args.no_guard)
+    kept = "logits, present.*" + (", key_last.*" if manifest.key_last_outputs else "")
+    print(f"deploy folder ({kept}) -> {args.out}/{manifest.model_file}")
     return 0
 
 
@@ -88,6 +138,7 @@ def run_probe_graph(args: argparse.Namespace) -> int:
     from unskill.runtime.manifest import load_manifest
 
     from .export import write_probe_graph
+    from .metadata import write_metadata
 
     directory = Path(args.model)
     manifest = load_manifest(directory)
@@ -95,5 +146,6 @@ def run_probe_graph(args: argparse.Namespace) -> int:
         raise UnskillError(f"{directory}: export lacks key_last outputs; re-export it with `unskill export`")
     write_probe_graph(directory, manifest)
     manifest.save(directory)
+    write_metadata(directory, manifest, None)
     print(f"wrote {directory / manifest.probe_file}")
     return 0

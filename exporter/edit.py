@@ -15,6 +15,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest, load_manifest
 
 from .export import DATA_FILE, MODEL_FILE, sha256_file, write_probe_graph
+from .metadata import copy_source_config, publish_permissions, write_metadata
 
 
 def load_exported(directory: str | Path) -> tuple[onnx.ModelProto, Manifest]:
@@ -39,23 +40,32 @@ def edited_fingerprint(data_path: Path, edits: list[dict]) -> str:
 
 
 def save_edited(model: onnx.ModelProto, manifest: Manifest, source_dir: str | Path, out_dir: str | Path,
-                edit: dict, **changes) -> Manifest:
-    """Write DIR2 atomically: model + data, the tokenizer, and the manifest with the edit appended."""
+                edit: dict, model_file: str = MODEL_FILE, data_file: str = DATA_FILE, probe: bool = True,
+                **changes) -> Manifest:
+    """Write DIR2 atomically: model + data, the tokenizer, and the manifest with the edit appended.
+    model_file / data_file: where the graph and its weights go (a deploy folder: onnx/model.onnx and
+    onnx/model.onnx_data); probe=False writes no probe graph."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".unskill-edit-", dir=out_dir.parent))
     try:
-        onnx.save(model, str(staging / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=DATA_FILE, size_threshold=1024)
-        (staging / DATA_FILE).chmod(0o644)
+        graph_path = staging / model_file
+        graph_path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(graph_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data_file, size_threshold=1024)
         shutil.copy(Path(source_dir) / "tokenizer.json", staging / "tokenizer.json")
         edits = [*manifest.edits, edit]
-        new_manifest = replace(manifest, edits=edits, fingerprint=edited_fingerprint(staging / DATA_FILE, edits),
-                               model_file=MODEL_FILE, probe_file=None, **changes)
-        write_probe_graph(staging, new_manifest)
+        fingerprint = edited_fingerprint(graph_path.parent / data_file, edits)
+        new_manifest = replace(manifest, edits=edits, fingerprint=fingerprint, model_file=model_file, probe_file=None,
+                               **changes)
+        if probe:
+            write_probe_graph(staging, new_manifest)
         new_manifest.save(staging)
+        copy_source_config(source_dir, staging)
+        write_metadata(staging, new_manifest, None)
+        publish_permissions(staging)
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)

@@ -13,6 +13,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
 from .graph import add_ffl_outputs, find_ffl_tensors, probe_graph
+from .metadata import hf_config, publish_permissions, write_metadata
 from .sources import ModelSource, resolve_model
 from .tokenizer_fix import fix_tokenizer, save_tokenizer, token_id
 
@@ -143,6 +144,8 @@ def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progr
         )
         write_probe_graph(final, manifest)
         manifest.save(final)
+        write_metadata(final, manifest, hf_config(model))
+        publish_permissions(final)
         if out_dir.exists():
             out_dir.rmdir()
         final.rename(out_dir)

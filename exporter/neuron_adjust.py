@@ -7,6 +7,13 @@ i.e. mirror its forget z-score onto the retain distribution. Densities are compa
 (d = log p_f - log p_r, probability = sigmoid(d)), so values far in both tails never divide 0 by 0.
 Differences from the reference code: true standard deviations (it uses a variance, and sd_f = mu_f by a
 slip), and one uniform draw per element (it draws once per layer per forward pass).
+
+Noise (`noise=`): "hash" (default) makes the draw a function of (seed, layer, token position, neuron): an
+integer hash evaluated by Mul/Add/Mod/Div nodes on int64 (every opset, exact in NumPy too), so a prompt
+gives the same output whatever the session ran before and in any batch row, prefill or decode step (the
+position comes from `position_ids`, or from the cumulative attention mask). "session" is the stateful
+RandomUniformLike op (draws depend on what ran before in the session); "input" takes the noise from
+`na_noise.{layer}` graph inputs (exact tests).
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.statsfile import StatsFile
 
 SIGMA_FLOOR = 1e-5
-NOISE_MODES = ("random", "input")
+NOISE_MODES = ("hash", "session", "input")
+HASH_MODULUS = 1 << 31
+# The hash's steps on [0, 2^31): multiply by an odd constant, "shift" adds x // 2^k (an xorshift made of
+# the arithmetic every ONNX opset has), "square" adds the top bits of x*x (the nonlinearity: without it
+# (row, neuron) draws keep an additive structure). Every product stays below 2^62: no int64 overflow.
+HASH_ROUND = (("mul", 0x045D9F3B), ("shift", 16), ("square", 0), ("mul", 0x2C1B3C6D), ("shift", 13), ("square", 0),
+              ("mul", 0x297A2D39), ("shift", 15))
+UNIFORM_BITS = 24   # floats k / 2^24 are exact in float32
 FORMS = ("masked", "gather")
 
 
@@ -88,6 +102,96 @@ def na_reference(v: np.ndarray, mu_f, sd_f, mu_r, sd_r, selected, uniform: np.nd
     return np.where(replace, k["m"] - v * k["s"], v).astype(np.float32)
 
 
+def _mix_numpy(x: np.ndarray) -> np.ndarray:
+    for op, value in HASH_ROUND:
+        if op == "mul":
+            x = x * value
+        elif op == "shift":
+            x = x + x // (1 << value)
+        else:
+            x = x + (x * x) // HASH_MODULUS
+        x = x % HASH_MODULUS
+    return x
+
+
+def _layer_key(seed: int, layer: int) -> int:
+    return int(_mix_numpy(np.int64((seed * 1000003 + layer) % HASH_MODULUS)))
+
+
+def _neuron_keys(neurons: np.ndarray) -> np.ndarray:
+    return _mix_numpy(np.asarray(neurons, np.int64) + 0x9E3779B)
+
+
+def na_hash_uniform(seed: int, layer: int, positions: np.ndarray, neurons: np.ndarray) -> np.ndarray:
+    """The "hash" noise: positions (B, S) int, neurons (F,) original neuron indices -> (B, S, F) float32
+    uniform in [0, 1), identical to what the graph computes."""
+    row = _mix_numpy((np.asarray(positions, np.int64) + _layer_key(seed, layer)) % HASH_MODULUS)
+    cell = _mix_numpy((row[..., None] + _neuron_keys(neurons)) % HASH_MODULUS)
+    return ((cell // (1 << (31 - UNIFORM_BITS))).astype(np.float32) * np.float32(2.0 ** -UNIFORM_BITS))
+
+
+def _mix_nodes(p: str, x: str, modulus: str, inits: list) -> tuple[list, str]:
+    n = helper.make_node
+    nodes = []
+    for step, (op, value) in enumerate(HASH_ROUND):
+        name = f"{p}h{step}"
+        if op == "mul":
+            inits.append(numpy_helper.from_array(np.array(value, np.int64), name + "_c"))
+            nodes.append(n("Mul", [x, name + "_c"], [name + "_raw"]))
+        elif op == "square":
+            nodes += [n("Mul", [x, x], [name + "_sq"]), n("Div", [name + "_sq", modulus], [name + "_hi"]),
+                      n("Add", [x, name + "_hi"], [name + "_raw"])]
+        else:
+            inits.append(numpy_helper.from_array(np.array(1 << value, np.int64), name + "_c"))
+            nodes += [n("Div", [x, name + "_c"], [name + "_hi"]), n("Add", [x, name + "_hi"], [name + "_raw"])]
+        nodes.append(n("Mod", [name + "_raw", modulus], [name]))
+        x = name
+    return nodes, x
+
+
+def _hash_nodes(p: str, positions: str, seed: int, layer: int, neurons: np.ndarray) -> tuple[list, list, str]:
+    """Nodes computing na_hash_uniform from the (B, S) int64 positions tensor; returns (nodes, inits, noise)."""
+    n = helper.make_node
+    inits = [numpy_helper.from_array(np.array(HASH_MODULUS, np.int64), p + "modulus"),
+             numpy_helper.from_array(np.array(_layer_key(seed, layer), np.int64), p + "layer_key"),
+             numpy_helper.from_array(_neuron_keys(neurons), p + "neuron_keys"),
+             numpy_helper.from_array(np.array([-1], np.int64), p + "last_axis"),
+             numpy_helper.from_array(np.array(1 << (31 - UNIFORM_BITS), np.int64), p + "drop"),
+             numpy_helper.from_array(np.array(2.0 ** -UNIFORM_BITS, np.float32), p + "scale")]
+    nodes = [n("Add", [positions, p + "layer_key"], [p + "row_in"]), n("Mod", [p + "row_in", p + "modulus"], [p + "row0"])]
+    mixed, row = _mix_nodes(p + "row/", p + "row0", p + "modulus", inits)
+    nodes += mixed
+    nodes += [n("Unsqueeze", [row, p + "last_axis"], [p + "row_col"]),
+              n("Add", [p + "row_col", p + "neuron_keys"], [p + "cell_in"]),
+              n("Mod", [p + "cell_in", p + "modulus"], [p + "cell0"])]
+    mixed, cell = _mix_nodes(p + "cell/", p + "cell0", p + "modulus", inits)
+    nodes += mixed
+    nodes += [n("Div", [cell, p + "drop"], [p + "bits"]), n("Cast", [p + "bits"], [p + "bits_f"], to=TensorProto.FLOAT),
+              n("Mul", [p + "bits_f", p + "scale"], [p + "uniform"])]
+    return nodes, inits, p + "uniform"
+
+
+def position_tensor(graph: onnx.GraphProto) -> tuple[list, list, str]:
+    """(nodes, initializers, name) of the (B, S) int64 token positions of the current call: the
+    `position_ids` input, else cumsum(attention_mask) - 1 over the last S columns (as the runtime feeds)."""
+    names = {i.name for i in graph.input}
+    if "position_ids" in names:
+        return [], [], "position_ids"
+    p = "/unskill/na/"
+    n = helper.make_node
+    inits = [numpy_helper.from_array(np.array(1, np.int64), p + "one"),
+             numpy_helper.from_array(np.array([1], np.int64), p + "axis1"),
+             numpy_helper.from_array(np.array([0], np.int64), p + "zero1"),
+             numpy_helper.from_array(np.array([1 << 62], np.int64), p + "end")]
+    nodes = [n("CumSum", ["attention_mask", p + "one"], [p + "count"]), n("Sub", [p + "count", p + "one"], [p + "pos_all"]),
+             n("Shape", ["input_ids"], [p + "ids_shape"]),
+             n("Slice", [p + "ids_shape", p + "axis1", p + "end"], [p + "seq_len"]),
+             n("Neg", [p + "seq_len"], [p + "start"]),
+             n("Slice", [p + "pos_all", p + "start", p + "end", p + "axis1"], [p + "pos_raw"]),
+             n("Relu", [p + "pos_raw"], [p + "positions"])]
+    return nodes, inits, p + "positions"
+
+
 def _rule_nodes(p: str, x: str, uniform: str, c: dict[str, str]) -> list:
     """The rule on tensor x with noise `uniform` (same shape), ending in tensor p + "adjusted"."""
     n = helper.make_node
@@ -101,7 +205,8 @@ def _rule_nodes(p: str, x: str, uniform: str, c: dict[str, str]) -> list:
     ]
 
 
-def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[str, np.ndarray], form: str):
+def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[str, np.ndarray], form: str,
+                 positions: str | None = None, neurons: np.ndarray | None = None):
     """Nodes computing the adjusted pre-activation of one layer; returns (nodes, initializers, output, input).
     masked: the rule over the whole layer (unselected neurons have c = -1e30, so never change).
     gather: Gather the selected columns, apply the rule to them only, ScatterElements them back."""
@@ -119,6 +224,10 @@ def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[st
         nodes.append(n("Gather", [graph_input, c["columns"]], [uniform], axis=-1))
     elif graph_input:
         uniform = graph_input
+    elif noise == "hash":
+        hash_nodes, hash_inits, uniform = _hash_nodes(p, positions, seed, layer, neurons)
+        nodes += hash_nodes
+        inits += hash_inits
     else:
         uniform = p + "uniform"
         nodes.append(n("RandomUniformLike", [x], [uniform], dtype=TensorProto.FLOAT, low=0.0, high=1.0,
@@ -132,7 +241,7 @@ def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[st
 
 
 def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept: list[list[int]] | None,
-              noise: str = "random", seed: int = 0, form: str = "masked") -> list[str]:
+              noise: str = "hash", seed: int = 0, form: str = "masked") -> list[str]:
     """Rewire every consumer of each selected layer's pre-activation to the adjusted value.
     The `preact.{i}` graph output keeps the raw value, so probing an edited model sees natural inputs."""
     if noise not in NOISE_MODES:
@@ -141,6 +250,7 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
         raise UnskillError(f"NA form {form!r}: use one of {FORMS}")
     graph = model.graph
     noise_inputs, blocks = [], {}
+    position_nodes, position_inits, positions = position_tensor(graph) if noise == "hash" else ([], [], None)
     for layer, preact in enumerate(preacts):
         columns = np.asarray(kept[layer]) if kept is not None else slice(None)
         selected = params.selected[layer][columns]
@@ -152,7 +262,9 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
         consts["half"] = np.array(0.5, np.float32)
         if form == "gather":
             consts["columns"] = np.flatnonzero(selected).astype(np.int64)
-        nodes, inits, adjusted, graph_input = _layer_nodes(layer, preact, noise, seed, consts, form)
+        neurons = np.asarray(kept[layer]) if kept is not None else np.arange(len(selected))
+        nodes, inits, adjusted, graph_input = _layer_nodes(layer, preact, noise, seed, consts, form, positions,
+                                                           neurons[picked])
         for node in graph.node:
             if node.name.startswith("/unskill/preact."):
                 continue
@@ -165,6 +277,11 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
             graph.input.append(helper.make_tensor_value_info(graph_input, TensorProto.FLOAT,
                                                              ["batch_size", "sequence_length", len(selected)]))
             noise_inputs.append(graph_input)
+    if blocks and position_nodes:   # the positions are computed once, first: they depend on graph inputs only
+        graph.initializer.extend(position_inits)
+        ordered = [*position_nodes, *graph.node]
+        del graph.node[:]
+        graph.node.extend(ordered)
     _insert_after_producers(graph, blocks)
     return noise_inputs
 
@@ -183,7 +300,7 @@ def _insert_after_producers(graph: onnx.GraphProto, blocks: dict[str, list]) -> 
     graph.node.extend(ordered)
 
 
-def neuron_adjust(model_dir, stats_path, ratio: float, out_dir, noise: str = "random", seed: int = 0,
+def neuron_adjust(model_dir, stats_path, ratio: float, out_dir, noise: str = "hash", seed: int = 0,
                   form: str = "masked"):
     """`unskill edit na`: write a copy of the exported model with NA nodes on the selected neurons."""
     from unskill.runtime.statsfile import load_stats

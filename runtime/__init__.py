@@ -29,4 +29,7 @@ def load(model_dir, stats=(), alpha: float | None = None, alpha_mode: str = "k",
     tokenizer = TextTokenizer(model_dir, model.manifest)
     stats_files = [load_stats(path, model.manifest) for path in stats]
     guard = KSDGuard(stats_files, model.manifest, alpha, alpha_mode, layers) if stats_files else None
+    if guard and not set(guard.output_names) <= model.output_names:
+        raise UnskillError(f"{model_dir}: the graph lacks the guard's key outputs {guard.output_names[:3]}; "
+                           "slim it with key_last kept (no --no-guard)")
     return Generator(model, tokenizer, guard, abstain_message)

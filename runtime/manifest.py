@@ -41,6 +41,9 @@ class Manifest:
     probe_file: str | None = None
     # Fingerprints whose stats still apply (a quantized model accepts its fp32 parent's stats).
     stats_compatible: list[str] | None = None
+    # "deploy": the graph keeps only logits, present.* and (when guarded) key_last.*; key.* / preact.*
+    # are listed for the stats' layout but not in the graph (`unskill edit slim`).
+    target: str = "full"
     format: str = FORMAT
 
     def save(self, directory: str | Path) -> Path:

@@ -61,6 +61,8 @@ class OnnxLM:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = {o.name for o in self.session.get_outputs()}
         wanted = self.manifest.key_last_outputs if graph == "probe" else self.manifest.key_outputs
+        if self.manifest.target == "deploy":   # a serving folder: key.* and preact.* are gone by design
+            wanted = self.manifest.key_last_outputs or []
         missing = [n for n in wanted if n not in self.output_names]
         if missing:
             raise UnskillError(f"{path}: graph lacks key outputs {missing[:3]}; re-export with `unskill export`")
@@ -108,6 +110,10 @@ class OnnxLM:
                 ) -> tuple[np.ndarray | None, dict[str, ort.OrtValue], dict[str, np.ndarray]]:
         """(logits of the last position [B, V], of all [B, S, V], or None when not wanted; next past;
         extra outputs as NumPy)."""
+        absent = [name for name in extra_outputs if name not in self.output_names]
+        if absent:
+            raise UnskillError(f"{self.directory}: the graph has no outputs {absent[:3]} (a deploy folder keeps "
+                               "logits, present.* and key_last.* only; probe the full export)")
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         if "position_ids" in self.input_names:
             positions = np.cumsum(attention_mask, axis=1) - 1

@@ -76,3 +76,22 @@ def smollm2_math_stats(smollm2_export, tmp_path_factory):
     generator = load(smollm2_export, device="cpu")
     stats = probe(generator.model, generator.tokenizer, load_dataset("builtin:math"), config=ProbeConfig(progress=False))
     return stats.save(tmp_path_factory.mktemp("smollm2_stats") / "math.npz")
+
+
+@pytest.fixture(scope="session")
+def smollm2_edits(smollm2_export, tmp_path_factory):
+    """NA (3 %, hash noise) and pruned (2 %) copies of the SmolLM2 export from one small math-vs-code stats
+    file, plus that file: {"export", "na", "pruned", "stats"}. Built once per session (about a minute)."""
+    from unskill.exporter.neuron_adjust import neuron_adjust
+    from unskill.exporter.prune import prune
+    from unskill.runtime import load
+    from unskill.stats.datasets import load_dataset
+    from unskill.stats.probe import ProbeConfig, probe
+
+    root = tmp_path_factory.mktemp("smollm2_edits")
+    generator = load(smollm2_export, device="cpu")
+    stats = probe(generator.model, generator.tokenizer, load_dataset("builtin:math", limit=24),
+                  load_dataset("builtin:code", limit=24), ProbeConfig(progress=False)).save(root / "math_code.npz")
+    neuron_adjust(smollm2_export, stats, 0.03, root / "na")
+    prune(smollm2_export, stats, 0.02, root / "pruned", progress=False)
+    return {"export": Path(smollm2_export), "na": root / "na", "pruned": root / "pruned", "stats": stats}

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 
 from tiny_models import na_gate_hook, run_plain_ort, torch_with_hooks
-from unskill.exporter.neuron_adjust import na_reference, neuron_adjust, select_neurons
+from unskill.exporter.neuron_adjust import na_hash_uniform, na_reference, neuron_adjust, select_neurons
 from unskill.exporter.prune import prune, prune_scores
 from unskill.runtime import GenerationParams, load, load_stats
 from unskill.runtime.session import OnnxLM
@@ -73,19 +73,28 @@ def test_selection_is_global_top_ratio(tiny_export, edit_stats):
     np.testing.assert_allclose(params.sd_f, np.maximum(stats.groups["na_forget"].std(), 1e-5), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind,form", [("llama", "masked"), ("gemma3", "masked"), ("gpt2", "masked"),
-                                       ("llama", "gather"), ("gpt2", "gather")])
-def test_na_graph_matches_numpy_reference_in_torch(tiny_export, edit_stats, tmp_path, kind, form):
+@pytest.mark.parametrize("kind,form,mode", [("llama", "masked", "input"), ("gemma3", "masked", "input"),
+                                            ("gpt2", "masked", "input"), ("llama", "gather", "input"),
+                                            ("gpt2", "gather", "input"), ("llama", "masked", "hash"),
+                                            ("gemma3", "gather", "hash"), ("gpt2", "masked", "hash")])
+def test_na_graph_matches_numpy_reference_in_torch(tiny_export, edit_stats, tmp_path, kind, form, mode):
     hf_dir, onnx_dir = tiny_export(kind)
     out = tmp_path / "na"
-    manifest = neuron_adjust(onnx_dir, edit_stats(kind), 0.2, out, noise="input", form=form)
+    manifest = neuron_adjust(onnx_dir, edit_stats(kind), 0.2, out, noise=mode, form=form, seed=5)
     params = select_neurons(load_stats(edit_stats(kind)), 0.2)
     ids = np.random.default_rng(1).integers(5, 500, size=(2, 10))
     width = manifest.key_width
-    noise = {f"na_noise.{l}": np.random.default_rng(l).uniform(size=(2, 10, width)).astype(np.float32)
-             for l in range(manifest.num_layers) if params.selected[l].any()}
-    assert list(noise) == manifest.edits[-1]["noise_inputs"]
-    values, _, _ = run_plain_ort(out, ids, noise)
+    layers = [l for l in range(manifest.num_layers) if params.selected[l].any()]
+    if mode == "input":
+        noise = {f"na_noise.{l}": np.random.default_rng(l).uniform(size=(2, 10, width)).astype(np.float32)
+                 for l in layers}
+        assert list(noise) == manifest.edits[-1]["noise_inputs"]
+        values, _, _ = run_plain_ort(out, ids, noise)
+    else:   # the graph hashes (seed, layer, position, neuron) itself; the reference gets the same numbers
+        positions = np.arange(10)[None].repeat(2, 0)
+        noise = {f"na_noise.{l}": na_hash_uniform(5, l, positions, np.arange(width)) for l in layers}
+        assert manifest.edits[-1]["noise_inputs"] == []
+        values, _, _ = run_plain_ort(out, ids)
 
     adjust, replaced = na_gate_hook(params, noise)
     logits, keys = torch_with_hooks(hf_dir, ids, gate_fn=adjust)
@@ -95,10 +104,56 @@ def test_na_graph_matches_numpy_reference_in_torch(tiny_export, edit_stats, tmp_
         np.testing.assert_allclose(values[f"key.{layer}"], key, atol=ATOL, rtol=RTOL)
 
 
-def test_na_random_mode_runs_with_standard_inputs_only(tiny_export, edit_stats, tmp_path):
+def test_hash_noise_is_uniform_and_independent():
+    positions = np.arange(64)[None]
+    noise = na_hash_uniform(0, 3, positions, np.arange(1536))
+    assert noise.dtype == np.float32 and 0 <= noise.min() and noise.max() < 1
+    assert abs(noise.mean() - 0.5) < 0.005 and abs(noise.var() - 1 / 12) < 0.002
+    assert noise.mean(axis=2).std() < 1.5 * 0.2887 / np.sqrt(1536)   # no per-position offset
+    # neighbours in position, neuron, layer and seed are uncorrelated
+    flat = noise[0]
+    for a, b in ((flat[1:], flat[:-1]), (flat[:, 1:], flat[:, :-1]),
+                 (flat, na_hash_uniform(0, 4, positions, np.arange(1536))[0]),
+                 (flat, na_hash_uniform(1, 3, positions, np.arange(1536))[0])):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+    # a pruned layer keeps each surviving neuron's draws: the hash takes original neuron indices
+    np.testing.assert_array_equal(na_hash_uniform(0, 3, positions, np.arange(0, 1536, 2)), noise[..., ::2])
+
+
+def test_hash_na_is_a_function_of_its_input(tiny_export, edit_stats, tmp_path):
+    """Same prompt, same logits: first in the session, after other prompts, and left-padded in a batch
+    (prefill and a decode step with the KV cache). The stateful session noise differs on a rerun."""
+    _, onnx_dir = tiny_export("llama")
+    ids = np.random.default_rng(7).integers(5, 500, size=(1, 9))
+    other = np.random.default_rng(8).integers(5, 500, size=(1, 13))
+    for mode in ("hash", "session"):
+        neuron_adjust(onnx_dir, edit_stats("llama"), 0.3, tmp_path / mode, noise=mode, seed=1)
+    model = OnnxLM(tmp_path / "hash", device="cpu")
+
+    def two_steps(batch_ids, mask):
+        logits, past, _ = model.forward(batch_ids, mask, model.empty_past(len(batch_ids)))
+        step = np.full((len(batch_ids), 1), 42)
+        mask = np.concatenate([mask, np.ones_like(step)], axis=1)
+        return logits, model.forward(step, mask, past)[0]
+
+    first = two_steps(ids, np.ones_like(ids))
+    two_steps(other, np.ones_like(other))
+    again = two_steps(ids, np.ones_like(ids))
+    from unskill.runtime.session import left_pad
+    batch_ids, mask = left_pad([other[0].tolist(), ids[0].tolist()], 0)
+    batched = two_steps(batch_ids, mask)
+    for alone, rerun, in_batch in zip(first, again, batched):
+        np.testing.assert_array_equal(alone, rerun)
+        np.testing.assert_allclose(in_batch[1], alone[0], atol=1e-5)
+    session = OnnxLM(tmp_path / "session", device="cpu")
+    draws = [session.forward(ids, np.ones_like(ids), session.empty_past(1))[0] for _ in range(2)]
+    assert not np.array_equal(*draws)
+
+
+def test_na_session_mode_runs_with_standard_inputs_only(tiny_export, edit_stats, tmp_path):
     _, onnx_dir = tiny_export("llama")
     out = tmp_path / "na"
-    neuron_adjust(onnx_dir, edit_stats("llama"), 0.3, out, noise="random", seed=3)
+    neuron_adjust(onnx_dir, edit_stats("llama"), 0.3, out, noise="session", seed=3)
     original = {i.name for i in ort.InferenceSession(str(onnx_dir / "model.onnx")).get_inputs()}
     ids = np.random.default_rng(2).integers(5, 500, size=(1, 16))
     edited, _, session = run_plain_ort(out, ids)

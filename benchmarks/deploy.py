@@ -1,0 +1,92 @@
+"""Decode speed of a full export against its deploy folder (`unskill edit slim`), in the unskill runtime and in
+optimum's ORTModelForCausalLM loading each folder as it is; one process per (engine, folder), same prompt,
+greedy, EOS masked, token ids compared.
+
+    python benchmarks/deploy.py out/smollm2 out/smollm2-deploy --new-tokens 128 --runs 3 --out deploy.json
+
+optimum fetches every graph output at every step on CPU (no IO binding), so the full export's 90
+`key.*`/`preact.*` [B, S, ffn] outputs cost it copies the deploy folder does not have; the runtime fetches
+only what it asks for, but onnxruntime still computes every output's nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from decode import PROMPT, measure
+
+from unskill.runtime import GenerationParams, load
+
+
+def engine(name: str, folder: Path):
+    generator = load(folder, device="cpu")
+    prompt_ids = generator.tokenizer.encode_prompt(PROMPT)
+    if name == "unskill":
+        return lambda n: generator.generate([PROMPT], GenerationParams(max_new_tokens=n, ignore_eos=True))[0].token_ids
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = ORTModelForCausalLM.from_pretrained(folder, provider="CPUExecutionProvider")
+    inputs = torch.tensor([prompt_ids])
+
+    def generate(n):
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False)
+        return out[0, len(prompt_ids):].tolist()
+
+    return generate
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("full", type=Path, help="folder written by `unskill export` / `unskill edit`")
+    parser.add_argument("deploy", type=Path, help="its `unskill edit slim` folder")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--engines", default="unskill,optimum")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = measure(engine(args.child[0], Path(args.child[1])), args.new_tokens, args.runs)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return 0
+    results = {}
+    for name in args.engines.split(","):
+        for label, folder in (("full", args.full), ("deploy", args.deploy)):
+            cmd = [sys.executable, __file__, str(args.full), str(args.deploy), "--new-tokens", str(args.new_tokens),
+                   "--runs", str(args.runs), "--child", name, str(folder)]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if done.returncode != 0:
+                print(f"{name} {label} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            results[f"{name} {label}"] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{name} {label}: {results[f'{name} {label}']['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+    base = results.get("unskill full")
+    print(f"\n{args.new_tokens} new tokens, greedy, median of {args.runs}\n")
+    print("| engine | folder | decode tok/s | vs unskill full | TTFT s | peak RSS MB | ids match |")
+    print("|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        name, label = key.split()
+        ratio = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+        same = base is not None and r["ids"] == base["ids"]
+        print(f"| {name} | {label} | {r['decode_tok_s']:.1f} | {ratio:.2f}x | {r['ttft_s']:.3f} | "
+              f"{r['peak_rss_mb']:.0f} | {same} |")
+    if args.out:
+        summary = {"results": {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in results.items()},
+                   "new_tokens": args.new_tokens, "runs": args.runs, "full": str(args.full),
+                   "deploy": str(args.deploy), "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""A KSD-guarded decode loop on onnxruntime-genai: genai runs the model, unskill's NumPy guard checks the key.
+
+    python examples/genai_guard.py out/smollm2 --stats out/gsm8k.npz "Tom has 3 apples..." [--alpha 1.5]
+
+genai loads the folder as written by `unskill export` / `unskill edit` (genai_config.json, tokenizer.json,
+tokenizer_config.json with the chat template). After every forward call (the prompt, then each new token)
+the loop reads `key_last.{layer}` with Generator.get_output and asks unskill.runtime.ksd.KSDGuard whether
+it lies in a forgotten skill's hypercube; a hit replaces the whole answer by the abstain message, exactly
+as `ksd-run` does (same tokens, same step). The guard is NumPy only: the same check ports to C#, Java or
+JavaScript genai apps (README, "Guarding other stacks").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime_genai as og
+
+from unskill.runtime.ksd import KSDGuard
+from unskill.runtime.manifest import load_manifest
+from unskill.runtime.statsfile import load_stats
+
+ABSTAIN_MESSAGE = "Your query is not valid."
+
+
+def full_width(key: np.ndarray, kept: list[int] | None, width: int) -> np.ndarray:
+    """A pruned layer's key with zeros where removed neurons were: stats keep the original width."""
+    if kept is None or len(kept) == width:
+        return key
+    full = np.zeros(key.shape[:-1] + (width,), dtype=key.dtype)
+    full[..., kept] = key
+    return full
+
+
+def guarded_generate(model_dir: str | Path, stats: list[str], prompt: str, max_new_tokens: int = 256,
+                     alpha: float = 1.0, layers: list[int] | None = None, chat: bool = True) -> dict:
+    manifest = load_manifest(model_dir)
+    guard = KSDGuard([load_stats(path, manifest) for path in stats], manifest, alpha=alpha, layers=layers)
+    model = og.Model(str(model_dir))
+    tokenizer = og.Tokenizer(model)
+    text = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]),
+                                         add_generation_prompt=True) if chat and manifest.chat_template else prompt
+    ids = tokenizer.encode(text)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
+    generator = og.Generator(model, params)
+    kept = manifest.kept_neurons or [None] * manifest.num_layers
+
+    def hit_now():
+        keys = {name: full_width(generator.get_output(name), kept[int(name.split(".")[-1])], manifest.key_width)
+                for name in guard.output_names}
+        return guard.check(keys)[0]
+
+    generator.append_tokens(ids)          # the prompt's forward call
+    hit, step = hit_now(), 0
+    while hit is None and not generator.is_done():
+        generator.generate_next_token()   # picks a token from the last forward's logits
+        step += 1
+        if generator.is_done():           # EOS or max_new_tokens: no forward after the last token
+            break
+        generator.get_logits()            # runs that token's forward now, so its key is checked first
+        hit = hit_now()
+    if hit is not None:
+        return {"text": ABSTAIN_MESSAGE, "token_ids": [], "abstained": True, "skill": hit.skill, "layer": hit.layer,
+                "abstained_at": step}
+    new = [int(t) for t in generator.get_sequence(0)[len(ids):] if int(t) not in manifest.eos_token_ids]
+    return {"text": tokenizer.decode(new), "token_ids": new, "abstained": False, "skill": None, "layer": None,
+            "abstained_at": None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="folder written by `unskill export` / `unskill edit` (deploy folders too)")
+    parser.add_argument("prompt")
+    parser.add_argument("--stats", action="append", required=True, help="stats .npz of a skill to refuse")
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--layers", type=int, nargs="*", default=None, help="FFL layers to check (default: last)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--no-chat", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the result record instead of the text")
+    args = parser.parse_args(argv)
+    result = guarded_generate(args.model, args.stats, args.prompt, args.max_new_tokens, args.alpha, args.layers,
+                              chat=not args.no_chat)
+    print(json.dumps(result) if args.json else result["text"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
