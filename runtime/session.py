@@ -76,6 +76,12 @@ class OnnxLM:
         self.vocab_size = (logits[0] if isinstance(logits[0], int) else 1 << 18) if logits else None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._kept = self._kept_by_output(self.manifest)
+        # Prompt passes hand the arena's growth back after the run: a long prompt's transient buffers would
+        # otherwise stay reserved (and the arena grows chunk by chunk as the KV cache does). Decode steps
+        # (one token) keep the arena: their buffers are reused every step.
+        self.prompt_run_options = ort.RunOptions()
+        self.prompt_run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                                     "cpu:0" if self.device == "cpu" else "cpu:0;gpu:0")
         self._key_only: OnnxLM | None = None
 
     def key_only(self) -> "OnnxLM":
@@ -145,7 +151,8 @@ class OnnxLM:
         ort_feeds.update(past)   # the previous step's present tensors, passed on without a copy to NumPy
         present_names = [PRESENT_PREFIX + n[len(PAST_PREFIX):] for n in self.past_names]
         head = ["logits"] if logits else []
-        values = self.session.run_with_ort_values([*head, *present_names, *extra_outputs], ort_feeds)
+        options = self.prompt_run_options if input_ids.shape[1] > 1 else None
+        values = self.session.run_with_ort_values([*head, *present_names, *extra_outputs], ort_feeds, options)
         out_logits = None
         if logits:
             out_logits = values[0].numpy() if all_logits else values[0].numpy()[:, -1, :]
