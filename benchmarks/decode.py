@@ -142,13 +142,45 @@ def engine_genai(args, prompt_ids):
     return generate
 
 
+def engine_llama_cpp(args, prompt_ids):
+    """llama.cpp (llama-cpp-python) on the GGUF file the model ships as (Q4_1 for SmolLM2, Q4_K_M for Gemma-3):
+    the quantized peer. Same prompt ids, greedy with EOS masked, one token per eval, as the other engines."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from unskill.exporter.sources import resolve_model
+
+    source = resolve_model(args.hf)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    model = Llama(str(source.directory / source.gguf_file), n_ctx=len(prompt_ids) + args.new_tokens + 8,
+                  n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    eos = [model.token_eos(), *(model.tokenize(t.encode(), add_bos=False, special=True)[0]
+                                for t in source.eos_tokens)]
+
+    def generate(n):
+        model.reset()
+        model.eval(prompt_ids)
+        out = []
+        for _ in range(n):
+            logits = np.array(model.scores[model.n_tokens - 1], dtype=np.float32)
+            logits[eos] = -np.inf
+            out.append(int(logits.argmax()))
+            model.eval([out[-1]])
+        return out
+
+    return generate
+
+
 def run_engine(args) -> dict:
     """Child process: one engine, printed as JSON."""
     name = args.engine
     stats = args.stats[: int(name.split(":")[1])] if name.startswith("unskill-ksd:") else []
     prompt_ids, unskill_generate = engine_unskill(args, stats)
     generate = {"hf": lambda: engine_hf(args, prompt_ids), "optimum": lambda: engine_optimum(args, prompt_ids),
-                "genai": lambda: engine_genai(args, prompt_ids)}.get(
+                "genai": lambda: engine_genai(args, prompt_ids),
+                "llama.cpp": lambda: engine_llama_cpp(args, prompt_ids),
+                "unskill-int4": lambda: engine_unskill(argparse.Namespace(**{**vars(args), "model_dir": args.int4_dir}),
+                                                       [])[1]}.get(
         name.split(":")[0], lambda: unskill_generate)()
     result = measure(generate, args.new_tokens, args.runs)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -157,17 +189,19 @@ def run_engine(args) -> dict:
 
 
 def weight_bytes_per_token(model_dir: Path) -> int:
-    """Bytes of projection weights read for one token (MatMul/Gemm initializers; embeddings are gathered)."""
+    """Bytes of projection weights read for one token: the initializers of MatMul/Gemm (fp32) and of
+    MatMulNBits (packed int4 + scales) nodes; embeddings are gathered, one row per token, so not counted."""
     import onnx
 
     model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
     sizes = {}
     for init in model.graph.initializer:
-        n = 4
+        n = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
         for d in init.dims:
             n *= d
         sizes[init.name] = n
-    return sum(sizes.get(node.input[1], 0) for node in model.graph.node if node.op_type in ("MatMul", "Gemm"))
+    return sum(sizes.get(name, 0) for node in model.graph.node if node.op_type in ("MatMul", "Gemm", "MatMulNBits")
+               for name in node.input[1:])
 
 
 def memory_bandwidth_gbs(size_mb: int = 2048, repeats: int = 5) -> float:
@@ -194,8 +228,10 @@ def main() -> int:
     parser.add_argument("--stats", action="append", default=[], help="stats files for the guarded runs (up to 3)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--engines", default="unskill,unskill-ksd:1,unskill-ksd:3,optimum,hf,genai")
+    parser.add_argument("--engines", default="unskill,unskill-ksd:1,unskill-ksd:3,optimum,hf,genai,unskill-int4,llama.cpp")
     parser.add_argument("--genai-dir", type=Path, help="onnxruntime-genai model folder (builder output)")
+    parser.add_argument("--int4-dir", type=Path, help="`unskill edit quantize --mode int4` copy (engine unskill-int4)")
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: the CPUs this process may use)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,6 +241,9 @@ def main() -> int:
 
     results = {}
     for name in args.engines.split(","):
+        if name == "unskill-int4" and not args.int4_dir:
+            print("skip unskill-int4: no --int4-dir", file=sys.stderr)
+            continue
         if name == "genai" and not args.genai_dir:
             print("skip genai: no --genai-dir", file=sys.stderr)
             continue
@@ -224,22 +263,35 @@ def main() -> int:
         r["ids_match_unskill"] = base is not None and r["ids"] == base["ids"]
     bandwidth = memory_bandwidth_gbs()
     bytes_per_token = weight_bytes_per_token(args.model_dir)
+    # Each row against the bytes its own model reads: the int4 copy's packed weights; llama.cpp's GGUF file
+    # (tied embedding = LM head, so the whole file is read per token, less one embedding row).
+    row_bytes = {"unskill-int4": weight_bytes_per_token(args.int4_dir) if args.int4_dir else bytes_per_token}
+    if "llama.cpp" in results:
+        from unskill.exporter.sources import resolve_model
+        source = resolve_model(args.hf)
+        row_bytes["llama.cpp"] = (source.directory / source.gguf_file).stat().st_size
     bound = bandwidth * 1e9 / bytes_per_token
+    load = os.getloadavg()[0]
     print(f"\nprompt {base['prompt_tokens'] if base else '?'} tokens, {args.new_tokens} new tokens, greedy, "
           f"median of {args.runs}; bandwidth {bandwidth:.1f} GB/s, weights read/token {bytes_per_token / 1e6:.0f} MB, "
-          f"bound {bound:.1f} tok/s\n")
-    print("| engine | decode tok/s | vs unskill | TTFT s | vs unskill | peak RSS MB | ids match | share of bound |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"bound {bound:.1f} tok/s; load average at the end {load:.1f} on {os.cpu_count()} CPUs\n")
+    print("| engine | decode tok/s | vs unskill | TTFT s | vs unskill | peak RSS MB | ids match | MB read/token "
+          "| share of its bound |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         speed = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
         ttft = r["ttft_s"] / base["ttft_s"] if base else float("nan")
+        r["bytes_per_token"] = row_bytes.get(name, bytes_per_token)
+        r["share_of_bound"] = r["decode_tok_s"] * r["bytes_per_token"] / (bandwidth * 1e9)
         print(f"| {name} | {r['decode_tok_s']:.1f} | {speed:.2f}x | {r['ttft_s']:.3f} | {ttft:.2f}x | "
-              f"{r['peak_rss_mb']:.0f} | {r['ids_match_unskill']} | {r['decode_tok_s'] / bound:.0%} |")
+              f"{r['peak_rss_mb']:.0f} | {r['ids_match_unskill']} | {r['bytes_per_token'] / 1e6:.0f} "
+              f"| {r['share_of_bound']:.0%} |")
     if args.out:
         summary = {"results": {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in results.items()},
                    "bandwidth_gbs": bandwidth, "weight_bytes_per_token": bytes_per_token, "bound_tok_s": bound,
                    "new_tokens": args.new_tokens, "runs": args.runs, "model_dir": str(args.model_dir),
-                   "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
+                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
+                   "load_average": load}
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

@@ -81,6 +81,10 @@ def add_edit_parser(subparsers) -> None:
     quant.add_argument("--model", required=True)
     quant.add_argument("--out", required=True)
     quant.add_argument("--mode", choices=("int8", "int4"), default="int8")
+    quant.add_argument("--block-size", type=int, default=32, help="int4: weights per scale (default 32)")
+    quant.add_argument("--accuracy-level", type=int, default=4,
+                       help="int4: MatMulNBits compute type, 4 = int8 activations (fastest on CPU), 0 = fp32")
+    quant.add_argument("--embeddings", action="store_true", help="int4: quantize the token embedding too")
     _add_target(quant)
     quant.set_defaults(run=run_quantize)
     slim = methods.add_parser("slim", help="a serving folder: only logits, present.* and key_last.* (onnx/model.onnx)")
@@ -117,7 +121,8 @@ def run_prune(args: argparse.Namespace) -> int:
 def run_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize
 
-    _with_target(args, lambda out: quantize(args.model, out, args.mode))
+    _with_target(args, lambda out: quantize(args.model, out, args.mode, block_size=args.block_size,
+                                            accuracy_level=args.accuracy_level, embeddings=args.embeddings))
     print(f"quantized {args.model} to {args.mode} -> {args.out}")
     return 0
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
-from .graph import add_ffl_outputs, find_ffl_tensors, probe_graph
+from .graph import add_ffl_outputs, add_logits_to_keep, find_ffl_tensors, probe_graph
 from .metadata import hf_config, publish_permissions, write_metadata
 from .sources import ModelSource, resolve_model
 from .tokenizer_fix import fix_tokenizer, save_tokenizer, token_id
@@ -119,6 +119,7 @@ def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progr
         if len(ffl) != layers_n:
             raise UnskillError(f"{spec}: found {len(ffl)} FFL layers in the graph, config says {layers_n}")
         key_names, preact_names, last_names = add_ffl_outputs(graph, ffl, ffn)
+        add_logits_to_keep(graph)
         final = staging / "final"
         final.mkdir()
         onnx.save(graph, str(final / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -234,3 +234,43 @@ def probe_graph(model: onnx.ModelProto, keep_outputs: list[str]) -> onnx.ModelPr
         kept.ClearField(field)
         getattr(kept, field).extend(items)
     return probe
+
+
+LOGITS_TO_KEEP = "logits_to_keep"   # transformers' / onnxruntime-genai's name for the same knob
+
+
+def add_logits_to_keep(model: onnx.ModelProto, logits_output: str = "logits") -> str:
+    """Add an optional int64 input `logits_to_keep` ([1]) that limits the LM head to the last k positions,
+    as transformers' `logits_to_keep`: 0 keeps every position. Its default (an initializer of the same name,
+    which onnxruntime lets a caller override) is 0, so optimum and onnxruntime-genai, which never feed it,
+    still get logits for every position; the runtime feeds 1 for prompt passes and decode, so a long prompt
+    no longer costs [seq, vocab] floats. A graph pass of our own: onnxruntime's fusion tools have none.
+
+    The slice goes right before the LM head's projection (the MatMul/Gemm nearest the logits output,
+    found by walking back from it), so the final norm and any softcapping after the head see k rows.
+    Returns the input's name; a graph that already has it is left alone."""
+    graph = model.graph
+    if any(i.name == LOGITS_TO_KEEP for i in graph.input):
+        return LOGITS_TO_KEEP
+    producer = {out: node for node in graph.node for out in node.output}
+    node = producer.get(logits_output)
+    while node is not None and node.op_type not in PROJECTIONS:
+        computed = [name for name in node.input if name in producer]
+        node = producer.get(computed[0]) if len(computed) == 1 else None
+    if node is None:
+        raise UnskillError(f"no LM head projection found behind the {logits_output!r} output")
+    hidden = node.input[0]
+    kept, start, end, axis = (f"/unskill/lm_head_rows/{n}" for n in ("rows", "start", "end", "axis"))
+    graph.initializer.extend([helper.make_tensor(LOGITS_TO_KEEP, TensorProto.INT64, [1], [0]),
+                              helper.make_tensor(end, TensorProto.INT64, [1], [2**62]),
+                              helper.make_tensor(axis, TensorProto.INT64, [1], [1])])
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    # starts = -k: the last k rows; -0 = 0 keeps them all. Inserted just before the head, so order holds.
+    slice_nodes = [helper.make_node("Neg", [LOGITS_TO_KEEP], [start], name="/unskill/lm_head_rows/Neg"),
+                   helper.make_node("Slice", [hidden, start, end, axis], [kept], name="/unskill/lm_head_rows/Slice")]
+    node.input[0] = kept
+    at = next(i for i, n in enumerate(graph.node) if list(n.output) == list(node.output))
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node]   # survive ClearField
+    graph.ClearField("node")
+    graph.node.extend(nodes[:at] + slice_nodes + nodes[at:])
+    return LOGITS_TO_KEEP

@@ -1,8 +1,12 @@
-"""Weight quantization of an exported model: int8 (dynamic MatMulInteger) or int4 (MatMulNBits, blocks of 32).
+"""Weight quantization of an exported model: int8 (dynamic MatMulInteger) or int4 (MatMulNBits).
+
+int4 uses onnxruntime's MatMulNBitsQuantizer: every MatMul with a constant weight (the LM head included) becomes
+MatMulNBits with `block_size` weights per scale and the kernel's `accuracy_level` (4 = int8 activations, the
+fastest CPU path; 0 = fp32 activations); `embeddings=True` also turns the token-embedding Gather into
+GatherBlockQuantized. benchmarks/quantized.py measures speed and token-level accuracy per setting.
 
 The key and pre-activation outputs survive: quantization changes the MatMul nodes only. The quantized
-manifest lists the fp32 fingerprint under `stats_compatible`, so KSD stats taken on the fp32 model load on
-it; benchmarks/quantized.py measures whether they still separate the skills.
+manifest lists the fp32 fingerprint under `stats_compatible`, so KSD stats taken on the fp32 model load on it.
 """
 
 from __future__ import annotations
@@ -19,12 +23,19 @@ from unskill.runtime.manifest import Manifest
 from .edit import load_exported, save_edited
 
 MODES = ("int8", "int4")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
-def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8") -> Manifest:
+def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", block_size: int = 32,
+             accuracy_level: int = 4, embeddings: bool = False) -> Manifest:
     if mode not in MODES:
         raise UnskillError(f"quantization mode {mode!r}: use one of {MODES}")
+    if block_size not in BLOCK_SIZES or accuracy_level not in ACCURACY_LEVELS:
+        raise UnskillError(f"int4 block size {block_size} / accuracy level {accuracy_level}: "
+                           f"use one of {BLOCK_SIZES} / {ACCURACY_LEVELS}")
     model, manifest = load_exported(model_dir)
+    edit = {"method": "quantize", "mode": mode, "ratio": 0.0}
     if mode == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -37,10 +48,14 @@ def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8") -> 
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
+        # Gather weights are (vocab, hidden): blocks run along hidden (axis 1), as GatherBlockQuantized needs.
+        ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level, op_types_to_quantize=ops,
+                                         quant_axes=(("MatMul", 0), ("Gather", 1)))
         logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
         quantizer.process()
         quantized = quantizer.model.model
+        edit.update(block_size=block_size, accuracy_level=accuracy_level, embeddings=embeddings)
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
-    edit = {"method": "quantize", "mode": mode, "ratio": 0.0}
     return save_edited(quantized, manifest, model_dir, out_dir, edit, stats_compatible=compatible)

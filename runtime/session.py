@@ -11,6 +11,8 @@ from .errors import UnskillError
 from .manifest import Manifest, load_manifest
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+LOGITS_TO_KEEP = "logits_to_keep"   # optional input of exports since issue 18: LM head on the last k rows
+PREFILL_CHUNK = 512   # prompt tokens per forward when only the last position is wanted (bounds attention memory)
 
 
 def left_pad(sequences: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +61,9 @@ class OnnxLM:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise UnskillError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
+        # An input with a default value is an "overridable initializer" to onnxruntime, not listed as input.
+        overridable = {i.name for i in self.session.get_overridable_initializers()}
+        self.has_logits_to_keep = LOGITS_TO_KEEP in overridable or LOGITS_TO_KEEP in self.input_names
         self.output_names = {o.name for o in self.session.get_outputs()}
         wanted = self.manifest.key_last_outputs if graph == "probe" else self.manifest.key_outputs
         if self.manifest.target == "deploy":   # a serving folder: key.* and preact.* are gone by design
@@ -73,6 +78,12 @@ class OnnxLM:
         self.vocab_size = (logits[0] if isinstance(logits[0], int) else 1 << 18) if logits else None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._kept = self._kept_by_output(self.manifest)
+        # Prompt passes hand the arena's growth back after the run: a long prompt's transient buffers would
+        # otherwise stay reserved (and the arena grows chunk by chunk as the KV cache does). Decode steps
+        # (one token) keep the arena: their buffers are reused every step.
+        self.prompt_run_options = ort.RunOptions()
+        self.prompt_run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                                     "cpu:0" if self.device == "cpu" else "cpu:0;gpu:0")
         self._key_only: OnnxLM | None = None
 
     def key_only(self) -> "OnnxLM":
@@ -109,20 +120,45 @@ class OnnxLM:
                 extra_outputs: list[str] = (), all_logits: bool = False, logits: bool = True
                 ) -> tuple[np.ndarray | None, dict[str, ort.OrtValue], dict[str, np.ndarray]]:
         """(logits of the last position [B, V], of all [B, S, V], or None when not wanted; next past;
-        extra outputs as NumPy)."""
+        extra outputs as NumPy).
+
+        When nothing per position is wanted (last-position logits, key_last.* outputs), a long input runs in
+        chunks of PREFILL_CHUNK tokens continuing the KV cache, so attention scores and the full-sequence
+        key outputs never exist for the whole prompt at once: peak memory then grows with the prompt only
+        through the KV cache."""
         absent = [name for name in extra_outputs if name not in self.output_names]
         if absent:
             raise UnskillError(f"{self.directory}: the graph has no outputs {absent[:3]} (a deploy folder keeps "
                                "logits, present.* and key_last.* only; probe the full export)")
+        width = input_ids.shape[1]
+        per_position = all_logits or any(not self._is_last_only(n) for n in extra_outputs)
+        if per_position or width <= PREFILL_CHUNK:
+            return self._forward(input_ids, attention_mask, past, extra_outputs, all_logits, logits)
+        done = attention_mask.shape[1] - width   # tokens already in the cache
+        for start in range(0, width, PREFILL_CHUNK):
+            end = min(start + PREFILL_CHUNK, width)
+            last_chunk = end == width
+            out_logits, past, extras = self._forward(
+                input_ids[:, start:end], attention_mask[:, :done + end], past,
+                extra_outputs if last_chunk else (), False, logits and last_chunk)
+        return out_logits, past, extras
+
+    def _is_last_only(self, name: str) -> bool:
+        return name in (self.manifest.key_last_outputs or [])
+
+    def _forward(self, input_ids, attention_mask, past, extra_outputs, all_logits, logits):
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         if "position_ids" in self.input_names:
             positions = np.cumsum(attention_mask, axis=1) - 1
             feeds["position_ids"] = np.maximum(positions, 0)[:, -input_ids.shape[1]:].astype(np.int64)
+        if self.has_logits_to_keep:   # onnxruntime runs the LM head even when logits are not fetched
+            feeds[LOGITS_TO_KEEP] = np.array([0 if logits and all_logits else 1], dtype=np.int64)
         ort_feeds = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feeds.items()}
         ort_feeds.update(past)   # the previous step's present tensors, passed on without a copy to NumPy
         present_names = [PRESENT_PREFIX + n[len(PAST_PREFIX):] for n in self.past_names]
         head = ["logits"] if logits else []
-        values = self.session.run_with_ort_values([*head, *present_names, *extra_outputs], ort_feeds)
+        options = self.prompt_run_options if input_ids.shape[1] > 1 else None
+        values = self.session.run_with_ort_values([*head, *present_names, *extra_outputs], ort_feeds, options)
         out_logits = None
         if logits:
             out_logits = values[0].numpy() if all_logits else values[0].numpy()[:, -1, :]
