@@ -132,7 +132,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise UnskillError(f"{flag} must be >= 1, got {value}")
     if args.threads is not None and args.threads < 1:
         raise UnskillError(f"--threads must be >= 1, got {args.threads}")
-    if not (math.isfinite(args.alpha) and args.alpha > 0):
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):   # None: the stored choice
         raise UnskillError(f"--alpha must be a finite number > 0, got {args.alpha}")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
     if args.output:

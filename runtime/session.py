@@ -54,6 +54,9 @@ class OnnxLM:
         if options is None:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # Errors only: onnxruntime warns on every load that `logits_to_keep` (an input with a default, so
+            # stacks that do not know it still run the graph) "appears in graph inputs", which is intended.
+            options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
         try:

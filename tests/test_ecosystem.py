@@ -97,7 +97,7 @@ def test_deploy_folder_keeps_only_serving_outputs(tiny_family, tmp_path, capsys)
     # without key_last.* the folder cannot be guarded, and says so
     assert main(["edit", "slim", "--model", str(parent), "--out", str(tmp_path / "bare"), "--no-guard"]) == 0
     capsys.readouterr()
-    with pytest.raises(UnskillError, match="key outputs"):
+    with pytest.raises(UnskillError, match="key_last outputs"):
         load(tmp_path / "bare", stats=[tmp_path / "k.npz"], device="cpu")
 
 
