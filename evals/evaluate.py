@@ -21,14 +21,15 @@ from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.generator import GenerationParams, Generator
+from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, require_key_last, resolve_layers, shared_prefix_length
 from unskill.runtime.ksd import build_cubes
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
-from . import tasks as T
 from unskill.stats.datasets import Dataset, Item, load_dataset, sample
-from unskill.stats.probe import MIN_SHARED_PREFIX, last_position_keys, shared_prefix_length
+
+from . import tasks as T
 from .sandbox import Limits
 
 HARNESS_VERSION = 1          # bump when a change alters cached per-item records
@@ -54,7 +55,7 @@ class KeyEntry:
     """Entry alphas of key vectors for several stats files at one layer."""
 
     def __init__(self, stats: dict[str, StatsFile], num_layers: int, key_outputs: list[str], layer: int):
-        self.layer = layer % num_layers
+        self.layer = resolve_layers([layer], num_layers)[0]   # out of range is an error, as in the guard
         self.output = key_outputs[self.layer]
         self.cubes = {name: build_cubes(s, [self.layer], 1.0, "k")[0] for name, s in stats.items()}
 
@@ -334,27 +335,15 @@ def ksd_view(task: dict, stats_name: str, alpha: float) -> dict:
 
 
 def last_prompt_keys(model: OnnxLM, ids: np.ndarray, mask: np.ndarray, layer: int, logits: bool = True):
-    """One prefill: (last-position logits or None, the key at the last position of `layer`, (B, F)). Uses the
-    graph's key_last output where the export has it, so the full (B, S, F) key never leaves onnxruntime."""
-    manifest = model.manifest
-    output = (manifest.key_last_outputs or manifest.key_outputs)[layer]
+    """One prefill: (last-position logits or None, the key at the last position of `layer`, (B, F)), from the
+    graph's key_last output (the same one the guard reads while decoding)."""
+    output = require_key_last(model)[resolve_layers([layer], model.manifest.num_layers)[0]]
     out_logits, _, extras = model.forward(ids, mask, model.empty_past(ids.shape[0]), [output], logits=logits)
-    keys = extras[output]
-    return out_logits, keys if manifest.key_last_outputs else keys[:, -1, :]
+    return out_logits, extras[output]
 
 
 def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, layer: int, chat: bool = True,
                 batch_size: int = 8) -> np.ndarray:
     """Key vectors at the last prompt token of one layer, (items, F), in dataset order (calibration)."""
     sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
-    if not model.manifest.key_last_outputs:   # an export from before key_last
-        collected = []
-        for start in range(0, len(sequences), batch_size):
-            ids, mask = left_pad(sequences[start:start + batch_size], model.manifest.pad_token_id)
-            collected.append(last_prompt_keys(model, ids, mask, layer, logits=False)[1])
-        return np.concatenate(collected)
-    output = model.manifest.key_last_outputs[layer]
-    keys = np.empty((len(sequences), model.manifest.key_width), dtype=np.float32)
-    for rows, values in last_position_keys(model.key_only(), sequences, [output], batch_size):
-        keys[rows] = values[output]
-    return keys
+    return KeyReader(model, batch_size).last_keys(sequences, [layer])[:, 0]
