@@ -54,9 +54,11 @@ class EvalConfig:
 class KeyEntry:
     """Entry alphas of key vectors for several stats files at one layer."""
 
-    def __init__(self, stats: dict[str, StatsFile], num_layers: int, key_outputs: list[str], layer: int):
+    def __init__(self, stats: dict[str, StatsFile], num_layers: int, key_outputs: list[str], layer: int,
+                 key_last_outputs: list[str] | None = None):
         self.layer = resolve_layers([layer], num_layers)[0]   # out of range is an error, as in the guard
-        self.output = key_outputs[self.layer]
+        self.output = key_outputs[self.layer]                 # every position: token-level tasks
+        self.last_output = (key_last_outputs or key_outputs)[self.layer]   # the guard's: decode steps
         self.cubes = {name: build_cubes(s, [self.layer], 1.0, "k")[0] for name, s in stats.items()}
 
     def __call__(self, keys: np.ndarray) -> list[dict[str, float]]:
@@ -73,10 +75,10 @@ class _StepRecorder:
     """Stands in for the KSD guard in the decode loop: abstains never, records every check's entry alphas."""
 
     def __init__(self, entry: KeyEntry):
-        self.entry, self.output_names, self.steps = entry, [entry.output], []
+        self.entry, self.output_names, self.steps = entry, [entry.last_output], []
 
     def check(self, last_keys: dict[str, np.ndarray]):
-        self.steps.append(self.entry(last_keys[self.entry.output]))
+        self.steps.append(self.entry(last_keys[self.entry.last_output]))
         return [None] * len(self.steps[-1])
 
     def row_entry(self, row: int, forwards: int) -> dict[str, float]:
@@ -131,7 +133,9 @@ class Harness:
                  stats: dict[str, StatsFile] | None = None, cache_dir: Path | None = None):
         self.model, self.tokenizer, self.config, self.cache_dir = model, tokenizer, config, cache_dir
         manifest = model.manifest
-        self.entry = KeyEntry(stats, manifest.num_layers, manifest.key_outputs, config.layer) if stats else None
+        self.stats = stats or {}
+        self.entry = (KeyEntry(stats, manifest.num_layers, manifest.key_outputs, config.layer,
+                               manifest.key_last_outputs) if stats else None)
         self.templated = config.chat and tokenizer.has_chat_template
 
     # ----------------------------------------------------------------------------------------- driver
@@ -140,6 +144,8 @@ class Harness:
         return {name: self.run_task(T.parse_task(name)) for name in task_names}
 
     def run_task(self, spec: T.TaskSpec) -> dict:
+        if spec.kind == "bypass":
+            return self._bypass(spec)
         size = self.config.limit if spec.kind == "tokens" else self.config.gen_limit
         dataset = sample(load_dataset(spec.source, self.config.data_dir), size, self.config.seed)
         T.check_items(spec, dataset)
@@ -162,6 +168,35 @@ class Harness:
 
     def _key_outputs(self) -> list[str]:
         return [self.entry.output] if self.entry else []
+
+    # ----------------------------------------------------------------------------------------- bypass
+
+    def _bypass(self, spec: T.TaskSpec) -> dict:
+        """Attack families and retain sets (evals/bypass.py), one prefill per prompt: per stats file the entry
+        alpha of the paper's cube at the eval layer, and whether the stats file's stored rule refuses."""
+        from unskill.runtime.ksd import KSDGuard
+
+        from .bypass import bypass_sets
+
+        if not self.entry:
+            raise UnskillError(f"{spec.name}: the bypass benchmark scores a guard; give --stats")
+        guards = {name: KSDGuard([s], self.model.manifest) for name, s in self.stats.items() if s.guard}
+        layers = sorted({self.entry.layer} | {r.layer for g in guards.values() for r in g.cubes})
+        reader = KeyReader(self.model, self.config.batch_size * 2, self.config.progress)
+        sets = {}
+        for part in bypass_sets(spec.source, self.config.data_dir, self.config.gen_limit, self.config.seed):
+            sequences = [self.tokenizer.encode_turns(c, self.config.chat) for c in part.conversations]
+            keys = reader.last_keys(sequences, layers, desc=f"{spec.name} {part.name}")
+            by_output = {self.model.manifest.key_last_outputs[layer]: keys[:, i] for i, layer in enumerate(layers)}
+            entries = self.entry(keys[:, layers.index(self.entry.layer)])
+            sets[part.name] = {
+                "side": part.side, "items": len(sequences),
+                "entry": {name: [row[name] for row in entries] for name in self.stats},
+                "stored": {name: [hit is not None for hit in guard.check(by_output)] for name, guard in guards.items()},
+                "rules": {name: guard.describe()[0] for name, guard in guards.items()},
+                "example": part.conversations[0][-1][1][:300]}
+        return {"kind": "bypass", "metric": "refused", "dataset": spec.name, "forget": spec.source,
+                "items": sum(s["items"] for s in sets.values()), "layer": self.entry.layer, "sets": sets}
 
     # ----------------------------------------------------------------------------------------- token level
 

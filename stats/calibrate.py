@@ -96,6 +96,7 @@ def _choose(retain_alphas: np.ndarray, forget_alphas: np.ndarray | None, target:
 # stays within the retain target with the highest forget recall wins. Only key statistics and thresholds:
 # nothing is trained.
 
+AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
 CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
 
 
@@ -183,7 +184,8 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
                                 desc=f"calibrate {dataset.name}")
 
     retain_keys = [keys(dataset) for dataset in retain]
-    forget_sets = [forget] + ([augment(forget, kind, seed=1)] if kind else [])
+    head = Dataset(forget.name, forget.items[:AUGMENT_ITEMS])
+    forget_sets = [forget] + ([augment(head, kind, seed=1)] if kind else [])
     forget_keys = np.concatenate([keys(dataset) for dataset in forget_sets])
     last = model.manifest.num_layers - 1
     plain = len(forget.items)

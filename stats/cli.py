@@ -100,7 +100,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="exported (or edited) model directory")
     p.add_argument("--tasks", required=True,
                    help="comma-separated: dataset SPECs (token level, e.g. gsm8k:test,mbpp:test,mmlu:test,"
-                        "xquad-en:test) and generation tasks gen:gsm8k, gen:mbpp, gen:mmlu, gen:xquad-LL")
+                        "xquad-en:test), generation tasks gen:gsm8k, gen:mbpp, gen:mmlu, gen:xquad-LL, and the "
+                        "bypass benchmark bypass:gsm8k, bypass:mbpp (--gen-limit items per family)")
     p.add_argument("--stats", action="append", default=[], metavar="[NAME=]NPZ",
                    help="record KSD entry alphas for these stats (NAME defaults to the stats' skill)")
     p.add_argument("--alpha", type=float, help="also print abstention and abstain-as-failure scores at this alpha (x k)")
@@ -165,6 +166,10 @@ def run_eval(args: argparse.Namespace) -> int:
     harness = Harness(model, tokenizer, config, stats, cache)
     results = harness.run([t for t in args.tasks.split(",") if t])
     for name, task in results.items():
+        if task["kind"] == "bypass":
+            from unskill.evals.robustness import print_bypass
+            print_bypass(name, task, args.alpha)
+            continue
         line = f"{name:20s} {task['metric']:12s} {task['score']:.4f}  items {task['items']}"
         if task["kind"] == "tokens":
             line += f"  nll {task['nll']:.4f}"
