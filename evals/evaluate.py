@@ -21,14 +21,15 @@ from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.generator import GenerationParams, Generator
+from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, require_key_last, resolve_layers, shared_prefix_length
 from unskill.runtime.ksd import build_cubes
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
-from . import tasks as T
 from unskill.stats.datasets import Dataset, Item, load_dataset, sample
-from unskill.stats.probe import MIN_SHARED_PREFIX, last_position_keys, shared_prefix_length
+
+from . import tasks as T
 from .sandbox import Limits
 
 HARNESS_VERSION = 1          # bump when a change alters cached per-item records
@@ -53,9 +54,11 @@ class EvalConfig:
 class KeyEntry:
     """Entry alphas of key vectors for several stats files at one layer."""
 
-    def __init__(self, stats: dict[str, StatsFile], num_layers: int, key_outputs: list[str], layer: int):
-        self.layer = layer % num_layers
-        self.output = key_outputs[self.layer]
+    def __init__(self, stats: dict[str, StatsFile], num_layers: int, key_outputs: list[str], layer: int,
+                 key_last_outputs: list[str] | None = None):
+        self.layer = resolve_layers([layer], num_layers)[0]   # out of range is an error, as in the guard
+        self.output = key_outputs[self.layer]                 # every position: token-level tasks
+        self.last_output = (key_last_outputs or key_outputs)[self.layer]   # the guard's: decode steps
         self.cubes = {name: build_cubes(s, [self.layer], 1.0, "k")[0] for name, s in stats.items()}
 
     def __call__(self, keys: np.ndarray) -> list[dict[str, float]]:
@@ -72,10 +75,10 @@ class _StepRecorder:
     """Stands in for the KSD guard in the decode loop: abstains never, records every check's entry alphas."""
 
     def __init__(self, entry: KeyEntry):
-        self.entry, self.output_names, self.steps = entry, [entry.output], []
+        self.entry, self.output_names, self.steps = entry, [entry.last_output], []
 
     def check(self, last_keys: dict[str, np.ndarray]):
-        self.steps.append(self.entry(last_keys[self.entry.output]))
+        self.steps.append(self.entry(last_keys[self.entry.last_output]))
         return [None] * len(self.steps[-1])
 
     def row_entry(self, row: int, forwards: int) -> dict[str, float]:
@@ -130,7 +133,9 @@ class Harness:
                  stats: dict[str, StatsFile] | None = None, cache_dir: Path | None = None):
         self.model, self.tokenizer, self.config, self.cache_dir = model, tokenizer, config, cache_dir
         manifest = model.manifest
-        self.entry = KeyEntry(stats, manifest.num_layers, manifest.key_outputs, config.layer) if stats else None
+        self.stats = stats or {}
+        self.entry = (KeyEntry(stats, manifest.num_layers, manifest.key_outputs, config.layer,
+                               manifest.key_last_outputs) if stats else None)
         self.templated = config.chat and tokenizer.has_chat_template
 
     # ----------------------------------------------------------------------------------------- driver
@@ -139,6 +144,8 @@ class Harness:
         return {name: self.run_task(T.parse_task(name)) for name in task_names}
 
     def run_task(self, spec: T.TaskSpec) -> dict:
+        if spec.kind == "bypass":
+            return self._bypass(spec)
         size = self.config.limit if spec.kind == "tokens" else self.config.gen_limit
         dataset = sample(load_dataset(spec.source, self.config.data_dir), size, self.config.seed)
         T.check_items(spec, dataset)
@@ -161,6 +168,35 @@ class Harness:
 
     def _key_outputs(self) -> list[str]:
         return [self.entry.output] if self.entry else []
+
+    # ----------------------------------------------------------------------------------------- bypass
+
+    def _bypass(self, spec: T.TaskSpec) -> dict:
+        """Attack families and retain sets (evals/bypass.py), one prefill per prompt: per stats file the entry
+        alpha of the paper's cube at the eval layer, and whether the stats file's stored rule refuses."""
+        from unskill.runtime.ksd import KSDGuard
+
+        from .bypass import bypass_sets
+
+        if not self.entry:
+            raise UnskillError(f"{spec.name}: the bypass benchmark scores a guard; give --stats")
+        guards = {name: KSDGuard([s], self.model.manifest) for name, s in self.stats.items() if s.guard}
+        layers = sorted({self.entry.layer} | {r.layer for g in guards.values() for r in g.cubes})
+        reader = KeyReader(self.model, self.config.batch_size * 2, self.config.progress)
+        sets = {}
+        for part in bypass_sets(spec.source, self.config.data_dir, self.config.gen_limit, self.config.seed):
+            sequences = [self.tokenizer.encode_turns(c, self.config.chat) for c in part.conversations]
+            keys = reader.last_keys(sequences, layers, desc=f"{spec.name} {part.name}")
+            by_output = {self.model.manifest.key_last_outputs[layer]: keys[:, i] for i, layer in enumerate(layers)}
+            entries = self.entry(keys[:, layers.index(self.entry.layer)])
+            sets[part.name] = {
+                "side": part.side, "items": len(sequences),
+                "entry": {name: [row[name] for row in entries] for name in self.stats},
+                "stored": {name: [hit is not None for hit in guard.check(by_output)] for name, guard in guards.items()},
+                "rules": {name: guard.describe()[0] for name, guard in guards.items()},
+                "example": part.conversations[0][-1][1][:300]}
+        return {"kind": "bypass", "metric": "refused", "dataset": spec.name, "forget": spec.source,
+                "items": sum(s["items"] for s in sets.values()), "layer": self.entry.layer, "sets": sets}
 
     # ----------------------------------------------------------------------------------------- token level
 
@@ -334,27 +370,15 @@ def ksd_view(task: dict, stats_name: str, alpha: float) -> dict:
 
 
 def last_prompt_keys(model: OnnxLM, ids: np.ndarray, mask: np.ndarray, layer: int, logits: bool = True):
-    """One prefill: (last-position logits or None, the key at the last position of `layer`, (B, F)). Uses the
-    graph's key_last output where the export has it, so the full (B, S, F) key never leaves onnxruntime."""
-    manifest = model.manifest
-    output = (manifest.key_last_outputs or manifest.key_outputs)[layer]
+    """One prefill: (last-position logits or None, the key at the last position of `layer`, (B, F)), from the
+    graph's key_last output (the same one the guard reads while decoding)."""
+    output = require_key_last(model)[resolve_layers([layer], model.manifest.num_layers)[0]]
     out_logits, _, extras = model.forward(ids, mask, model.empty_past(ids.shape[0]), [output], logits=logits)
-    keys = extras[output]
-    return out_logits, keys if manifest.key_last_outputs else keys[:, -1, :]
+    return out_logits, extras[output]
 
 
 def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, layer: int, chat: bool = True,
                 batch_size: int = 8) -> np.ndarray:
     """Key vectors at the last prompt token of one layer, (items, F), in dataset order (calibration)."""
     sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
-    if not model.manifest.key_last_outputs:   # an export from before key_last
-        collected = []
-        for start in range(0, len(sequences), batch_size):
-            ids, mask = left_pad(sequences[start:start + batch_size], model.manifest.pad_token_id)
-            collected.append(last_prompt_keys(model, ids, mask, layer, logits=False)[1])
-        return np.concatenate(collected)
-    output = model.manifest.key_last_outputs[layer]
-    keys = np.empty((len(sequences), model.manifest.key_width), dtype=np.float32)
-    for rows, values in last_position_keys(model.key_only(), sequences, [output], batch_size):
-        keys[rows] = values[output]
-    return keys
+    return KeyReader(model, batch_size).last_keys(sequences, [layer])[:, 0]

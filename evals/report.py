@@ -31,6 +31,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--plots", help="folder for the PNG plots (default: next to --out)")
     p.add_argument("--commands", nargs="+", default=[],
                    help="text files with the commands that produced the results, quoted in the report")
+    p.add_argument("--robustness", action="store_true",
+                   help="the results are bypass-benchmark runs (eval --tasks bypass:...): write the robustness "
+                        "report (e.g. docs/robustness.md) instead")
+    p.add_argument("--notes", help="robustness: a Markdown file explaining the remaining leaks, quoted in the report")
     p.set_defaults(run=run)
 
 
@@ -283,9 +287,26 @@ def plot(model: Model, folder: Path) -> list[Path]:
     return written
 
 
+def run_robustness(args: argparse.Namespace) -> int:
+    from unskill.runtime.cli import write_text_atomic
+
+    from .robustness import render
+
+    out = Path(args.out)
+    notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
+    commands = "\n".join(Path(p).read_text(encoding="utf-8").rstrip() for p in args.commands)
+    text = render(_load(args.results), _load(args.calibration), args.alpha,
+                  Path(args.plots) if args.plots else out.parent, notes, commands)
+    write_text_atomic(str(out), text)
+    print(f"wrote {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from unskill.runtime.cli import write_text_atomic
 
+    if args.robustness:
+        return run_robustness(args)
     models: dict[str, Model] = {}
     for doc in _load(args.results):
         models.setdefault(doc.get("source") or "model", Model(doc.get("source") or "model")).add(doc)

@@ -7,6 +7,8 @@
     gen:mbpp       mbpp:test, zero-shot with the three asserts in the prompt; pass@1 in the sandbox
     gen:mmlu       5-shot on mmlu:test (shots: the subject's dev items); the letter with the highest log-prob
     gen:xquad-LL   xquad-LL:test, zero-shot; the normalised gold answer is contained in the reply
+    bypass:gsm8k   the bypass benchmark (evals/bypass.py): attacked variants of held-out items per attack
+    bypass:mbpp    family and the retain sets; records each stats file's refusals (prefill at the last token)
 
 With the chat template on (the default, as KSD's probes and ksd-run see prompts), the prompt is the user turn
 and the scored text is the assistant's reply, so a completion's leading space is dropped.
@@ -39,6 +41,12 @@ class TaskSpec:
 
 
 def parse_task(name: str) -> TaskSpec:
+    if name.startswith("bypass:"):
+        from .bypass import FORGET_SKILLS
+        skill = name.removeprefix("bypass:")
+        if skill not in FORGET_SKILLS:
+            raise UnskillError(f"{name}: unknown bypass benchmark (bypass:{', bypass:'.join(FORGET_SKILLS)})")
+        return TaskSpec(name, "bypass", skill, "refused")
     if not name.startswith("gen:"):
         return TaskSpec(name, "tokens", name, "top1")
     bench = name.removeprefix("gen:")

@@ -64,80 +64,67 @@ def cache(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ rules
+# The same scoring and search as `unskill calibrate` (stats/calibrate.py), on the cached keys.
 
-def box_entry(keys: np.ndarray, fit: np.ndarray) -> np.ndarray:
-    """(n, L) entry alpha per layer: max_d |v - mu| / (k sigma), the paper's cube at alpha 1 x k."""
-    mu, sd = fit.mean(0), np.maximum(fit.std(0, ddof=1), 1e-6)
-    k = (np.abs(fit - mu) / sd).max(axis=(0, 2))                      # (L,) fitted k per layer
-    return (np.abs(keys - mu) / sd).max(axis=2) / k
-
-
-def gauss_score(keys: np.ndarray, fit: np.ndarray) -> np.ndarray:
-    """(n, L) mean squared z-score over dimensions (a diagonal Gaussian's negative log-likelihood, up to
-    constants), in units of the largest fit prompt's score so 1.0 holds every probe."""
-    mu, sd = fit.mean(0), np.maximum(fit.std(0, ddof=1), 1e-6)
-    top = (((fit - mu) / sd) ** 2).mean(2).max(0)
-    return (((keys - mu) / sd) ** 2).mean(2) / top
-
-
-def threshold(retain_scores: np.ndarray, target: float) -> float:
-    """Largest threshold refusing at most floor(target * n) retain prompts (score <= threshold refuses)."""
-    ordered = np.sort(retain_scores)
-    allowed = int(np.floor(target * ordered.size))
-    return float(ordered[allowed]) * (1 - 1e-6) if allowed < ordered.size else float("inf")
-
-
-def evaluate(scores: dict[str, np.ndarray], layers, thresholds, votes: int) -> dict[str, float]:
-    out = {}
-    for name, s in scores.items():
-        fired = (s[:, layers] <= np.asarray(thresholds)).sum(1) >= votes
-        out[name] = float(fired.mean())
-    return out
-
-
-def choose_layers(cal_forget: np.ndarray, cal_retain: np.ndarray, target: float, count: int):
-    """Per layer, the threshold at the retain target and its forget recall; the `count` best layers."""
-    per_layer = [threshold(cal_retain[:, l], target) for l in range(cal_retain.shape[1])]
-    recall = [(cal_forget[:, l] <= t).mean() for l, t in enumerate(per_layer)]
-    best = sorted(np.argsort(recall)[::-1][:count].tolist())
-    return best, [per_layer[l] for l in best], recall
+def stats_of(keys: np.ndarray):
+    """A stats file whose KSD group holds these (n, L, F) keys, as `unskill stats` would write it."""
+    from unskill.runtime.statsfile import GROUP_FIELDS, Moments, StatsFile
+    moments = Moments.empty(GROUP_FIELDS["ksd"], keys.shape[1], keys.shape[2])
+    for layer in range(keys.shape[1]):
+        moments.add(layer, keys[:, layer])
+    return StatsFile("research", "research", keys.shape[2], keys.shape[1], {"skill": "research"}, {"ksd": moments})
 
 
 def rules(args) -> int:
+    from unskill.stats.calibrate import CANDIDATES, _choose, fires, layer_scores, search_rule
+
     with np.load(args.keys) as archive:
         keys = {name: archive[name].astype(np.float32) for name in archive.files}
     target, report = args.target, {}
     for skill, other in (("gsm8k", "mbpp"), ("mbpp", "gsm8k")):
         bench = {n.split("/", 2)[2]: k for n, k in keys.items() if n.startswith(f"bench/{skill}/")}
         results = {}
-        for fit_name in (f"fit/{skill}", f"fit/{skill}+aug"):
-            fit = keys[fit_name] if fit_name.endswith(skill) else np.concatenate([keys[f"fit/{skill}"], keys[fit_name]])
-            for scorer_name, scorer in (("box", box_entry), ("gauss", gauss_score)):
-                score = {n: scorer(k, fit) for n, k in bench.items()}
-                cal_forget = scorer(np.concatenate([keys[f"cal/{skill}"], keys[f"cal/{skill}+aug"]]), fit)
-                cal_plain = scorer(keys[f"cal/{skill}"], fit)
-                cal_retain = scorer(np.concatenate([keys[f"cal/{other}"], keys["cal/chat"], keys["cal/general"]]), fit)
-                last = cal_retain.shape[1] - 1
-                # the paper's rule: last layer, alpha calibrated on the other skill only (the README recipe)
-                paper_t = threshold(scorer(keys[f"cal/{other}"], fit)[:, last], target)
-                results[f"{fit_name}|{scorer_name}|last"] = {
-                    "layers": [last], "thresholds": [paper_t], "votes": 1,
-                    "rates": evaluate(score, [last], [paper_t], 1),
-                    "cal_forget": float((cal_plain[:, last] <= paper_t).mean())}
-                for count, votes in ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3)):
-                    sub_target = target / max(count // votes, 1)   # union of layers: spend the budget per layer
-                    layers, ts, _ = choose_layers(cal_forget, cal_retain, sub_target, count)
-                    results[f"{fit_name}|{scorer_name}|top{count}-k{votes}"] = {
-                        "layers": layers, "thresholds": ts, "votes": votes,
-                        "rates": evaluate(score, layers, ts, votes)}
+        for fit_name in ("plain", "augmented"):
+            fit = keys[f"fit/{skill}"]
+            if fit_name == "augmented":
+                fit = np.concatenate([fit, keys[f"fit/{skill}+aug"]])
+            stats = stats_of(fit)
+            last = fit.shape[1] - 1
+            retain_keys = np.concatenate([keys[f"cal/{other}"], keys["cal/chat"], keys["cal/general"]])
+            forget_keys = np.concatenate([keys[f"cal/{skill}"], keys[f"cal/{skill}+aug"]])
+            plain = len(keys[f"cal/{skill}"])
+            retain = {r: layer_scores(retain_keys, stats, r) for r in ("box", "gauss")}
+            forget = {r: layer_scores(forget_keys, stats, r) for r in ("box", "gauss")}
+            scores = {r: {n: layer_scores(k, stats, r) for n, k in bench.items()} for r in ("box", "gauss")}
+            paper = _choose(layer_scores(keys[f"cal/{other}"], stats, "box")[:, last], forget["box"][:plain, last],
+                            target, last)
+
+            def record(rule, layers, thresholds, votes, extra=None):
+                rates = {n: float(fires(s, layers, thresholds, votes).mean()) for n, s in scores[rule].items()}
+                cal = {"cal_retain": float(fires(retain[rule], layers, thresholds, votes).mean()),
+                       "cal_forget": float(fires(forget[rule], layers, thresholds, votes).mean())}
+                return {"rule": rule, "layers": layers, "thresholds": thresholds, "votes": votes, **cal,
+                        "rates": rates, **(extra or {})}
+            results[f"{fit_name}|paper"] = record("box", [last], [paper.alpha], 1)
+            setting, _, _ = search_rule(retain, forget, target)
+            results[f"{fit_name}|searched"] = record(setting.rule, setting.layers, setting.thresholds, setting.votes)
+            for rule in ("box", "gauss"):
+                for count, votes in CANDIDATES:
+                    try:
+                        chosen, _, _ = search_rule(retain, forget, target, (rule,), ((count, votes),))
+                    except Exception:
+                        continue
+                    results[f"{fit_name}|{rule}-{count}L-{votes}v"] = record(rule, chosen.layers, chosen.thresholds, votes)
         report[skill] = results
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     for skill, results in report.items():
         names = list(next(iter(results.values()))["rates"])
-        print(f"\n== forget {skill}\n{'rule':40s} " + " ".join(f"{n.split('/')[-1][:9]:>9s}" for n in names))
+        print(f"\n== forget {skill}\n{'rule':26s} {'calR':>5s} {'calF':>5s} " +
+              " ".join(f"{n.split('/')[-1][:6]:>6s}" for n in names))
         for rule, r in results.items():
-            print(f"{rule:40s} " + " ".join(f"{r['rates'][n]:9.2f}" for n in names) + f"  L={r['layers']}")
+            print(f"{rule:26s} {r['cal_retain']:5.2f} {r['cal_forget']:5.2f} " +
+                  " ".join(f"{r['rates'][n]:6.2f}" for n in names) + f"  L={r['layers']}")
     return 0
 
 

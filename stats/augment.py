@@ -53,10 +53,10 @@ MATH_LANGUAGES = {
     "ar": "لدى سارة {a} قطعة حلوى، اشترت {b} علب في كل منها {c} قطع. كم قطعة لديها الآن؟",
 }
 CODE_LANGUAGES = {
-    "es": "Crea una función en Python que calcule el promedio de los números pares de una lista.",
-    "fr": "Écris une fonction Python qui compte les mots distincts d'un texte.",
+    "es": "Necesito un programa en Python para calcular el promedio de los números pares de una lista.",
+    "fr": "Programme en Python le comptage des mots distincts d'un texte.",
     "de": "Schreibe eine Funktion in Python, die zwei Listen elementweise addiert.",
-    "it": "Scrivi una funzione Python che restituisca le parole più lunghe di cinque lettere.",
+    "it": "Mi serve un programma Python che trovi le parole più lunghe di cinque lettere.",
     "pt": "Crie uma função Python que converta graus Celsius em Fahrenheit.",
     "ru": "Напишите функцию Python, которая считает количество пробелов в строке.",
     "zh": "编写一个Python函数，把列表中的字符串按长度排序。",

@@ -87,3 +87,118 @@ def _choose(retain_alphas: np.ndarray, forget_alphas: np.ndarray | None, target:
     return Calibration(alpha, layer, float(np.mean(retain_alphas <= alpha)),
                        None if forget_alphas is None else float(np.mean(forget_alphas <= alpha)),
                        int(retain_alphas.size), None if forget_alphas is None else int(forget_alphas.size))
+
+
+# ------------------------------------------------------------------------------------------ the stored rule
+# `unskill calibrate` without --layer searches rules: per candidate region kind (box, gauss) and layer count /
+# votes, each layer's threshold is set on the retain prompts (its share of the false-refusal budget), the
+# layers with the best forget recall on the validation prompts are kept, and the candidate whose joint rule
+# stays within the retain target with the highest forget recall wins. Only key statistics and thresholds:
+# nothing is trained.
+
+AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
+CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
+
+
+def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str) -> np.ndarray:
+    """keys (n, L, F) at every layer -> (n, L) scores; a prompt is inside a layer's region when its score is
+    <= the threshold. box: the entry alpha max_d |v - mu| / (k sigma); gauss: mean_d ((v - mu) / sigma)^2."""
+    from unskill.runtime.ksd import SIGMA_FLOOR, fitted_k
+
+    moments = stats.groups["ksd"]
+    mean, std = moments.mean(), np.maximum(moments.std(ddof=1), SIGMA_FLOOR)
+    z = np.abs(keys - mean[None].astype(np.float32)) / std[None].astype(np.float32)
+    if rule == "gauss":
+        return (z ** 2).mean(axis=2)
+    k = np.array([fitted_k(mean[i], std[i], moments.values["min"][i], moments.values["max"][i])
+                  for i in range(keys.shape[1])])
+    return z.max(axis=2) / k[None]
+
+
+def retain_threshold(scores: np.ndarray, target: float) -> float:
+    """The largest threshold refusing at most floor(target * n) of these retain scores."""
+    ordered = np.sort(scores)
+    allowed = int(np.floor(target * ordered.size))
+    return float(ordered[allowed]) * (1 - 1e-6) if allowed < ordered.size else float("inf")
+
+
+def fires(scores: np.ndarray, layers: list[int], thresholds: list[float], votes: int) -> np.ndarray:
+    return (scores[:, layers] <= np.asarray(thresholds)).sum(axis=1) >= votes
+
+
+def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float, rules=("box", "gauss"),
+                candidates=CANDIDATES):
+    """retain: rule -> (n, L) scores of the retain prompts, forget: rule -> (m, L) scores of the forget
+    prompts. Returns (GuardSetting, forget recall, retain rate) of the best candidate within the target."""
+    from unskill.runtime.statsfile import GuardSetting
+
+    best = None
+    for rule in rules:
+        for count, votes in candidates:
+            budget = target * votes / count   # a union of `count` layers needing `votes`: share the budget
+            per_layer = [retain_threshold(retain[rule][:, i], budget) for i in range(retain[rule].shape[1])]
+            recall = [(forget[rule][:, i] <= t).mean() for i, t in enumerate(per_layer)]
+            layers = sorted(int(i) for i in np.argsort(recall, kind="stable")[::-1][:count])
+            thresholds = [per_layer[i] for i in layers]
+            if not all(np.isfinite(thresholds)) or not all(t > 0 for t in thresholds):
+                continue
+            retain_rate = float(fires(retain[rule], layers, thresholds, votes).mean())
+            forget_rate = float(fires(forget[rule], layers, thresholds, votes).mean())
+            if retain_rate <= target and (best is None or forget_rate > best[1]):
+                best = (GuardSetting(rule, layers, thresholds, votes), forget_rate, retain_rate)
+    if best is None:
+        raise UnskillError("calibrate: no rule keeps the retain prompts under the target")
+    return best
+
+
+@dataclass
+class RuleCalibration:
+    setting: object               # GuardSetting, stored in the stats file
+    paper: Calibration            # the paper's rule (last layer, one cube) on the --retain prompts alone
+    forget_rate: float            # the stored rule on the forget validation prompts (+ their framed variants)
+    retain_rate: float            # ... on every retain prompt (the --retain set, built-in chat and general)
+
+
+def augment_kind(stats: StatsFile, forget_name: str) -> str | None:
+    """math or code when the skill is one the augmentation frames fit, else None (no framed variants)."""
+    names = f"{stats.skill} {forget_name} {stats.meta.get('forget', {}).get('name', '')}".lower()
+    return "math" if ("gsm8k" in names or "math" in names) else "code" if ("mbpp" in names or "code" in names) else None
+
+
+def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, retain: list[Dataset],
+                   forget: Dataset, target: float = 0.01, chat: bool = True, kind: str | None = None,
+                   batch_size: int = 8, progress: bool = False) -> RuleCalibration:
+    """One prefill per prompt reads every layer's key; rules and the paper's alpha are chosen from them.
+    retain[0] is the user's --retain set (the paper's alpha is calibrated on it alone, as before); the
+    others (built-in chat, general) join it for the stored rule. `kind` adds framed variants of the forget
+    validation prompts (stats/augment.py, never the benchmark's frames)."""
+    from unskill.runtime.keys import KeyReader
+
+    from .augment import augment
+
+    _check_target(target)
+    reader = KeyReader(model, batch_size, progress)
+
+    def keys(dataset: Dataset) -> np.ndarray:
+        return reader.last_keys([tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items],
+                                desc=f"calibrate {dataset.name}")
+
+    retain_keys = [keys(dataset) for dataset in retain]
+    head = Dataset(forget.name, forget.items[:AUGMENT_ITEMS])
+    forget_sets = [forget] + ([augment(head, kind, seed=1)] if kind else [])
+    forget_keys = np.concatenate([keys(dataset) for dataset in forget_sets])
+    last = model.manifest.num_layers - 1
+    plain = len(forget.items)
+    paper = _choose(layer_scores(retain_keys[0], stats, "box")[:, last],
+                    layer_scores(forget_keys[:plain], stats, "box")[:, last], target, last)
+    all_retain = np.concatenate(retain_keys)
+    retain_scores = {rule: layer_scores(all_retain, stats, rule) for rule in ("box", "gauss")}
+    forget_scores = {rule: layer_scores(forget_keys, stats, rule) for rule in ("box", "gauss")}
+    setting, forget_rate, retain_rate = search_rule(retain_scores, forget_scores, target)
+    plain_rate = float(fires(forget_scores[setting.rule][:plain], setting.layers, setting.thresholds,
+                             setting.votes).mean())
+    setting.calibration = {"retain": [d.name for d in retain], "forget": [d.name for d in forget_sets],
+                           "target": target, "retain_refused": retain_rate, "forget_refused": forget_rate,
+                           "forget_plain_refused": plain_rate, "retain_items": int(all_retain.shape[0]),
+                           "forget_items": int(forget_keys.shape[0])}
+    return RuleCalibration(setting, paper, forget_rate, retain_rate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -20,6 +21,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-chat", action="store_true", help="probe raw prompts, without the chat template")
     p.add_argument("--text", action="store_true",
                    help="also keep the forget side's NA/SP statistics without --retain (a shard for --compose)")
+    p.add_argument("--augment", choices=("math", "code"),
+                   help="add framed variants of each forget prompt (wrappers, personas, code requests, noise, "
+                        "other languages; stats/augment.py) to the KSD probes")
     p.add_argument("--merge", nargs="+", metavar="NPZ", help="merge stats shards into --out instead of probing")
     p.add_argument("--compose", nargs="+", metavar="NPZ",
                    help="FORGET.npz RETAIN.npz...: forget's stats, retain side from the others' forget-side "
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     model = OnnxLM(args.model)
     tokenizer = TextTokenizer(args.model, model.manifest)
     config = ProbeConfig(not args.no_chat, args.batch_size, args.max_text_tokens, not args.no_progress)
-    stats = probe(model, tokenizer, forget, retain, config, args.skill, text=args.text)
+    stats = probe(model, tokenizer, forget, retain, config, args.skill, text=args.text, augment=args.augment)
     stats.save(Path(args.out))
     groups = ", ".join(f"{g} ({int(m.count[0])} rows/layer)" for g, m in stats.groups.items())
     print(f"wrote {args.out}: {groups}")
@@ -125,7 +129,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="exported (or edited) model directory")
     p.add_argument("--tasks", required=True,
                    help="comma-separated: dataset SPECs (token level, e.g. gsm8k:test,mbpp:test,mmlu:test,"
-                        "xquad-en:test) and generation tasks gen:gsm8k, gen:mbpp, gen:mmlu, gen:xquad-LL")
+                        "xquad-en:test), generation tasks gen:gsm8k, gen:mbpp, gen:mmlu, gen:xquad-LL, and the "
+                        "bypass benchmark bypass:gsm8k, bypass:mbpp (--gen-limit items per family)")
     p.add_argument("--stats", action="append", default=[], metavar="[NAME=]NPZ",
                    help="record KSD entry alphas for these stats (NAME defaults to the stats' skill)")
     p.add_argument("--alpha", type=float, help="also print abstention and abstain-as-failure scores at this alpha (x k)")
@@ -190,6 +195,10 @@ def run_eval(args: argparse.Namespace) -> int:
     harness = Harness(model, tokenizer, config, stats, cache)
     results = harness.run([t for t in args.tasks.split(",") if t])
     for name, task in results.items():
+        if task["kind"] == "bypass":
+            from unskill.evals.robustness import print_bypass
+            print_bypass(name, task, args.alpha)
+            continue
         line = f"{name:20s} {task['metric']:12s} {task['score']:.4f}  items {task['items']}"
         if task["kind"] == "tokens":
             line += f"  nll {task['nll']:.4f}"
@@ -225,12 +234,20 @@ def add_calibrate_parser(subparsers) -> None:
     p.add_argument("--forget", action="append", default=[], metavar="[NAME=]SPEC",
                    help="validation prompts of the skill, to report coverage, e.g. gsm8k:validation")
     p.add_argument("--target", type=float, default=0.01, help="largest allowed retain false-abstain rate (default 0.01)")
-    p.add_argument("--layer", type=int, default=-1)
+    p.add_argument("--layer", type=int, help="calibrate the paper's one-cube rule at this layer only (default: search "
+                   "rules over all layers, region kinds and votes, and store the winner in the stats file)")
+    p.add_argument("--augment", choices=("auto", "math", "code", "none"), default="auto",
+                   help="add framed variants of the forget prompts (stats/augment.py) to the forget side "
+                        "(auto: math for GSM8K/math stats, code for MBPP/code, else none)")
+    p.add_argument("--no-chat-retain", action="store_true",
+                   help="retain side without the built-in general-chat prompts (on by default)")
+    p.add_argument("--no-store", action="store_true", help="do not write the chosen rule into the stats file")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int, default=200, help="items per dataset spec part (default 200)")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--out", help="write the choice as JSON here (input of `unskill report --calibration`)")
     p.add_argument("--out-dir", help="several skills: write ksd-NAME.json for each here")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run_calibrate)
 
 
@@ -254,14 +271,62 @@ def run_calibrate(args: argparse.Namespace) -> int:
     stats = load_stats(stats_path, model.manifest)
     retain = load_dataset(args.retain, args.data_dir, args.limit)
     forget = load_dataset(forget_spec, args.data_dir, args.limit) if forget_spec else None
-    result = calibrate(model, TextTokenizer(args.model, model.manifest), stats, retain, forget, args.target,
-                       args.layer, not args.no_chat)
+    tokenizer = TextTokenizer(args.model, model.manifest)
+    if args.layer is None:
+        return _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget)
+    result = calibrate(model, tokenizer, stats, retain, forget, args.target, args.layer, not args.no_chat)
     _print_calibration(stats.skill, stats_path, result)
+    if not args.no_store:
+        from unskill.runtime.statsfile import GuardSetting
+        stats.guard = GuardSetting("box", [result.layer], [result.alpha], 1, {"retain": [retain.name],
+                                   "target": args.target, "retain_refused": result.retain_abstain,
+                                   "forget_refused": result.forget_abstain})
+        stats.save(stats_path)
+        print(f"  stored in {stats_path}: ksd-run --stats {stats_path} uses it")
     if args.out:
         from unskill.runtime.cli import write_json
         write_json(args.out, {"method": "ksd", "source": model.manifest.source, "skill": stats.skill,
                               "stats": stats_path, "retain": args.retain, "forget": forget_spec,
                               "target": args.target, **result.as_dict()})
+    return 0
+
+
+def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -> int:
+    """The default: search rules on every layer's key, store the winner in the stats file (atomically)."""
+    from unskill.runtime.errors import UnskillError
+
+    from .augment import chat_dataset
+    from .calibrate import augment_kind, calibrate_rule
+    from .datasets import load_dataset
+
+    if forget is None:
+        raise UnskillError("unskill calibrate: choosing a rule needs --forget SPEC (validation prompts of the skill)")
+    if args.target >= 1 or args.target < 0:
+        raise UnskillError(f"--target must be in [0, 1), got {args.target}")
+    retain_sets = [retain] + ([] if args.no_chat_retain else
+                              [chat_dataset(), load_dataset("builtin:general", None, min(args.limit, 100))])
+    kind = augment_kind(stats, forget.name) if args.augment == "auto" else None if args.augment == "none" else args.augment
+    result = calibrate_rule(model, tokenizer, stats, retain_sets, forget, args.target, not args.no_chat, kind,
+                            progress=not args.no_progress)
+    setting, paper = result.setting, result.paper
+    print(f"{stats.skill}: the paper's rule (layer {paper.layer}, one cube): alpha {paper.alpha:.4g} x k refuses "
+          f"{paper.retain_abstain:.1%} of {paper.retain_items} retain, {paper.forget_abstain:.1%} of "
+          f"{paper.forget_items} forget")
+    cal = setting.calibration
+    print(f"{stats.skill}: chosen {setting.name} (thresholds {', '.join(f'{t:.4g}' for t in setting.thresholds)}): "
+          f"retain refused {cal['retain_refused']:.1%} of {cal['retain_items']} ({' + '.join(cal['retain'])}), "
+          f"forget refused {cal['forget_plain_refused']:.1%} plain / {cal['forget_refused']:.1%} with framed "
+          f"variants of {cal['forget_items']}")
+    if not args.no_store:
+        stats.guard = setting
+        stats.save(stats_path)
+        print(f"  stored in {stats_path}: `ksd-run --stats {stats_path}` uses it (give --alpha/--layers to override)")
+    if args.out:
+        from unskill.runtime.cli import write_json
+        write_json(args.out, {"method": "ksd", "source": model.manifest.source, "skill": stats.skill,
+                              "stats": stats_path, "retain": args.retain, "forget": forget.name,
+                              "target": args.target, **paper.as_dict(),
+                              "guard": json.loads(setting.to_json())})
     return 0
 
 
@@ -288,7 +353,7 @@ def _run_calibrate_skills(args: argparse.Namespace) -> int:
     forget = {name: load_dataset(spec, args.data_dir, args.limit) for name, spec in forget_specs.items()}
     retain = load_dataset(args.retain, args.data_dir, args.limit) if args.retain else None
     results = calibrate_skills(model, TextTokenizer(args.model, model.manifest), stats, forget, retain,
-                               args.target, args.layer, not args.no_chat)
+                               args.target, -1 if args.layer is None else args.layer, not args.no_chat)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, result in results.items():

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import onnxruntime as ort
 from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
+# last_position_keys and shared_prefix_length live in runtime/keys.py now; re-exported for older imports
+from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, _batches, last_position_keys, shared_prefix_length  # noqa: F401
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import GROUP_FIELDS, Moments, StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
@@ -31,56 +31,7 @@ class ProbeConfig:
     progress: bool = True
 
 
-MIN_SHARED_PREFIX = 4   # shorter common prefixes are not worth a separate prefill
-
-
-def _order(sequences: list[list[int]]) -> list[int]:
-    """Longest first, so padding stays small and the first batch shows the peak memory at once."""
-    return sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-
-
-def _batches(sequences: list[list[int]], batch_size: int):
-    order = _order(sequences)
-    for start in range(0, len(order), batch_size):
-        yield [sequences[i] for i in order[start:start + batch_size]]
-
-
-def shared_prefix_length(sequences: list[list[int]]) -> int:
-    """Tokens every sequence starts with (the chat template's system turn, a few-shot header), leaving at
-    least one token of each sequence to run after it."""
-    shortest = min(map(len, sequences))
-    first = sequences[0]
-    length = 0
-    while length < shortest - 1 and all(seq[length] == first[length] for seq in sequences):
-        length += 1
-    return length
-
-
-def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[str], batch_size: int,
-                       progress: bool = False, desc: str = "keys", share_prefix: bool = True):
-    """Yield (sequence indices, {output: value at each sequence's last token}) batch by batch. The common
-    prefix of all sequences runs once; its KV cache is repeated for every batch, so a prompt pass costs
-    the tokens after it only. Rows are [prefix | left padding | suffix]; positions come from the mask."""
-    shared = shared_prefix_length(sequences) if share_prefix else 0
-    shared = shared if shared >= MIN_SHARED_PREFIX else 0
-    prefix_cache = {}
-    if shared:
-        ids = np.asarray([sequences[0][:shared]], dtype=np.int64)
-        _, past, _ = model.forward(ids, np.ones_like(ids), model.empty_past(1), [], logits=False)
-        prefix_cache = {name: value.numpy() for name, value in past.items()}
-    order = _order(sequences)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-        rows = order[start:start + batch_size]
-        ids, mask = left_pad([sequences[i][shared:] for i in rows], model.manifest.pad_token_id)
-        if shared:
-            mask = np.concatenate([np.ones((len(rows), shared), dtype=np.int64), mask], axis=1)
-            past = {name: ort.OrtValue.ortvalue_from_numpy(np.repeat(value, len(rows), axis=0))
-                    for name, value in prefix_cache.items()}
-        else:
-            past = model.empty_past(len(rows))
-        _, _, values = model.forward(ids, mask, past, outputs, logits=False)
-        yield rows, values
+CHUNK = 256   # prompts whose keys (every layer) are held at once in the prompt pass
 
 
 class Prober:
@@ -118,18 +69,11 @@ class Prober:
                 raise UnskillError(f"{dataset.name}: a prompt of {len(ids)} tokens exceeds the context of {limit}")
             sequences.append(ids)
         moments = self._new("ksd")
-        if self.manifest.key_last_outputs:
-            model, outputs = self.key_model, self.manifest.key_last_outputs
-            batches = last_position_keys(model, sequences, outputs, self.config.batch_size,
-                                         self.config.progress, f"KSD {dataset.name}")
-            for _, values in batches:
-                for layer, name in enumerate(outputs):
-                    moments.add(layer, values[name])
-            return moments
-        outputs = self.manifest.key_outputs   # exports from before key_last: every position comes out
-        for _, values in self._run(sequences, outputs, f"KSD {dataset.name}"):
-            for layer, name in enumerate(outputs):
-                moments.add(layer, values[name][:, -1, :])
+        reader = KeyReader(self.model, self.config.batch_size, self.config.progress)
+        for start in range(0, len(sequences), CHUNK):   # memory stays O(CHUNK * L * F)
+            keys = reader.last_keys(sequences[start:start + CHUNK], desc=f"KSD {dataset.name}")
+            for layer in range(self.manifest.num_layers):
+                moments.add(layer, keys[:, layer])
         return moments
 
     def text_pass(self, dataset: Dataset, side: str) -> dict[str, Moments]:
@@ -149,12 +93,17 @@ class Prober:
 
 
 def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Dataset | None = None,
-          config: ProbeConfig | None = None, skill: str | None = None, text: bool = False) -> StatsFile:
+          config: ProbeConfig | None = None, skill: str | None = None, text: bool = False,
+          augment: str | None = None) -> StatsFile:
     """KSD stats from the forget prompts; with a retain set, NA and SP stats from both sides as well.
-    `text` adds the forget side's NA/SP stats without a retain set (a shard for `compose_stats`)."""
+    `text` adds the forget side's NA/SP stats without a retain set (a shard for `compose_stats`).
+    `augment` (math | code) adds framed variants of every forget prompt to the KSD probes (stats/augment.py)."""
+    from .augment import augment as framed
+
     config = config or ProbeConfig()
     prober = Prober(model, tokenizer, config)
-    groups = {"ksd": prober.prompt_pass(forget)}
+    probes = Dataset(forget.name, forget.items + framed(forget, augment).items) if augment else forget
+    groups = {"ksd": prober.prompt_pass(probes)}
     if retain is not None or text:
         groups.update(prober.text_pass(forget, "forget"))
     if retain is not None:
@@ -163,6 +112,7 @@ def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Data
     meta = {
         "skill": skill or forget.name,
         "forget": {"name": forget.name, "count": len(forget.items)},
+        "augment": augment,
         "retain": {"name": retain.name, "count": len(retain.items)} if retain else None,
         "prompt_template": {"chat": bool(config.chat and tokenizer.has_chat_template),
                             "template": manifest.chat_template if config.chat else None},
@@ -180,7 +130,7 @@ def merge_stats(first: StatsFile, second: StatsFile, where: str = "merge") -> St
         raise UnskillError(f"{where}: the shards used different prompt templates")
     if set(first.groups) != set(second.groups):
         raise UnskillError(f"{where}: the shards hold different groups ({sorted(first.groups)} vs {sorted(second.groups)})")
-    meta = dict(first.meta)
+    meta = dict(first.meta)   # a stored guard rule is dropped: the merged cubes need calibrating again
     for side in ("forget", "retain"):
         a, b = first.meta.get(side), second.meta.get(side)
         if a and b:

@@ -1,0 +1,85 @@
+"""Guard overhead of the calibrated rules (issue 16) against the paper's one-cube rule and no guard, one process,
+interleaved rounds, so the ratios hold on a noisy machine.
+
+    python benchmarks/guard_rules.py --model-dir out/smollm2 --stats gsm8k.npz --new-tokens 64 --rounds 3
+
+Rows: no guard; the paper's rule (one cube, last layer); the stats file's stored rule (several layers, box or
+diagonal Gaussian, k of n) and, for scale, a gauss rule on 8 layers. Thresholds are set so that nothing ever
+fires (every step pays the full check). Columns: decode tok/s (median over rounds) as a ratio to no guard, and
+the guard's own check time per step as a share of a decode step (a stopwatch around `check`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+from decode import PROMPT, decode_rate
+
+from unskill.runtime import Generator, KSDGuard, OnnxLM, TextTokenizer, load_stats
+from unskill.runtime.statsfile import GuardSetting
+
+
+class TimedGuard(KSDGuard):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seconds, self.calls = 0.0, 0
+
+    def check(self, last_keys):
+        start = time.perf_counter()
+        hits = super().check(last_keys)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return hits
+
+
+def never(setting: GuardSetting) -> GuardSetting:
+    return replace(setting, thresholds=[1e-12] * len(setting.layers))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--stats", required=True, help="a stats file (with a stored rule from `unskill calibrate`)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", help="JSON results")
+    args = p.parse_args(argv)
+    model = OnnxLM(args.model_dir, device="cpu", threads=args.threads)
+    tokenizer = TextTokenizer(args.model_dir, model.manifest)
+    stats = load_stats(args.stats, model.manifest)
+    last = model.manifest.num_layers - 1
+    variants = {"no guard": None,
+                "paper: 1 cube, last layer": TimedGuard([stats], model.manifest, alpha=1e-9, layers=[last])}
+    if stats.guard:
+        stored = replace(stats, guard=never(stats.guard))
+        variants[f"stored: {stats.guard.name} ({stats.guard.rule})"] = TimedGuard([stored], model.manifest)
+    eight = GuardSetting("gauss", list(range(last - 7, last + 1)), [1e-12] * 8, 3)
+    variants["gauss, 8 layers, 3 of 8"] = TimedGuard([replace(stats, guard=eight)], model.manifest)
+    rates = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, guard in variants.items():
+            rates[name].append(decode_rate(Generator(model, tokenizer, guard), [PROMPT], args.new_tokens))
+    base = statistics.median(rates["no guard"])
+    rows = []
+    for name, guard in variants.items():
+        rate = statistics.median(rates[name])
+        check = guard.seconds / guard.calls if guard and guard.calls else 0.0
+        rows.append({"variant": name, "decode_tok_s": rate, "vs_no_guard": rate / base,
+                     "check_us": check * 1e6, "check_share_of_step": check * base})
+        print(f"{name:45s} {rate:7.1f} tok/s  {rate / base:5.3f}x  check {check * 1e6:6.0f} us = "
+              f"{100 * check * base:5.2f} % of a step")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"model": str(args.model_dir), "new_tokens": args.new_tokens, "rounds": args.rounds,
+                       "rows": rows}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The one path for reading keys: prefill prompts and return the FFL key at the last prompt token of the
+requested layers (the `key_last.{i}` outputs). Probing (`unskill stats`), calibration, the bypass benchmark
+and the decode-time guard all read keys through these outputs, with layers numbered 0..L-1 (negative
+indices count from the end, anything else is an error).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+from .errors import UnskillError
+from .session import OnnxLM, left_pad
+
+MIN_SHARED_PREFIX = 4   # shorter common prefixes are not worth a separate prefill
+
+
+def _order(sequences: list[list[int]]) -> list[int]:
+    """Longest first, so padding stays small and the first batch shows the peak memory at once."""
+    return sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+
+
+def _batches(sequences: list[list[int]], batch_size: int):
+    order = _order(sequences)
+    for start in range(0, len(order), batch_size):
+        yield [sequences[i] for i in order[start:start + batch_size]]
+
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with (the chat template's system turn, a few-shot header), leaving at
+    least one token of each sequence to run after it."""
+    shortest = min(map(len, sequences))
+    first = sequences[0]
+    length = 0
+    while length < shortest - 1 and all(seq[length] == first[length] for seq in sequences):
+        length += 1
+    return length
+
+
+def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[str], batch_size: int,
+                       progress: bool = False, desc: str = "keys", share_prefix: bool = True):
+    """Yield (sequence indices, {output: value at each sequence's last token}) batch by batch. The common
+    prefix of all sequences runs once; its KV cache is repeated for every batch, so a prompt pass costs
+    the tokens after it only. Rows are [prefix | left padding | suffix]; positions come from the mask."""
+    shared = shared_prefix_length(sequences) if share_prefix else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    prefix_cache = {}
+    if shared:
+        ids = np.asarray([sequences[0][:shared]], dtype=np.int64)
+        _, past, _ = model.forward(ids, np.ones_like(ids), model.empty_past(1), [], logits=False)
+        prefix_cache = {name: value.numpy() for name, value in past.items()}
+    order = _order(sequences)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+        rows = order[start:start + batch_size]
+        ids, mask = left_pad([sequences[i][shared:] for i in rows], model.manifest.pad_token_id)
+        if shared:
+            mask = np.concatenate([np.ones((len(rows), shared), dtype=np.int64), mask], axis=1)
+            past = {name: ort.OrtValue.ortvalue_from_numpy(np.repeat(value, len(rows), axis=0))
+                    for name, value in prefix_cache.items()}
+        else:
+            past = model.empty_past(len(rows))
+        _, _, values = model.forward(ids, mask, past, outputs, logits=False)
+        yield rows, values
+
+
+
+def resolve_layers(layers, num_layers: int) -> list[int]:
+    """Layer indices as given (negative from the end) -> 0..L-1; out of range is an error, never wrapped."""
+    resolved = []
+    for index in layers:
+        layer = index + num_layers if index < 0 else index
+        if not 0 <= layer < num_layers:
+            raise UnskillError(f"layer {index} out of range: the model has {num_layers} FFL layers")
+        resolved.append(layer)
+    return resolved
+
+
+def require_key_last(model: OnnxLM) -> list[str]:
+    names = model.manifest.key_last_outputs
+    if not names:
+        raise UnskillError(f"{model.directory}: the export has no key_last outputs; re-export it with `unskill export`")
+    return names
+
+
+class KeyReader:
+    """Prefills token sequences through the keys-only graph and returns last-token keys, (n, layers, F)."""
+
+    def __init__(self, model: OnnxLM, batch_size: int = 8, progress: bool = False):
+        self.names = require_key_last(model)
+        self.model, self.batch_size, self.progress = model, batch_size, progress
+
+    def last_keys(self, sequences: list[list[int]], layers=None, desc: str = "keys") -> np.ndarray:
+        layers = resolve_layers(range(len(self.names)) if layers is None else layers, len(self.names))
+        outputs = [self.names[i] for i in layers]
+        keys = np.empty((len(sequences), len(layers), self.model.manifest.key_width), dtype=np.float32)
+        for rows, values in last_position_keys(self.model.key_only(), sequences, outputs, self.batch_size,
+                                               self.progress, desc):
+            keys[rows] = np.stack([values[name] for name in outputs], axis=1)
+        return keys

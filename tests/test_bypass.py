@@ -1,0 +1,170 @@
+"""Issue 16: the bypass benchmark's determinism and its disjointness from the fit/calibration augmentation, the
+detector statistics against a direct NumPy computation, the stored guard setting's round trip (old files too),
+and the one key path: prefill (KeyReader), eval (last_prompt_keys) and decode (the guard's keys) agree."""
+
+import json
+import re
+import zipfile
+
+import numpy as np
+import pytest
+
+from unskill.evals import bypass
+from unskill.runtime import load
+from unskill.runtime.errors import UnskillError
+from unskill.runtime.ksd import KSDGuard
+from unskill.runtime.statsfile import GROUP_FIELDS, GuardSetting, Moments, StatsFile, load_stats
+from unskill.stats import augment
+from unskill.stats.calibrate import fires, layer_scores, search_rule
+
+
+def _ngrams(text: str, n: int = 5) -> set:
+    words = re.sub(r"\{\w*\}", " ", text.lower()).split()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_augmentation_frames_share_nothing_with_the_benchmark():
+    bench, fit = bypass.all_frames(), augment.all_frames()
+    assert not set(bench) & set(fit)
+    bench_grams = set().union(*(_ngrams(t) for t in bench))
+    shared = [t for t in fit if _ngrams(t) & bench_grams]
+    assert not shared, shared
+
+
+def test_bypass_sets_are_deterministic_and_use_held_out_items(data_dir):
+    for forget in bypass.FORGET_SKILLS:
+        first = bypass.bypass_sets(forget, data_dir, limit=6, seed=3)
+        again = bypass.bypass_sets(forget, data_dir, limit=6, seed=3)
+        other = bypass.bypass_sets(forget, data_dir, limit=6, seed=4)
+        assert [s.conversations for s in first] == [s.conversations for s in again]
+        assert [s.conversations for s in first] != [s.conversations for s in other]
+        names = [s.name for s in first]
+        assert names == list(bypass.FAMILIES[forget]) + list(bypass.RETAIN_SETS)
+        assert all(len(s.conversations) == 6 and s.conversations[0][-1][0] == "user" for s in first)
+    # every attacked GSM8K question comes from the test split, never from train/validation (the fit/calibrate side)
+    from unskill.stats.datasets import load_dataset
+    seen = {i.prompt for split in ("train", "validation") for i in load_dataset(f"gsm8k:{split}", data_dir).items}
+    plain = next(s for s in bypass.bypass_sets("gsm8k", data_dir, limit=20) if s.name == "plain")
+    assert not {c[-1][1] for c in plain.conversations} & seen
+
+
+def _stats_from_keys(keys: np.ndarray, guard=None) -> StatsFile:
+    """keys (n, L, F) -> a stats file whose KSD group holds them."""
+    n, layers, width = keys.shape
+    moments = Moments.empty(GROUP_FIELDS["ksd"], layers, width)
+    for layer in range(layers):
+        moments.add(layer, keys[:, layer])
+    return StatsFile("sha256:test", "llama", width, layers, {"skill": "toy"}, {"ksd": moments}, guard)
+
+
+def test_layer_scores_equal_direct_numpy():
+    rng = np.random.default_rng(0)
+    fit = rng.normal(size=(40, 3, 16)).astype(np.float32) * rng.uniform(0.5, 2, size=16).astype(np.float32)
+    queries = rng.normal(size=(25, 3, 16)).astype(np.float32) * 1.5
+    stats = _stats_from_keys(fit)
+    mu, sd = fit.astype(np.float64).mean(0), fit.astype(np.float64).std(0, ddof=1)
+    k = (np.abs(fit - mu) / sd).max(axis=(0, 2))
+    box = (np.abs(queries - mu) / sd).max(axis=2) / k
+    gauss = (((queries - mu) / sd) ** 2).mean(axis=2)
+    np.testing.assert_allclose(layer_scores(queries, stats, "box"), box, rtol=1e-4)
+    np.testing.assert_allclose(layer_scores(queries, stats, "gauss"), gauss, rtol=1e-4)
+    # every probe lies inside its own box at threshold 1 x k (the tightest covering cube), at every layer
+    assert (layer_scores(fit, stats, "box") <= 1 + 1e-5).all()
+
+
+def test_search_rule_respects_the_target_and_the_guard_applies_it():
+    rng = np.random.default_rng(1)
+    retain = {r: rng.uniform(1, 3, size=(300, 6)) for r in ("box", "gauss")}
+    forget = {r: rng.uniform(0, 1.5, size=(100, 6)) for r in ("box", "gauss")}
+    forget["gauss"][:, 2] = rng.uniform(0, 0.5, size=100)    # layer 2 separates best under gauss
+    setting, forget_rate, retain_rate = search_rule(retain, forget, target=0.01)
+    assert retain_rate <= 0.01 and forget_rate > 0.5 and setting.rule == "gauss" and 2 in setting.layers
+    assert fires(retain[setting.rule], setting.layers, setting.thresholds, setting.votes).mean() <= 0.01
+
+
+def _write_old_style(path, stats: StatsFile):
+    """A stats file as written before the guard member existed."""
+    stats = StatsFile(stats.fingerprint, stats.arch, stats.key_width, stats.num_layers, stats.meta, stats.groups)
+    stats.save(path)
+    assert "guard.npy" not in zipfile.ZipFile(path).namelist()
+
+
+def test_guard_setting_round_trip_old_files_and_merge(tmp_path):
+    from unskill.stats.probe import merge_stats
+
+    rng = np.random.default_rng(2)
+    keys = rng.normal(size=(30, 4, 8)).astype(np.float32)
+    setting = GuardSetting("gauss", [1, 3], [0.9, 1.7], 2, {"retain": ["mbpp:validation"], "target": 0.01})
+    stats = _stats_from_keys(keys, setting)
+    stats.save(tmp_path / "s.npz")
+    back = load_stats(tmp_path / "s.npz")
+    assert back.guard == setting
+    _write_old_style(tmp_path / "old.npz", stats)
+    assert load_stats(tmp_path / "old.npz").guard is None
+    merged = merge_stats(back, load_stats(tmp_path / "old.npz"))
+    assert merged.guard is None   # the cubes changed: calibrate again
+    np.testing.assert_array_equal(merged.groups["ksd"].values["sum"], 2 * back.groups["ksd"].values["sum"])
+    arrays = dict(np.load(tmp_path / "s.npz"))
+    for bad, message in (({"rule": "cone", "layers": [1], "thresholds": [1], "votes": 1}, "rule 'cone'"),
+                         ({"rule": "box", "layers": [9], "thresholds": [1], "votes": 1}, "outside 0..3"),
+                         ({"rule": "box", "layers": [1], "thresholds": [1], "votes": 2}, "votes 2"),
+                         ({"rule": "box", "layers": [1]}, "not valid")):
+        arrays["guard"] = np.array(json.dumps(bad))
+        np.savez(tmp_path / "bad.npz", **arrays)
+        with pytest.raises(UnskillError, match=re.escape(message)) as info:
+            load_stats(tmp_path / "bad.npz")
+        assert "bad.npz" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_export):
+    _, onnx_dir = tiny_export("llama")
+    return load(onnx_dir, device="cpu"), onnx_dir
+
+
+def test_one_key_path_prefill_eval_decode_and_stored_rule(llama, tmp_path):
+    """KeyReader's keys equal eval's last_prompt_keys and the keys the guard sees at the prompt's last token in
+    decode; the guard's stored rule fires exactly where a direct NumPy computation of the rule says."""
+    from unskill.evals.evaluate import last_prompt_keys
+    from unskill.runtime.generator import GenerationParams, Generator
+    from unskill.runtime.keys import KeyReader
+    from unskill.runtime.session import left_pad
+
+    generator, onnx_dir = llama
+    model, tokenizer = generator.model, generator.tokenizer
+    prompts = [f"How many apples are left if Tom eats {i} of his {i + 9} apples?" for i in range(10)]
+    prompts += ["Write a python function to add two numbers.", "What is the capital of France?"]
+    sequences = [tokenizer.encode_prompt(p) for p in prompts]
+    layers = model.manifest.num_layers
+    keys = KeyReader(model, batch_size=3).last_keys(sequences)                      # (n, L, F)
+    ids, mask = left_pad(sequences, model.manifest.pad_token_id)
+    for layer in range(layers):
+        _, direct = last_prompt_keys(model, ids, mask, layer, logits=False)
+        np.testing.assert_allclose(keys[:, layer], direct, atol=2e-5)
+
+    stats = _stats_from_keys(keys[:8].astype(np.float64))
+    stats.fingerprint, stats.arch = model.manifest.fingerprint, model.manifest.arch
+    setting = GuardSetting("box", [0, layers - 1], [1.05, 1.05], 2)
+    stats.guard = setting
+    stats.save(tmp_path / "toy.npz")
+    guard = KSDGuard([load_stats(tmp_path / "toy.npz", model.manifest)], model.manifest)
+
+    class Recorder:
+        output_names = guard.output_names
+
+        def __init__(self):
+            self.first = None
+
+        def check(self, last_keys):
+            self.first = self.first or {n: v.copy() for n, v in last_keys.items()}
+            return guard.check(last_keys)
+
+    recorder = Recorder()
+    results = Generator(model, tokenizer, recorder).generate(prompts, GenerationParams(max_new_tokens=1))
+    for layer, name in zip(setting.layers, guard.output_names):
+        np.testing.assert_allclose(recorder.first[name], keys[:, layer], atol=2e-5)
+    expected = fires(layer_scores(keys, stats, "box"), setting.layers, setting.thresholds, setting.votes)
+    assert [r.abstained for r in results] == expected.tolist()
+    assert expected[:8].all() and {r.rule for r in results if r.abstained} == {setting.name}
+    # explicit --alpha/--layers override the stored rule with the paper's
+    assert KSDGuard([stats], model.manifest, alpha=1.0).detectors[0].rule == "paper"
