@@ -130,8 +130,7 @@ class BatchEngine:
                 while self._pending and len(self._rows) + len(joining) < self.max_batch:
                     joining.append(self._pending.popleft())
             try:
-                for request in joining:
-                    self._prefill(request)
+                self._join([row for row in map(self._prefill, joining) if row is not None])
                 self._drop_finished()
                 if self._rows:
                     self._decode_step()
@@ -139,9 +138,10 @@ class BatchEngine:
             except Exception as exc:   # an onnxruntime failure must not leave clients waiting forever
                 self._fail_all(f"generation failed: {str(exc).splitlines()[0][:200]}")
 
-    def _prefill(self, request: Request) -> None:
+    def _prefill(self, request: Request) -> tuple | None:
+        """The prompt alone (batch 1): guard, first token; (row, its cache, its mask) if it goes on."""
         if request.cancelled:
-            return
+            return None
         params, gen = request.params, self.generator
         ids = np.array([request.ids], dtype=np.int64)
         mask = np.ones_like(ids)
@@ -151,8 +151,7 @@ class BatchEngine:
                          TextStream(gen, params.stop, request.hold_tokens),
                          np.random.default_rng(params.sampling.seed), budget)
         self._advance(active, logits[0], gen.check_guard(keys, 1)[0])
-        if not active.row.done:
-            self._join(active, past, mask)
+        return None if active.row.done else (active, past, mask)
 
     def _decode_step(self) -> None:
         input_ids = np.array([[a.next_id] for a in self._rows], dtype=np.int64)
@@ -179,17 +178,21 @@ class BatchEngine:
         except Exception:   # a consumer that broke (closed loop) must not stop the others
             request.cancel()
 
-    def _join(self, active: _Active, past: dict[str, ort.OrtValue], mask: np.ndarray) -> None:
-        """Stack the row's cache under the batch's, both left-padded to a common length."""
-        if not self._rows:
-            self._rows, self._past, self._mask = [active], past, mask
+    def _join(self, joining: list[tuple]) -> None:
+        """Stack the new rows' caches under the batch's, all left-padded to a common length (one copy of
+        the batch's cache however many rows join)."""
+        if not joining:
             return
-        width = max(self._mask.shape[1], mask.shape[1])
-        self._mask = np.concatenate([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], axis=0)
-        self._past = {name: self._ort(np.concatenate([_pad_left(self._past[name].numpy(), width, 2),
-                                                      _pad_left(value.numpy(), width, 2)], axis=0))
-                      for name, value in past.items()}
-        self._rows.append(active)
+        parts = ([(self._past, self._mask)] if self._rows else []) + [(past, mask) for _, past, mask in joining]
+        self._rows += [active for active, _, _ in joining]
+        if len(parts) == 1:
+            self._past, self._mask = parts[0]
+            return
+        width = max(mask.shape[1] for _, mask in parts)
+        self._mask = np.concatenate([_pad_left(mask, width, 1) for _, mask in parts], axis=0)
+        self._past = {name: self._ort(np.concatenate([_pad_left(past[name].numpy(), width, 2) for past, _ in parts],
+                                                     axis=0))
+                      for name in parts[0][0]}
 
     def _drop_finished(self) -> None:
         keep = [i for i, a in enumerate(self._rows) if not a.row.done and not a.request.cancelled]
