@@ -1,14 +1,22 @@
 """Run generated code (MBPP pass@1) in a child Python that can do little harm and leaves nothing behind.
 
 Layers, each cheap; together they stop the accidents a small model writes (endless loops, memory
-blow-ups, fork bombs, stray files, network calls). This is not a VM; do not run hostile code with it.
+blow-ups, fork bombs, stray files, network calls) and the escapes a hostile program tries:
   - a fresh temporary directory as cwd, deleted afterwards whatever happened;
+  - namespaces (util-linux `unshare`, installed everywhere util-linux is): its own mount, PID, network,
+    IPC and UTS namespaces, and as root also a switch to the unprivileged user `nobody` (setpriv) inside
+    its own user namespace. In the mount namespace the whole file system is read-only except the work
+    dir (seen as /tmp/work) and fresh scratch tmpfs on /tmp, /var/tmp and /dev/shm; /etc/passwd and
+    /etc/group hold only root and nobody. The program's PID namespace dies with it, so children it
+    leaves behind (setsid included) die too. No network device is up;
   - `python -I` (isolated: no user site, no PYTHON* variables) with an empty environment;
   - its own session, so a timeout kills the whole process group;
   - rlimits: address space, CPU seconds, file size, open files, processes;
-  - no network: inside `unshare --net` where the kernel allows it; and in any case a prelude that
-    disables sockets, process spawning and signalling, and refuses writes and deletes outside the work
-    dir, before the code runs (Python-level guards: code that imports C modules can get past them).
+  - a prelude that disables sockets, process spawning and signalling, and refuses writes and deletes
+    outside the work dir, before the code runs (Python-level guards: they give clear messages, the
+    namespaces hold when C-level calls get past them).
+Without namespaces (no `unshare`, or a kernel that refuses them) only the last four layers remain; see
+`isolation()`. This is not a VM.
 """
 
 from __future__ import annotations
@@ -77,6 +85,92 @@ class Outcome:
     detail: str = ""             # last line of stderr, for a failure
 
 
+# Runs as root inside the new namespaces: $1 work dir, $2 python, $3 script, $4 "drop" to become nobody.
+SETUP = r"""
+set -e
+cd "$1"
+mount -t tmpfs -o mode=1777,size=64m unskill-tmp /tmp
+mkdir -p /tmp/work /tmp/.etc
+mount --no-canonicalize --bind . /tmp/work
+printf 'root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/tmp/work:/usr/sbin/nologin\n' > /tmp/.etc/passwd
+printf 'root:x:0:\nnogroup:x:65534:\n' > /tmp/.etc/group
+chmod 755 /tmp/.etc && chmod 644 /tmp/.etc/passwd /tmp/.etc/group
+mount --bind /tmp/.etc/passwd /etc/passwd
+mount --bind /tmp/.etc/group /etc/group
+for point in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
+  case "$point" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*|/tmp|/tmp/*) continue;; esac
+  mount -o remount,bind,ro "$point" 2>/dev/null || true
+done
+for scratch in /var/tmp /dev/shm; do
+  [ -d "$scratch" ] && mount -t tmpfs -o size=16m unskill-scratch "$scratch" || true
+done
+cd /tmp/work
+if [ "$4" = drop ]; then
+  setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs unshare --user "$2" -I -B "$3"
+else
+  "$2" -I -B "$3"
+fi
+"""
+
+
+def _reachable_by_others(path: str) -> bool:
+    """Whether `nobody` can run this interpreter: every folder above it searchable by others."""
+    real = os.path.realpath(path)
+    folders = [real] + [os.path.dirname(real)]
+    while folders[-1] != "/":
+        folders.append(os.path.dirname(folders[-1]))
+    return os.path.isfile(real) and all(os.stat(f).st_mode & 0o001 for f in folders)
+
+
+def _interpreter() -> str:
+    """This Python where nobody can run it, else a system python3 of the same version (MBPP needs stdlib only)."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}", "/usr/bin/python3"):
+        if candidate and _reachable_by_others(candidate):
+            return os.path.realpath(candidate)
+    return os.path.realpath(sys.executable)
+
+
+def _namespace_command(workdir: str, script: str, python: str, as_root: bool) -> list[str]:
+    unshare = shutil.which("unshare") or "unshare"
+    flags = ["--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc",
+             "--propagation", "private"]
+    if not as_root:
+        flags = ["--user", "--map-root-user", *flags]
+    return [unshare, *flags, "/bin/sh", "-c", SETUP, "sh", workdir, python, script, "drop" if as_root else "keep"]
+
+
+@functools.lru_cache(maxsize=1)
+def isolation() -> str:
+    """"namespaces+nobody" (root), "namespaces" (user namespaces), "net" (`unshare --net` only) or "none",
+    whichever works on this machine: tried once with a program that checks it is really isolated."""
+    python = _interpreter()
+    as_root = os.geteuid() == 0
+    probe = "import os\nassert os.getcwd() == '/tmp/work' and os.getpid() < 100\n"
+    if shutil.which("unshare") and shutil.which("setpriv" if as_root else "unshare"):
+        workdir = tempfile.mkdtemp(prefix="unskill-sandbox-")
+        try:
+            with open(os.path.join(workdir, "probe.py"), "w") as handle:
+                handle.write(probe)
+            _hand_over(workdir, as_root)
+            command = _namespace_command(workdir, "probe.py", python, as_root)
+            if subprocess.run(command, capture_output=True, timeout=30).returncode == 0:
+                return "namespaces+nobody" if as_root else "namespaces"
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return "net" if _net_namespace_prefix() else "none"
+
+
+def _hand_over(workdir: str, as_root: bool) -> None:
+    """As root the program runs as nobody: give it its work dir (and only that)."""
+    if as_root:
+        for root, folders, files in os.walk(workdir):
+            for name in [root, *(os.path.join(root, f) for f in folders + files)]:
+                os.chown(name, 65534, 65534)
+
+
 @functools.lru_cache(maxsize=1)
 def _net_namespace_prefix() -> tuple[str, ...]:
     """`unshare --net` (as root) or `unshare -rn` (user namespaces) when either works here."""
@@ -105,11 +199,19 @@ def run_python(code: str, limits: Limits = Limits()) -> Outcome:
         script = os.path.join(workdir, "program.py")
         with open(script, "w", encoding="utf-8") as handle:
             handle.write(PRELUDE + code + "\n")
-        command = [*_net_namespace_prefix(), sys.executable, "-I", "-B", script]
-        # stderr goes to a file, not a pipe: a pipe held open by a left-behind child would keep us waiting.
-        with open(os.path.join(workdir, ".stderr"), "w+b") as stderr:
-            proc = subprocess.Popen(command, cwd=workdir, env={"PATH": "/usr/bin:/bin", "HOME": workdir,
-                                                               "TMPDIR": workdir},
+        mode = isolation()
+        home = workdir
+        if mode.startswith("namespaces"):
+            as_root, home = mode == "namespaces+nobody", "/tmp/work"   # where the work dir is seen inside
+            _hand_over(workdir, as_root)
+            command = _namespace_command(workdir, "program.py", _interpreter(), as_root)
+        else:
+            command = [*_net_namespace_prefix(), sys.executable, "-I", "-B", script]
+        # stderr goes to a file outside the work dir (the program cannot rewrite it), not a pipe: a pipe
+        # held open by a left-behind child would keep us waiting.
+        with tempfile.TemporaryFile() as stderr:
+            proc = subprocess.Popen(command, cwd=workdir, env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+                                                               "HOME": home, "TMPDIR": home},
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                                     start_new_session=True, preexec_fn=lambda: _set_limits(limits))
             try:

@@ -9,6 +9,9 @@ as in any left-padded batch: equality holds while a row's cache fits the window 
 A finished or cancelled row is sliced out, and the columns that are padding
 in every remaining row are trimmed. The guard is checked per row at every forward, as in Generator.
 
+The tokens every chat prompt starts with (the template's system turn: 24 of a typical 39 tokens on
+SmolLM2) are run once; a prompt that starts with them is prefilled from that cache (share_prefix=True).
+
 One thread runs the loop. onnxruntime releases the GIL while it runs, so an asyncio server on the main
 thread stays responsive. Each request gets its Events through its own callback, called on that thread.
 """
@@ -59,7 +62,7 @@ class _Active:
 
 
 class BatchEngine:
-    def __init__(self, generator: Generator, max_batch: int = 16, max_queue: int = 256):
+    def __init__(self, generator: Generator, max_batch: int = 16, max_queue: int = 256, share_prefix: bool = True):
         if max_batch < 1 or max_queue < 1:
             raise UnskillError(f"max batch and max queue must be >= 1, got {max_batch} and {max_queue}")
         self.generator, self.model = generator, generator.model
@@ -73,6 +76,8 @@ class BatchEngine:
         self._mask = np.zeros((0, 0), dtype=np.int64)
         self._guard_outputs = generator.guard.output_names if generator.guard else []
         self.steps = 0   # decode steps run (each shared by every active row)
+        self.share_prefix = share_prefix
+        self._prefixes: dict[bool, tuple[list[int], dict[str, ort.OrtValue]]] = {}   # chat flag -> ids, cache
 
     # ---- the caller's side (any thread) ----
     def start(self) -> "BatchEngine":
@@ -130,8 +135,7 @@ class BatchEngine:
                 while self._pending and len(self._rows) + len(joining) < self.max_batch:
                     joining.append(self._pending.popleft())
             try:
-                for request in joining:
-                    self._prefill(request)
+                self._join([row for row in map(self._prefill, joining) if row is not None])
                 self._drop_finished()
                 if self._rows:
                     self._decode_step()
@@ -139,20 +143,42 @@ class BatchEngine:
             except Exception as exc:   # an onnxruntime failure must not leave clients waiting forever
                 self._fail_all(f"generation failed: {str(exc).splitlines()[0][:200]}")
 
-    def _prefill(self, request: Request) -> None:
+    def _prefill(self, request: Request) -> tuple | None:
+        """The prompt alone (batch 1): guard, first token; (row, its cache, its mask) if it goes on."""
         if request.cancelled:
-            return
+            return None
         params, gen = request.params, self.generator
-        ids = np.array([request.ids], dtype=np.int64)
-        mask = np.ones_like(ids)
-        logits, past, keys = self.model.forward(ids, mask, self.model.empty_past(1), self._guard_outputs)
+        prefix, start = self._prefix(params.chat), self.model.empty_past(1)
+        skip = len(prefix[0]) if prefix and request.ids[:len(prefix[0])] == prefix[0] else 0
+        if skip and skip < len(request.ids):
+            start = prefix[1]   # onnxruntime only reads its inputs: one cache serves every request
+        else:
+            skip = 0
+        mask = np.ones((1, len(request.ids)), dtype=np.int64)
+        ids = np.array([request.ids[skip:]], dtype=np.int64)
+        logits, past, keys = self.model.forward(ids, mask, start, self._guard_outputs)
         budget = min(params.max_new_tokens, self.model.manifest.max_context - len(request.ids))
         active = _Active(request, _Row(request.prompt, len(request.ids)),
                          TextStream(gen, params.stop, request.hold_tokens),
                          np.random.default_rng(params.sampling.seed), budget)
         self._advance(active, logits[0], gen.check_guard(keys, 1)[0])
-        if not active.row.done:
-            self._join(active, past, mask)
+        return None if active.row.done else (active, past, mask)
+
+    def _prefix(self, chat: bool):
+        """(ids, KV cache) of the tokens every prompt of this kind starts with; None if too short to pay."""
+        if not self.share_prefix:
+            return None
+        if chat not in self._prefixes:
+            params = GenerationParams(chat=chat)
+            first, second = (self.generator.encode([text], params)[0] for text in ("a", "Be brief"))
+            length = next((i for i, (x, y) in enumerate(zip(first, second)) if x != y), min(len(first), len(second)))
+            cache = None
+            if length >= 4:
+                ids = np.array([first[:length]], dtype=np.int64)
+                _, past, _ = self.model.forward(ids, np.ones_like(ids), self.model.empty_past(1), logits=False)
+                cache = (first[:length], past)
+            self._prefixes[chat] = cache
+        return self._prefixes[chat]
 
     def _decode_step(self) -> None:
         input_ids = np.array([[a.next_id] for a in self._rows], dtype=np.int64)
@@ -179,17 +205,21 @@ class BatchEngine:
         except Exception:   # a consumer that broke (closed loop) must not stop the others
             request.cancel()
 
-    def _join(self, active: _Active, past: dict[str, ort.OrtValue], mask: np.ndarray) -> None:
-        """Stack the row's cache under the batch's, both left-padded to a common length."""
-        if not self._rows:
-            self._rows, self._past, self._mask = [active], past, mask
+    def _join(self, joining: list[tuple]) -> None:
+        """Stack the new rows' caches under the batch's, all left-padded to a common length (one copy of
+        the batch's cache however many rows join)."""
+        if not joining:
             return
-        width = max(self._mask.shape[1], mask.shape[1])
-        self._mask = np.concatenate([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)], axis=0)
-        self._past = {name: self._ort(np.concatenate([_pad_left(self._past[name].numpy(), width, 2),
-                                                      _pad_left(value.numpy(), width, 2)], axis=0))
-                      for name, value in past.items()}
-        self._rows.append(active)
+        parts = ([(self._past, self._mask)] if self._rows else []) + [(past, mask) for _, past, mask in joining]
+        self._rows += [active for active, _, _ in joining]
+        if len(parts) == 1:
+            self._past, self._mask = parts[0]
+            return
+        width = max(mask.shape[1] for _, mask in parts)
+        self._mask = np.concatenate([_pad_left(mask, width, 1) for _, mask in parts], axis=0)
+        self._past = {name: self._ort(np.concatenate([_pad_left(past[name].numpy(), width, 2) for past, _ in parts],
+                                                     axis=0))
+                      for name in parts[0][0]}
 
     def _drop_finished(self) -> None:
         keep = [i for i, a in enumerate(self._rows) if not a.row.done and not a.request.cancelled]

