@@ -41,8 +41,12 @@ def guarded_generate(model_dir: str | Path, stats: list[str], prompt: str, max_n
     guard = KSDGuard([load_stats(path, manifest) for path in stats], manifest, alpha=alpha, layers=layers)
     model = og.Model(str(model_dir))
     tokenizer = og.Tokenizer(model)
-    text = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]),
-                                         add_generation_prompt=True) if chat and manifest.chat_template else prompt
+    if chat and manifest.chat_template:   # the template writes its own special tokens
+        text = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]),
+                                             add_generation_prompt=True)
+    else:   # a raw prompt gets BOS where the model wants one (genai adds no special tokens by default)
+        text = prompt
+        tokenizer.update_options(add_special_tokens="true")
     ids = tokenizer.encode(text)
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)

@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     model_dir = Path(args.onnx)
     model_dir = model_dir if model_dir.is_dir() else model_dir.parent
+    if model_dir.name == "onnx" and not (model_dir / "unskill.json").is_file():   # DEPLOY/onnx/model.onnx
+        model_dir = model_dir.parent
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     from .manifest import load_manifest
     layers = parse_layers(args.layers, load_manifest(model_dir).num_layers) if args.layers else None

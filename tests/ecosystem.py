@@ -32,6 +32,8 @@ def genai_greedy(model_dir: Path, prompt: str, max_new_tokens: int, chat: bool =
     tokenizer = og.Tokenizer(model)
     text = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]),
                                          add_generation_prompt=True) if chat else prompt
+    if not chat:   # a raw prompt gets the tokenizer's BOS as in `tokenizers` and transformers (genai: off by default)
+        tokenizer.update_options(add_special_tokens="true")
     ids = tokenizer.encode(text)
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)

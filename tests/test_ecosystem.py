@@ -172,9 +172,10 @@ def test_smollm2_deploy_folder_matches_and_is_guarded(smollm2_edits, tmp_path):
     assert ksd_run_text(deploy, SMOL_PROMPT, tmp_path, 32) == expected
     assert optimum_greedy(deploy, SMOL_PROMPT, 32) == expected
     na = load(smollm2_edits["na"], device="cpu")
-    stats = probe(na.model, na.tokenizer, load_dataset("builtin:math"), config=ProbeConfig(progress=False))
+    forget = load_dataset("builtin:math", limit=64)   # a probe prompt lies in the cube by construction
+    stats = probe(na.model, na.tokenizer, forget, config=ProbeConfig(progress=False))
     guarded = load(deploy, stats=[stats.save(tmp_path / "math.npz")], device="cpu")
-    math, code = guarded.generate([SMOL_PROMPT, "Write a python function to reverse a string."],
+    math, code = guarded.generate([forget.prompts[5], "Write a python function to reverse a string."],
                                   GenerationParams(max_new_tokens=8))
     assert math.abstained and not code.abstained
     assert np.isfinite(code.token_ids).all()
@@ -238,10 +239,42 @@ def test_smollm2_genai_guard_example_matches_ksd_run(smollm2_edits, tmp_path):
 
     directory = smollm2_edits["export"]
     generator = load(directory, device="cpu")
-    stats = probe(generator.model, generator.tokenizer, load_dataset("builtin:math"),
-                  config=ProbeConfig(progress=False)).save(tmp_path / "math.npz")
-    prompts = [SMOL_PROMPT, "Write a python function to reverse a string."]
+    forget = load_dataset("builtin:math", limit=64)
+    stats = probe(generator.model, generator.tokenizer, forget, config=ProbeConfig(progress=False)).save(tmp_path / "m.npz")
+    prompts = [forget.prompts[5], "Write a python function to reverse a string."]
     ours = run_genai_guard(directory, stats, prompts, 24)
     theirs = ksd_run_records(directory, stats, prompts, tmp_path, 24)
     assert [r["abstained"] for r in ours] == [r["abstained"] for r in theirs] == [True, False]
     assert [r["text"] for r in ours] == [r["text"] for r in theirs]
+
+
+@pytest.mark.model
+def test_gemma3_tokenizer_round_trips_and_optimum_genai_match(tmp_path):
+    """Gemma-3-270M: its tokenizer (built from the GGUF vocabulary) through AutoTokenizer, and optimum and genai
+    greedy text equal to ksd-run's (raw prompt: the base model has no chat template). Exporting Gemma takes
+    minutes and ~6 GB, so this runs on an export named by UNSKILL_GEMMA3_ONNX (one-off run recorded in
+    docs/runs/ecosystem-gemma3)."""
+    import os
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    if not os.environ.get("UNSKILL_GEMMA3_ONNX"):
+        pytest.skip("set UNSKILL_GEMMA3_ONNX to a Gemma-3-270M folder written by `unskill export`")
+    directory = Path(os.environ["UNSKILL_GEMMA3_ONNX"])
+    runtime = load(directory, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert len(tokenizer) == runtime.tokenizer.tokenizer.get_vocab_size()
+    text = "def f(x):\n    return x ** 2  # naïve — 日本語 😀  Die Hauptstadt von Frankreich ist Paris."
+    ids = tokenizer(text)["input_ids"]
+    assert ids == runtime.tokenizer.encode_text(text) and ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    prompt = "The capital of France is"
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    from unskill.runtime.cli import main as ksd_run
+
+    assert ksd_run(["--onnx", str(directory), "--prompts", str(tmp_path / "p.jsonl"), "--output",
+                    str(tmp_path / "r.jsonl"), "--max-new-tokens", "24", "--no-chat", "--device", "cpu"]) == 0
+    expected = json.loads((tmp_path / "r.jsonl").read_text())["text"]
+    assert optimum_greedy(directory, prompt, 24, chat=False) == expected
+    assert genai_greedy(directory, prompt, 24, chat=False) == expected

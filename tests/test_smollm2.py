@@ -93,11 +93,8 @@ def smollm2_torch():
 
 
 @pytest.fixture(scope="module")
-def smollm2_edit_stats(smollm2_export, tmp_path_factory):
-    generator = load(smollm2_export, device="cpu")
-    stats = probe(generator.model, generator.tokenizer, load_dataset("builtin:math", limit=24),
-                  load_dataset("builtin:code", limit=24), ProbeConfig(progress=False))
-    return stats.save(tmp_path_factory.mktemp("smol") / "math_code.npz")
+def smollm2_edit_stats(smollm2_edits):
+    return smollm2_edits["stats"]   # math vs code, 24 each, shared with tests/test_ecosystem.py
 
 
 def test_na_graph_matches_numpy_reference(smollm2_export, smollm2_edit_stats, smollm2_torch, tmp_path):
