@@ -12,7 +12,7 @@ from .manifest import Manifest, load_manifest
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 LOGITS_TO_KEEP = "logits_to_keep"   # optional input of exports since issue 18: LM head on the last k rows
-PREFILL_CHUNK = 512   # prompt tokens per forward when only the last position is wanted (bounds attention memory)
+PREFILL_CHUNK = 128   # prompt tokens per forward when only the last position is wanted (benchmarks/memory.py)
 
 
 def left_pad(sequences: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,9 +79,11 @@ class OnnxLM:
         # Prompt passes hand the arena's growth back after the run: a long prompt's transient buffers would
         # otherwise stay reserved (and the arena grows chunk by chunk as the KV cache does). Decode steps
         # (one token) keep the arena: their buffers are reused every step.
-        self.prompt_run_options = ort.RunOptions()
-        self.prompt_run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
-                                                     "cpu:0" if self.device == "cpu" else "cpu:0;gpu:0")
+        self.prompt_run_options = None
+        if options.enable_cpu_mem_arena:   # (without an arena there is nothing to shrink, and onnxruntime refuses)
+            self.prompt_run_options = ort.RunOptions()
+            self.prompt_run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                                         "cpu:0" if self.device == "cpu" else "cpu:0;gpu:0")
         self._key_only: OnnxLM | None = None
 
     def key_only(self) -> "OnnxLM":
