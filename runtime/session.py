@@ -54,6 +54,9 @@ class OnnxLM:
         if options is None:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # Errors only: onnxruntime warns at every load that the logits_to_keep default "appears in graph
+            # inputs" -- which is the point (an input optimum and genai may leave out).
+            options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
         try:
