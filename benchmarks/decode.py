@@ -200,8 +200,11 @@ def weight_bytes_per_token(model_dir: Path) -> int:
         for d in init.dims:
             n *= d
         sizes[init.name] = n
-    return sum(sizes.get(name, 0) for node in model.graph.node if node.op_type in ("MatMul", "Gemm", "MatMulNBits")
-               for name in node.input[1:])
+    # A tied LM head is MatMul(x, Transpose(embedding)): onnxruntime folds the Transpose at load, so the
+    # head reads the whole embedding-sized matrix every token. Count through it (before issue 18 it was missed).
+    transposed = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "Transpose"}
+    return sum(sizes.get(transposed.get(name, name), 0) for node in model.graph.node
+               if node.op_type in ("MatMul", "Gemm", "MatMulNBits") for name in node.input[1:])
 
 
 def memory_bandwidth_gbs(size_mb: int = 2048, repeats: int = 5) -> float:

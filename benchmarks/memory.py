@@ -24,8 +24,9 @@ SETTINGS = {
 }
 
 
-def run_setting(model_dir: Path, tokens: int, setting: str, chunk: int | None, shrink: bool) -> dict:
+def run_setting(model_dir: Path, tokens: int, setting: str, chunk: int | None, shrink: bool, arena: bool) -> dict:
     import numpy as np
+    import onnxruntime as ort
 
     from unskill.runtime import session as session_module
 
@@ -33,8 +34,11 @@ def run_setting(model_dir: Path, tokens: int, setting: str, chunk: int | None, s
         session_module.PREFILL_CHUNK = 1 << 30
     elif chunk:
         session_module.PREFILL_CHUNK = chunk
-    model = session_module.OnnxLM(model_dir, device="cpu")
-    if not shrink:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = arena
+    model = session_module.OnnxLM(model_dir, device="cpu", options=options)
+    if not shrink or not arena:
         model.prompt_run_options = None
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ids = np.random.default_rng(0).integers(100, 40000, size=(1, tokens)).astype(np.int64)
@@ -52,17 +56,19 @@ def main() -> int:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--chunk", type=int, help="prompt tokens per forward (default: the runtime's PREFILL_CHUNK)")
     parser.add_argument("--no-shrink", action="store_true", help="keep the arena's growth after prompt passes")
+    parser.add_argument("--no-arena", action="store_true", help="session without onnxruntime's CPU memory arena")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.setting:
-        print(json.dumps(run_setting(args.model_dir, args.tokens, args.setting, args.chunk, not args.no_shrink)))
+        print(json.dumps(run_setting(args.model_dir, args.tokens, args.setting, args.chunk, not args.no_shrink,
+                                     not args.no_arena)))
         return 0
     results = {}
     for setting in args.settings.split(","):
         cmd = [sys.executable, __file__, "--setting", setting, "--model-dir", str(args.model_dir),
                "--tokens", str(args.tokens), *(["--chunk", str(args.chunk)] if args.chunk else []),
-               *(["--no-shrink"] if args.no_shrink else [])]
+               *(["--no-shrink"] if args.no_shrink else []), *(["--no-arena"] if args.no_arena else [])]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{setting} failed (rc {done.returncode}):\n{done.stderr[-1500:]}", file=sys.stderr)

@@ -27,6 +27,38 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
+def fold_transposed_weights(model: onnx.ModelProto) -> int:
+    """MatMul(x, Transpose(W)) -> MatMul(x, W.T) with W.T stored: optimum writes a tied LM head that way
+    (the embedding transposed), which the MatMulNBits quantizer skips because its weight is no initializer.
+    onnxruntime folds the Transpose at load anyway, so the fp32 graph gains nothing from keeping it. Our own
+    pass: onnxruntime's quantizer has none. Returns how many MatMuls it rewrote."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    folded = 0
+    for node in graph.node:
+        source = producer.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in initializers:
+            continue
+        weight = numpy_helper.to_array(initializers[source.input[0]])
+        perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), None)
+        if weight.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{source.input[0]}/transposed"
+        if name not in initializers:
+            initializers[name] = numpy_helper.from_array(weight.T.copy(), name)
+            graph.initializer.append(initializers[name])
+        node.input[1] = name
+        folded += 1
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    dead = [node for node in graph.node if node.op_type == "Transpose" and node.output[0] not in used]
+    for node in dead:
+        graph.node.remove(node)
+    return folded
+
+
 def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", block_size: int = 32,
              accuracy_level: int = 4, embeddings: bool = False) -> Manifest:
     if mode not in MODES:
@@ -48,6 +80,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", blo
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+        fold_transposed_weights(model)   # the tied LM head becomes quantizable
         # Gather weights are (vocab, hidden): blocks run along hidden (axis 1), as GatherBlockQuantized needs.
         ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,

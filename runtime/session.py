@@ -12,7 +12,7 @@ from .manifest import Manifest, load_manifest
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 LOGITS_TO_KEEP = "logits_to_keep"   # optional input of exports since issue 18: LM head on the last k rows
-PREFILL_CHUNK = 512   # prompt tokens per forward when only the last position is wanted (bounds attention memory)
+PREFILL_CHUNK = 128   # prompt tokens per forward when only the last position is wanted (benchmarks/memory.py)
 
 
 def left_pad(sequences: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,8 +54,8 @@ class OnnxLM:
         if options is None:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # Errors only: onnxruntime warns on every load that `logits_to_keep` (an input with a default, so
-            # stacks that do not know it still run the graph) "appears in graph inputs", which is intended.
+            # Errors only: onnxruntime warns at every load that the logits_to_keep default "appears in graph
+            # inputs" -- which is the point (an input optimum and genai may leave out).
             options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
@@ -84,9 +84,11 @@ class OnnxLM:
         # Prompt passes hand the arena's growth back after the run: a long prompt's transient buffers would
         # otherwise stay reserved (and the arena grows chunk by chunk as the KV cache does). Decode steps
         # (one token) keep the arena: their buffers are reused every step.
-        self.prompt_run_options = ort.RunOptions()
-        self.prompt_run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
-                                                     "cpu:0" if self.device == "cpu" else "cpu:0;gpu:0")
+        self.prompt_run_options = None
+        if options.enable_cpu_mem_arena:   # (without an arena there is nothing to shrink, and onnxruntime refuses)
+            self.prompt_run_options = ort.RunOptions()
+            self.prompt_run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
+                                                         "cpu:0" if self.device == "cpu" else "cpu:0;gpu:0")
         self._key_only: OnnxLM | None = None
 
     def key_only(self) -> "OnnxLM":

@@ -10,6 +10,7 @@ from tiny_models import na_gate_hook, run_plain_ort, torch_with_hooks
 from unskill.exporter.neuron_adjust import na_hash_uniform, na_reference, neuron_adjust, select_neurons
 from unskill.exporter.prune import prune, prune_scores
 from unskill.runtime import GenerationParams, load, load_stats
+from unskill.runtime.errors import UnskillError
 from unskill.runtime.session import OnnxLM
 from unskill.stats.datasets import Dataset, Item
 from unskill.stats.probe import ProbeConfig, probe
@@ -293,3 +294,35 @@ def test_quantized_model_keeps_outputs_and_accepts_fp32_stats(tiny_export, edit_
         assert np.abs(diff).max() / np.abs(plain["logits"]).max() < 0.2
     assert quantized["key.2"].shape == plain["key.2"].shape
     load(out, stats=[edit_stats("llama")], device="cpu")   # fp32 stats are accepted on the quantized model
+
+
+def test_int4_options_quantize_lm_head_and_embeddings(tiny_export, edit_stats, tmp_path):
+    """Block 16, fp32 activations, embeddings too: the LM head becomes MatMulNBits, the token embedding
+    GatherBlockQuantized; logits stay close to fp32 and the fp32 stats still load."""
+    import onnx
+
+    from unskill.exporter.quantize import quantize
+
+    _, onnx_dir = tiny_export("llama")
+    out = tmp_path / "int4-emb"
+    manifest = quantize(onnx_dir, out, "int4", block_size=16, accuracy_level=0, embeddings=True)
+    assert manifest.edits[-1] == {"method": "quantize", "mode": "int4", "ratio": 0.0, "block_size": 16,
+                                  "accuracy_level": 0, "embeddings": True}
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]   # LM head too
+    assert "GatherBlockQuantized" in [n.op_type for n in graph.node]
+    ids = np.random.default_rng(4).integers(5, 500, size=(1, 12))
+    quantized, _, _ = run_plain_ort(out, ids)
+    plain, _, _ = run_plain_ort(onnx_dir, ids)
+    assert np.abs(quantized["logits"] - plain["logits"]).max() / np.abs(plain["logits"]).max() < 0.2
+    load(out, stats=[edit_stats("llama")], device="cpu")
+
+
+def test_quantize_refuses_unknown_block_size(tiny_export, tmp_path):
+    from unskill.exporter.quantize import quantize
+
+    _, onnx_dir = tiny_export("llama")
+    with pytest.raises(UnskillError, match="block size 48"):
+        quantize(onnx_dir, tmp_path / "bad", "int4", block_size=48)
+    assert not (tmp_path / "bad").exists()

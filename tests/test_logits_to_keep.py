@@ -71,3 +71,17 @@ def test_chunked_prompt_equals_one_pass(tiny_export, monkeypatch, kind):
         np.testing.assert_allclose(chunked[2][name], one[2][name], **TOL)
     for name, value in one[1].items():
         np.testing.assert_allclose(chunked[1][name].numpy()[0], value.numpy()[0], **TOL)   # row 0: no padding
+
+
+@pytest.mark.model
+def test_smollm2_chunked_last_logits_equal_full_last_row(smollm2_export):
+    """A 300-token prompt: three 128-token chunks, LM head on one row, against one pass with every row."""
+    model = OnnxLM(smollm2_export, device="cpu")
+    if not model.has_logits_to_keep:
+        pytest.skip(f"{smollm2_export} predates the logits_to_keep input; re-export it")
+    ids = np.random.default_rng(3).integers(100, 40000, size=(1, 300)).astype(np.int64)
+    mask = np.ones_like(ids)
+    full, _, _ = model.forward(ids, mask, model.empty_past(1), all_logits=True)
+    last, _, keys = model.forward(ids, mask, model.empty_past(1), model.manifest.key_last_outputs[-1:])
+    np.testing.assert_allclose(last, full[:, -1, :], atol=1e-3, rtol=1e-3)
+    assert last.argmax() == full[0, -1].argmax()
