@@ -71,7 +71,7 @@ def test_a_child_left_running_is_killed():
 # namespaces stop them. CI runs as root, where the sandbox also switches to `nobody`.
 from pathlib import Path  # noqa: E402
 
-from unskill.stats.sandbox import isolation  # noqa: E402
+from unskill.evals.sandbox import isolation  # noqa: E402
 
 namespaces = pytest.mark.skipif(not isolation().startswith("namespaces"),
                                 reason=f"no namespaces on this machine (isolation: {isolation()})")
