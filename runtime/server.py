@@ -150,7 +150,7 @@ def build_app(engine: BatchEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **engine.load}
+        return {"status": "ok", "model": model_name, **engine.load, **engine.counters}
 
     @app.get("/v1/models")
     async def models():
