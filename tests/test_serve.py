@@ -162,3 +162,19 @@ def test_smollm2_server_refuses_math_and_answers_code(smollm2_export, smollm2_ma
             client(f"http://127.0.0.1:{port}/v1", key="nope").chat.completions.create(model="smollm2", messages=code)
     finally:
         server.should_exit = True
+
+
+def test_serve_cli_refuses_bad_options_before_loading(tmp_path, capsys):
+    import socket
+
+    from unskill.cli import main as unskill
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        cases = [(["--port", "70000"], "--port must be in 0..65535"), (["--max-batch", "0"], "--max-batch must be >= 1"),
+                 (["--hold-tokens", "-2"], "--hold-tokens"), (["--port", str(port)], "Address already in use"),
+                 (["--port", "0"], "no manifest")]
+        for extra, message in cases:
+            assert unskill(["serve", "--model", str(tmp_path), *extra]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
