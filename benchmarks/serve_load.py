@@ -103,9 +103,13 @@ async def level(base_url: str, clients: int, seconds: float, max_tokens: int, ti
         while time.perf_counter() < stop_at:
             results.append(await one_request(api, QUESTIONS[turn % len(QUESTIONS)], max_tokens, timeout))
             turn += 1
+    health = base_url.removesuffix("/v1") + "/health"
+    before = httpx.get(health).json()
     start = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
     wall = time.perf_counter() - start
+    after = httpx.get(health).json()
+    steps = after["steps"] - before["steps"]
     await api.close()
     ok = [r for r in results if r["status"] == "ok"]
     latencies = sorted(r["latency"] for r in ok)
@@ -119,6 +123,8 @@ async def level(base_url: str, clients: int, seconds: float, max_tokens: int, ti
             "tokens": sum(r["tokens"] for r in ok), "tok_s": round(sum(r["tokens"] for r in ok) / wall, 2),
             "latency_p50_s": pct(latencies, 0.5), "latency_p99_s": pct(latencies, 0.99),
             "ttft_p50_s": pct(ttfts, 0.5), "ttft_p99_s": pct(ttfts, 0.99),
+            "decode_steps": steps, "mean_batch": round((after["row_steps"] - before["row_steps"]) / max(steps, 1), 2),
+            "prefills": after["prefills"] - before["prefills"],
             "error_messages": sorted({r["message"] for r in results if r["status"] == "error"})[:5]}
 
 
@@ -149,12 +155,12 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=60)
     base = rows[0]["tok_s"] or 1
-    print("\n| clients | requests | ok | errors | lost | refused | tok/s | x 1 client | latency p50 / p99 (s) | TTFT p50 / p99 (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| clients | requests | ok | errors | lost | refused | tok/s | x 1 client | latency p50 / p99 (s) | TTFT p50 / p99 (s) | mean batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['clients']} | {r['requests']} | {r['ok']} | {r['errors']} | {r['lost']} | {r['refused']} | "
               f"{r['tok_s']:.1f} | {r['tok_s'] / base:.2f} | {r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} | "
-              f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} |")
+              f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {r['mean_batch']:.1f} |")
     if args.out:
         document = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -54,7 +54,8 @@ def check_args(args: argparse.Namespace) -> None:
         with socket.create_server((args.host, args.port)):
             pass
     except OSError as exc:
-        raise UnskillError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise UnskillError(f"cannot listen on {args.host}:{args.port} ({reason})") from None
 
 
 def run(args: argparse.Namespace) -> int:

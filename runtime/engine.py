@@ -75,7 +75,9 @@ class BatchEngine:
         self._past: dict[str, ort.OrtValue] = {}
         self._mask = np.zeros((0, 0), dtype=np.int64)
         self._guard_outputs = generator.guard.output_names if generator.guard else []
-        self.steps = 0   # decode steps run (each shared by every active row)
+        self.steps = 0        # decode steps run (each shared by every active row)
+        self.row_steps = 0    # rows summed over decode steps: row_steps / steps = mean batch size
+        self.prefills = 0
         self.share_prefix = share_prefix
         self._prefixes: dict[bool, tuple[list[int], dict[str, ort.OrtValue]]] = {}   # chat flag -> ids, cache
 
@@ -122,6 +124,10 @@ class BatchEngine:
     def load(self) -> dict:
         return {"active": len(self._rows), "waiting": len(self._pending), "max_batch": self.max_batch}
 
+    @property
+    def counters(self) -> dict:
+        return {"steps": self.steps, "row_steps": self.row_steps, "prefills": self.prefills}
+
     # ---- the engine thread ----
     def _loop(self) -> None:
         while True:
@@ -157,6 +163,7 @@ class BatchEngine:
         mask = np.ones((1, len(request.ids)), dtype=np.int64)
         ids = np.array([request.ids[skip:]], dtype=np.int64)
         logits, past, keys = self.model.forward(ids, mask, start, self._guard_outputs)
+        self.prefills += 1
         budget = min(params.max_new_tokens, self.model.manifest.max_context - len(request.ids))
         active = _Active(request, _Row(request.prompt, len(request.ids)),
                          TextStream(gen, params.stop, request.hold_tokens),
@@ -185,6 +192,7 @@ class BatchEngine:
         self._mask = np.concatenate([self._mask, np.ones((len(self._rows), 1), dtype=np.int64)], axis=1)
         logits, self._past, keys = self.model.forward(input_ids, self._mask, self._past, self._guard_outputs)
         self.steps += 1
+        self.row_steps += len(self._rows)
         hits = self.generator.check_guard(keys, len(self._rows))
         for i, active in enumerate(self._rows):
             active.step += 1

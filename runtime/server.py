@@ -12,6 +12,7 @@ Needs the `serve` extra (FastAPI + uvicorn); the rest of the runtime does not im
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import threading
@@ -134,15 +135,13 @@ def build_app(engine: BatchEngine, model_name: str, api_key: str | None = None,
               limits: ServeLimits = ServeLimits()) -> FastAPI:
     generator = engine.generator
     context = min(limits.context or generator.model.manifest.max_context, generator.model.manifest.max_context)
-    app = FastAPI(title="unskill", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.on_event("startup")
-    async def _start():
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
         engine.start()
-
-    @app.on_event("shutdown")
-    async def _stop():
+        yield
         await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="unskill", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -150,7 +149,7 @@ def build_app(engine: BatchEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **engine.load}
+        return {"status": "ok", "model": model_name, **engine.load, **engine.counters}
 
     @app.get("/v1/models")
     async def models():

@@ -56,6 +56,35 @@ def test_stream_pieces_join_to_generated_text(tiny_export):
     assert streamed == generator.generate([PROMPTS[0]], greedy(15, chat=True))[0].text
 
 
+def test_stream_events_hold_back_and_refuse_without_partial_text(tiny_export, llama_stats):
+    _, onnx_dir = tiny_export("llama")
+    generator = load(onnx_dir, device="cpu")
+    events = list(generator.stream(PROMPTS[1], GenerationParams(max_new_tokens=8, chat=True, ignore_eos=True),
+                                   hold_tokens=5))
+    assert events[0].completion_tokens >= 6 and events[-1].finish_reason == "length"   # nothing before 5 passed
+    assert events[-1].completion_tokens == 8 and all(e.finish_reason is None for e in events[:-1])
+    guarded = load(onnx_dir, stats=[llama_stats[1]], device="cpu")
+    refused = list(guarded.stream("How many apples are left if Tom eats 3 of his 12 apples?", greedy(8, chat=True),
+                                  hold_tokens=4))
+    assert [(e.text, e.finish_reason, e.abstained, e.skill) for e in refused] == [
+        (guarded.abstain_message, "abstain", True, "probe")]
+
+
+def test_chat_messages_go_through_the_template(tiny_export):
+    _, onnx_dir = tiny_export("llama")
+    generator = load(onnx_dir, device="cpu")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a python function"},
+            {"role": "assistant", "content": "def f():"}, {"role": "user", "content": "The capital of France is"}]
+    rendered = generator.tokenizer.render(chat)
+    assert rendered == "<|user|>Be brief.</s><|user|>Write a python function</s><|user|>def f():</s>" \
+                       "<|user|>The capital of France is</s><|assistant|>"
+    as_text = generator.generate([rendered], greedy(6))[0]
+    assert generator.generate([chat], greedy(6, chat=True))[0].token_ids == as_text.token_ids
+    for bad in ([], [{"role": "user"}], [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]):
+        with pytest.raises(UnskillError):
+            generator.generate([bad], greedy(2, chat=True))
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_export):
     _, onnx_dir = tiny_export("llama")
     generator = load(onnx_dir, device="cpu")

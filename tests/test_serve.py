@@ -23,7 +23,7 @@ def tiny_server(tiny_export, llama_stats):
     """The tiny llama guarded by the apple stats, batch of 4, an API key; (base_url, engine)."""
     _, onnx_dir = tiny_export("llama")
     engine = BatchEngine(load(onnx_dir, stats=[llama_stats[1]], device="cpu"), max_batch=4)
-    app = build_app(engine, "tiny", KEY, ServeLimits(max_body_bytes=4096, max_tokens=64, hold_tokens=4))
+    app = build_app(engine, "tiny", KEY, ServeLimits(max_body_bytes=4096, max_tokens=64, context=96, hold_tokens=4))
     server, port = serve_in_thread(app)
     yield f"http://127.0.0.1:{port}/v1", engine
     server.should_exit = True
@@ -99,6 +99,9 @@ def test_wrong_or_missing_key_is_401(tiny_server):
     (json.dumps({"messages": [{"role": "user", "content": "  "}]}).encode(), 400, "empty prompt"),
     (json.dumps({"messages": [{"role": "assistant", "content": "x"}]}).encode(), 400, "last message"),
     (json.dumps({"messages": [{"role": "user", "content": "apples " * 1000}]}).encode(), 413, "over 4096 bytes"),
+    (json.dumps({"messages": [{"role": "user", "content": "apples " * 120}]}).encode(), 400, "context is 96"),
+    (json.dumps({"messages": [{"role": "user", "content": "apples " * 45}], "max_tokens": 60}).encode(), 400,
+     "over this server's context of 96"),
     (json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "not found"),
 ])
 def test_bad_requests_get_a_clear_4xx(tiny_server, body, status, message):
@@ -159,3 +162,19 @@ def test_smollm2_server_refuses_math_and_answers_code(smollm2_export, smollm2_ma
             client(f"http://127.0.0.1:{port}/v1", key="nope").chat.completions.create(model="smollm2", messages=code)
     finally:
         server.should_exit = True
+
+
+def test_serve_cli_refuses_bad_options_before_loading(tmp_path, capsys):
+    import socket
+
+    from unskill.cli import main as unskill
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        cases = [(["--port", "70000"], "--port must be in 0..65535"), (["--max-batch", "0"], "--max-batch must be >= 1"),
+                 (["--hold-tokens", "-2"], "--hold-tokens"), (["--port", str(port)], "Address already in use"),
+                 (["--port", "0"], "no manifest")]
+        for extra, message in cases:
+            assert unskill(["serve", "--model", str(tmp_path), *extra]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
