@@ -156,10 +156,12 @@ NA_SHARED = "/unskill/na/"
 MODULUS = NA_SHARED + "modulus"
 
 
-def _hash_nodes(p: str, position_hash: str, layer: int, neurons: np.ndarray) -> tuple[list, list, str]:
-    """Nodes computing na_hash_uniform from the shared (B, S, 1) position hash; returns (nodes, inits, noise)."""
-    n = helper.make_node
-    inits = [numpy_helper.from_array(_neuron_keys(layer, neurons), p + "neuron_keys"),
+def _hash_nodes(position_hash: str, neuron_keys: np.ndarray) -> tuple[list, list, str]:
+    """Nodes computing the noise of every adjusted column of every layer at once from the shared (B, S, 1)
+    position hash and the concatenated (layer, neuron) keys: one block per graph, each layer slices its own
+    columns (a block per layer would add ~20 nodes per layer to every decode step)."""
+    p, n = NA_SHARED, helper.make_node
+    inits = [numpy_helper.from_array(neuron_keys.astype(np.int64), p + "neuron_keys"),
              numpy_helper.from_array(np.array(1 << (31 - UNIFORM_BITS), np.int64), p + "drop"),
              numpy_helper.from_array(np.array(2.0 ** -UNIFORM_BITS, np.float32), p + "scale")]
     nodes = [n("Add", [position_hash, p + "neuron_keys"], [p + "cell_in"]),
@@ -213,7 +215,7 @@ def _rule_nodes(p: str, x: str, uniform: str, c: dict[str, str]) -> list:
 
 
 def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[str, np.ndarray], form: str,
-                 position_hash: str | None = None, neurons: np.ndarray | None = None):
+                 noise_columns: tuple[int, int] | None = None):
     """Nodes computing the adjusted pre-activation of one layer; returns (nodes, initializers, output, input).
     masked: the rule over the whole layer (unselected neurons have c = -1e30, so never change).
     gather: Gather the selected columns, apply the rule to them only, ScatterElements them back."""
@@ -231,10 +233,11 @@ def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[st
         nodes.append(n("Gather", [graph_input, c["columns"]], [uniform], axis=-1))
     elif graph_input:
         uniform = graph_input
-    elif noise == "hash":
-        hash_nodes, hash_inits, uniform = _hash_nodes(p, position_hash, layer, neurons)
-        nodes += hash_nodes
-        inits += hash_inits
+    elif noise == "hash":   # this layer's columns of the shared noise block
+        uniform = p + "uniform"
+        inits += [numpy_helper.from_array(np.array([bound], np.int64), p + name)
+                  for name, bound in zip(("noise_start", "noise_end", "noise_axis"), (*noise_columns, -1))]
+        nodes.append(n("Slice", [NA_SHARED + "uniform", p + "noise_start", p + "noise_end", p + "noise_axis"], [uniform]))
     else:
         uniform = p + "uniform"
         nodes.append(n("RandomUniformLike", [x], [uniform], dtype=TensorProto.FLOAT, low=0.0, high=1.0,
@@ -257,7 +260,7 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
         raise UnskillError(f"NA form {form!r}: use one of {FORMS}")
     graph = model.graph
     noise_inputs, blocks = [], {}
-    position_nodes, position_inits, position_hash = position_hash_nodes(graph, seed) if noise == "hash" else ([], [], None)
+    neuron_keys = []   # hash mode: (layer, neuron) keys of every adjusted column, in the order layers slice them
     for layer, preact in enumerate(preacts):
         columns = np.asarray(kept[layer]) if kept is not None else slice(None)
         selected = params.selected[layer][columns]
@@ -269,9 +272,11 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
         consts["half"] = np.array(0.5, np.float32)
         if form == "gather":
             consts["columns"] = np.flatnonzero(selected).astype(np.int64)
-        neurons = np.asarray(kept[layer]) if kept is not None else np.arange(len(selected))
-        nodes, inits, adjusted, graph_input = _layer_nodes(layer, preact, noise, seed, consts, form, position_hash,
-                                                           neurons[picked])
+        neurons = (np.asarray(kept[layer]) if kept is not None else np.arange(len(selected)))[picked]
+        start = sum(len(k) for k in neuron_keys)
+        neuron_keys.append(_neuron_keys(layer, neurons))
+        nodes, inits, adjusted, graph_input = _layer_nodes(layer, preact, noise, seed, consts, form,
+                                                           (start, start + len(neurons)))
         for node in graph.node:
             if node.name.startswith("/unskill/preact."):
                 continue
@@ -284,9 +289,11 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
             graph.input.append(helper.make_tensor_value_info(graph_input, TensorProto.FLOAT,
                                                              ["batch_size", "sequence_length", len(selected)]))
             noise_inputs.append(graph_input)
-    if blocks and position_nodes:   # the position hash is computed once, first: it depends on graph inputs only
-        graph.initializer.extend(position_inits)
-        ordered = [*position_nodes, *graph.node]
+    if blocks and noise == "hash":   # the noise block comes first: it depends on graph inputs only
+        position_nodes, shared_inits, position_hash = position_hash_nodes(graph, seed)
+        cell_nodes, cell_inits, _ = _hash_nodes(position_hash, np.concatenate(neuron_keys))
+        graph.initializer.extend(shared_inits + cell_inits)
+        ordered = [*position_nodes, *cell_nodes, *graph.node]
         del graph.node[:]
         graph.node.extend(ordered)
     _insert_after_producers(graph, blocks)
