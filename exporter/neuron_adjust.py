@@ -157,9 +157,10 @@ MODULUS = NA_SHARED + "modulus"
 
 
 def _hash_nodes(position_hash: str, neuron_keys: np.ndarray) -> tuple[list, list, str]:
-    """Nodes computing the noise of every adjusted column of every layer at once from the shared (B, S, 1)
-    position hash and the concatenated (layer, neuron) keys: one block per graph, each layer slices its own
-    columns (a block per layer would add ~20 nodes per layer to every decode step)."""
+    """Nodes computing the noise of every selected neuron of every layer at once from the shared (B, S, 1)
+    position hash and the concatenated (layer, neuron) keys: one block per graph, each layer gathers its own
+    columns (a block per layer would add ~20 nodes per layer to every decode step, and hashing whole layers
+    would cost prefill time on columns whose draw never matters)."""
     p, n = NA_SHARED, helper.make_node
     inits = [numpy_helper.from_array(neuron_keys.astype(np.int64), p + "neuron_keys"),
              numpy_helper.from_array(np.array(1 << (31 - UNIFORM_BITS), np.int64), p + "drop"),
@@ -215,7 +216,7 @@ def _rule_nodes(p: str, x: str, uniform: str, c: dict[str, str]) -> list:
 
 
 def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[str, np.ndarray], form: str,
-                 noise_columns: tuple[int, int] | None = None):
+                 noise_index: np.ndarray | None = None):
     """Nodes computing the adjusted pre-activation of one layer; returns (nodes, initializers, output, input).
     masked: the rule over the whole layer (unselected neurons have c = -1e30, so never change).
     gather: Gather the selected columns, apply the rule to them only, ScatterElements them back."""
@@ -235,9 +236,8 @@ def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[st
         uniform = graph_input
     elif noise == "hash":   # this layer's columns of the shared noise block
         uniform = p + "uniform"
-        inits += [numpy_helper.from_array(np.array([bound], np.int64), p + name)
-                  for name, bound in zip(("noise_start", "noise_end", "noise_axis"), (*noise_columns, -1))]
-        nodes.append(n("Slice", [NA_SHARED + "uniform", p + "noise_start", p + "noise_end", p + "noise_axis"], [uniform]))
+        inits.append(numpy_helper.from_array(noise_index, p + "noise_index"))
+        nodes.append(n("Gather", [NA_SHARED + "uniform", p + "noise_index"], [uniform], axis=-1))
     else:
         uniform = p + "uniform"
         nodes.append(n("RandomUniformLike", [x], [uniform], dtype=TensorProto.FLOAT, low=0.0, high=1.0,
@@ -272,11 +272,16 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
         consts["half"] = np.array(0.5, np.float32)
         if form == "gather":
             consts["columns"] = np.flatnonzero(selected).astype(np.int64)
-        neurons = (np.asarray(kept[layer]) if kept is not None else np.arange(len(selected)))[picked]
+        # Hash noise is drawn for the selected columns only; in the masked form the others read any column of
+        # the block (index 0 of this layer's): c = -1e30 there, so the draw never matters.
+        chosen = np.flatnonzero(selected)
+        neurons = np.asarray(kept[layer])[chosen] if kept is not None else chosen
         start = sum(len(k) for k in neuron_keys)
         neuron_keys.append(_neuron_keys(layer, neurons))
+        noise_index = np.full(len(selected), start, np.int64)
+        noise_index[chosen] = start + np.arange(len(chosen))
         nodes, inits, adjusted, graph_input = _layer_nodes(layer, preact, noise, seed, consts, form,
-                                                           (start, start + len(neurons)))
+                                                           noise_index[picked])
         for node in graph.node:
             if node.name.startswith("/unskill/preact."):
                 continue
