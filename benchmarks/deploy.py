@@ -1,6 +1,7 @@
 """Decode speed of a full export against its deploy folder (`unskill edit slim`), in the unskill runtime and in
-optimum's ORTModelForCausalLM loading each folder as it is; one process per (engine, folder), same prompt,
-greedy, EOS masked, token ids compared.
+optimum's ORTModelForCausalLM loading each folder as it is; one process per engine holding both folders, runs
+interleaved (full, deploy, full, deploy, ...) so drift in machine load hits both alike; same prompt, greedy,
+EOS masked, token ids compared.
 
     python benchmarks/deploy.py out/smollm2 out/smollm2-deploy --new-tokens 128 --runs 3 --out deploy.json
 
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from decode import PROMPT, measure
+from decode import PROMPT, timed
 
 from unskill.runtime import GenerationParams, load
 
@@ -44,6 +45,27 @@ def engine(name: str, folder: Path):
     return generate
 
 
+def interleaved(generators: dict, new_tokens: int, runs: int) -> dict:
+    """TTFT = a 1-token generate, decode tok/s = (N - 1) / (T_N - TTFT), medians over runs, folders alternating."""
+    import statistics
+
+    samples = {label: {"ttft": [], "total": []} for label in generators}
+    ids = {}
+    for generate in generators.values():
+        generate(4)   # warm-up: session start, arenas, caches
+    for _ in range(runs):
+        for label, generate in generators.items():
+            samples[label]["ttft"].append(timed(lambda: generate(1))[0])
+            total, ids[label] = timed(lambda: generate(new_tokens))
+            samples[label]["total"].append(total)
+    result = {}
+    for label, sample in samples.items():
+        ttft, total = statistics.median(sample["ttft"]), statistics.median(sample["total"])
+        result[label] = {"ttft_s": ttft, "decode_tok_s": (new_tokens - 1) / max(total - ttft, 1e-9),
+                         "ids": [int(i) for i in ids[label]]}
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("full", type=Path, help="folder written by `unskill export` / `unskill edit`")
@@ -52,34 +74,36 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--engines", default="unskill,optimum")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = measure(engine(args.child[0], Path(args.child[1])), args.new_tokens, args.runs)
+        generators = {"full": engine(args.child, args.full), "deploy": engine(args.child, args.deploy)}
+        result = interleaved(generators, args.new_tokens, args.runs)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return 0
     results = {}
     for name in args.engines.split(","):
-        for label, folder in (("full", args.full), ("deploy", args.deploy)):
-            cmd = [sys.executable, __file__, str(args.full), str(args.deploy), "--new-tokens", str(args.new_tokens),
-                   "--runs", str(args.runs), "--child", name, str(folder)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-            if done.returncode != 0:
-                print(f"{name} {label} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-                continue
-            results[f"{name} {label}"] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"{name} {label}: {results[f'{name} {label}']['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+        cmd = [sys.executable, __file__, str(args.full), str(args.deploy), "--new-tokens", str(args.new_tokens),
+               "--runs", str(args.runs), "--child", name]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if done.returncode != 0:
+            print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        child = json.loads(done.stdout.strip().splitlines()[-1])
+        for label in ("full", "deploy"):
+            results[f"{name} {label}"] = child[label]
+            print(f"{name} {label}: {child[label]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     base = results.get("unskill full")
-    print(f"\n{args.new_tokens} new tokens, greedy, median of {args.runs}\n")
-    print("| engine | folder | decode tok/s | vs unskill full | TTFT s | peak RSS MB | ids match |")
+    print(f"\n{args.new_tokens} new tokens, greedy, median of {args.runs} interleaved runs\n")
+    print("| engine | folder | decode tok/s | vs same engine, full | vs unskill full | TTFT s | ids match |")
     print("|---|---|---|---|---|---|---|")
     for key, r in results.items():
         name, label = key.split()
-        ratio = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+        own = results.get(f"{name} full")
         same = base is not None and r["ids"] == base["ids"]
-        print(f"| {name} | {label} | {r['decode_tok_s']:.1f} | {ratio:.2f}x | {r['ttft_s']:.3f} | "
-              f"{r['peak_rss_mb']:.0f} | {same} |")
+        print(f"| {name} | {label} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / own['decode_tok_s']:.2f}x | "
+              f"{r['decode_tok_s'] / base['decode_tok_s'] if base else float('nan'):.2f}x | {r['ttft_s']:.3f} | {same} |")
     if args.out:
         summary = {"results": {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in results.items()},
                    "new_tokens": args.new_tokens, "runs": args.runs, "full": str(args.full),

@@ -39,10 +39,10 @@ def _with_target(args: argparse.Namespace, build):
 
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".unskill-full-", dir=out.resolve().parent) as scratch:
-        manifest = build(Path(scratch) / "full")
+        build(Path(scratch) / "full")
         deployed = slim(Path(scratch) / "full", out, guard=not args.no_guard)
         shutil.rmtree(Path(scratch) / "full")
-    return manifest if manifest is not None else deployed   # the full model's edit, for the summary line
+    return deployed
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,7 +104,7 @@ def run_na(args: argparse.Namespace) -> int:
 
     manifest = _with_target(args, lambda out: neuron_adjust(args.model, args.stats, args.ratio, out, args.noise,
                                                             args.seed, args.form))
-    edit = manifest.edits[-1]
+    edit = next(e for e in reversed(manifest.edits) if e["method"] == "na")
     print(f"NA on {edit['selected']} neurons ({args.ratio:.2%}) -> {args.out}")
     return 0
 
@@ -114,7 +114,8 @@ def run_prune(args: argparse.Namespace) -> int:
 
     manifest = _with_target(args, lambda out: prune(args.model, args.stats, args.ratio, out, args.steps, args.scorer,
                                                     args.data_dir, not args.no_progress))
-    print(f"pruned {manifest.edits[-1]['removed']} neurons ({args.ratio:.2%}, {args.steps} step(s)) -> {args.out}")
+    edit = next(e for e in reversed(manifest.edits) if e["method"] == "prune")
+    print(f"pruned {edit['removed']} neurons ({args.ratio:.2%}, {args.steps} step(s)) -> {args.out}")
     return 0
 
 

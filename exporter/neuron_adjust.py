@@ -30,11 +30,12 @@ from unskill.runtime.statsfile import StatsFile
 SIGMA_FLOOR = 1e-5
 NOISE_MODES = ("hash", "session", "input")
 HASH_MODULUS = 1 << 31
-# The hash's steps on [0, 2^31): multiply by an odd constant, "shift" adds x // 2^k (an xorshift made of
+# The hash's steps on [0, 2^31) (HASH_ROUND for the position, then CELL_ROUND per layer and neuron): multiply by an odd constant, "shift" adds x // 2^k (an xorshift made of
 # the arithmetic every ONNX opset has), "square" adds the top bits of x*x (the nonlinearity: without it
 # (row, neuron) draws keep an additive structure). Every product stays below 2^62: no int64 overflow.
 HASH_ROUND = (("mul", 0x045D9F3B), ("shift", 16), ("square", 0), ("mul", 0x2C1B3C6D), ("shift", 13), ("square", 0),
               ("mul", 0x297A2D39), ("shift", 15))
+CELL_ROUND = (("mul", 0x045D9F3B), ("shift", 16), ("square", 0), ("mul", 0x2C1B3C6D), ("shift", 15))
 UNIFORM_BITS = 24   # floats k / 2^24 are exact in float32
 FORMS = ("masked", "gather")
 
@@ -102,8 +103,8 @@ def na_reference(v: np.ndarray, mu_f, sd_f, mu_r, sd_r, selected, uniform: np.nd
     return np.where(replace, k["m"] - v * k["s"], v).astype(np.float32)
 
 
-def _mix_numpy(x: np.ndarray) -> np.ndarray:
-    for op, value in HASH_ROUND:
+def _mix_numpy(x: np.ndarray, steps=HASH_ROUND) -> np.ndarray:
+    for op, value in steps:
         if op == "mul":
             x = x * value
         elif op == "shift":
@@ -114,26 +115,28 @@ def _mix_numpy(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _layer_key(seed: int, layer: int) -> int:
-    return int(_mix_numpy(np.int64((seed * 1000003 + layer) % HASH_MODULUS)))
+def _position_hash(seed: int, positions: np.ndarray) -> np.ndarray:
+    seed_key = int(_mix_numpy(np.int64(seed * 1000003 % HASH_MODULUS)))
+    return _mix_numpy((np.asarray(positions, np.int64) + seed_key) % HASH_MODULUS)
 
 
-def _neuron_keys(neurons: np.ndarray) -> np.ndarray:
-    return _mix_numpy(np.asarray(neurons, np.int64) + 0x9E3779B)
+def _neuron_keys(layer: int, neurons: np.ndarray) -> np.ndarray:
+    return _mix_numpy((np.asarray(neurons, np.int64) + (layer << 16) + 0x9E3779B) % HASH_MODULUS)
 
 
 def na_hash_uniform(seed: int, layer: int, positions: np.ndarray, neurons: np.ndarray) -> np.ndarray:
     """The "hash" noise: positions (B, S) int, neurons (F,) original neuron indices -> (B, S, F) float32
-    uniform in [0, 1), identical to what the graph computes."""
-    row = _mix_numpy((np.asarray(positions, np.int64) + _layer_key(seed, layer)) % HASH_MODULUS)
-    cell = _mix_numpy((row[..., None] + _neuron_keys(neurons)) % HASH_MODULUS)
-    return ((cell // (1 << (31 - UNIFORM_BITS))).astype(np.float32) * np.float32(2.0 ** -UNIFORM_BITS))
+    uniform in [0, 1), identical to what the graph computes. Both halves are fully mixed (the position's
+    once per graph, the (layer, neuron) keys as constants); a short mix of their sum is all a layer runs."""
+    cell = (_position_hash(seed, positions)[..., None] + _neuron_keys(layer, neurons)) % HASH_MODULUS
+    cell = _mix_numpy(cell, CELL_ROUND)
+    return (cell // (1 << (31 - UNIFORM_BITS))).astype(np.float32) * np.float32(2.0 ** -UNIFORM_BITS)
 
 
-def _mix_nodes(p: str, x: str, modulus: str, inits: list) -> tuple[list, str]:
+def _mix_nodes(p: str, x: str, modulus: str, inits: list, steps=HASH_ROUND) -> tuple[list, str]:
     n = helper.make_node
     nodes = []
-    for step, (op, value) in enumerate(HASH_ROUND):
+    for step, (op, value) in enumerate(steps):
         name = f"{p}h{step}"
         if op == "mul":
             inits.append(numpy_helper.from_array(np.array(value, np.int64), name + "_c"))
@@ -149,47 +152,54 @@ def _mix_nodes(p: str, x: str, modulus: str, inits: list) -> tuple[list, str]:
     return nodes, x
 
 
-def _hash_nodes(p: str, positions: str, seed: int, layer: int, neurons: np.ndarray) -> tuple[list, list, str]:
-    """Nodes computing na_hash_uniform from the (B, S) int64 positions tensor; returns (nodes, inits, noise)."""
-    n = helper.make_node
-    inits = [numpy_helper.from_array(np.array(HASH_MODULUS, np.int64), p + "modulus"),
-             numpy_helper.from_array(np.array(_layer_key(seed, layer), np.int64), p + "layer_key"),
-             numpy_helper.from_array(_neuron_keys(neurons), p + "neuron_keys"),
-             numpy_helper.from_array(np.array([-1], np.int64), p + "last_axis"),
+NA_SHARED = "/unskill/na/"
+MODULUS = NA_SHARED + "modulus"
+
+
+def _hash_nodes(position_hash: str, neuron_keys: np.ndarray) -> tuple[list, list, str]:
+    """Nodes computing the noise of every selected neuron of every layer at once from the shared (B, S, 1)
+    position hash and the concatenated (layer, neuron) keys: one block per graph, each layer gathers its own
+    columns (a block per layer would add ~20 nodes per layer to every decode step, and hashing whole layers
+    would cost prefill time on columns whose draw never matters)."""
+    p, n = NA_SHARED, helper.make_node
+    inits = [numpy_helper.from_array(neuron_keys.astype(np.int64), p + "neuron_keys"),
              numpy_helper.from_array(np.array(1 << (31 - UNIFORM_BITS), np.int64), p + "drop"),
              numpy_helper.from_array(np.array(2.0 ** -UNIFORM_BITS, np.float32), p + "scale")]
-    nodes = [n("Add", [positions, p + "layer_key"], [p + "row_in"]), n("Mod", [p + "row_in", p + "modulus"], [p + "row0"])]
-    mixed, row = _mix_nodes(p + "row/", p + "row0", p + "modulus", inits)
-    nodes += mixed
-    nodes += [n("Unsqueeze", [row, p + "last_axis"], [p + "row_col"]),
-              n("Add", [p + "row_col", p + "neuron_keys"], [p + "cell_in"]),
-              n("Mod", [p + "cell_in", p + "modulus"], [p + "cell0"])]
-    mixed, cell = _mix_nodes(p + "cell/", p + "cell0", p + "modulus", inits)
+    nodes = [n("Add", [position_hash, p + "neuron_keys"], [p + "cell_in"]),
+             n("Mod", [p + "cell_in", MODULUS], [p + "cell0"])]
+    mixed, cell = _mix_nodes(p + "cell/", p + "cell0", MODULUS, inits, CELL_ROUND)
     nodes += mixed
     nodes += [n("Div", [cell, p + "drop"], [p + "bits"]), n("Cast", [p + "bits"], [p + "bits_f"], to=TensorProto.FLOAT),
               n("Mul", [p + "bits_f", p + "scale"], [p + "uniform"])]
     return nodes, inits, p + "uniform"
 
 
-def position_tensor(graph: onnx.GraphProto) -> tuple[list, list, str]:
-    """(nodes, initializers, name) of the (B, S) int64 token positions of the current call: the
-    `position_ids` input, else cumsum(attention_mask) - 1 over the last S columns (as the runtime feeds)."""
-    names = {i.name for i in graph.input}
-    if "position_ids" in names:
-        return [], [], "position_ids"
-    p = "/unskill/na/"
-    n = helper.make_node
-    inits = [numpy_helper.from_array(np.array(1, np.int64), p + "one"),
-             numpy_helper.from_array(np.array([1], np.int64), p + "axis1"),
-             numpy_helper.from_array(np.array([0], np.int64), p + "zero1"),
-             numpy_helper.from_array(np.array([1 << 62], np.int64), p + "end")]
-    nodes = [n("CumSum", ["attention_mask", p + "one"], [p + "count"]), n("Sub", [p + "count", p + "one"], [p + "pos_all"]),
-             n("Shape", ["input_ids"], [p + "ids_shape"]),
-             n("Slice", [p + "ids_shape", p + "axis1", p + "end"], [p + "seq_len"]),
-             n("Neg", [p + "seq_len"], [p + "start"]),
-             n("Slice", [p + "pos_all", p + "start", p + "end", p + "axis1"], [p + "pos_raw"]),
-             n("Relu", [p + "pos_raw"], [p + "positions"])]
-    return nodes, inits, p + "positions"
+def position_hash_nodes(graph: onnx.GraphProto, seed: int) -> tuple[list, list, str]:
+    """(nodes, initializers, name) of the (B, S, 1) hash of (seed, token position), computed once per graph.
+    The position is the `position_ids` input, else cumsum(attention_mask) - 1 over the last S columns
+    (what the runtime feeds)."""
+    p, n = NA_SHARED, helper.make_node
+    seed_key = int(_mix_numpy(np.int64(seed * 1000003 % HASH_MODULUS)))
+    inits = [numpy_helper.from_array(np.array(HASH_MODULUS, np.int64), MODULUS),
+             numpy_helper.from_array(np.array(seed_key, np.int64), p + "seed_key"),
+             numpy_helper.from_array(np.array([-1], np.int64), p + "last_axis")]
+    nodes, positions = [], "position_ids"
+    if "position_ids" not in {i.name for i in graph.input}:
+        inits += [numpy_helper.from_array(np.array(1, np.int64), p + "one"),
+                  numpy_helper.from_array(np.array([1], np.int64), p + "axis1"),
+                  numpy_helper.from_array(np.array([1 << 62], np.int64), p + "end")]
+        nodes += [n("CumSum", ["attention_mask", p + "one"], [p + "count"]),
+                  n("Sub", [p + "count", p + "one"], [p + "pos_all"]),
+                  n("Shape", ["input_ids"], [p + "ids_shape"]),
+                  n("Slice", [p + "ids_shape", p + "axis1", p + "end"], [p + "seq_len"]),
+                  n("Neg", [p + "seq_len"], [p + "start"]),
+                  n("Slice", [p + "pos_all", p + "start", p + "end", p + "axis1"], [p + "pos_raw"]),
+                  n("Relu", [p + "pos_raw"], [p + "positions"])]
+        positions = p + "positions"
+    nodes += [n("Add", [positions, p + "seed_key"], [p + "row_in"]), n("Mod", [p + "row_in", MODULUS], [p + "row0"])]
+    mixed, row = _mix_nodes(p + "row/", p + "row0", MODULUS, inits)
+    nodes += mixed + [n("Unsqueeze", [row, p + "last_axis"], [p + "position_hash"])]
+    return nodes, inits, p + "position_hash"
 
 
 def _rule_nodes(p: str, x: str, uniform: str, c: dict[str, str]) -> list:
@@ -206,7 +216,7 @@ def _rule_nodes(p: str, x: str, uniform: str, c: dict[str, str]) -> list:
 
 
 def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[str, np.ndarray], form: str,
-                 positions: str | None = None, neurons: np.ndarray | None = None):
+                 noise_index: np.ndarray | None = None):
     """Nodes computing the adjusted pre-activation of one layer; returns (nodes, initializers, output, input).
     masked: the rule over the whole layer (unselected neurons have c = -1e30, so never change).
     gather: Gather the selected columns, apply the rule to them only, ScatterElements them back."""
@@ -224,10 +234,10 @@ def _layer_nodes(layer: int, preact: str, noise: str, seed: int, consts: dict[st
         nodes.append(n("Gather", [graph_input, c["columns"]], [uniform], axis=-1))
     elif graph_input:
         uniform = graph_input
-    elif noise == "hash":
-        hash_nodes, hash_inits, uniform = _hash_nodes(p, positions, seed, layer, neurons)
-        nodes += hash_nodes
-        inits += hash_inits
+    elif noise == "hash":   # this layer's columns of the shared noise block
+        uniform = p + "uniform"
+        inits.append(numpy_helper.from_array(noise_index, p + "noise_index"))
+        nodes.append(n("Gather", [NA_SHARED + "uniform", p + "noise_index"], [uniform], axis=-1))
     else:
         uniform = p + "uniform"
         nodes.append(n("RandomUniformLike", [x], [uniform], dtype=TensorProto.FLOAT, low=0.0, high=1.0,
@@ -250,7 +260,7 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
         raise UnskillError(f"NA form {form!r}: use one of {FORMS}")
     graph = model.graph
     noise_inputs, blocks = [], {}
-    position_nodes, position_inits, positions = position_tensor(graph) if noise == "hash" else ([], [], None)
+    neuron_keys = []   # hash mode: (layer, neuron) keys of every adjusted column, in the order layers slice them
     for layer, preact in enumerate(preacts):
         columns = np.asarray(kept[layer]) if kept is not None else slice(None)
         selected = params.selected[layer][columns]
@@ -262,9 +272,16 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
         consts["half"] = np.array(0.5, np.float32)
         if form == "gather":
             consts["columns"] = np.flatnonzero(selected).astype(np.int64)
-        neurons = np.asarray(kept[layer]) if kept is not None else np.arange(len(selected))
-        nodes, inits, adjusted, graph_input = _layer_nodes(layer, preact, noise, seed, consts, form, positions,
-                                                           neurons[picked])
+        # Hash noise is drawn for the selected columns only; in the masked form the others read any column of
+        # the block (index 0 of this layer's): c = -1e30 there, so the draw never matters.
+        chosen = np.flatnonzero(selected)
+        neurons = np.asarray(kept[layer])[chosen] if kept is not None else chosen
+        start = sum(len(k) for k in neuron_keys)
+        neuron_keys.append(_neuron_keys(layer, neurons))
+        noise_index = np.full(len(selected), start, np.int64)
+        noise_index[chosen] = start + np.arange(len(chosen))
+        nodes, inits, adjusted, graph_input = _layer_nodes(layer, preact, noise, seed, consts, form,
+                                                           noise_index[picked])
         for node in graph.node:
             if node.name.startswith("/unskill/preact."):
                 continue
@@ -277,9 +294,11 @@ def insert_na(model: onnx.ModelProto, preacts: list[str], params: NAParams, kept
             graph.input.append(helper.make_tensor_value_info(graph_input, TensorProto.FLOAT,
                                                              ["batch_size", "sequence_length", len(selected)]))
             noise_inputs.append(graph_input)
-    if blocks and position_nodes:   # the positions are computed once, first: they depend on graph inputs only
-        graph.initializer.extend(position_inits)
-        ordered = [*position_nodes, *graph.node]
+    if blocks and noise == "hash":   # the noise block comes first: it depends on graph inputs only
+        position_nodes, shared_inits, position_hash = position_hash_nodes(graph, seed)
+        cell_nodes, cell_inits, _ = _hash_nodes(position_hash, np.concatenate(neuron_keys))
+        graph.initializer.extend(shared_inits + cell_inits)
+        ordered = [*position_nodes, *cell_nodes, *graph.node]
         del graph.node[:]
         graph.node.extend(ordered)
     _insert_after_producers(graph, blocks)

@@ -1,6 +1,6 @@
 """Greedy text of a model folder as other stacks produce it, from the folder's files alone (no unskill code):
 optimum's ORTModelForCausalLM with AutoTokenizer's chat template, and onnxruntime-genai with its own
-tokenizer and chat template. Shared by tests/test_ecosystem.py and benchmarks/deploy.py."""
+tokenizer and chat template (tests/test_ecosystem.py)."""
 
 from __future__ import annotations
 
