@@ -168,6 +168,15 @@ def test_one_key_path_prefill_eval_decode_and_stored_rule(llama, tmp_path):
     assert expected[:8].all() and {r.rule for r in results if r.abstained} == {setting.name}
     # explicit --alpha/--layers override the stored rule with the paper's
     assert KSDGuard([stats], model.manifest, alpha=1.0).detectors[0].rule == "paper"
+    # an export without key_last outputs: one clear error, no fallback path
+    from dataclasses import replace
+    old_manifest = replace(model.manifest, key_last_outputs=[])
+    with pytest.raises(UnskillError, match="re-export"):
+        KSDGuard([stats], old_manifest)
+    old_model = type(model).__new__(type(model))
+    old_model.__dict__.update(model.__dict__, manifest=old_manifest)
+    with pytest.raises(UnskillError, match="re-export"):
+        KeyReader(old_model)
 
 
 def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(llama, tmp_path, data_dir):
