@@ -127,6 +127,7 @@ def rules(args) -> int:
         report[skill] = results
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    Path(args.out).with_suffix(".md").write_text(markdown(report, args.target))
     for skill, results in report.items():
         names = list(next(iter(results.values()))["rates"])
         print(f"\n== forget {skill}\n{'rule':26s} {'calR':>5s} {'calF':>5s} " +
@@ -135,6 +136,23 @@ def rules(args) -> int:
             print(f"{rule:26s} {r['cal_retain']:5.2f} {r['cal_forget']:5.2f} " +
                   " ".join(f"{r['rates'][n]:6.2f}" for n in names) + f"  L={r['layers']}")
     return 0
+
+
+def markdown(report: dict, target: float) -> str:
+    """Refusal rates per rule and set, as a Markdown table per forget skill."""
+    lines = []
+    for skill, results in report.items():
+        names = list(next(iter(results.values()))["rates"])
+        short = [n.split("/")[-1] + ("*" if n.startswith("retain") else "") for n in names]
+        lines += [f"Forget {skill} (fit: 200 train prompts, `augmented`: + 600 framed variants of the first 100; "
+                  f"calibrated at {target:.0%} on the validation/chat/general/MMLU-dev retain prompts; * = retain set, "
+                  "lower is better):", "",
+                  "| rule | layers | " + " | ".join(short) + " |", "|---" * (len(names) + 2) + "|"]
+        for rule, r in results.items():
+            lines.append(f"| {rule.replace('|', ' / ')} | {','.join(map(str, r['layers']))} | " +
+                         " | ".join(f"{r['rates'][n]:.2f}" for n in names) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
