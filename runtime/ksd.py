@@ -144,8 +144,9 @@ class KSDGuard:
 
     def describe(self) -> list[str]:
         """One line per skill: the rule, its layers and thresholds."""
-        return [f"{d.skill}: {d.rule}, layers {[r.layer for r in d.regions]}, "
-                f"{'any' if d.votes == 1 else f'{d.votes} of {len(d.regions)}'}" for d in self.detectors]
+        return [f"{d.skill}: {d.rule}" if d.rule != "paper" else
+                f"{d.skill}: paper, one cube per layer {[r.layer for r in d.regions]}, any refuses"
+                for d in self.detectors]
 
     def check(self, last_keys: dict[str, np.ndarray]) -> list[Hit | None]:
         """last_keys: output name -> (B, F) key at the last position. First hit per row, else None."""
