@@ -40,9 +40,9 @@ class Result:
     abstained: bool = False
     skill: str | None = None
     layer: int | None = None
-    rule: str | None = None             # the KSD rule that fired ("paper" or the stored calibrated rule)
     abstained_at: int | None = None     # 0 = at the prompt, n = after n generated tokens
     forwards: int = 0                   # forward calls this row took part in (= guard checks it got)
+    rule: str | None = None             # the KSD rule that fired ("paper" or the stored calibrated rule)
 
 
 class _Row:
@@ -150,8 +150,8 @@ class Generator:
 
     def _abstain(self, row: _Row, hit: Hit, step: int) -> None:
         row.done = True
-        row.result = Result(row.prompt, self.abstain_message, [], "abstain", True, hit.skill, hit.layer, hit.rule,
-                            step)
+        row.result = Result(row.prompt, self.abstain_message, [], "abstain", True, hit.skill, hit.layer, step,
+                            rule=hit.rule)
 
     def _result(self, row: _Row) -> Result:
         result = row.result or Result(row.prompt, self.tokenizer.decode(row.ids), row.ids, "running")
