@@ -11,6 +11,7 @@ at the last prompt token over the forget probes. The cube is |v - mu| <= r * sig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -84,6 +85,15 @@ def build_cubes(stats: StatsFile, layers: list[int], alpha: float, alpha_mode: s
         cubes.append(Hypercube(stats.skill, layer, mean[layer].astype(np.float32),
                                (radius * std[layer]).astype(np.float32), k))
     return cubes
+
+
+class Guard(Protocol):
+    """What the decode loop calls each step (Generator, and any batching engine built on the same contract):
+    it fetches `output_names` (key_last.{i} outputs) with every forward and passes them, (B, F) each, to
+    `check`, which returns per row the hit that refuses it or None. KSDGuard and eval's recorder implement it."""
+    output_names: list[str]
+
+    def check(self, last_keys: dict[str, np.ndarray]) -> list["Hit | None"]: ...
 
 
 def build_regions(stats: StatsFile, setting: GuardSetting) -> list:
