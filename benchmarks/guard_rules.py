@@ -15,26 +15,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from dataclasses import replace
 
 from decode import PROMPT, decode_rate
+from levers import TimedGuard
 
-from unskill.runtime import Generator, KSDGuard, OnnxLM, TextTokenizer, load_stats
+from unskill.runtime import Generator, OnnxLM, TextTokenizer, load_stats
 from unskill.runtime.statsfile import GuardSetting
-
-
-class TimedGuard(KSDGuard):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seconds, self.calls = 0.0, 0
-
-    def check(self, last_keys):
-        start = time.perf_counter()
-        hits = super().check(last_keys)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        return hits
 
 
 def never(setting: GuardSetting) -> GuardSetting:

@@ -99,8 +99,8 @@ class TimedGuard(KSDGuard):
     """The guard with a stopwatch on its check: the one thing it adds per step (key_last is computed by the
     graph whether fetched or not, and fetching one (B, F) vector is a copy of a few kilobytes)."""
 
-    def __init__(self, stats, manifest, layers=None):
-        super().__init__(stats, manifest, GUARD_ALPHA, layers=layers)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.seconds, self.calls = 0.0, 0
 
     def check(self, last_keys):
@@ -112,7 +112,7 @@ class TimedGuard(KSDGuard):
 
 
 def _guard(stats, manifest, layers=None):
-    return TimedGuard(stats, manifest, layers=layers)
+    return TimedGuard(stats, manifest, GUARD_ALPHA, layers=layers)
 
 
 def ttft(generator: Generator, prompt: str, repeats: int = 3) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 from pathlib import Path
@@ -14,9 +15,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with the KSD guard and batching")
     p.add_argument("--model", required=True, help="directory written by `unskill export`")
     p.add_argument("--stats", action="append", default=[], help="stats .npz of a skill to refuse (repeatable)")
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, help="cube half-width (default: each stats file's stored rule, else 1.0)")
     p.add_argument("--alpha-mode", choices=ALPHA_MODES, default="k")
-    p.add_argument("--layers", default="-1", help="FFL layers to check: comma-separated, or 'all' (default -1)")
+    p.add_argument("--layers", help="FFL layers to check: comma-separated, or 'all' (default: the stored rule's, else -1)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("UNSKILL_API_KEY"),
@@ -44,6 +45,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UnskillError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.context is not None and args.context < 2:
         raise UnskillError(f"--context must be >= 2, got {args.context}")
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise UnskillError(f"--alpha must be a finite number > 0, got {args.alpha}")
     if args.hold_tokens < -1:
         raise UnskillError(f"--hold-tokens must be >= -1, got {args.hold_tokens}")
     if not 0 <= args.port <= 65535:
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from unskill.runtime.manifest import load_manifest
     from unskill.runtime.server import ServeLimits, build_app
 
-    layers = parse_layers(args.layers, load_manifest(args.model).num_layers)
+    # As in ksd-run: without --alpha and --layers each stats file's calibrated rule guards (`unskill calibrate`).
+    layers = parse_layers(args.layers, load_manifest(args.model).num_layers) if args.layers else None
     generator = load(args.model, args.stats, args.alpha, args.alpha_mode, layers, args.device, args.threads,
                      args.abstain_message or ABSTAIN_MESSAGE)
     engine = BatchEngine(generator, args.max_batch, args.max_queue)

@@ -2,8 +2,9 @@
 
 `bypass_sets(forget, data_dir, limit, seed)` returns, per attack family, chat conversations built from HELD-OUT
 test items of the forget skill (GSM8K test, MBPP test) with the hand-written frames of `bypass_items.py`, and
-per retain set, conversations the guard must answer (the other skill's test set, MMLU test, general chat with
-numbers in it). Every choice is drawn from `random.Random(seed)`: the same arguments give the same prompts.
+per retain set, conversations the guard must answer (the other skill's test set, MMLU test without the skill's
+own subjects (stats/augment.py SKILL_SUBJECTS: refusing algebra is no false refusal for a math guard), general
+chat with numbers in it). Every choice is drawn from `random.Random(seed)`: the same arguments give the same prompts.
 Nothing here may be used to fit or calibrate a guard (that is stats/augment.py, tested disjoint).
 
 A conversation is a tuple of (role, text) turns ending in a user turn; single-turn prompts are one turn.
@@ -16,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from unskill.runtime.errors import UnskillError
+from unskill.stats.augment import without_skill_subjects
 from unskill.stats.datasets import Item, load_dataset, sample
 
 from . import bypass_items as B
@@ -138,7 +140,8 @@ def bypass_sets(forget: str, data_dir=None, limit: int = 50, seed: int = 0) -> l
             conversations = [_attack(family, item, forget, items, rng) for item in items]
         sets.append(BypassSet(family, "attack", conversations))
     other = sample(load_dataset(RETAIN_OF[forget], data_dir), limit, seed).items
-    mmlu = sample(load_dataset("mmlu:test", data_dir), limit, seed).items
+    kind = {"gsm8k": "math", "mbpp": "code"}[forget]
+    mmlu = sample(without_skill_subjects(load_dataset("mmlu:test", data_dir), kind), limit, seed).items
     chat = random.Random(f"{seed}:chat").sample(B.CHAT_WITH_NUMBERS, min(limit, len(B.CHAT_WITH_NUMBERS)))
     sets.append(BypassSet("other-skill", "retain", [_user(i.prompt) for i in other]))
     sets.append(BypassSet("mmlu", "retain", [_user(i.prompt) for i in mmlu]))

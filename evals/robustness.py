@@ -71,7 +71,7 @@ def render(results: list[dict], calibrations: list[dict], default_alpha: float, 
                     continue   # a guard for another skill on this benchmark: not this report's question
                 alpha = _paper_alpha(calibrations, doc.get("source"), skill, default_alpha)
                 rates = set_rates(task, stats_name, alpha)
-                rule = first["rules"].get(stats_name, "none stored")
+                rule = first["rules"].get(stats_name, "none stored").split(": ", 1)[-1]
                 lines += [f"## {source}: forget {task['forget']} ({task_name}, stats {stats_name})", "",
                           f"Paper's rule: one cube, layer {task['layer']}, alpha {alpha:.4g} x k. "
                           f"New default (stored by `unskill calibrate`): {rule}.", "",

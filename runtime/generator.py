@@ -43,10 +43,10 @@ class Result:
     abstained: bool = False
     skill: str | None = None
     layer: int | None = None
-    rule: str | None = None             # the KSD rule that fired ("paper" or the stored calibrated rule)
     abstained_at: int | None = None     # 0 = at the prompt, n = after n generated tokens
     forwards: int = 0                   # forward calls this row took part in (= guard checks it got)
     prompt_tokens: int = 0
+    rule: str | None = None             # the KSD rule that fired ("paper" or the stored calibrated rule)
 
 
 @dataclass
@@ -57,6 +57,7 @@ class Event:
     abstained: bool = False
     skill: str | None = None
     layer: int | None = None
+    rule: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -91,7 +92,8 @@ class TextStream:
                 counts["completion_tokens"] = 0
             delta = text[len(self.shown):] if text.startswith(self.shown) else ""
             self.shown += delta
-            return Event(delta, result.finish_reason, result.abstained, result.skill, result.layer, **counts)
+            return Event(delta, result.finish_reason, result.abstained, result.skill, result.layer, rule=result.rule,
+                         **counts)
         # The guard has passed token n once the forward that fed it was checked: n = len(ids) - 1.
         if self.hold_tokens < 0 or len(row.ids) - 1 < self.hold_tokens:
             return None
@@ -213,8 +215,8 @@ class Generator:
 
     def _abstain(self, row: _Row, hit: Hit, step: int) -> None:
         row.done = True
-        row.result = Result(row.prompt, self.abstain_message, [], "abstain", True, hit.skill, hit.layer, hit.rule,
-                            step)
+        row.result = Result(row.prompt, self.abstain_message, [], "abstain", True, hit.skill, hit.layer, step,
+                            rule=hit.rule)
 
     def _result(self, row: _Row) -> Result:
         result = row.result or Result(row.prompt, self.tokenizer.decode(row.ids), row.ids, "running")

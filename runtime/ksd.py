@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -90,6 +91,15 @@ def build_cubes(stats: StatsFile, layers: list[int], alpha: float, alpha_mode: s
     return cubes
 
 
+class Guard(Protocol):
+    """What the decode loop calls each step (Generator, and any batching engine built on the same contract):
+    it fetches `output_names` (key_last.{i} outputs) with every forward and passes them, (B, F) each, to
+    `check`, which returns per row the hit that refuses it or None. KSDGuard and eval's recorder implement it."""
+    output_names: list[str]
+
+    def check(self, last_keys: dict[str, np.ndarray]) -> list["Hit | None"]: ...
+
+
 def build_regions(stats: StatsFile, setting: GuardSetting) -> list:
     """A stored rule's regions, one per layer: cubes (thresholds in units of the fitted k) or ellipsoids
     (thresholds on the mean squared z-score)."""
@@ -148,8 +158,9 @@ class KSDGuard:
 
     def describe(self) -> list[str]:
         """One line per skill: the rule, its layers and thresholds."""
-        return [f"{d.skill}: {d.rule}, layers {[r.layer for r in d.regions]}, "
-                f"{'any' if d.votes == 1 else f'{d.votes} of {len(d.regions)}'}" for d in self.detectors]
+        return [f"{d.skill}: {d.rule}" if d.rule != "paper" else
+                f"{d.skill}: paper, one cube per layer {[r.layer for r in d.regions]}, any refuses"
+                for d in self.detectors]
 
     def check(self, last_keys: dict[str, np.ndarray]) -> list[Hit | None]:
         """last_keys: output name -> (B, F) key at the last position. First hit per row, else None."""

@@ -266,7 +266,7 @@ class _Shape:
 
     @staticmethod
     def _extra(event: Event) -> dict:
-        return {"abstained": event.abstained, "skill": event.skill, "layer": event.layer}
+        return {"abstained": event.abstained, "skill": event.skill, "layer": event.layer, "rule": event.rule}
 
     @staticmethod
     def _usage(event: Event) -> dict:

@@ -37,6 +37,9 @@ def prompt_sets(data_dir) -> dict[str, list]:
         sets[f"cal/{skill}+aug"] = turns(augment(load_dataset(f"{skill}:validation", data_dir, limit=30), kind, seed=1))
         for part in bypass_sets(skill, data_dir, SETS_LIMIT["bench"], seed=0):
             sets[f"bench/{skill}/{part.side}/{part.name}"] = part.conversations
+    from unskill.stats.augment import without_skill_subjects
+    for kind in ("math", "code"):
+        sets[f"cal/mmlu-{kind}"] = turns(without_skill_subjects(load_dataset("mmlu:dev", data_dir), kind))
     sets["cal/chat"] = turns(chat_dataset())
     sets["cal/general"] = turns(load_dataset("builtin:general", data_dir, limit=60))
     return sets
@@ -52,6 +55,10 @@ def cache(args) -> int:
     outputs = model.manifest.key_last_outputs
     sets = prompt_sets(args.data_dir)
     arrays, started = {}, time.time()
+    if args.only:   # recompute these sets only, keep the others from the existing cache
+        with np.load(args.out) as old:
+            arrays = {name: old[name] for name in old.files}
+        sets = {n: c for n, c in sets.items() if any(n.startswith(prefix) for prefix in args.only)}
     for name, conversations in sets.items():
         sequences = [tokenizer.encode_turns(c) for c in conversations]
         keys = np.empty((len(sequences), len(outputs), model.manifest.key_width), np.float16)
@@ -90,7 +97,9 @@ def rules(args) -> int:
                 fit = np.concatenate([fit, keys[f"fit/{skill}+aug"]])
             stats = stats_of(fit)
             last = fit.shape[1] - 1
-            retain_keys = np.concatenate([keys[f"cal/{other}"], keys["cal/chat"], keys["cal/general"]])
+            kind = {"gsm8k": "math", "mbpp": "code"}[skill]
+            retain_keys = np.concatenate([keys[f"cal/{other}"], keys["cal/chat"], keys["cal/general"],
+                                          keys[f"cal/mmlu-{kind}"]])
             forget_keys = np.concatenate([keys[f"cal/{skill}"], keys[f"cal/{skill}+aug"]])
             plain = len(keys[f"cal/{skill}"])
             retain = {r: layer_scores(retain_keys, stats, r) for r in ("box", "gauss")}
@@ -118,6 +127,7 @@ def rules(args) -> int:
         report[skill] = results
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    Path(args.out).with_suffix(".md").write_text(markdown(report, args.target))
     for skill, results in report.items():
         names = list(next(iter(results.values()))["rates"])
         print(f"\n== forget {skill}\n{'rule':26s} {'calR':>5s} {'calF':>5s} " +
@@ -126,6 +136,23 @@ def rules(args) -> int:
             print(f"{rule:26s} {r['cal_retain']:5.2f} {r['cal_forget']:5.2f} " +
                   " ".join(f"{r['rates'][n]:6.2f}" for n in names) + f"  L={r['layers']}")
     return 0
+
+
+def markdown(report: dict, target: float) -> str:
+    """Refusal rates per rule and set, as a Markdown table per forget skill."""
+    lines = []
+    for skill, results in report.items():
+        names = list(next(iter(results.values()))["rates"])
+        short = [n.split("/")[-1] + ("*" if n.startswith("retain") else "") for n in names]
+        lines += [f"Forget {skill} (fit: 200 train prompts, `augmented`: + 600 framed variants of the first 100; "
+                  f"calibrated at {target:.0%} on the validation/chat/general/MMLU-dev retain prompts; * = retain set, "
+                  "lower is better):", "",
+                  "| rule | layers | " + " | ".join(short) + " |", "|---" * (len(names) + 2) + "|"]
+        for rule, r in results.items():
+            lines.append(f"| {rule.replace('|', ' / ')} | {','.join(map(str, r['layers']))} | " +
+                         " | ".join(f"{r['rates'][n]:.2f}" for n in names) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -137,6 +164,7 @@ def main(argv=None) -> int:
     c.add_argument("--data-dir", default=None)
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--only", nargs="+", help="recompute the sets whose names start with these, keep the rest")
     c.set_defaults(run=cache)
     r = sub.add_parser("rules")
     r.add_argument("--keys", required=True)

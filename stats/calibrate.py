@@ -96,6 +96,7 @@ def _choose(retain_alphas: np.ndarray, forget_alphas: np.ndarray | None, target:
 # stays within the retain target with the highest forget recall wins. Only key statistics and thresholds:
 # nothing is trained.
 
+WIDEN = 1.25        # retain prompts within this factor of a threshold count against a candidate
 AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
 CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
 
@@ -126,7 +127,7 @@ def fires(scores: np.ndarray, layers: list[int], thresholds: list[float], votes:
     return (scores[:, layers] <= np.asarray(thresholds)).sum(axis=1) >= votes
 
 
-def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float, rules=("box", "gauss"),
+def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float, rules=("gauss",),
                 candidates=CANDIDATES):
     """retain: rule -> (n, L) scores of the retain prompts, forget: rule -> (m, L) scores of the forget
     prompts. Returns (GuardSetting, forget recall, retain rate) of the best candidate within the target."""
@@ -144,11 +145,16 @@ def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float
                 continue
             retain_rate = float(fires(retain[rule], layers, thresholds, votes).mean())
             forget_rate = float(fires(forget[rule], layers, thresholds, votes).mean())
-            if retain_rate <= target and (best is None or forget_rate > best[1]):
-                best = (GuardSetting(rule, layers, thresholds, votes), forget_rate, retain_rate)
+            # Forget recall saturates on validation prompts, so candidates are also ranked by how many retain
+            # prompts sit just outside the regions (refused were every threshold WIDEN x larger): unseen
+            # retain prompts land there first.
+            near = float(fires(retain[rule], layers, [t * WIDEN for t in thresholds], votes).mean())
+            merit = forget_rate - near
+            if retain_rate <= target and (best is None or merit > best[3]):
+                best = (GuardSetting(rule, layers, thresholds, votes), forget_rate, retain_rate, merit)
     if best is None:
         raise UnskillError("calibrate: no rule keeps the retain prompts under the target")
-    return best
+    return best[:3]
 
 
 @dataclass

@@ -21,9 +21,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-chat", action="store_true", help="probe raw prompts, without the chat template")
     p.add_argument("--text", action="store_true",
                    help="also keep the forget side's NA/SP statistics without --retain (a shard for --compose)")
-    p.add_argument("--augment", choices=("math", "code"),
-                   help="add framed variants of each forget prompt (wrappers, personas, code requests, noise, "
-                        "other languages; stats/augment.py) to the KSD probes")
+    p.add_argument("--augment", choices=("auto", "math", "code", "none"), default="auto",
+                   help="add framed variants of the first 100 forget prompts (wrappers, personas, code requests, "
+                        "noise, other languages; stats/augment.py) to the KSD probes (auto, the default: math "
+                        "for gsm8k, code for mbpp, none for other datasets)")
     p.add_argument("--merge", nargs="+", metavar="NPZ", help="merge stats shards into --out instead of probing")
     p.add_argument("--compose", nargs="+", metavar="NPZ",
                    help="FORGET.npz RETAIN.npz...: forget's stats, retain side from the others' forget-side "
@@ -97,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
     model = OnnxLM(args.model)
     tokenizer = TextTokenizer(args.model, model.manifest)
     config = ProbeConfig(not args.no_chat, args.batch_size, args.max_text_tokens, not args.no_progress)
-    stats = probe(model, tokenizer, forget, retain, config, args.skill, text=args.text, augment=args.augment)
+    augment = args.augment if args.augment != "auto" else {"gsm8k": "math", "mbpp": "code"}.get(
+        args.forget.split(":")[0])
+    stats = probe(model, tokenizer, forget, retain, config, args.skill, text=args.text,
+                  augment=None if augment == "none" else augment)
     stats.save(Path(args.out))
     groups = ", ".join(f"{g} ({int(m.count[0])} rows/layer)" for g, m in stats.groups.items())
     print(f"wrote {args.out}: {groups}")
@@ -241,6 +245,8 @@ def add_calibrate_parser(subparsers) -> None:
                         "(auto: math for GSM8K/math stats, code for MBPP/code, else none)")
     p.add_argument("--no-chat-retain", action="store_true",
                    help="retain side without the built-in general-chat prompts (on by default)")
+    p.add_argument("--no-mmlu-retain", action="store_true",
+                   help="retain side without MMLU dev (on by default, less the skill's own subjects)")
     p.add_argument("--no-store", action="store_true", help="do not write the chosen rule into the stats file")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int, default=200, help="items per dataset spec part (default 200)")
@@ -295,7 +301,7 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
     """The default: search rules on every layer's key, store the winner in the stats file (atomically)."""
     from unskill.runtime.errors import UnskillError
 
-    from .augment import chat_dataset
+    from .augment import chat_dataset, without_skill_subjects
     from .calibrate import augment_kind, calibrate_rule
     from .datasets import load_dataset
 
@@ -303,9 +309,11 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
         raise UnskillError("unskill calibrate: choosing a rule needs --forget SPEC (validation prompts of the skill)")
     if args.target >= 1 or args.target < 0:
         raise UnskillError(f"--target must be in [0, 1), got {args.target}")
+    kind = augment_kind(stats, forget.name) if args.augment == "auto" else None if args.augment == "none" else args.augment
     retain_sets = [retain] + ([] if args.no_chat_retain else
                               [chat_dataset(), load_dataset("builtin:general", None, min(args.limit, 100))])
-    kind = augment_kind(stats, forget.name) if args.augment == "auto" else None if args.augment == "none" else args.augment
+    if not args.no_mmlu_retain:   # general knowledge, less the skill's own subjects (MMLU dev holds math)
+        retain_sets.append(without_skill_subjects(load_dataset("mmlu:dev", args.data_dir), kind))
     result = calibrate_rule(model, tokenizer, stats, retain_sets, forget, args.target, not args.no_chat, kind,
                             progress=not args.no_progress)
     setting, paper = result.setting, result.paper

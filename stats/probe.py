@@ -31,6 +31,7 @@ class ProbeConfig:
     progress: bool = True
 
 
+AUGMENT_ITEMS = 100   # forget prompts that also get framed variants (x 6 families) with `augment`
 CHUNK = 256   # prompts whose keys (every layer) are held at once in the prompt pass
 
 
@@ -97,12 +98,14 @@ def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Data
           augment: str | None = None) -> StatsFile:
     """KSD stats from the forget prompts; with a retain set, NA and SP stats from both sides as well.
     `text` adds the forget side's NA/SP stats without a retain set (a shard for `compose_stats`).
-    `augment` (math | code) adds framed variants of every forget prompt to the KSD probes (stats/augment.py)."""
+    `augment` (math | code) adds framed variants of the first AUGMENT_ITEMS forget prompts to the KSD probes
+    (stats/augment.py)."""
     from .augment import augment as framed
 
     config = config or ProbeConfig()
     prober = Prober(model, tokenizer, config)
-    probes = Dataset(forget.name, forget.items + framed(forget, augment).items) if augment else forget
+    head = Dataset(forget.name, forget.items[:AUGMENT_ITEMS])
+    probes = Dataset(forget.name, forget.items + framed(head, augment).items) if augment else forget
     groups = {"ksd": prober.prompt_pass(probes)}
     if retain is not None or text:
         groups.update(prober.text_pass(forget, "forget"))

@@ -168,3 +168,56 @@ def test_one_key_path_prefill_eval_decode_and_stored_rule(llama, tmp_path):
     assert expected[:8].all() and {r.rule for r in results if r.abstained} == {setting.name}
     # explicit --alpha/--layers override the stored rule with the paper's
     assert KSDGuard([stats], model.manifest, alpha=1.0).detectors[0].rule == "paper"
+    # an export without key_last outputs: one clear error, no fallback path
+    from dataclasses import replace
+    old_manifest = replace(model.manifest, key_last_outputs=[])
+    with pytest.raises(UnskillError, match="re-export"):
+        KSDGuard([stats], old_manifest)
+    old_model = type(model).__new__(type(model))
+    old_model.__dict__.update(model.__dict__, manifest=old_manifest)
+    with pytest.raises(UnskillError, match="re-export"):
+        KeyReader(old_model)
+
+
+def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(llama, tmp_path, data_dir):
+    """calibrate (default: rule search) writes the rule into the stats file atomically; ksd-run without --alpha
+    uses it and names it; eval bypass:gsm8k records it; report --robustness renders both rules."""
+    from unskill.cli import main
+    from unskill.runtime.cli import main as ksd_run
+    from unskill.stats.datasets import Dataset, Item
+    from unskill.stats.probe import ProbeConfig, probe
+
+    generator, onnx_dir = llama
+    apples = [f"How many apples are left if Tom eats {i} of his {i + 9} apples?" for i in range(30)]
+    probe(generator.model, generator.tokenizer, Dataset("apples", [Item(p) for p in apples[:20]]),
+          config=ProbeConfig(progress=False), skill="gsm8k").save(tmp_path / "gsm8k.npz")
+    (tmp_path / "forget.txt").write_text("\n".join(apples[20:]) + "\n")
+    (tmp_path / "retain.txt").write_text("\n".join(f"Write a python function number {i}" for i in range(20)) + "\n")
+    before = load_stats(tmp_path / "gsm8k.npz")
+    assert before.guard is None
+    assert main(["calibrate", "--model", str(onnx_dir), "--stats", str(tmp_path / "gsm8k.npz"),
+                 "--retain", str(tmp_path / "retain.txt"), "--forget", str(tmp_path / "forget.txt"),
+                 "--target", "0.05", "--no-mmlu-retain", "--no-progress", "--out", str(tmp_path / "ksd.json")]) == 0
+    after = load_stats(tmp_path / "gsm8k.npz")
+    assert after.guard is not None and after.guard.calibration["retain_refused"] <= 0.05
+    np.testing.assert_array_equal(after.groups["ksd"].values["sum"], before.groups["ksd"].values["sum"])
+    assert json.loads((tmp_path / "ksd.json").read_text())["guard"]["layers"] == after.guard.layers
+
+    out = tmp_path / "run.jsonl"
+    assert ksd_run(["--onnx", str(onnx_dir), "--stats", str(tmp_path / "gsm8k.npz"), "--prompts",
+                    str(tmp_path / "forget.txt"), "--max-new-tokens", "2", "--output", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["rule"] for r in records if r["abstained"]} <= {after.guard.name}
+    assert any(r["abstained"] for r in records)
+
+    assert main(["eval", "--model", str(onnx_dir), "--tasks", "bypass:gsm8k", "--stats", f"gsm8k={tmp_path / 'gsm8k.npz'}",
+                 "--gen-limit", "4", "--data-dir", str(data_dir), "--no-cache", "--no-progress",
+                 "--out", str(tmp_path / "bypass.json")]) == 0
+    task = json.loads((tmp_path / "bypass.json").read_text())["tasks"]["bypass:gsm8k"]
+    assert set(task["sets"]) == set(bypass.FAMILIES["gsm8k"]) | set(bypass.RETAIN_SETS)
+    assert all(len(s["stored"]["gsm8k"]) == s["items"] == 4 for s in task["sets"].values())
+    report = tmp_path / "robustness.md"
+    assert main(["report", "--robustness", "--results", str(tmp_path / "bypass.json"), "--calibration",
+                 str(tmp_path / "ksd.json"), "--out", str(report)]) == 0
+    text = report.read_text()
+    assert "| roleplay | attack | 4 |" in text and after.guard.name in text
