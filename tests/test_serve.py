@@ -39,7 +39,7 @@ def test_refusal_is_content_filter_and_other_prompts_are_answered(tiny_server):
         model="tiny", messages=[{"role": "user", "content": APPLES}], max_tokens=8, temperature=0)
     choice = refused.choices[0]
     assert choice.finish_reason == "content_filter" and choice.message.content == "Your query is not valid."
-    assert choice.model_extra["unskill"] == {"abstained": True, "skill": "probe", "layer": 2}
+    assert choice.model_extra["unskill"] == {"abstained": True, "skill": "probe", "layer": 2, "rule": "paper"}
     assert refused.usage.prompt_tokens > 0 and refused.usage.completion_tokens == 0
     answered = client(base_url).chat.completions.create(
         model="tiny", messages=[{"role": "system", "content": "Be brief."},
