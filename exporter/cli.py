@@ -51,6 +51,8 @@ def add_edit_parser(subparsers) -> None:
     quant.add_argument("--accuracy-level", type=int, default=4,
                        help="int4: MatMulNBits compute type, 4 = int8 activations (fastest on CPU), 0 = fp32")
     quant.add_argument("--embeddings", action="store_true", help="int4: quantize the token embedding too")
+    quant.add_argument("--asymmetric", action="store_true",
+                       help="int4: a zero point per block (GGUF Q4_1/Q4_K weights are min+scale blocks)")
     quant.set_defaults(run=run_quantize)
     probe = methods.add_parser("probe-graph", help="add probe.onnx (keys only, no LM head) to an older export, in place")
     probe.add_argument("--model", required=True)
@@ -81,7 +83,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize
 
     quantize(args.model, args.out, args.mode, block_size=args.block_size, accuracy_level=args.accuracy_level,
-             embeddings=args.embeddings)
+             embeddings=args.embeddings, symmetric=not args.asymmetric)
     print(f"quantized {args.model} to {args.mode} -> {args.out}")
     return 0
 

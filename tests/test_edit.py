@@ -254,7 +254,7 @@ def test_int4_options_quantize_lm_head_and_embeddings(tiny_export, edit_stats, t
     out = tmp_path / "int4-emb"
     manifest = quantize(onnx_dir, out, "int4", block_size=16, accuracy_level=0, embeddings=True)
     assert manifest.edits[-1] == {"method": "quantize", "mode": "int4", "ratio": 0.0, "block_size": 16,
-                                  "accuracy_level": 0, "embeddings": True}
+                                  "accuracy_level": 0, "embeddings": True, "symmetric": True}
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     weights = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Transpose"}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]   # LM head too
