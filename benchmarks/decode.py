@@ -158,12 +158,15 @@ def engine_llama_cpp(args, prompt_ids):
     eos = [model.token_eos(), *(model.tokenize(t.encode(), add_bos=False, special=True)[0]
                                 for t in source.eos_tokens)]
 
+    vocab = model.n_vocab()
+
     def generate(n):
         model.reset()
         model.eval(prompt_ids)
         out = []
         for _ in range(n):
-            logits = np.array(model.scores[model.n_tokens - 1], dtype=np.float32)
+            # 0.3.x keeps no scores unless logits_all; read the context's last-row logits directly.
+            logits = np.ctypeslib.as_array(model._ctx.get_logits(), shape=(vocab,)).astype(np.float32)
             logits[eos] = -np.inf
             out.append(int(logits.argmax()))
             model.eval([out[-1]])
