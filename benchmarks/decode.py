@@ -60,7 +60,7 @@ def measure(generate, new_tokens: int, runs: int) -> dict:
 def engine_unskill(args, stats):
     from unskill.runtime import load
 
-    generator = load(args.model_dir, stats=stats, device="cpu")
+    generator = load(args.model_dir, stats=stats, device="cpu", threads=args.threads)
     prompt_ids = generator.tokenizer.encode_prompt(PROMPT)
 
     def generate(n):
@@ -248,7 +248,9 @@ def main() -> int:
     parser.add_argument("--engines", default="unskill,unskill-ksd:1,unskill-ksd:3,optimum,hf,genai,unskill-int4,llama.cpp")
     parser.add_argument("--genai-dir", type=Path, help="onnxruntime-genai model folder (builder output)")
     parser.add_argument("--int4-dir", type=Path, help="`unskill edit quantize --mode int4` copy (engine unskill-int4)")
-    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: the CPUs this process may use)")
+    parser.add_argument("--threads", type=int, help="threads of the unskill and llama.cpp engines (default: the "
+                        "CPUs this process may use); 1 on a box shared with other jobs, where llama.cpp's "
+                        "spinning thread barriers collapse")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
