@@ -1,5 +1,6 @@
-"""Decode speed: unskill runtime (plain and KSD-guarded) vs HF transformers generate vs optimum
-ORTModelForCausalLM, same model, same prompt, greedy, same number of new tokens (token ids asserted equal).
+"""Decode speed: unskill runtime (plain and KSD-guarded, fp32 and an int4 copy) vs HF transformers generate,
+optimum ORTModelForCausalLM, onnxruntime-genai and llama.cpp (llama-cpp-python on the GGUF file the model
+ships as), same prompt, greedy, same number of new tokens (EOS masked; token ids compared with unskill's).
 
 Each engine runs in its own process so peak RSS is its own. Prints a table with ratios to unskill measured
 in this run, and writes JSON.
@@ -59,7 +60,7 @@ def measure(generate, new_tokens: int, runs: int) -> dict:
 def engine_unskill(args, stats):
     from unskill.runtime import load
 
-    generator = load(args.model_dir, stats=stats, device="cpu")
+    generator = load(args.model_dir, stats=stats, device="cpu", threads=args.threads)
     prompt_ids = generator.tokenizer.encode_prompt(PROMPT)
 
     def generate(n):
@@ -157,12 +158,15 @@ def engine_llama_cpp(args, prompt_ids):
     eos = [model.token_eos(), *(model.tokenize(t.encode(), add_bos=False, special=True)[0]
                                 for t in source.eos_tokens)]
 
+    vocab = model.n_vocab()
+
     def generate(n):
         model.reset()
         model.eval(prompt_ids)
         out = []
         for _ in range(n):
-            logits = np.array(model.scores[model.n_tokens - 1], dtype=np.float32)
+            # 0.3.x keeps no scores unless logits_all; read the context's last-row logits directly.
+            logits = np.ctypeslib.as_array(model._ctx.get_logits(), shape=(vocab,)).astype(np.float32)
             logits[eos] = -np.inf
             out.append(int(logits.argmax()))
             model.eval([out[-1]])
@@ -171,17 +175,27 @@ def engine_llama_cpp(args, prompt_ids):
     return generate
 
 
+def prompt_ids_of(model_dir: Path) -> list[int]:
+    """The benchmark prompt as the runtime tokenizes it (chat template), without loading the model: a peer's
+    peak RSS is then its own."""
+    from unskill.runtime.manifest import load_manifest
+    from unskill.runtime.tokenizer import TextTokenizer
+
+    return TextTokenizer(model_dir, load_manifest(model_dir)).encode_prompt(PROMPT)
+
+
 def run_engine(args) -> dict:
     """Child process: one engine, printed as JSON."""
-    name = args.engine
-    stats = args.stats[: int(name.split(":")[1])] if name.startswith("unskill-ksd:") else []
-    prompt_ids, unskill_generate = engine_unskill(args, stats)
-    generate = {"hf": lambda: engine_hf(args, prompt_ids), "optimum": lambda: engine_optimum(args, prompt_ids),
-                "genai": lambda: engine_genai(args, prompt_ids),
-                "llama.cpp": lambda: engine_llama_cpp(args, prompt_ids),
-                "unskill-int4": lambda: engine_unskill(argparse.Namespace(**{**vars(args), "model_dir": args.int4_dir}),
-                                                       [])[1]}.get(
-        name.split(":")[0], lambda: unskill_generate)()
+    name = args.engine.split(":")[0]
+    if name in ("unskill", "unskill-ksd"):
+        stats = args.stats[: int(args.engine.split(":")[1])] if name == "unskill-ksd" else []
+        prompt_ids, generate = engine_unskill(args, stats)
+    elif name == "unskill-int4":
+        prompt_ids, generate = engine_unskill(argparse.Namespace(**{**vars(args), "model_dir": args.int4_dir}), [])
+    else:
+        prompt_ids = prompt_ids_of(args.model_dir)
+        peers = {"hf": engine_hf, "optimum": engine_optimum, "genai": engine_genai, "llama.cpp": engine_llama_cpp}
+        generate = peers[name](args, prompt_ids)
     result = measure(generate, args.new_tokens, args.runs)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["prompt_tokens"] = len(prompt_ids)
@@ -234,7 +248,9 @@ def main() -> int:
     parser.add_argument("--engines", default="unskill,unskill-ksd:1,unskill-ksd:3,optimum,hf,genai,unskill-int4,llama.cpp")
     parser.add_argument("--genai-dir", type=Path, help="onnxruntime-genai model folder (builder output)")
     parser.add_argument("--int4-dir", type=Path, help="`unskill edit quantize --mode int4` copy (engine unskill-int4)")
-    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: the CPUs this process may use)")
+    parser.add_argument("--threads", type=int, help="threads of the unskill and llama.cpp engines (default: the "
+                        "CPUs this process may use); 1 on a box shared with other jobs, where llama.cpp's "
+                        "spinning thread barriers collapse")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()

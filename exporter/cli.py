@@ -85,6 +85,8 @@ def add_edit_parser(subparsers) -> None:
     quant.add_argument("--accuracy-level", type=int, default=4,
                        help="int4: MatMulNBits compute type, 4 = int8 activations (fastest on CPU), 0 = fp32")
     quant.add_argument("--embeddings", action="store_true", help="int4: quantize the token embedding too")
+    quant.add_argument("--asymmetric", action="store_true",
+                       help="int4: a zero point per block (GGUF Q4_1/Q4_K weights are min+scale blocks)")
     _add_target(quant)
     quant.set_defaults(run=run_quantize)
     slim = methods.add_parser("slim", help="a serving folder: only logits, present.* and key_last.* (onnx/model.onnx)")
@@ -123,7 +125,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize
 
     _with_target(args, lambda out: quantize(args.model, out, args.mode, block_size=args.block_size,
-                                            accuracy_level=args.accuracy_level, embeddings=args.embeddings))
+                                            accuracy_level=args.accuracy_level, embeddings=args.embeddings,
+                                            symmetric=not args.asymmetric))
     print(f"quantized {args.model} to {args.mode} -> {args.out}")
     return 0
 

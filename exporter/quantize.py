@@ -60,7 +60,7 @@ def fold_transposed_weights(model: onnx.ModelProto) -> int:
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", block_size: int = 32,
-             accuracy_level: int = 4, embeddings: bool = False) -> Manifest:
+             accuracy_level: int = 4, embeddings: bool = False, symmetric: bool = True) -> Manifest:
     if mode not in MODES:
         raise UnskillError(f"quantization mode {mode!r}: use one of {MODES}")
     if block_size not in BLOCK_SIZES or accuracy_level not in ACCURACY_LEVELS:
@@ -83,12 +83,12 @@ def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", blo
         fold_transposed_weights(model)   # the tied LM head becomes quantizable
         # Gather weights are (vocab, hidden): blocks run along hidden (axis 1), as GatherBlockQuantized needs.
         ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
                                          accuracy_level=accuracy_level, op_types_to_quantize=ops,
                                          quant_axes=(("MatMul", 0), ("Gather", 1)))
         logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
         quantizer.process()
         quantized = quantizer.model.model
-        edit.update(block_size=block_size, accuracy_level=accuracy_level, embeddings=embeddings)
+        edit.update(block_size=block_size, accuracy_level=accuracy_level, embeddings=embeddings, symmetric=symmetric)
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
     return save_edited(quantized, manifest, model_dir, out_dir, edit, stats_compatible=compatible)

@@ -296,27 +296,35 @@ def test_quantized_model_keeps_outputs_and_accepts_fp32_stats(tiny_export, edit_
     load(out, stats=[edit_stats("llama")], device="cpu")   # fp32 stats are accepted on the quantized model
 
 
-def test_int4_options_quantize_lm_head_and_embeddings(tiny_export, edit_stats, tmp_path):
-    """Block 16, fp32 activations, embeddings too: the LM head becomes MatMulNBits, the token embedding
-    GatherBlockQuantized; logits stay close to fp32 and the fp32 stats still load."""
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_int4_options_quantize_lm_head_and_embeddings(tiny_export, edit_stats, tmp_path, kind):
+    """Block 16, fp32 activations, embeddings too: the LM head becomes MatMulNBits (gemma3's is tied:
+    MatMul(x, Transpose(embedding)) in the export), the token embedding GatherBlockQuantized; logits stay
+    close to fp32 and the fp32 stats still load."""
     import onnx
 
     from unskill.exporter.quantize import quantize
 
-    _, onnx_dir = tiny_export("llama")
+    _, onnx_dir = tiny_export(kind)
     out = tmp_path / "int4-emb"
     manifest = quantize(onnx_dir, out, "int4", block_size=16, accuracy_level=0, embeddings=True)
     assert manifest.edits[-1] == {"method": "quantize", "mode": "int4", "ratio": 0.0, "block_size": 16,
-                                  "accuracy_level": 0, "embeddings": True}
+                                  "accuracy_level": 0, "embeddings": True, "symmetric": True}
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    weights = {i.name for i in graph.initializer}
+    weights = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Transpose"}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]   # LM head too
+    assert not [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+                and i.dims[0] * i.dims[1] >= 512 * 64]   # no fp32 embedding-sized matrix left
     assert "GatherBlockQuantized" in [n.op_type for n in graph.node]
     ids = np.random.default_rng(4).integers(5, 500, size=(1, 12))
     quantized, _, _ = run_plain_ort(out, ids)
     plain, _, _ = run_plain_ort(onnx_dir, ids)
-    assert np.abs(quantized["logits"] - plain["logits"]).max() / np.abs(plain["logits"]).max() < 0.2
-    load(out, stats=[edit_stats("llama")], device="cpu")
+    # Random tiny weights give near-flat logits (|max| ~0.6): bound the relative RMS error, as above. Tiny
+    # gemma3 measures 0.24 with fp32 embeddings and 0.28 with int4 ones (its tied head over a 64-wide hidden
+    # state, scaled by sqrt(hidden) at the input); a broken graph is off by ~1.
+    rel_rms = np.linalg.norm(quantized["logits"] - plain["logits"]) / np.linalg.norm(plain["logits"])
+    assert rel_rms < (0.2 if kind == "llama" else 0.35), rel_rms
+    load(out, stats=[edit_stats(kind)], device="cpu")
 
 
 def test_quantize_refuses_unknown_block_size(tiny_export, tmp_path):
