@@ -106,7 +106,12 @@ def test_setsid_children_die_with_the_program():
 
 @namespaces
 def test_c_level_writes_outside_the_work_dir_fail(tmp_path):
-    outside = Path(__file__).parent / f".sandbox-escape-{os.getpid()}"   # not under /tmp, world-writable
+    # A world-writable folder on the host's file system, outside the sandbox's own tmpfs scratch (/tmp, /var/tmp,
+    # /dev/shm: a checkout under /tmp would not even exist inside), so the write must hit the read-only mount.
+    home = Path(__file__).parent
+    if str(home).startswith(("/tmp/", "/var/tmp/", "/dev/shm/")):
+        home = Path("/")
+    outside = home / f".unskill-sandbox-escape-{os.getpid()}"
     outside.mkdir()
     outside.chmod(0o777)
     victim = tmp_path / "keep.txt"
