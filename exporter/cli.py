@@ -54,6 +54,12 @@ def add_edit_parser(subparsers) -> None:
     quant.add_argument("--asymmetric", action="store_true",
                        help="int4: a zero point per block (GGUF Q4_1/Q4_K weights are min+scale blocks)")
     quant.set_defaults(run=run_quantize)
+    fuse = methods.add_parser("fuse", help="onnxruntime's fusions + offline optimization, key outputs kept (opt-in)")
+    fuse.add_argument("--model", required=True)
+    fuse.add_argument("--out", required=True)
+    fuse.add_argument("--model-type", choices=("qwen3", "gpt2"), default="qwen3",
+                      help="onnxruntime.transformers fusion table (qwen3: llama-shaped, adds RotaryEmbedding)")
+    fuse.set_defaults(run=run_fuse)
     probe = methods.add_parser("probe-graph", help="add probe.onnx (keys only, no LM head) to an older export, in place")
     probe.add_argument("--model", required=True)
     probe.set_defaults(run=run_probe_graph)
@@ -85,6 +91,14 @@ def run_quantize(args: argparse.Namespace) -> int:
     quantize(args.model, args.out, args.mode, block_size=args.block_size, accuracy_level=args.accuracy_level,
              embeddings=args.embeddings, symmetric=not args.asymmetric)
     print(f"quantized {args.model} to {args.mode} -> {args.out}")
+    return 0
+
+
+def run_fuse(args: argparse.Namespace) -> int:
+    from .fuse import fuse
+
+    edit = fuse(args.model, args.out, args.model_type).edits[-1]
+    print(f"fused {args.model}: {edit['nodes_before']} -> {edit['nodes_after']} nodes -> {args.out}")
     return 0
 
 

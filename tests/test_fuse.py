@@ -1,0 +1,29 @@
+"""`unskill edit fuse`: onnxruntime's fusions + offline optimization keep every key output and the tokens."""
+
+import numpy as np
+import pytest
+
+from tiny_models import run_plain_ort
+from unskill.runtime import GenerationParams, load
+
+
+@pytest.mark.parametrize("kind,model_type", [("llama", "qwen3"), ("gemma3", "qwen3"), ("gpt2", "gpt2")])
+def test_fused_graph_matches_unfused(tiny_export, tmp_path, kind, model_type):
+    from unskill.exporter.fuse import fuse
+
+    _, onnx_dir = tiny_export(kind)
+    out = tmp_path / "fused"
+    manifest = fuse(onnx_dir, out, model_type)
+    edit = manifest.edits[-1]
+    assert edit["nodes_after"] < edit["nodes_before"], edit
+    ids = np.random.default_rng(7).integers(5, 500, size=(1, 12))
+    fused, _, session = run_plain_ort(out, ids)
+    plain, _, _ = run_plain_ort(onnx_dir, ids)
+    assert set(fused) == set(plain)   # logits, present.*, key.N, preact.N, key_last.N
+    for name in [*manifest.key_outputs, *manifest.preact_outputs, *(manifest.key_last_outputs or []), "logits"]:
+        scale = np.abs(plain[name]).max()
+        assert np.abs(fused[name] - plain[name]).max() <= 1e-4 * scale, name
+    params = GenerationParams(max_new_tokens=24, ignore_eos=True)
+    prompts = ["apples and pears", "def add(a, b):"]
+    expected = [r.token_ids for r in load(onnx_dir, device="cpu").generate(prompts, params)]
+    assert [r.token_ids for r in load(out, device="cpu").generate(prompts, params)] == expected
