@@ -1,6 +1,12 @@
 """A fused copy of an exported decoder (opt-in: `unskill edit fuse`), every key output and input name kept.
 
-Two steps, both onnxruntime's own tooling:
+Three steps:
+0. Own pass (onnxruntime has none): `unify_shape_sources`. optimum's graph takes Shape() of each layer's own
+   tensors (hidden states, q/k/v, the KV cache), so every layer recomputes the same mask and reshape
+   arithmetic from a different source, and onnxruntime's common-subexpression elimination (which it runs at
+   load) cannot merge them. onnxruntime's symbolic shape inference proves which tensors have the same
+   symbolic shape; each Shape node is pointed at the first such tensor, after which the per-layer chains are
+   identical and onnxruntime's CSE (step 2) computes them once per step.
 1. onnxruntime.transformers' optimizer with the `qwen3` fusion table (llama-shaped decoders: RMSNorm +
    residual -> SkipSimplifiedLayerNormalization, the rotary subgraph -> RotaryEmbedding). `--model_type llama`
    is refused by the optimizer (../shared/REFERENCE.md); `gpt2` is the fallback for other architectures.
@@ -28,6 +34,38 @@ from unskill.runtime.manifest import Manifest
 from .edit import load_exported, save_edited
 
 MODEL_TYPES = ("qwen3", "gpt2")
+
+
+def unify_shape_sources(model: onnx.ModelProto) -> int:
+    """Point every top-level Shape node at the earliest tensor with the same fully known symbolic shape (see
+    the module docstring). Tensors with an unknown or inferred-unknown dim are left alone. Returns how many
+    Shape nodes it re-pointed."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False)
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        if tensor.HasField("shape") and all(isinstance(d, int) and d > 0 or isinstance(d, str) and
+                                            d and not d.startswith("unk") for d in dims):
+            shapes[value.name] = tuple(dims)
+    # First tensor of each shape in topological order: graph inputs, then node outputs as the nodes come.
+    first = {}
+    for value in model.graph.input:
+        if value.name in shapes:
+            first.setdefault(shapes[value.name], value.name)
+    repointed = 0
+    for node in model.graph.node:
+        if node.op_type == "Shape" and node.input[0] in shapes:
+            source = first.setdefault(shapes[node.input[0]], node.input[0])
+            if source != node.input[0]:
+                node.input[0] = source
+                repointed += 1
+        for name in node.output:
+            if name in shapes:
+                first.setdefault(shapes[name], name)
+    return repointed
 
 
 def transformers_fusions(model: onnx.ModelProto, model_type: str, hidden_size: int) -> onnx.ModelProto:
@@ -75,6 +113,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3") 
     before = len(model.graph.node)
     names_in = [i.name for i in model.graph.input]
     names_out = [o.name for o in model.graph.output]
+    repointed = unify_shape_sources(model)
     fused = transformers_fusions(model, model_type, manifest.hidden_size)
     with tempfile.TemporaryDirectory() as scratch:
         fused = offline_optimize(fused, Path(scratch))   # onnx.load reads the weights in before scratch goes
@@ -84,7 +123,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3") 
         raise UnskillError(f"{model_dir}: fusion dropped inputs/outputs {missing[:4]}; keep the unfused export")
     ops = node_counts(fused)
     edit = {"method": "fuse", "model_type": model_type, "ratio": 0.0, "nodes_before": before,
-            "nodes_after": len(fused.graph.node),
+            "nodes_after": len(fused.graph.node), "shape_nodes_repointed": repointed,
             "fused_ops": {op: n for op, n in ops.items() if op in FUSED_OPS}}
     # Same weights, same keys: stats taken on the unfused export load on the fused one.
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
