@@ -1,9 +1,9 @@
 """Fused (`unskill edit fuse`) against unfused export: nodes onnxruntime runs per step, decode tok/s, ids.
 
-    python benchmarks/fused.py out/smollm2 out/smollm2-fused --new-tokens 64 --runs 3 --threads 2
+    python benchmarks/fused.py out/smollm2 out/smollm2-fused [more fused copies] --new-tokens 128 --runs 5 --threads 2
 
 Node count = the graph onnxruntime actually runs (ORT_ENABLE_ALL, as the runtime loads it, saved with
-optimized_model_filepath). Decode runs are interleaved (A B A B ...) so load drift hits both alike; the
+optimized_model_filepath). Decode runs are interleaved (A B C A B C ...) so load drift hits both alike; the
 bound is measured bandwidth / weight bytes per token (tied head counted) of the unfused export.
 """
 
@@ -41,13 +41,13 @@ def runtime_node_counts(model_dir: Path) -> Counter:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("unfused", type=Path)
-    parser.add_argument("fused", type=Path)
+    parser.add_argument("fused", nargs="+", type=Path)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    dirs = {"unfused": args.unfused, "fused": args.fused}
+    dirs = {"unfused": args.unfused, **{str(d): d for d in args.fused}}
     nodes = {name: runtime_node_counts(d) for name, d in dirs.items()}
     generators = {name: load(d, device="cpu", threads=args.threads) for name, d in dirs.items()}
     params = GenerationParams(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -58,13 +58,14 @@ def main() -> int:
             rates[name].append(decode_rate(generator, [PROMPT], args.new_tokens))
     bandwidth = memory_bandwidth_gbs()
     bound = bandwidth * 1e9 / weight_bytes_per_token(args.unfused)
+    identical = all(ids[name] == ids["unfused"] for name in dirs)
     print(f"bandwidth {bandwidth:.1f} GB/s, bound {bound:.1f} tok/s, threads {args.threads or 'all'}, "
-          f"ids identical over {args.new_tokens} tokens: {ids['fused'] == ids['unfused']}")
+          f"ids identical over {args.new_tokens} tokens: {identical}")
     print("| graph | nodes/step | decode tok/s (median) | vs unfused | share of bound |")
     print("|---|---|---|---|---|")
     base = statistics.median(rates["unfused"])
     summary = {"bandwidth_gbs": bandwidth, "bound_tok_s": bound, "threads": args.threads,
-               "ids_identical": ids["fused"] == ids["unfused"], "graphs": {}}
+               "ids_identical": identical, "graphs": {}}
     for name in dirs:
         median = statistics.median(rates[name])
         total = sum(nodes[name].values())

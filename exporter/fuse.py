@@ -1,23 +1,24 @@
 """A fused copy of an exported decoder (opt-in: `unskill edit fuse`), every key output and input name kept.
 
 Three steps:
-0. Own pass (onnxruntime has none): `unify_shape_sources`. optimum's graph takes Shape() of each layer's own
-   tensors (hidden states, q/k/v, the KV cache), so every layer recomputes the same mask and reshape
-   arithmetic from a different source, and onnxruntime's common-subexpression elimination (which it runs at
-   load) cannot merge them. onnxruntime's symbolic shape inference proves which tensors have the same
-   symbolic shape; each Shape node is pointed at the first such tensor, after which the per-layer chains are
-   identical and onnxruntime's CSE (step 2) computes them once per step.
 1. onnxruntime.transformers' optimizer with the `qwen3` fusion table (llama-shaped decoders: RMSNorm +
    residual -> SkipSimplifiedLayerNormalization, the rotary subgraph -> RotaryEmbedding). `--model_type llama`
    is refused by the optimizer (../shared/REFERENCE.md); `gpt2` is the fallback for other architectures.
    Its attention fusion does not match optimum's SDPA export, so attention stays unfused here.
-2. onnxruntime's offline graph optimization (ORT_ENABLE_EXTENDED, hardware-independent) saved to disk:
+2. Own pass (onnxruntime has none): `unify_shape_sources`. optimum's graph takes Shape() of each layer's own
+   tensors (hidden states, q/k/v, the KV cache), so every layer recomputes the same mask and reshape
+   arithmetic from a different source, and onnxruntime's common-subexpression elimination (which it runs at
+   load) cannot merge them. onnxruntime's symbolic shape inference proves which tensors have the same
+   symbolic shape; each Shape node is pointed at the first such tensor, after which the per-layer chains are
+   identical and onnxruntime's CSE (step 3) computes them once per step.
+3. onnxruntime's offline graph optimization (ORT_ENABLE_EXTENDED, hardware-independent) saved to disk:
    constant folding, common-subexpression elimination (onnxruntime runs CSE at load already, so no own CSE
    pass is written), shape-op folding, SimplifiedLayerNorm / Gelu / FastGelu fusions. The runtime then
    loads an already-reduced graph, so its own load-time optimization has less to do.
 
-No own graph pass: none was needed for the fusions above. Requested graph outputs (key.N, preact.N,
-key_last.N, logits, present.*) are never fused away by either tool; `fuse` checks that and refuses otherwise.
+Requested graph outputs (key.N, preact.N, key_last.N, logits, present.*) are never fused away by these
+steps; `fuse` checks that and refuses otherwise. The weights are unchanged, so stats of the unfused export
+load on the fused copy (`stats_compatible`).
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3") 
     before = len(model.graph.node)
     names_in = [i.name for i in model.graph.input]
     names_out = [o.name for o in model.graph.output]
-    repointed = unify_shape_sources(model)
+    # Fusions first: re-pointed Shape nodes no longer match the qwen3 table's rotary pattern.
     fused = transformers_fusions(model, model_type, manifest.hidden_size)
+    repointed = unify_shape_sources(fused)
     with tempfile.TemporaryDirectory() as scratch:
         fused = offline_optimize(fused, Path(scratch))   # onnx.load reads the weights in before scratch goes
     missing = sorted(set(names_in) - {i.name for i in fused.graph.input}
