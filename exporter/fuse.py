@@ -81,8 +81,8 @@ def transformers_fusions(model: onnx.ModelProto, model_type: str, hidden_size: i
                  if i.name.startswith("past_key_values.")]
     num_heads = max(1, hidden_size // head_dims[0]) if head_dims and head_dims[0] else 1
     logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)
-    optimized = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0,
-                               use_gpu=False, only_onnxruntime=False)
+    optimized = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                               opt_level=0, use_gpu=False, only_onnxruntime=False)
     return optimized.model
 
 
@@ -110,6 +110,9 @@ def node_counts(model: onnx.ModelProto) -> Counter:
 def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3") -> Manifest:
     if model_type not in MODEL_TYPES:
         raise UnskillError(f"fusion table {model_type!r}: use one of {MODEL_TYPES}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):   # before the minutes of work, not after
+        raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
     model, manifest = load_exported(model_dir)
     before = len(model.graph.node)
     names_in = [i.name for i in model.graph.input]

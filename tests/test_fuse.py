@@ -27,3 +27,14 @@ def test_fused_graph_matches_unfused(tiny_export, tmp_path, kind, model_type):
     prompts = ["apples and pears", "def add(a, b):"]
     expected = [r.token_ids for r in load(onnx_dir, device="cpu").generate(prompts, params)]
     assert [r.token_ids for r in load(out, device="cpu").generate(prompts, params)] == expected
+
+
+def test_fuse_refuses_a_non_empty_out_dir_before_working(tiny_export, tmp_path, capsys):
+    from unskill.cli import main
+
+    _, onnx_dir = tiny_export("llama")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert main(["edit", "fuse", "--model", str(onnx_dir), "--out", str(tmp_path / "taken")]) == 2
+    assert "taken: exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
