@@ -17,12 +17,17 @@ def test_fused_graph_matches_unfused(tiny_export, tmp_path, kind, model_type):
     edit = manifest.edits[-1]
     assert edit["nodes_after"] < edit["nodes_before"] and edit["shape_nodes_repointed"] > 0, edit
     ids = np.random.default_rng(7).integers(5, 500, size=(1, 12))
-    fused, _, session = run_plain_ort(out, ids)
+    fused, _, _ = run_plain_ort(out, ids)
     plain, _, _ = run_plain_ort(onnx_dir, ids)
     assert set(fused) == set(plain)   # logits, present.*, key.N, preact.N, key_last.N
     for name in [*manifest.key_outputs, *manifest.preact_outputs, *(manifest.key_last_outputs or []), "logits"]:
         scale = np.abs(plain[name]).max()
         assert np.abs(fused[name] - plain[name]).max() <= 1e-4 * scale, name
+    # probe.onnx (the KSD prompt-pass graph) is cut from the fused graph: same key_last values.
+    fused_probe, plain_probe = (run_plain_ort(d, ids, graph="probe.onnx")[0] for d in (out, onnx_dir))
+    assert manifest.key_last_outputs and set(fused_probe) == set(plain_probe)
+    for name in manifest.key_last_outputs:
+        assert np.abs(fused_probe[name] - plain_probe[name]).max() <= 1e-4 * np.abs(plain_probe[name]).max(), name
     params = GenerationParams(max_new_tokens=24, ignore_eos=True)
     prompts = ["apples and pears", "def add(a, b):"]
     expected = [r.token_ids for r in load(onnx_dir, device="cpu").generate(prompts, params)]
