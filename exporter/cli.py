@@ -94,6 +94,12 @@ def add_edit_parser(subparsers) -> None:
     slim.add_argument("--out", required=True, help="new directory for the deploy folder")
     slim.add_argument("--no-guard", action="store_true", help="drop key_last.* too (no KSD guard will run)")
     slim.set_defaults(run=run_slim)
+    fuse = methods.add_parser("fuse", help="onnxruntime's fusions + offline optimization, key outputs kept (opt-in)")
+    fuse.add_argument("--model", required=True)
+    fuse.add_argument("--out", required=True)
+    fuse.add_argument("--model-type", choices=("qwen3", "gpt2"), default="qwen3",
+                      help="onnxruntime.transformers fusion table (qwen3: llama-shaped, adds RotaryEmbedding)")
+    fuse.set_defaults(run=run_fuse)
     probe = methods.add_parser("probe-graph", help="add probe.onnx (keys only, no LM head) to an older export, in place")
     probe.add_argument("--model", required=True)
     probe.set_defaults(run=run_probe_graph)
@@ -137,6 +143,14 @@ def run_slim(args: argparse.Namespace) -> int:
     manifest = slim(args.model, args.out, guard=not args.no_guard)
     kept = "logits, present.*" + (", key_last.*" if manifest.key_last_outputs else "")
     print(f"deploy folder ({kept}) -> {args.out}/{manifest.model_file}")
+    return 0
+
+
+def run_fuse(args: argparse.Namespace) -> int:
+    from .fuse import fuse
+
+    edit = fuse(args.model, args.out, args.model_type).edits[-1]
+    print(f"fused {args.model}: {edit['nodes_before']} -> {edit['nodes_after']} nodes -> {args.out}")
     return 0
 
 

@@ -1,0 +1,140 @@
+"""A fused copy of an exported decoder (opt-in: `unskill edit fuse`), every key output and input name kept.
+
+Three steps:
+1. onnxruntime.transformers' optimizer with the `qwen3` fusion table (llama-shaped decoders: RMSNorm +
+   residual -> SkipSimplifiedLayerNormalization, the rotary subgraph -> RotaryEmbedding). `--model_type llama`
+   is refused by the optimizer (../shared/REFERENCE.md); `gpt2` is the fallback for other architectures.
+   Its attention fusion does not match optimum's SDPA export, so attention stays unfused here.
+2. Own pass (onnxruntime has none): `unify_shape_sources`. optimum's graph takes Shape() of each layer's own
+   tensors (hidden states, q/k/v, the KV cache), so every layer recomputes the same mask and reshape
+   arithmetic from a different source, and onnxruntime's common-subexpression elimination (which it runs at
+   load) cannot merge them. onnxruntime's symbolic shape inference proves which tensors have the same
+   symbolic shape; each Shape node is pointed at the first such tensor, after which the per-layer chains are
+   identical and onnxruntime's CSE (step 3) computes them once per step.
+3. onnxruntime's offline graph optimization (ORT_ENABLE_EXTENDED, hardware-independent) saved to disk:
+   constant folding, common-subexpression elimination (onnxruntime runs CSE at load already, so no own CSE
+   pass is written), shape-op folding, SimplifiedLayerNorm / Gelu / FastGelu fusions. The runtime then
+   loads an already-reduced graph, so its own load-time optimization has less to do.
+
+Requested graph outputs (key.N, preact.N, key_last.N, logits, present.*) are never fused away by these
+steps; `fuse` checks that and refuses otherwise. The weights are unchanged, so stats of the unfused export
+load on the fused copy (`stats_compatible`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+from unskill.runtime.errors import UnskillError
+from unskill.runtime.manifest import Manifest
+
+from .edit import load_exported, save_edited
+
+MODEL_TYPES = ("qwen3", "gpt2")
+
+
+def unify_shape_sources(model: onnx.ModelProto) -> int:
+    """Point every top-level Shape node at the earliest tensor with the same fully known symbolic shape (see
+    the module docstring). Tensors with an unknown or inferred-unknown dim are left alone. Returns how many
+    Shape nodes it re-pointed."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False)
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        if tensor.HasField("shape") and all(isinstance(d, int) and d > 0 or isinstance(d, str) and
+                                            d and not d.startswith("unk") for d in dims):
+            shapes[value.name] = tuple(dims)
+    # First tensor of each shape in topological order: graph inputs, then node outputs as the nodes come.
+    first = {}
+    for value in model.graph.input:
+        if value.name in shapes:
+            first.setdefault(shapes[value.name], value.name)
+    repointed = 0
+    for node in model.graph.node:
+        if node.op_type == "Shape" and node.input[0] in shapes:
+            source = first.setdefault(shapes[node.input[0]], node.input[0])
+            if source != node.input[0]:
+                node.input[0] = source
+                repointed += 1
+        for name in node.output:
+            if name in shapes:
+                first.setdefault(shapes[name], name)
+    return repointed
+
+
+def transformers_fusions(model: onnx.ModelProto, model_type: str, hidden_size: int) -> onnx.ModelProto:
+    """onnxruntime.transformers' fusion passes. The qwen3 table insists on num_heads; only its attention
+    fusion reads it, and that fusion does not match optimum's SDPA graph, so hidden / head_dim (head_dim from
+    the past_key_values inputs) is enough even where it is not the true query-head count (Gemma-3)."""
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    head_dims = [i.type.tensor_type.shape.dim[3].dim_value for i in model.graph.input
+                 if i.name.startswith("past_key_values.")]
+    num_heads = max(1, hidden_size // head_dims[0]) if head_dims and head_dims[0] else 1
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)
+    optimized = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                               opt_level=0, use_gpu=False, only_onnxruntime=False)
+    return optimized.model
+
+
+def offline_optimize(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
+    """onnxruntime's ORT_ENABLE_EXTENDED optimization, written to disk with the weights external."""
+    import onnxruntime as ort
+
+    source, target = scratch / "fused_in.onnx", scratch / "fused_out.onnx"
+    onnx.save(model, str(source), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="fused_in.onnx.data", size_threshold=1024)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(target)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                     "fused_out.onnx.data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(target))
+
+
+def node_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3") -> Manifest:
+    if model_type not in MODEL_TYPES:
+        raise UnskillError(f"fusion table {model_type!r}: use one of {MODEL_TYPES}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):   # before the minutes of work, not after
+        raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
+    model, manifest = load_exported(model_dir)
+    before = len(model.graph.node)
+    names_in = [i.name for i in model.graph.input]
+    names_out = [o.name for o in model.graph.output]
+    # Fusions first: re-pointed Shape nodes no longer match the qwen3 table's rotary pattern.
+    fused = transformers_fusions(model, model_type, manifest.hidden_size)
+    repointed = unify_shape_sources(fused)
+    with tempfile.TemporaryDirectory() as scratch:
+        fused = offline_optimize(fused, Path(scratch))   # onnx.load reads the weights in before scratch goes
+    missing = sorted(set(names_in) - {i.name for i in fused.graph.input}
+                     | set(names_out) - {o.name for o in fused.graph.output})
+    if missing:
+        raise UnskillError(f"{model_dir}: fusion dropped inputs/outputs {missing[:4]}; keep the unfused export")
+    ops = node_counts(fused)
+    edit = {"method": "fuse", "model_type": model_type, "ratio": 0.0, "nodes_before": before,
+            "nodes_after": len(fused.graph.node), "shape_nodes_repointed": repointed,
+            "fused_ops": {op: n for op, n in ops.items() if op in FUSED_OPS}}
+    # Same weights, same keys: stats taken on the unfused export load on the fused one.
+    compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
+    return save_edited(fused, manifest, model_dir, out_dir, edit, stats_compatible=compatible)
+
+
+FUSED_OPS = ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "RotaryEmbedding",
+             "FusedMatMul", "QuickGelu", "FastGelu", "Gelu", "BiasGelu", "SkipLayerNormalization",
+             "LayerNormalization", "GroupQueryAttention", "MultiHeadAttention")

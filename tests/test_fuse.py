@@ -1,0 +1,45 @@
+"""`unskill edit fuse`: onnxruntime's fusions + offline optimization keep every key output and the tokens."""
+
+import numpy as np
+import pytest
+
+from tiny_models import run_plain_ort
+from unskill.runtime import GenerationParams, load
+
+
+@pytest.mark.parametrize("kind,model_type", [("llama", "qwen3"), ("gemma3", "qwen3"), ("gpt2", "gpt2")])
+def test_fused_graph_matches_unfused(tiny_export, tmp_path, kind, model_type):
+    from unskill.exporter.fuse import fuse
+
+    _, onnx_dir = tiny_export(kind)
+    out = tmp_path / "fused"
+    manifest = fuse(onnx_dir, out, model_type)
+    edit = manifest.edits[-1]
+    assert edit["nodes_after"] < edit["nodes_before"] and edit["shape_nodes_repointed"] > 0, edit
+    ids = np.random.default_rng(7).integers(5, 500, size=(1, 12))
+    fused, _, _ = run_plain_ort(out, ids)
+    plain, _, _ = run_plain_ort(onnx_dir, ids)
+    assert set(fused) == set(plain)   # logits, present.*, key.N, preact.N, key_last.N
+    for name in [*manifest.key_outputs, *manifest.preact_outputs, *(manifest.key_last_outputs or []), "logits"]:
+        scale = np.abs(plain[name]).max()
+        assert np.abs(fused[name] - plain[name]).max() <= 1e-4 * scale, name
+    # probe.onnx (the KSD prompt-pass graph) is cut from the fused graph: same key_last values.
+    fused_probe, plain_probe = (run_plain_ort(d, ids, graph="probe.onnx")[0] for d in (out, onnx_dir))
+    assert manifest.key_last_outputs and set(fused_probe) == set(plain_probe)
+    for name in manifest.key_last_outputs:
+        assert np.abs(fused_probe[name] - plain_probe[name]).max() <= 1e-4 * np.abs(plain_probe[name]).max(), name
+    params = GenerationParams(max_new_tokens=24, ignore_eos=True)
+    prompts = ["apples and pears", "def add(a, b):"]
+    expected = [r.token_ids for r in load(onnx_dir, device="cpu").generate(prompts, params)]
+    assert [r.token_ids for r in load(out, device="cpu").generate(prompts, params)] == expected
+
+
+def test_fuse_refuses_a_non_empty_out_dir_before_working(tiny_export, tmp_path, capsys):
+    from unskill.cli import main
+
+    _, onnx_dir = tiny_export("llama")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert main(["edit", "fuse", "--model", str(onnx_dir), "--out", str(tmp_path / "taken")]) == 2
+    assert "taken: exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
