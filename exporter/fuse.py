@@ -95,6 +95,7 @@ def offline_optimize(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
               location="fused_in.onnx.data", size_threshold=1024)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.log_severity_level = 3   # the logits_to_keep default "appears in graph inputs" by design (runtime/session.py)
     options.optimized_model_filepath = str(target)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                      "fused_out.onnx.data")
