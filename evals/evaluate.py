@@ -372,7 +372,7 @@ def ksd_view(task: dict, stats_name: str, alpha: float) -> dict:
 def last_prompt_keys(model: OnnxLM, ids: np.ndarray, mask: np.ndarray, layer: int, logits: bool = True):
     """One prefill: (last-position logits or None, the key at the last position of `layer`, (B, F)), from the
     graph's key_last output (the same one the guard reads while decoding)."""
-    output = require_key_last(model)[resolve_layers([layer], model.manifest.num_layers)[0]]
+    output = require_key_last(model.manifest, model.directory)[resolve_layers([layer], model.manifest.num_layers)[0]]
     out_logits, _, extras = model.forward(ids, mask, model.empty_past(ids.shape[0]), [output], logits=logits)
     return out_logits, extras[output]
 

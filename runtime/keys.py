@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from .errors import UnskillError
+from .manifest import require_key_last, resolve_layers  # noqa: F401  (evals import them from here too)
 from .session import OnnxLM, left_pad
 
 MIN_SHARED_PREFIX = 4   # shorter common prefixes are not worth a separate prefill
@@ -65,30 +65,11 @@ def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[
         yield rows, values
 
 
-
-def resolve_layers(layers, num_layers: int) -> list[int]:
-    """Layer indices as given (negative from the end) -> 0..L-1; out of range is an error, never wrapped."""
-    resolved = []
-    for index in layers:
-        layer = index + num_layers if index < 0 else index
-        if not 0 <= layer < num_layers:
-            raise UnskillError(f"layer {index} out of range: the model has {num_layers} FFL layers")
-        resolved.append(layer)
-    return resolved
-
-
-def require_key_last(model: OnnxLM) -> list[str]:
-    names = model.manifest.key_last_outputs
-    if not names:
-        raise UnskillError(f"{model.directory}: the export has no key_last outputs; re-export it with `unskill export`")
-    return names
-
-
 class KeyReader:
     """Prefills token sequences through the keys-only graph and returns last-token keys, (n, layers, F)."""
 
     def __init__(self, model: OnnxLM, batch_size: int = 8, progress: bool = False):
-        self.names = require_key_last(model)
+        self.names = require_key_last(model.manifest, model.directory)
         self.model, self.batch_size, self.progress = model, batch_size, progress
 
     def last_keys(self, sequences: list[list[int]], layers=None, desc: str = "keys") -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import UnskillError
-from .manifest import Manifest
+from .manifest import Manifest, require_key_last, resolve_layers
 from .statsfile import GuardSetting, StatsFile
 
 SIGMA_FLOOR = 1e-6   # a dimension constant over all probes still admits float noise around it
@@ -129,32 +129,21 @@ class KSDGuard:
         if not stats_files:
             raise UnskillError("KSD guard needs at least one stats file")
         explicit = alpha is not None or layers is not None or alpha_mode != "k"
-        layers = [manifest.num_layers - 1] if layers is None else [self._layer(i, manifest) for i in layers]
+        layers = [manifest.num_layers - 1] if layers is None else resolve_layers(layers, manifest.num_layers)
         self.detectors = []
         for stats in stats_files:
             setting = stats.guard if use_stored and not explicit else None
             if setting is not None:
-                for layer in setting.layers:
-                    self._layer(layer, manifest)
+                resolve_layers(setting.layers, manifest.num_layers)   # a stored rule of another model: one clear error
                 self.detectors.append(Detector(stats.skill, setting.name, build_regions(stats, setting), setting.votes))
             else:
                 cubes = build_cubes(stats, layers, 1.0 if alpha is None else alpha, alpha_mode)
                 self.detectors.append(Detector(stats.skill, "paper", cubes, 1))
         self.cubes = [region for detector in self.detectors for region in detector.regions]
         checked = sorted({region.layer for region in self.cubes})
-        if not manifest.key_last_outputs:
-            raise UnskillError(f"{manifest.source or manifest.arch}: the export has no key_last outputs; "
-                               "re-export it with `unskill export`")
-        names = manifest.key_last_outputs
+        names = require_key_last(manifest, manifest.source or manifest.arch)
         self.output_names = [names[i] for i in checked]
         self._output_of_layer = {i: names[i] for i in checked}
-
-    @staticmethod
-    def _layer(index: int, manifest: Manifest) -> int:
-        layer = index + manifest.num_layers if index < 0 else index
-        if not 0 <= layer < manifest.num_layers:
-            raise UnskillError(f"layer {index} out of range: the model has {manifest.num_layers} FFL layers")
-        return layer
 
     def describe(self) -> list[str]:
         """One line per skill: the rule, its layers and thresholds."""

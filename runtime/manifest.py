@@ -52,6 +52,25 @@ class Manifest:
         return path
 
 
+def resolve_layers(layers, num_layers: int) -> list[int]:
+    """Layer indices as given (negative from the end) -> 0..L-1; out of range is an error, never wrapped.
+    The one numbering of probing, calibration, eval and the guard."""
+    resolved = []
+    for index in layers:
+        layer = index + num_layers if index < 0 else index
+        if not 0 <= layer < num_layers:
+            raise UnskillError(f"layer {index} out of range: the model has {num_layers} FFL layers")
+        resolved.append(layer)
+    return resolved
+
+
+def require_key_last(manifest: Manifest, where) -> list[str]:
+    """The `key_last.{i}` output names every key reader uses; an export without them must be re-exported."""
+    if not manifest.key_last_outputs:
+        raise UnskillError(f"{where}: the export has no key_last outputs; re-export it with `unskill export`")
+    return manifest.key_last_outputs
+
+
 def _int(value, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
