@@ -99,6 +99,7 @@ def _choose(retain_alphas: np.ndarray, forget_alphas: np.ndarray | None, target:
 WIDEN = 1.25        # retain prompts within this factor of a threshold count against a candidate
 AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
 CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
+SEARCHED_RULES = ("gauss",)   # region kinds the stored rule is chosen among (boxes lost in docs/runs/robustness-*)
 
 
 def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str) -> np.ndarray:
@@ -127,7 +128,7 @@ def fires(scores: np.ndarray, layers: list[int], thresholds: list[float], votes:
     return (scores[:, layers] <= np.asarray(thresholds)).sum(axis=1) >= votes
 
 
-def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float, rules=("gauss",),
+def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float, rules=SEARCHED_RULES,
                 candidates=CANDIDATES):
     """retain: rule -> (n, L) scores of the retain prompts, forget: rule -> (m, L) scores of the forget
     prompts. Returns (GuardSetting, forget recall, retain rate) of the best candidate within the target."""
@@ -198,8 +199,9 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     paper = _choose(layer_scores(retain_keys[0], stats, "box")[:, last],
                     layer_scores(forget_keys[:plain], stats, "box")[:, last], target, last)
     all_retain = np.concatenate(retain_keys)
-    retain_scores = {rule: layer_scores(all_retain, stats, rule) for rule in ("box", "gauss")}
-    forget_scores = {rule: layer_scores(forget_keys, stats, rule) for rule in ("box", "gauss")}
+    # scores of the searched region kinds only: the paper's box above needs its last layer alone
+    retain_scores = {rule: layer_scores(all_retain, stats, rule) for rule in SEARCHED_RULES}
+    forget_scores = {rule: layer_scores(forget_keys, stats, rule) for rule in SEARCHED_RULES}
     setting, forget_rate, retain_rate = search_rule(retain_scores, forget_scores, target)
     plain_rate = float(fires(forget_scores[setting.rule][:plain], setting.layers, setting.thresholds,
                              setting.votes).mean())
