@@ -302,13 +302,12 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
     from unskill.runtime.errors import UnskillError
 
     from .augment import chat_dataset, without_skill_subjects
-    from .calibrate import augment_kind, calibrate_rule
+    from .calibrate import _check_target, augment_kind, calibrate_rule
     from .datasets import load_dataset
 
     if forget is None:
         raise UnskillError("unskill calibrate: choosing a rule needs --forget SPEC (validation prompts of the skill)")
-    if args.target >= 1 or args.target < 0:
-        raise UnskillError(f"--target must be in [0, 1), got {args.target}")
+    _check_target(args.target)   # before the retain sets load
     kind = augment_kind(stats, forget.name) if args.augment == "auto" else None if args.augment == "none" else args.augment
     retain_sets = [retain] + ([] if args.no_chat_retain else
                               [chat_dataset(), load_dataset("builtin:general", None, min(args.limit, 100))])
