@@ -87,6 +87,11 @@ def add_edit_parser(subparsers) -> None:
     quant.add_argument("--embeddings", action="store_true", help="int4: quantize the token embedding too")
     quant.add_argument("--asymmetric", action="store_true",
                        help="int4: a zero point per block (GGUF Q4_1/Q4_K weights are min+scale blocks)")
+    quant.add_argument("--grid", choices=("source", "rtn"), default="source",
+                       help="int4: source (default) keeps weights that lie on a block grid (dequantized GGUF) "
+                            "exactly on it; rtn re-quantizes everything")
+    quant.add_argument("--grid-bits", type=int, choices=(4, 8), default=8,
+                       help="int4 --grid source: widest grid kept exactly (8: Q5_0/Q6_K/Q8_0 as 8-bit; 4: those re-quantized to 4-bit)")
     _add_target(quant)
     quant.set_defaults(run=run_quantize)
     slim = methods.add_parser("slim", help="a serving folder: only logits, present.* and key_last.* (onnx/model.onnx)")
@@ -132,7 +137,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     _with_target(args, lambda out: quantize(args.model, out, args.mode, block_size=args.block_size,
                                             accuracy_level=args.accuracy_level, embeddings=args.embeddings,
-                                            symmetric=not args.asymmetric))
+                                            symmetric=not args.asymmetric, grid=args.grid,
+                                            grid_bits=args.grid_bits))
     print(f"quantized {args.model} to {args.mode} -> {args.out}")
     return 0
 

@@ -3,7 +3,13 @@
 int4 uses onnxruntime's MatMulNBitsQuantizer: every MatMul with a constant weight (the LM head included) becomes
 MatMulNBits with `block_size` weights per scale and the kernel's `accuracy_level` (4 = int8 activations, the
 fastest CPU path; 0 = fp32 activations); `embeddings=True` also turns the token-embedding Gather into
-GatherBlockQuantized. benchmarks/quantized.py measures speed and token-level accuracy per setting.
+GatherBlockQuantized. benchmarks/README.md ("int4") has speed and token-level accuracy per setting.
+
+`grid="source"` (default) first writes every MatMul whose fp32 weights already lie on a block grid (the
+packaged models are dequantized GGUF files: Q4_1, Q4_K, Q5_0, Q6_K, Q8_0) as MatMulNBits on that very grid
+(exporter/grid.py), so those weights are not rounded a second time; only the rest goes through the
+quantizer above. `grid_bits` caps the grids kept exactly (8: 5-, 6- and 8-bit grids become 8-bit
+MatMulNBits; 4: those go through the 4-bit quantizer instead, smaller and faster, not exact).
 
 The key and pre-activation outputs survive: quantization changes the MatMul nodes only. The quantized
 manifest lists the fp32 fingerprint under `stats_compatible`, so KSD stats taken on the fp32 model load on it.
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -23,6 +30,7 @@ from unskill.runtime.manifest import Manifest
 from .edit import load_exported, save_edited
 
 MODES = ("int8", "int4")
+GRIDS = ("source", "rtn")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
@@ -60,9 +68,11 @@ def fold_transposed_weights(model: onnx.ModelProto) -> int:
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", block_size: int = 32,
-             accuracy_level: int = 4, embeddings: bool = False, symmetric: bool = True) -> Manifest:
-    if mode not in MODES:
-        raise UnskillError(f"quantization mode {mode!r}: use one of {MODES}")
+             accuracy_level: int = 4, embeddings: bool = False, symmetric: bool = True, grid: str = "source",
+             grid_bits: int = 8) -> Manifest:
+    if mode not in MODES or grid not in GRIDS or grid_bits not in (4, 8):
+        raise UnskillError(f"quantization mode {mode!r} / grid {grid!r} / grid bits {grid_bits}: "
+                           f"use one of {MODES} / {GRIDS} / (4, 8)")
     if block_size not in BLOCK_SIZES or accuracy_level not in ACCURACY_LEVELS:
         raise UnskillError(f"int4 block size {block_size} / accuracy level {accuracy_level}: "
                            f"use one of {BLOCK_SIZES} / {ACCURACY_LEVELS}")
@@ -81,14 +91,24 @@ def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", blo
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         fold_transposed_weights(model)   # the tied LM head becomes quantizable
+        tensors = {}
+        if grid == "source":
+            from .grid import replace_with_grid_matmuls
+
+            tensors = Counter(replace_with_grid_matmuls(model, accuracy_level, max_bits=grid_bits).values())
         # Gather weights are (vocab, hidden): blocks run along hidden (axis 1), as GatherBlockQuantized needs.
         ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
+        from .grid import CORRECTION
+
+        corrections = [node.name for node in model.graph.node if node.name.endswith(CORRECTION)]
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
                                          accuracy_level=accuracy_level, op_types_to_quantize=ops,
+                                         nodes_to_exclude=corrections,
                                          quant_axes=(("MatMul", 0), ("Gather", 1)))
         logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
         quantizer.process()
         quantized = quantizer.model.model
-        edit.update(block_size=block_size, accuracy_level=accuracy_level, embeddings=embeddings, symmetric=symmetric)
+        edit.update(block_size=block_size, accuracy_level=accuracy_level, embeddings=embeddings, symmetric=symmetric,
+                    grid=grid, grid_tensors=dict(sorted(tensors.items())))
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
     return save_edited(quantized, manifest, model_dir, out_dir, edit, stats_compatible=compatible)

@@ -1,0 +1,190 @@
+"""Exact int4/int8 MatMulNBits from weights that already lie on a block-quantization grid.
+
+The packaged models are dequantized GGUF files: SmolLM2's projections are Q4_1 (w = d*q + m, q in 0..15,
+blocks of 32 along the input dimension) and its tied embedding Q8_0 (w = d*q, q in -128..127); Gemma-3's
+Q4_K_M mixes Q4_K (w = scale*q - min per 32-block), Q5_0, Q6_K (16-blocks) and Q8_0. Re-quantizing such
+weights onto a fresh round-to-nearest grid rounds them a second time (about 5 points of token-level top-1
+on SmolLM2). This module recovers each tensor's grid from the fp32 weights themselves (no GGUF needed, any
+architecture) and writes MatMulNBits that reproduces them to float rounding.
+
+MatMulNBits computes sum_k x_k * scale_b * (q_k - zero_point_b). Its zero point must be an integer to
+reach MLAS's fast kernels: float zero points (which the op accepts and which would represent Q4_1's min
+exactly) fall back to dequantizing the whole weight on every call in onnxruntime 1.32, ~75x slower per
+MatMul (benchmarks/README.md, "int4"). So a block's min goes in two parts: the integer multiple of its
+scale into the zero point, the remainder r_b (zero for symmetric grids such as Q8_0 / Q5_0) into a
+correction y += X @ R, where X_b = sum of x over block b (Reshape + ReduceSum, once per input tensor) and
+R is [K/block, N] fp32 -- a MatMul 1/block the size of the weight, plus an Add.
+
+Our own code: onnxruntime's MatMulNBitsQuantizer (RTN, HQQ, GPTQ) always chooses its own scales; none of its
+algorithms takes a given grid. Tensors that fit no grid go to it (quantize.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Tried in order: the first (bits, block) whose grid every block of a tensor fits wins. Q4_1/Q4_K fit 4-bit
+# 32-blocks; Q5_0/Q8_0 need 8 bits; Q6_K has a scale per 16 weights.
+CANDIDATES = ((4, 32), (8, 32), (8, 16))
+# A weight matches its grid point within this fraction of the block's largest magnitude: a few float32 ulps
+# (the GGUF dequantization rounds d*q + m once in float32).
+TOLERANCE = 1e-6
+# Name suffix of the residual-correction MatMuls (fp32 on purpose: quantize.py keeps the quantizer off them).
+CORRECTION = "/grid_correction"
+
+
+@dataclass
+class GridWeight:
+    """One MatMul weight [K, N] as MatMulNBits inputs: w[k, n] = scales[n, b] * (q[n, k] - 2**(bits-1))
+    + residual[b, n] for k in block b."""
+    bits: int
+    block: int
+    packed: np.ndarray            # uint8 [N, K/block, block*bits/8]
+    scales: np.ndarray            # float32 [N * K/block]
+    residual: np.ndarray | None   # float32 [K/block, N], None where every block's min is on its integer grid
+
+    def dequantized(self) -> np.ndarray:
+        """The fp32 weight [K, N] these inputs stand for (tests compare it with the source)."""
+        n, blocks, _ = self.packed.shape
+        if self.bits == 4:
+            q = np.stack([self.packed & 15, self.packed >> 4], axis=-1).reshape(n, blocks, self.block)
+        else:
+            q = self.packed
+        scales = self.scales.reshape(n, blocks, 1)
+        weight = scales * (q.astype(np.float32) - 2 ** (self.bits - 1))
+        if self.residual is not None:
+            weight = weight + self.residual.T[:, :, None]
+        return weight.reshape(n, blocks * self.block).T
+
+
+def fit_grid(weight: np.ndarray, bits: int, block: int) -> GridWeight | None:
+    """The grid of a [K, N] weight with blocks of `block` along K, or None where a block has more than
+    2**bits levels or a weight off its block's grid."""
+    k, n = weight.shape
+    if k % block:
+        return None
+    levels = 2 ** bits - 1
+    blocks = weight.T.reshape(n, k // block, block).astype(np.float64)
+    low, high = blocks.min(-1), blocks.max(-1)
+    size = np.maximum(np.abs(low), np.abs(high))
+    step = _smallest_step(blocks, size)
+    steps = np.rint((blocks - low[..., None]) / step[..., None])
+    if steps.max() > levels:
+        return None
+    top = steps.max(-1)
+    step = np.where(top > 0, (high - low) / np.maximum(top, 1), step)    # refined: span / levels used
+    steps = np.rint((blocks - low[..., None]) / step[..., None])
+    # The block min goes into the zero point as an integer number of steps; what is left is the residual.
+    offset = np.rint(low / step)
+    center = 2 ** (bits - 1)
+    offset = np.clip(offset, -center, levels - center - top)             # keep q within 0..levels
+    q = steps + (center + offset)[..., None]
+    scales = step.astype(np.float32)
+    residual = (low - offset * scales.astype(np.float64)).astype(np.float32)
+    residual = np.where(np.abs(residual) <= TOLERANCE * size, 0, residual).astype(np.float32)
+    rebuilt = scales[..., None] * (q.astype(np.float32) - center) + residual[..., None]
+    if np.any(np.abs(rebuilt - blocks) > TOLERANCE * size[..., None] + 1e-30):
+        return None
+    q = q.astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)) if bits == 4 else q
+    return GridWeight(bits, block, np.ascontiguousarray(packed), scales.reshape(-1),
+                      np.ascontiguousarray(residual.T) if residual.any() else None)
+
+
+def _smallest_step(blocks: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Per block, the largest step that every gap between its sorted values is a whole multiple of (a float
+    Euclid over the gaps; 1 where all values are equal). Values on a grid differ by multiples of its step."""
+    tolerance = 1e-5 * size
+    gaps = np.diff(np.sort(blocks, axis=-1), axis=-1)
+    step = np.zeros_like(size)
+    for index in range(gaps.shape[-1]):
+        step = _float_gcd(step, np.where(gaps[..., index] > tolerance, gaps[..., index], 0.0), tolerance)
+    return np.where(step > 0, step, np.where(size > 0, size, 1.0))
+
+
+def _float_gcd(a: np.ndarray, b: np.ndarray, tolerance: np.ndarray) -> np.ndarray:
+    """Elementwise Euclid on floats: a remainder within `tolerance` of 0 (or of the divisor) counts as 0."""
+    a, b = np.maximum(a, b), np.minimum(a, b)
+    for _ in range(40):
+        live = b > tolerance
+        if not live.any():
+            break
+        remainder = np.fmod(a, np.where(live, b, 1.0))
+        remainder = np.where((remainder <= tolerance) | (remainder >= b - tolerance), 0.0, remainder)
+        a, b = np.where(live, b, a), np.where(live, remainder, 0.0)
+    return a
+
+
+def find_grid(weight: np.ndarray, candidates=CANDIDATES) -> GridWeight | None:
+    for bits, block in candidates:
+        grid = fit_grid(weight, bits, block)
+        if grid is not None:
+            return grid
+    return None
+
+
+def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_bits: int = 8) -> dict:
+    """Every MatMul whose initializer weight lies on a grid of at most `max_bits` becomes MatMulNBits (plus
+    its residual correction where needed). Returns {weight name: "4-bit/32", ...} and "off-grid" names."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    candidates = tuple(c for c in CANDIDATES if c[0] <= max_bits)
+    block_sums: dict[tuple[str, int], str] = {}    # (input, block) -> X, shared by the input's MatMuls
+    report: dict[str, str] = {}
+    # The replacement nodes take the MatMul's place in the list: they read only its input (and block sums made
+    # at the input's first MatMul), so the graph stays topologically sorted.
+    nodes, used = [], set()
+    for node in graph.node:
+        init = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        grid = find_grid(numpy_helper.to_array(init), candidates) if init is not None and len(init.dims) == 2 else None
+        if grid is None:
+            if init is not None:
+                report[init.name] = "off-grid"
+            nodes.append(node)
+            continue
+        report[init.name] = f"{grid.bits}-bit/{grid.block}" + (" + residual" if grid.residual is not None else "")
+        nodes.extend(_grid_nodes(graph, node, grid, tuple(init.dims), accuracy_level, block_sums))
+        used.add(init.name)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    still_used = {name for node in graph.node for name in node.input}
+    for name in used - still_used:
+        graph.initializer.remove(initializers[name])
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return report
+
+
+def _grid_nodes(graph, node, grid: GridWeight, shape, accuracy_level: int, block_sums: dict) -> list:
+    k, n = shape
+    base = node.name or node.output[0]
+    names = {key: f"{base}/grid_{key}" for key in ("q", "scales", "residual", "main", "correction")}
+    graph.initializer.extend([numpy_helper.from_array(grid.packed, names["q"]),
+                              numpy_helper.from_array(grid.scales, names["scales"])])
+    main_out = node.output[0] if grid.residual is None else names["main"]
+    nodes = [helper.make_node("MatMulNBits", [node.input[0], names["q"], names["scales"]], [main_out],
+                              name=f"{base}/grid", domain="com.microsoft", K=k, N=n, bits=grid.bits,
+                              block_size=grid.block, accuracy_level=accuracy_level)]
+    if grid.residual is None:
+        return nodes
+    key = (node.input[0], grid.block)
+    if key not in block_sums:
+        # X_b = sum of the input over block b: [B, S, K] -> [B, S, K/block, block] -> [B, S, K/block].
+        # Every MatMul input in our graphs is rank 3 (batch, sequence, features).
+        stem = f"{node.input[0]}/block_sums{grid.block}"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([0, 0, k // grid.block, grid.block], np.int64), f"{stem}/shape"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/axis")])
+        nodes += [helper.make_node("Reshape", [node.input[0], f"{stem}/shape"], [f"{stem}/blocks"], name=f"{stem}/reshape"),
+                  helper.make_node("ReduceSum", [f"{stem}/blocks", f"{stem}/axis"], [stem], name=f"{stem}/sum",
+                                   keepdims=0)]
+        block_sums[key] = stem
+    graph.initializer.append(numpy_helper.from_array(grid.residual, names["residual"]))
+    nodes += [helper.make_node("MatMul", [block_sums[key], names["residual"]], [names["correction"]],
+                               name=f"{base}{CORRECTION}"),
+              helper.make_node("Add", [names["main"], names["correction"]], [node.output[0]], name=f"{base}/grid_add")]
+    return nodes
