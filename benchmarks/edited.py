@@ -24,9 +24,10 @@ def main() -> int:
     parser.add_argument("model_dirs", nargs="+", type=Path, help="the first one is the baseline")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    generators = {str(d): load(d, device="cpu") for d in args.model_dirs}
+    generators = {str(d): load(d, device="cpu", threads=args.threads) for d in args.model_dirs}
     rates = {name: [] for name in generators}
     for generator in generators.values():
         decode_rate(generator, [PROMPT], 8)   # warm-up

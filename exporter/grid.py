@@ -61,7 +61,7 @@ class GridWeight:
         return weight.reshape(n, blocks * self.block).T
 
 
-def fit_grid(weight: np.ndarray, bits: int, block: int) -> GridWeight | None:
+def fit_grid(weight: np.ndarray, bits: int, block: int, residuals: bool = True) -> GridWeight | None:
     """The grid of a [K, N] weight with blocks of `block` along K, or None where a block has more than
     2**bits levels or a weight off its block's grid."""
     k, n = weight.shape
@@ -92,7 +92,7 @@ def fit_grid(weight: np.ndarray, bits: int, block: int) -> GridWeight | None:
     q = q.astype(np.uint8)
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)) if bits == 4 else q
     return GridWeight(bits, block, np.ascontiguousarray(packed), scales.reshape(-1),
-                      np.ascontiguousarray(residual.T) if residual.any() else None)
+                      np.ascontiguousarray(residual.T) if residual.any() and residuals else None)
 
 
 def _smallest_step(blocks: np.ndarray, size: np.ndarray) -> np.ndarray:
@@ -119,15 +119,16 @@ def _float_gcd(a: np.ndarray, b: np.ndarray, tolerance: np.ndarray) -> np.ndarra
     return a
 
 
-def find_grid(weight: np.ndarray, candidates=CANDIDATES) -> GridWeight | None:
+def find_grid(weight: np.ndarray, candidates=CANDIDATES, residuals: bool = True) -> GridWeight | None:
     for bits, block in candidates:
-        grid = fit_grid(weight, bits, block)
+        grid = fit_grid(weight, bits, block, residuals)
         if grid is not None:
             return grid
     return None
 
 
-def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_bits: int = 8) -> dict:
+def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_bits: int = 8,
+                              residuals: bool = True) -> dict:
     """Every MatMul whose initializer weight lies on a grid of at most `max_bits` becomes MatMulNBits (plus
     its residual correction where needed). Returns {weight name: "4-bit/32", ...} and "off-grid" names."""
     graph = model.graph
@@ -140,7 +141,7 @@ def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_b
     nodes, used = [], set()
     for node in graph.node:
         init = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
-        grid = find_grid(numpy_helper.to_array(init), candidates) if init is not None and len(init.dims) == 2 else None
+        grid = find_grid(numpy_helper.to_array(init), candidates, residuals) if init is not None and len(init.dims) == 2 else None
         if grid is None:
             if init is not None:
                 report[init.name] = "off-grid"
