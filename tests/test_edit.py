@@ -308,8 +308,10 @@ def test_int4_options_quantize_lm_head_and_embeddings(tiny_export, edit_stats, t
     _, onnx_dir = tiny_export(kind)
     out = tmp_path / "int4-emb"
     manifest = quantize(onnx_dir, out, "int4", block_size=16, accuracy_level=0, embeddings=True)
-    assert manifest.edits[-1] == {"method": "quantize", "mode": "int4", "ratio": 0.0, "block_size": 16,
-                                  "accuracy_level": 0, "embeddings": True, "symmetric": True}
+    edit = manifest.edits[-1]
+    assert edit == {"method": "quantize", "mode": "int4", "ratio": 0.0, "block_size": 16, "accuracy_level": 0,
+                    "embeddings": True, "symmetric": True, "grid": "source", "grid_tensors": edit["grid_tensors"]}
+    assert set(edit["grid_tensors"]) == {"off-grid"}   # random weights: all to onnxruntime's quantizer
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     weights = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Transpose"}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]   # LM head too
@@ -334,3 +336,103 @@ def test_quantize_refuses_unknown_block_size(tiny_export, tmp_path):
     with pytest.raises(UnskillError, match="block size 48"):
         quantize(onnx_dir, tmp_path / "bad", "int4", block_size=48)
     assert not (tmp_path / "bad").exists()
+
+
+def _snap_to_gguf_grids(hf_dir, out_dir):
+    """The tiny llama with every projection on a Q4_1 grid (w = d*q + m, q in 0..15, fp16 d and m, blocks of 32
+    along the input dimension) and its LM head on a Q8_0 grid (w = d*q, q in -127..127), computed as GGUF's
+    dequantization does (float32), as the packaged models' weights are."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            w = module.weight.numpy().reshape(module.out_features, -1, 32)
+            if name == "lm_head":
+                d = (np.abs(w).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+                q = np.clip(np.rint(w / np.where(d > 0, d, 1)), -127, 127)
+                snapped = d * q
+            else:
+                low, high = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
+                d = ((high - low) / 15).astype(np.float16).astype(np.float32)
+                m = low.astype(np.float16).astype(np.float32)
+                q = np.clip(np.rint((w - m) / d), 0, 15)
+                snapped = d * q + m
+            module.weight.copy_(torch.from_numpy(snapped.astype(np.float32).reshape(module.weight.shape)))
+    model.save_pretrained(out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (hf_dir / name).exists():
+            (out_dir / name).write_bytes((hf_dir / name).read_bytes())
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def gguf_grid_export(tiny_export, tmp_path_factory):
+    from unskill.exporter.export import export_model
+
+    hf_dir, _ = tiny_export("llama")
+    root = tmp_path_factory.mktemp("tiny_gguf_grid")
+    export_model(str(_snap_to_gguf_grids(hf_dir, root / "hf")), root / "onnx", progress=False)
+    return root / "onnx"
+
+
+def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
+    """Weights on Q4_1 / Q8_0 grids come back from MatMulNBits (+ the residual correction) equal to the fp32
+    weights within float rounding, and with fp32 activations (accuracy level 0) the logits and every key
+    output equal the fp32 model's within 1e-5 relative; the round-to-nearest quantizer is ~100x further off."""
+    import onnx
+    from onnx import numpy_helper
+
+    from unskill.exporter.grid import GridWeight
+    from unskill.exporter.quantize import quantize
+
+    manifest = quantize(gguf_grid_export, tmp_path / "exact", "int4", accuracy_level=0)
+    assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 21, "8-bit/32": 1}
+    source = onnx.load(str(gguf_grid_export / "model.onnx"))
+    weights = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
+    by_output = {n.output[0]: weights[n.input[1]] for n in source.graph.node
+                 if n.op_type == "MatMul" and n.input[1] in weights}
+    graph = onnx.load(str(tmp_path / "exact" / "model.onnx")).graph
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    adds = {n.input[0]: n for n in graph.node if n.op_type == "Add"}
+    residuals = {n.output[0]: arrays[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in arrays}
+    checked = 0
+    for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
+        attrs = {a.name: a.i for a in node.attribute}
+        add = adds.get(node.output[0])
+        output = add.output[0] if add is not None else node.output[0]
+        residual = residuals[add.input[1]] if add is not None else None
+        grid = GridWeight(attrs["bits"], attrs["block_size"], arrays[node.input[1]], arrays[node.input[2]], residual)
+        expected = by_output[output]
+        assert np.abs(grid.dequantized() - expected).max() <= 1e-6 * np.abs(expected).max(), output
+        checked += 1
+    assert checked == 22
+    ids = np.random.default_rng(4).integers(5, 500, size=(1, 12))
+    exact, _, _ = run_plain_ort(tmp_path / "exact", ids)
+    plain, _, _ = run_plain_ort(gguf_grid_export, ids)
+    for name in ("logits", "key.0", "key.2", "preact.1", "key_last.2"):
+        assert np.abs(exact[name] - plain[name]).max() <= 1e-5 * np.abs(plain[name]).max(), name
+    quantize(gguf_grid_export, tmp_path / "rtn", "int4", accuracy_level=0, grid="rtn")
+    rtn, _, _ = run_plain_ort(tmp_path / "rtn", ids)
+    assert np.abs(rtn["logits"] - plain["logits"]).max() > 1e-3 * np.abs(plain["logits"]).max()
+
+
+def test_fit_grid_finds_symmetric_and_16_blocks_and_refuses_noise():
+    """Q8_0 (symmetric, 256 levels): 8-bit, integer zero points, no residual; Q6_K (a scale per 16 weights):
+    8-bit blocks of 16; Gaussian noise fits no grid (it goes to onnxruntime's quantizer)."""
+    from unskill.exporter.grid import find_grid
+
+    rng = np.random.default_rng(0)
+    d = (rng.random((64, 4, 1)) / 100).astype(np.float16).astype(np.float32)   # GGUF block scales are fp16
+    q8 = (d * rng.integers(-127, 128, (64, 4, 32))).astype(np.float32)
+    grid = find_grid(q8.reshape(64, 128).T.copy())
+    assert (grid.bits, grid.block, grid.residual) == (8, 32, None)
+    assert np.array_equal(grid.dequantized(), q8.reshape(64, 128).T)
+    q6 = np.repeat(d, 2, axis=1) * rng.integers(1, 40, (64, 8, 1)) * rng.integers(-32, 32, (64, 8, 16))
+    grid = find_grid(q6.reshape(64, 128).T.copy().astype(np.float32))
+    assert (grid.bits, grid.block) == (8, 16)
+    assert np.abs(grid.dequantized() - q6.reshape(64, 128).T).max() <= 1e-6 * np.abs(q6).max()
+    assert find_grid(rng.standard_normal((128, 64)).astype(np.float32)) is None
