@@ -80,7 +80,8 @@ def add_edit_parser(subparsers) -> None:
     quant = methods.add_parser("quantize", help="int8 (MatMulInteger) or int4 (MatMulNBits) weights")
     quant.add_argument("--model", required=True)
     quant.add_argument("--out", required=True)
-    quant.add_argument("--mode", choices=("int8", "int4"), default="int8")
+    quant.add_argument("--mode", choices=("int8", "int4", "fp16"), default="int8",
+                       help="fp16: weights and compute in float16 for --device cuda, inputs/outputs stay fp32")
     quant.add_argument("--block-size", type=int, default=32, help="int4: weights per scale (default 32)")
     quant.add_argument("--accuracy-level", type=int, default=4,
                        help="int4: MatMulNBits compute type, 4 = int8 activations (fastest on CPU), 0 = fp32")

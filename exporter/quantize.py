@@ -1,4 +1,4 @@
-"""Weight quantization of an exported model: int8 (dynamic MatMulInteger) or int4 (MatMulNBits).
+"""Weight quantization of an exported model: int8 (dynamic MatMulInteger), int4 (MatMulNBits) or fp16 (GPU).
 
 int4 uses onnxruntime's MatMulNBitsQuantizer: every MatMul with a constant weight (the LM head included) becomes
 MatMulNBits with `block_size` weights per scale and the kernel's `accuracy_level` (4 = int8 activations, the
@@ -29,7 +29,7 @@ from unskill.runtime.manifest import Manifest
 
 from .edit import load_exported, save_edited
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "fp16")
 GRIDS = ("source", "rtn")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -67,6 +67,16 @@ def fold_transposed_weights(model: onnx.ModelProto) -> int:
     return folded
 
 
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and compute for the GPU path (onnxruntime.transformers' converter). keep_io_types: every
+    graph input and output stays fp32 (a Cast at the edge), so the runtime, optimum and onnxruntime-genai feed
+    and read it as the fp32 export, and the key outputs the KSD guard compares with fp32 stats stay fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.ERROR)
+    return convert_float_to_float16(model, keep_io_types=True)
+
+
 def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", block_size: int = 32,
              accuracy_level: int = 4, embeddings: bool = False, symmetric: bool = True, grid: str = "source",
              grid_bits: int = 8) -> Manifest:
@@ -78,7 +88,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", blo
                            f"use one of {BLOCK_SIZES} / {ACCURACY_LEVELS}")
     model, manifest = load_exported(model_dir)
     edit = {"method": "quantize", "mode": mode, "ratio": 0.0}
-    if mode == "int8":
+    if mode == "fp16":
+        quantized = to_float16(model)
+    elif mode == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         with tempfile.TemporaryDirectory() as scratch:

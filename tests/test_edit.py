@@ -436,3 +436,28 @@ def test_fit_grid_finds_symmetric_and_16_blocks_and_refuses_noise():
     assert (grid.bits, grid.block) == (8, 16)
     assert np.abs(grid.dequantized() - q6.reshape(64, 128).T).max() <= 1e-6 * np.abs(q6).max()
     assert find_grid(rng.standard_normal((128, 64)).astype(np.float32)) is None
+
+
+def test_fp16_keeps_fp32_inputs_outputs_and_runs_on_cpu(tiny_export, edit_stats, tmp_path):
+    """`quantize --mode fp16` (the GPU path): every weight float16, every graph input and output as in the fp32
+    export (KV cache, logits and the key outputs fp32, so the runtime, optimum and the guard's fp32 stats work
+    unchanged). onnxruntime's CPU provider runs it too: logits and keys within 2e-3 relative of fp32 (fp16's
+    11-bit mantissa over 3 layers; SmolLM2 measures 2.4e-3 on logits, benchmarks/README.md)."""
+    import onnx
+
+    from unskill.exporter.quantize import quantize
+
+    _, onnx_dir = tiny_export("llama")
+    out = tmp_path / "fp16"
+    quantize(onnx_dir, out, "fp16")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    source = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
+    assert {i.data_type for i in graph.initializer if len(i.dims) == 2} == {onnx.TensorProto.FLOAT16}
+    assert [(v.name, v.type.tensor_type.elem_type) for v in [*graph.input, *graph.output]] == \
+        [(v.name, v.type.tensor_type.elem_type) for v in [*source.input, *source.output]]
+    ids = np.random.default_rng(4).integers(5, 500, size=(1, 12))
+    half, _, _ = run_plain_ort(out, ids)
+    plain, _, _ = run_plain_ort(onnx_dir, ids)
+    for name in ("logits", "key.0", "key.2", "preact.1", "present.2.key"):
+        assert np.abs(half[name] - plain[name]).max() <= 2e-3 * np.abs(plain[name]).max(), name
+    load(out, stats=[edit_stats("llama")], device="cpu")
