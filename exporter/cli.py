@@ -88,9 +88,9 @@ def add_edit_parser(subparsers) -> None:
     quant.add_argument("--embeddings", action="store_true", help="int4: quantize the token embedding too")
     quant.add_argument("--asymmetric", action="store_true",
                        help="int4: a zero point per block (GGUF Q4_1/Q4_K weights are min+scale blocks)")
-    quant.add_argument("--grid", choices=("source", "rtn"), default="source",
-                       help="int4: source (default) keeps weights that lie on a block grid (dequantized GGUF) "
-                            "exactly on it; rtn re-quantizes everything")
+    quant.add_argument("--grid", choices=("source", "exact", "rtn"), default="source",
+                       help="int4: source (default) keeps weights that lie on a block grid (dequantized GGUF) on "
+                            "it, block mins to 1/238; exact: to float rounding (slower); rtn: re-quantize all")
     quant.add_argument("--grid-bits", type=int, choices=(4, 8), default=8,
                        help="int4 --grid source: widest grid kept exactly (8: Q5_0/Q6_K/Q8_0 as 8-bit; 4: those re-quantized to 4-bit)")
     _add_target(quant)

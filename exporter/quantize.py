@@ -8,7 +8,9 @@ GatherBlockQuantized. benchmarks/README.md ("int4") has speed and token-level ac
 `grid="source"` (default) first writes every MatMul whose fp32 weights already lie on a block grid (the
 packaged models are dequantized GGUF files: Q4_1, Q4_K, Q5_0, Q6_K, Q8_0) as MatMulNBits on that very grid
 (exporter/grid.py), so those weights are not rounded a second time; only the rest goes through the
-quantizer above. `grid_bits` caps the grids kept exactly (8: 5-, 6- and 8-bit grids become 8-bit
+quantizer above. Block mins off the integer zero-point grid (Q4_1, Q4_K) leave a residual per block: "source"
+carries it as two 4-bit digits in extra rows (to 1/238 of its size; the fast form), "exact" as an fp32
+correction MatMul (to float rounding; ~5 % slower decode), "rtn" re-quantizes everything (the old way). `grid_bits` caps the grids kept exactly (8: 5-, 6- and 8-bit grids become 8-bit
 MatMulNBits; 4: those go through the 4-bit quantizer instead, smaller and faster, not exact).
 
 The key and pre-activation outputs survive: quantization changes the MatMul nodes only. The quantized
@@ -30,7 +32,7 @@ from unskill.runtime.manifest import Manifest
 from .edit import load_exported, save_edited
 
 MODES = ("int8", "int4", "fp16")
-GRIDS = ("source", "rtn")
+GRIDS = ("source", "exact", "rtn")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
@@ -104,15 +106,17 @@ def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", blo
 
         fold_transposed_weights(model)   # the tied LM head becomes quantizable
         tensors = {}
-        if grid == "source":
+        if grid != "rtn":
             from .grid import replace_with_grid_matmuls
 
-            tensors = Counter(replace_with_grid_matmuls(model, accuracy_level, max_bits=grid_bits).values())
+            form = "matmul" if grid == "exact" else "digits"
+            tensors = Counter(replace_with_grid_matmuls(model, accuracy_level, max_bits=grid_bits,
+                                                        residual_form=form).values())
         # Gather weights are (vocab, hidden): blocks run along hidden (axis 1), as GatherBlockQuantized needs.
         ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
-        from .grid import CORRECTION
+        from .grid import BLOCK_SUMS, CORRECTION
 
-        corrections = [node.name for node in model.graph.node if node.name.endswith(CORRECTION)]
+        corrections = [node.name for node in model.graph.node if node.name.endswith((CORRECTION, BLOCK_SUMS))]
         quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
                                          accuracy_level=accuracy_level, op_types_to_quantize=ops,
                                          nodes_to_exclude=corrections,
