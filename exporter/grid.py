@@ -5,18 +5,19 @@ blocks of 32 along the input dimension) and its tied embedding Q8_0 (w = d*q, q 
 Q4_K_M mixes Q4_K (w = scale*q - min per 32-block), Q5_0, Q6_K (16-blocks) and Q8_0. Re-quantizing such
 weights onto a fresh round-to-nearest grid rounds them a second time (about 5 points of token-level top-1
 on SmolLM2). This module recovers each tensor's grid from the fp32 weights themselves (no GGUF needed, any
-architecture) and writes MatMulNBits that reproduces them to float rounding.
+architecture) and writes MatMulNBits on that grid.
 
 MatMulNBits computes sum_k x_k * scale_b * (q_k - zero_point_b). Its zero point must be an integer to
 reach MLAS's fast kernels: float zero points (which the op accepts and which would represent Q4_1's min
 exactly) fall back to dequantizing the whole weight on every call in onnxruntime 1.32, ~75x slower per
 MatMul (benchmarks/README.md, "int4"). So a block's min goes in two parts: the integer multiple of its
-scale into the zero point, the remainder r_b (zero for symmetric grids such as Q8_0 / Q5_0) into a
-correction y += X @ R, where X_b = sum of x over block b (Reshape + ReduceSum, once per input tensor) and
-R is [K/block, N] fp32 -- a MatMul 1/block the size of the weight, plus an Add.
+scale into the zero point, the remainder r_b (zero for symmetric grids such as Q8_0 / Q5_0) is added
+through X_b = sum of x over block b: as a correction y += X @ R (R fp32 [K/block, N], "matmul" form,
+exact to float rounding) or as two 4-bit digit rows of R in the same MatMulNBits ("digits" form, the
+default: fewer nodes, R to 1/238). See replace_with_grid_matmuls.
 
 Our own code: onnxruntime's MatMulNBitsQuantizer (RTN, HQQ, GPTQ) always chooses its own scales; none of its
-algorithms takes a given grid. Tensors that fit no grid go to it (quantize.py).
+algorithms takes a given grid, and none writes a residual. Tensors that fit no grid go to it (quantize.py).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class GridWeight:
         return weight.reshape(n, blocks * self.block).T
 
 
-def fit_grid(weight: np.ndarray, bits: int, block: int, residuals: bool = True) -> GridWeight | None:
+def fit_grid(weight: np.ndarray, bits: int, block: int) -> GridWeight | None:
     """The grid of a [K, N] weight with blocks of `block` along K, or None where a block has more than
     2**bits levels or a weight off its block's grid."""
     k, n = weight.shape
@@ -72,7 +73,7 @@ def fit_grid(weight: np.ndarray, bits: int, block: int, residuals: bool = True) 
     blocks = weight.T.reshape(n, k // block, block).astype(np.float64)
     low, high = blocks.min(-1), blocks.max(-1)
     size = np.maximum(np.abs(low), np.abs(high))
-    step = _smallest_step(blocks, size)
+    step = _grid_step(blocks, size)
     steps = np.rint((blocks - low[..., None]) / step[..., None])
     if steps.max() > levels:
         return None
@@ -93,10 +94,10 @@ def fit_grid(weight: np.ndarray, bits: int, block: int, residuals: bool = True) 
     q = q.astype(np.uint8)
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)) if bits == 4 else q
     return GridWeight(bits, block, np.ascontiguousarray(packed), scales.reshape(-1),
-                      np.ascontiguousarray(residual.T) if residual.any() and residuals else None)
+                      np.ascontiguousarray(residual.T) if residual.any() else None)
 
 
-def _smallest_step(blocks: np.ndarray, size: np.ndarray) -> np.ndarray:
+def _grid_step(blocks: np.ndarray, size: np.ndarray) -> np.ndarray:
     """Per block, the largest step that every gap between its sorted values is a whole multiple of (a float
     Euclid over the gaps; 1 where all values are equal). Values on a grid differ by multiples of its step."""
     tolerance = 1e-5 * size
@@ -120,16 +121,16 @@ def _float_gcd(a: np.ndarray, b: np.ndarray, tolerance: np.ndarray) -> np.ndarra
     return a
 
 
-def find_grid(weight: np.ndarray, candidates=CANDIDATES, residuals: bool = True) -> GridWeight | None:
+def find_grid(weight: np.ndarray, candidates=CANDIDATES) -> GridWeight | None:
     for bits, block in candidates:
-        grid = fit_grid(weight, bits, block, residuals)
+        grid = fit_grid(weight, bits, block)
         if grid is not None:
             return grid
     return None
 
 
 def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_bits: int = 8,
-                              residuals: bool = True, residual_form: str = "digits") -> dict:
+                              residual_form: str = "digits") -> dict:
     """Every MatMul whose initializer weight lies on a grid of at most `max_bits` becomes MatMulNBits (plus
     its residual correction where needed). Returns {weight name: "4-bit/32", ...} and "off-grid" names.
 
@@ -150,7 +151,7 @@ def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_b
     nodes, used = [], set()
     for node in graph.node:
         init = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
-        grid = find_grid(numpy_helper.to_array(init), candidates, residuals) if init is not None and len(init.dims) == 2 else None
+        grid = find_grid(numpy_helper.to_array(init), candidates) if init is not None and len(init.dims) == 2 else None
         if grid is None:
             if init is not None:
                 report[init.name] = "off-grid"
@@ -225,31 +226,28 @@ def residual_digits(residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(packed), scales
 
 
-def _extended_input(graph, name: str, k: int, block_sums: dict) -> tuple[str, int]:
-    """x' = [x, X, X] for the digit rows (X = block sums of 32, zero-padded to 32 * P): (name, extra rows)."""
-    nb = k // 32
-    pages = -(-nb // 32)
+def _extended_input(graph, name: str, k: int, block_sums: dict) -> tuple[str, int, list]:
+    """x' = [x, X, X] for the digit rows (X = block sums of 32, zero-padded to 32 * P): its name, the extra
+    rows, and the two nodes that make it (none where an earlier MatMul of the same input made it)."""
+    pages = -(-(k // 32) // 32)
     extra = DIGITS * pages * 32
-    key = (name, "digits")
-    if key not in block_sums:
-        stem = f"{name}/grid_digits"
-        spread = np.zeros((k, extra), np.float32)
-        for digit in range(DIGITS):
-            spread[np.arange(k), digit * pages * 32 + np.arange(k) // 32] = 1.0
-        graph.initializer.append(numpy_helper.from_array(spread, f"{stem}/spread"))
-        block_sums[key] = [helper.make_node("MatMul", [name, f"{stem}/spread"], [f"{stem}/sums"], name=f"{name}{BLOCK_SUMS}"),
-                           helper.make_node("Concat", [name, f"{stem}/sums"], [stem], name=f"{stem}/concat", axis=-1)]
-        block_sums[(name, "digits_name")] = stem
-        return stem, extra
-    return block_sums[(name, "digits_name")], extra
+    stem = f"{name}/grid_digits"
+    if (name, "digits") in block_sums:
+        return stem, extra, []
+    block_sums[(name, "digits")] = stem
+    spread = np.zeros((k, extra), np.float32)
+    for digit in range(DIGITS):
+        spread[np.arange(k), digit * pages * 32 + np.arange(k) // 32] = 1.0
+    graph.initializer.append(numpy_helper.from_array(spread, f"{stem}/spread"))
+    nodes = [helper.make_node("MatMul", [name, f"{stem}/spread"], [f"{stem}/sums"], name=f"{name}{BLOCK_SUMS}"),
+             helper.make_node("Concat", [name, f"{stem}/sums"], [stem], name=f"{stem}/concat", axis=-1)]
+    return stem, extra, nodes
 
 
 def _digit_nodes(graph, node, grid: GridWeight, shape, accuracy_level: int, block_sums: dict) -> list:
     k, n = shape
     base = node.name or node.output[0]
-    first = (node.input[0], "digits") not in block_sums
-    extended, extra = _extended_input(graph, node.input[0], k, block_sums)
-    nodes = list(block_sums[(node.input[0], "digits")]) if first else []
+    extended, extra, nodes = _extended_input(graph, node.input[0], k, block_sums)
     packed, scales = residual_digits(grid.residual)
     blocks = k // 32
     graph.initializer.extend([
