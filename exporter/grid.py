@@ -226,7 +226,7 @@ def residual_digits(residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(packed), scales
 
 
-def _extended_input(graph, name: str, k: int, block_sums: dict, accuracy_level: int) -> tuple[str, int, list]:
+def _extended_input(graph, name: str, k: int, block_sums: dict) -> tuple[str, int, list]:
     """x' = [x, X, X] for the digit rows (X = block sums of 32, zero-padded to 32 * P): its name, the extra
     rows, and the two nodes that make it (none where an earlier MatMul of the same input made it)."""
     pages = -(-(k // 32) // 32)
@@ -239,13 +239,14 @@ def _extended_input(graph, name: str, k: int, block_sums: dict, accuracy_level: 
     for digit in range(DIGITS):
         spread[np.arange(k), digit * pages * 32 + np.arange(k) // 32] = 1.0
     # The 0/1 matrix as 4-bit MatMulNBits (q = 9 or 8 around the default zero point 8, scale 1: exact), an
-    # eighth of the bytes of an fp32 MatMul (which read 37 MB a token on SmolLM2 over 120 inputs).
+    # eighth of the bytes of an fp32 MatMul (which read 37 MB a token on SmolLM2 over 120 inputs); at
+    # accuracy level 0, so the sums are of the fp32 input, not of its int8 rounding (3 MMLU items of 60).
     grid = fit_grid(spread, 4, 32)
     graph.initializer.extend([numpy_helper.from_array(grid.packed, f"{stem}/spread_q"),
                               numpy_helper.from_array(grid.scales, f"{stem}/spread_scales")])
     nodes = [helper.make_node("MatMulNBits", [name, f"{stem}/spread_q", f"{stem}/spread_scales"], [f"{stem}/sums"],
                               name=f"{name}{BLOCK_SUMS}", domain="com.microsoft", K=k, N=extra, bits=4,
-                              block_size=32, accuracy_level=accuracy_level),
+                              block_size=32, accuracy_level=0),
              helper.make_node("Concat", [name, f"{stem}/sums"], [stem], name=f"{stem}/concat", axis=-1)]
     return stem, extra, nodes
 
@@ -253,7 +254,7 @@ def _extended_input(graph, name: str, k: int, block_sums: dict, accuracy_level: 
 def _digit_nodes(graph, node, grid: GridWeight, shape, accuracy_level: int, block_sums: dict) -> list:
     k, n = shape
     base = node.name or node.output[0]
-    extended, extra, nodes = _extended_input(graph, node.input[0], k, block_sums, accuracy_level)
+    extended, extra, nodes = _extended_input(graph, node.input[0], k, block_sums)
     packed, scales = residual_digits(grid.residual)
     blocks = k // 32
     graph.initializer.extend([
