@@ -420,8 +420,11 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
         quantize(gguf_grid_export, tmp_path / grid, "int4", accuracy_level=0, grid=grid)
         logits = run_plain_ort(tmp_path / grid, ids)[0]["logits"]
         errors[grid] = np.abs(logits - plain["logits"]).max() / np.abs(plain["logits"]).max()
-    # source: the block mins' residuals as two 4-bit digits (to 1/238 of the largest in 32 blocks)
+    # source: the block mins' residuals as two 4-bit digits (to 1/238 of the largest in 32 blocks), no node
+    # per MatMul: one block-sum MatMulNBits + Concat per input tensor (3 layers x q/k/v, o, gate/up, down)
     assert errors["source"] < 1e-2 and errors["rtn"] > 10 * errors["source"], errors
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "source" / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 22 + 12 and ops.count("Add") == [n.op_type for n in source.graph.node].count("Add")
 
 
 def test_fit_grid_finds_symmetric_and_16_blocks_and_refuses_noise():
