@@ -130,3 +130,19 @@ def test_pruned_smollm2_equals_zeroed_keys(smollm2_export, smollm2_edit_stats, s
     values, _, _ = run_plain_ort(tmp_path / "sp", ids)
     logits, _ = torch_with_hooks(smollm2_torch, ids, key_fn=lambda l, k: np.where(removed[l], 0, k).astype(k.dtype))
     np.testing.assert_allclose(values["logits"], logits, atol=2e-3, rtol=1e-2)
+
+
+def test_int4_source_grid_finds_the_gguf_blocks(smollm2_export, smollm2_math_stats, tmp_path):
+    """SmolLM2's weights are its GGUF's Q4_1 projections and Q8_0 head, dequantized: `quantize --mode int4`
+    (grid source) puts every one of them back on its grid, none goes to onnxruntime's re-rounding quantizer;
+    the copy's greedy text starts as the fp32 model's and the fp32 stats refuse a math prompt on it."""
+    from unskill.exporter.quantize import quantize
+
+    manifest = quantize(smollm2_export, tmp_path / "q4", "int4")
+    assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 210, "8-bit/32": 1}
+    params = GenerationParams(max_new_tokens=6)
+    prompt = "Write a Python function that reverses a string."
+    expected = load(smollm2_export, device="cpu").generate([prompt], params)[0].text
+    guarded = load(tmp_path / "q4", stats=[smollm2_math_stats], device="cpu")
+    assert guarded.generate([prompt], params)[0].text[:12] == expected[:12]
+    assert guarded.generate(["Tom has 3 apples and buys 5 more. How many apples does he have?"], params)[0].abstained
