@@ -34,7 +34,7 @@ CANDIDATES = ((4, 32), (8, 32), (8, 16))
 # A weight matches its grid point within this fraction of the block's largest magnitude: a few float32 ulps
 # (the GGUF dequantization rounds d*q + m once in float32).
 TOLERANCE = 1e-6
-# Name suffixes of our fp32 MatMuls (residual corrections, block sums): quantize.py keeps the quantizer off them.
+# Node names: the fp32 residual-correction MatMuls (quantize.py keeps the quantizer off them), the block sums.
 CORRECTION = "/grid_correction"
 BLOCK_SUMS = "/grid_digits/sums"
 

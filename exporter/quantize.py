@@ -79,6 +79,32 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     return convert_float_to_float16(model, keep_io_types=True)
 
 
+def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embeddings: bool, symmetric: bool,
+            grid: str, grid_bits: int) -> tuple[onnx.ModelProto, dict]:
+    """MatMulNBits everywhere: the source grid first (grid.py), onnxruntime's quantizer for the rest.
+    Returns the model and the edit record's settings."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from .grid import CORRECTION, replace_with_grid_matmuls
+
+    fold_transposed_weights(model)   # the tied LM head becomes quantizable
+    tensors = {}
+    if grid != "rtn":
+        form = "matmul" if grid == "exact" else "digits"
+        tensors = Counter(replace_with_grid_matmuls(model, accuracy_level, max_bits=grid_bits,
+                                                    residual_form=form).values())
+    # Gather weights are (vocab, hidden): blocks run along hidden (axis 1), as GatherBlockQuantized needs.
+    ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
+    corrections = [node.name for node in model.graph.node if node.name.endswith(CORRECTION)]   # stay fp32
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                     accuracy_level=accuracy_level, op_types_to_quantize=ops,
+                                     nodes_to_exclude=corrections, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
+    quantizer.process()
+    return quantizer.model.model, dict(block_size=block_size, accuracy_level=accuracy_level, embeddings=embeddings,
+                                       symmetric=symmetric, grid=grid, grid_tensors=dict(sorted(tensors.items())))
+
+
 def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", block_size: int = 32,
              accuracy_level: int = 4, embeddings: bool = False, symmetric: bool = True, grid: str = "source",
              grid_bits: int = 8) -> Manifest:
@@ -102,29 +128,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", blo
                              weight_type=QuantType.QInt8, use_external_data_format=True)
             quantized = onnx.load(str(target))
     else:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        fold_transposed_weights(model)   # the tied LM head becomes quantizable
-        tensors = {}
-        if grid != "rtn":
-            from .grid import replace_with_grid_matmuls
-
-            form = "matmul" if grid == "exact" else "digits"
-            tensors = Counter(replace_with_grid_matmuls(model, accuracy_level, max_bits=grid_bits,
-                                                        residual_form=form).values())
-        # Gather weights are (vocab, hidden): blocks run along hidden (axis 1), as GatherBlockQuantized needs.
-        ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
-        from .grid import BLOCK_SUMS, CORRECTION
-
-        corrections = [node.name for node in model.graph.node if node.name.endswith((CORRECTION, BLOCK_SUMS))]
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
-                                         accuracy_level=accuracy_level, op_types_to_quantize=ops,
-                                         nodes_to_exclude=corrections,
-                                         quant_axes=(("MatMul", 0), ("Gather", 1)))
-        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
-        quantizer.process()
-        quantized = quantizer.model.model
-        edit.update(block_size=block_size, accuracy_level=accuracy_level, embeddings=embeddings, symmetric=symmetric,
-                    grid=grid, grid_tensors=dict(sorted(tensors.items())))
+        quantized, settings = to_int4(model, block_size, accuracy_level, embeddings, symmetric, grid, grid_bits)
+        edit.update(settings)
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
     return save_edited(quantized, manifest, model_dir, out_dir, edit, stats_compatible=compatible)
