@@ -135,16 +135,16 @@ def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_b
     its residual correction where needed). Returns {weight name: "4-bit/32", ...} and "off-grid" names.
 
     residual_form "matmul": y = MatMulNBits(x) + X @ R, exact to float rounding, but 2 nodes per MatMul and
-    2 per input (660 on SmolLM2, 1.4x the step time of plain int4 measured). "digits" (4-bit/32 grids):
-    no node per MatMul; the input gets its block sums appended, x' = [x, X, X] (one MatMul with a 0/1
-    matrix and a Concat per input tensor), and each MatMulNBits reads K + 2 * 32 * ceil(K/32/32) more rows
+    2 per input (660 more on SmolLM2). "digits" (4-bit/32 grids): no node per MatMul; the input gets its
+    block sums appended, x' = [x, X, X] (per input tensor one MatMulNBits with the exact 0/1 block matrix at
+    accuracy level 0, and a Concat), and each MatMulNBits reads K + 2 * 32 * ceil(K/32/32) more rows
     that hold R as two signed 4-bit digits (scales 16u and u, u = max |R| of 32 blocks / 119): the
     residual to 1/238 of its largest value in 32 blocks, well under the int8 activation rounding of
     accuracy level 4."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     candidates = tuple(c for c in CANDIDATES if c[0] <= max_bits)
-    block_sums: dict[tuple[str, int], str] = {}    # (input, block) -> X, shared by the input's MatMuls
+    block_sums: dict[tuple[str, object], str] = {}    # (input, block or "digits") -> X or x', shared per input
     report: dict[str, str] = {}
     # The replacement nodes take the MatMul's place in the list: they read only its input (and block sums made
     # at the input's first MatMul), so the graph stays topologically sorted.
