@@ -5,13 +5,14 @@ MatMulNBits with `block_size` weights per scale and the kernel's `accuracy_level
 fastest CPU path; 0 = fp32 activations); `embeddings=True` also turns the token-embedding Gather into
 GatherBlockQuantized. benchmarks/README.md ("int4") has speed and token-level accuracy per setting.
 
-`grid="source"` (default) first writes every MatMul whose fp32 weights already lie on a block grid (the
-packaged models are dequantized GGUF files: Q4_1, Q4_K, Q5_0, Q6_K, Q8_0) as MatMulNBits on that very grid
-(exporter/grid.py), so those weights are not rounded a second time; only the rest goes through the
-quantizer above. Block mins off the integer zero-point grid (Q4_1, Q4_K) leave a residual per block: "source"
-carries it as two 4-bit digits in extra rows (to 1/238 of its size; the fast form), "exact" as an fp32
-correction MatMul (to float rounding; 420 more nodes, 1-4 % slower decode), "rtn" re-quantizes everything (the old way). `grid_bits` caps the grids kept exactly (8: 5-, 6- and 8-bit grids become 8-bit
-MatMulNBits; 4: those go through the 4-bit quantizer instead, smaller and faster, not exact).
+`grid="source"` (default) first writes every MatMul whose fp32 weights already lie on a block grid (the packaged
+models are dequantized GGUF files: Q4_1, Q4_K, Q5_0, Q6_K, Q8_0) as MatMulNBits on that very grid
+(exporter/grid.py), so those weights are not rounded a second time; only the rest goes through the quantizer
+above. Block mins off the integer zero-point grid (Q4_1, Q4_K) leave a residual per block: "source" carries it
+as two 4-bit digits in extra rows (to 1/238 of its size; the fast form), "exact" as an fp32 correction MatMul
+(to float rounding; 420 more nodes, 1-4 % slower decode), "rtn" re-quantizes everything (the old way).
+`grid_bits` caps the grids kept exactly (8: 5-, 6- and 8-bit grids become 8-bit MatMulNBits; 4: those go through
+the 4-bit quantizer instead, smaller and faster, not exact).
 
 The key and pre-activation outputs survive: quantization changes the MatMul nodes only. The quantized
 manifest lists the fp32 fingerprint under `stats_compatible`, so KSD stats taken on the fp32 model load on it.
