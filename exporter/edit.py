@@ -33,9 +33,12 @@ def load_exported(directory: str | Path) -> tuple[onnx.ModelProto, Manifest]:
         raise UnskillError(f"{path}: cannot read the ONNX model: {error}") from None
 
 
-def edited_fingerprint(data_path: Path, edits: list[dict]) -> str:
-    """Weights and edit history together: NA changes the graph, not the weights, yet changes the keys."""
-    digest = hashlib.sha256((sha256_file(data_path) + json.dumps(edits, sort_keys=True)).encode())
+def edited_fingerprint(graph_path: Path, data_path: Path, edits: list[dict]) -> str:
+    """Weights, graph and edit history together: NA changes the graph, not the weights, yet changes the keys,
+    and two edits with the same record can still write different graphs (e.g. quantize's grid forms differ in
+    node attributes only), which must not share eval-cache entries."""
+    parts = [sha256_file(data_path), sha256_file(graph_path), json.dumps(edits, sort_keys=True)]
+    digest = hashlib.sha256("".join(parts).encode())
     return "sha256:" + digest.hexdigest()
 
 
@@ -57,7 +60,7 @@ def save_edited(model: onnx.ModelProto, manifest: Manifest, source_dir: str | Pa
                   location=data_file, size_threshold=1024)
         shutil.copy(Path(source_dir) / "tokenizer.json", staging / "tokenizer.json")
         edits = [*manifest.edits, edit]
-        fingerprint = edited_fingerprint(graph_path.parent / data_file, edits)
+        fingerprint = edited_fingerprint(graph_path, graph_path.parent / data_file, edits)
         new_manifest = replace(manifest, edits=edits, fingerprint=fingerprint, model_file=model_file, probe_file=None,
                                **changes)
         if probe:

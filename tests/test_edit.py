@@ -468,3 +468,18 @@ def test_fp16_keeps_fp32_inputs_outputs_and_runs_on_cpu(tiny_export, edit_stats,
     for name in ("logits", "key.0", "key.2", "preact.1", "present.2.key"):
         assert np.abs(half[name] - plain[name]).max() <= 2e-3 * np.abs(plain[name]).max(), name
     load(out, stats=[edit_stats("llama")], device="cpu")
+
+
+def test_edited_fingerprint_tells_graphs_apart_with_the_same_weights_and_edits(tmp_path):
+    """Two edits with one record and one weights file but different graphs (e.g. attributes only) must not
+    share a fingerprint: the eval cache is keyed by it."""
+    from unskill.exporter.edit import edited_fingerprint
+    data = tmp_path / "model.onnx.data"
+    data.write_bytes(b"\x00" * 64)
+    graph_a, graph_b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    graph_a.write_bytes(b"graph with accuracy_level 4")
+    graph_b.write_bytes(b"graph with accuracy_level 0")
+    edits = [{"kind": "quantize", "mode": "int4"}]
+    assert edited_fingerprint(graph_a, data, edits) != edited_fingerprint(graph_b, data, edits)
+    assert edited_fingerprint(graph_a, data, edits) == edited_fingerprint(graph_a, data, edits)
+    assert edited_fingerprint(graph_a, data, edits) != edited_fingerprint(graph_a, data, [*edits, {"kind": "x"}])
