@@ -23,6 +23,7 @@ load on the fused copy (`stats_compatible`).
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -33,6 +34,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
 from .edit import load_exported, save_edited
+from .gqa import fuse_attention
 
 MODEL_TYPES = ("qwen3", "gpt2")
 
@@ -108,7 +110,14 @@ def node_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
-def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3") -> Manifest:
+def source_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UnskillError(f"{path}: missing; attention fusion reads the head counts from it")
+    return json.loads(path.read_text())
+
+
+def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", attention: bool = True) -> Manifest:
     if model_type not in MODEL_TYPES:
         raise UnskillError(f"fusion table {model_type!r}: use one of {MODEL_TYPES}")
     out_dir = Path(out_dir)
@@ -120,6 +129,9 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3") 
     names_out = [o.name for o in model.graph.output]
     # Fusions first: re-pointed Shape nodes no longer match the qwen3 table's rotary pattern.
     fused = transformers_fusions(model, model_type, manifest.hidden_size)
+    attention_layers = 0
+    if attention and model_type == "qwen3":   # GPT-2-style graphs keep their attention (no GQA heads, biases)
+        attention_layers = fuse_attention(fused, source_config(model_dir), manifest.num_layers)
     repointed = unify_shape_sources(fused)
     with tempfile.TemporaryDirectory() as scratch:
         fused = offline_optimize(fused, Path(scratch))   # onnx.load reads the weights in before scratch goes
@@ -130,6 +142,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3") 
     ops = node_counts(fused)
     edit = {"method": "fuse", "model_type": model_type, "ratio": 0.0, "nodes_before": before,
             "nodes_after": len(fused.graph.node), "shape_nodes_repointed": repointed,
+            "attention_layers_fused": attention_layers,
             "fused_ops": {op: n for op, n in ops.items() if op in FUSED_OPS}}
     # Same weights, same keys: stats taken on the unfused export load on the fused one.
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
