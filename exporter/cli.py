@@ -10,6 +10,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, help="HF directory, .gguf file, or smollm2-135m / gemma3-270m")
     parser.add_argument("--out", required=True, help="new directory for model.onnx, tokenizer.json, unskill.json")
     parser.add_argument("--opset", type=int, default=None)
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="keep optimum's plain graph (default: fused, GroupQueryAttention; `unskill edit fuse`)")
     _add_target(parser)
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run)
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from .export import export_model
 
     manifest = _with_target(args, lambda out: export_model(args.model, out, opset=args.opset,
-                                                           progress=not args.no_progress))
+                                                           progress=not args.no_progress,
+                                                           fused=not args.no_fuse))
     print(f"exported {args.model} -> {args.out} ({manifest.num_layers} layers, key width {manifest.key_width}, "
           f"{manifest.fingerprint[:19]})")
     return 0

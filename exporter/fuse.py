@@ -110,6 +110,11 @@ def node_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
+def fusion_table(arch: str) -> str:
+    """onnxruntime.transformers' table for an HF model_type: gpt2 for GPT-2-style graphs, else qwen3."""
+    return "gpt2" if arch in ("gpt2", "gpt_neo", "gptj", "gpt_bigcode") else "qwen3"
+
+
 def source_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
@@ -124,6 +129,9 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
     if out_dir.exists() and any(out_dir.iterdir()):   # before the minutes of work, not after
         raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
     model, manifest = load_exported(model_dir)
+    if any(node.op_type == "GroupQueryAttention" for node in model.graph.node):
+        raise UnskillError(f"{model_dir}: already fused (`unskill export` fuses by default; --no-fuse keeps "
+                           "the plain graph)")
     before = len(model.graph.node)
     names_in = [i.name for i in model.graph.input]
     names_out = [o.name for o in model.graph.output]

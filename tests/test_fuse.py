@@ -1,4 +1,5 @@
-"""`unskill edit fuse`: onnxruntime's fusions + offline optimization keep every key output and the tokens."""
+"""The fused graph (`unskill export`'s default, `unskill edit fuse` on a --no-fuse export): GroupQueryAttention,
+onnxruntime's fusions and offline optimization keep every key output and the tokens, padded batches included."""
 
 import numpy as np
 import pytest
@@ -11,12 +12,15 @@ from unskill.runtime import GenerationParams, load
 def test_fused_graph_matches_unfused(tiny_export, tmp_path, kind, model_type):
     from unskill.exporter.fuse import fuse
 
-    _, onnx_dir = tiny_export(kind)
+    _, onnx_dir = tiny_export(kind, fused=False)
     out = tmp_path / "fused"
     manifest = fuse(onnx_dir, out, model_type)
     edit = manifest.edits[-1]
-    assert edit["nodes_after"] < edit["nodes_before"] and edit["shape_nodes_repointed"] > 0, edit
-    ids = np.random.default_rng(7).integers(5, 500, size=(1, 12))
+    assert edit["nodes_after"] < edit["nodes_before"] and edit["shape_nodes_repointed"] >= 0, edit
+    # llama and gemma3: one GroupQueryAttention a layer; GPT-2 keeps its attention.
+    assert edit["attention_layers_fused"] == (0 if kind == "gpt2" else manifest.num_layers), edit
+    assert edit["fused_ops"].get("GroupQueryAttention", 0) == edit["attention_layers_fused"], edit
+    ids = np.random.default_rng(7).integers(5, 500, size=(1, 12))   # longer than gemma3's sliding window (8)
     fused, _, _ = run_plain_ort(out, ids)
     plain, _, _ = run_plain_ort(onnx_dir, ids)
     assert set(fused) == set(plain)   # logits, present.*, key.N, preact.N, key_last.N
@@ -28,16 +32,38 @@ def test_fused_graph_matches_unfused(tiny_export, tmp_path, kind, model_type):
     assert manifest.key_last_outputs and set(fused_probe) == set(plain_probe)
     for name in manifest.key_last_outputs:
         assert np.abs(fused_probe[name] - plain_probe[name]).max() <= 1e-4 * np.abs(plain_probe[name]).max(), name
+    # A left-padded batch (attention_mask 0 in the KV cache) gives each prompt's tokens alone, as unfused.
     params = GenerationParams(max_new_tokens=24, ignore_eos=True)
-    prompts = ["apples and pears", "def add(a, b):"]
+    prompts = ["apples and pears", "def add(a, b):", "The capital of France is Paris. The quick brown fox jumps"]
     expected = [r.token_ids for r in load(onnx_dir, device="cpu").generate(prompts, params)]
-    assert [r.token_ids for r in load(out, device="cpu").generate(prompts, params)] == expected
+    fused_model = load(out, device="cpu")
+    assert [r.token_ids for r in fused_model.generate(prompts, params)] == expected
+    assert [fused_model.generate([p], params)[0].token_ids for p in prompts] == expected
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_default_export_is_the_fused_graph(tiny_export, kind):
+    """`unskill export` (export_model's default) writes the graph `edit fuse` writes from a --no-fuse export."""
+    _, onnx_dir = tiny_export(kind)
+    manifest = load(onnx_dir, device="cpu").model.manifest
+    assert [e["method"] for e in manifest.edits] == ["fuse"]
+    assert manifest.edits[0]["attention_layers_fused"] == manifest.num_layers
+    assert manifest.stats_compatible   # stats of the plain graph apply: same weights, same keys
+
+
+def test_fuse_refuses_an_already_fused_export(tiny_export, tmp_path):
+    from unskill.exporter.fuse import fuse
+    from unskill.runtime import UnskillError
+
+    _, onnx_dir = tiny_export("llama")
+    with pytest.raises(UnskillError, match="already fused"):
+        fuse(onnx_dir, tmp_path / "again")
 
 
 def test_fuse_refuses_a_non_empty_out_dir_before_working(tiny_export, tmp_path, capsys):
     from unskill.cli import main
 
-    _, onnx_dir = tiny_export("llama")
+    _, onnx_dir = tiny_export("llama", fused=False)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     assert main(["edit", "fuse", "--model", str(onnx_dir), "--out", str(tmp_path / "taken")]) == 2
