@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -154,8 +155,12 @@ def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progr
             from .fuse import fuse, fusion_table
 
             del model   # the torch weights are not needed any more: fusion holds the graph twice
-            manifest = fuse(final, staging / "fused", fusion_table(manifest.arch))
+            fused_manifest = fuse(final, staging / "fused", fusion_table(manifest.arch))
             final = staging / "fused"
+            # The fused graph is the export, not an edit of one: no history, its own weights' fingerprint.
+            manifest = replace(fused_manifest, edits=[], stats_compatible=None,
+                               fingerprint=sha256_file(final / DATA_FILE))
+            manifest.save(final)
             steps.update()
         if out_dir.exists():
             out_dir.rmdir()

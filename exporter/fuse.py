@@ -106,6 +106,18 @@ def offline_optimize(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
     return onnx.load(str(target))
 
 
+def with_value_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every tensor's type and shape recorded (onnxruntime's symbolic shape inference, which
+    knows the contrib ops): onnx's own inference stops at GroupQueryAttention, and tools that rely on it
+    (onnxruntime.quantization's int8 MatMul quantizer) then cannot type the projections' outputs."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 -- an annotation only: the graph runs without it
+        return model
+
+
 def node_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
@@ -143,6 +155,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
     repointed = unify_shape_sources(fused)
     with tempfile.TemporaryDirectory() as scratch:
         fused = offline_optimize(fused, Path(scratch))   # onnx.load reads the weights in before scratch goes
+    fused = with_value_types(fused)
     missing = sorted(set(names_in) - {i.name for i in fused.graph.input}
                      | set(names_out) - {o.name for o in fused.graph.output})
     if missing:

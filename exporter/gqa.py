@@ -33,6 +33,7 @@ from unskill.runtime.errors import UnskillError
 
 MS = "com.microsoft"
 BIAS, SEQLENS, TOTAL = "gqa/attention_bias", "gqa/seqlens_k", "gqa/total_sequence_length"
+QUERY_SEQLENS = "gqa/query_seqlens"
 
 
 class Graph:
@@ -107,6 +108,10 @@ def add_mask_inputs(g: Graph, nodes: list) -> None:
     add("Mul", ["gqa/masked_f", "gqa/min_f"], "gqa/bias_2d")         # [B, T]: 0 or float min
     add("Unsqueeze", ["gqa/bias_2d", "gqa/axes12"], "gqa/bias_4d")   # [B, 1, 1, T]
     add("Shape", ["input_ids"], "gqa/seq_1", start=1, end=2)
+    # query_seqlens (every row's new tokens, all valid): without it onnxruntime refuses a batch of several
+    # rows with several new tokens each after a past (batched prompts continuing a shared prefix's cache).
+    add("Cast", ["gqa/seq_1"], "gqa/seq_1_i32", to=TensorProto.INT32)
+    add("Expand", ["gqa/seq_1_i32", "gqa/batch_1"], QUERY_SEQLENS)
     add("Concat", ["gqa/ones2", "gqa/seq_1", "gqa/axis1"], "gqa/bias_shape", axis=0)   # [1, 1, S, 1]
     add("Expand", ["gqa/bias_4d", "gqa/bias_shape"], BIAS)           # [B, 1, S, T]
 
@@ -211,7 +216,7 @@ def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int) -> int
         new_nodes.append(helper.make_node(
             "GroupQueryAttention",
             [q, k, v, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", SEQLENS, TOTAL,
-             "", "", "", BIAS],
+             "", "", "", BIAS, "", "", "", "", "", QUERY_SEQLENS],
             [out, f"present.{layer}.key", f"present.{layer}.value"], name=f"{tag}/GroupQueryAttention",
             domain=MS, num_heads=heads, kv_num_heads=kv_heads, scale=scale, local_window_size=local_window(config, layer)))
         rename[found["out"]] = out

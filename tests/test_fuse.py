@@ -43,12 +43,14 @@ def test_fused_graph_matches_unfused(tiny_export, tmp_path, kind, model_type):
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_default_export_is_the_fused_graph(tiny_export, kind):
-    """`unskill export` (export_model's default) writes the graph `edit fuse` writes from a --no-fuse export."""
+    """`unskill export` (export_model's default) writes the fused graph as the export itself: no edit history."""
+    import onnx
+
     _, onnx_dir = tiny_export(kind)
     manifest = load(onnx_dir, device="cpu").model.manifest
-    assert [e["method"] for e in manifest.edits] == ["fuse"]
-    assert manifest.edits[0]["attention_layers_fused"] == manifest.num_layers
-    assert manifest.stats_compatible   # stats of the plain graph apply: same weights, same keys
+    ops = [n.op_type for n in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == manifest.num_layers and "Softmax" not in ops
+    assert manifest.edits == [] and not manifest.stats_compatible
 
 
 def test_fuse_refuses_an_already_fused_export(tiny_export, tmp_path):
