@@ -167,7 +167,8 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
             "fused_ops": {op: n for op, n in ops.items() if op in FUSED_OPS}}
     # Same weights, same keys: stats taken on the unfused export load on the fused one.
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
-    return save_edited(fused, manifest, model_dir, out_dir, edit, stats_compatible=compatible)
+    return save_edited(fused, manifest, model_dir, out_dir, edit, stats_compatible=compatible,
+                       attention="gqa" if attention_layers else manifest.attention)
 
 
 FUSED_OPS = ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "RotaryEmbedding",

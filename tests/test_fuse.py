@@ -71,3 +71,33 @@ def test_fuse_refuses_a_non_empty_out_dir_before_working(tiny_export, tmp_path, 
     assert main(["edit", "fuse", "--model", str(onnx_dir), "--out", str(tmp_path / "taken")]) == 2
     assert "taken: exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_chunked_prompt_writes_one_shared_kv_buffer(tiny_export, monkeypatch):
+    """A GroupQueryAttention graph runs a long prompt's chunks into one preallocated KV buffer (IO binding,
+    past = present): same logits, keys and cache as chunk-by-chunk Concat, continuing a batch's prefix too."""
+    from unskill.runtime import session as session_module
+
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", 16)
+    model = session_module.OnnxLM(tiny_export("llama")[1], device="cpu")
+    assert model.manifest.attention == "gqa"
+    ids = np.random.default_rng(3).integers(5, 500, size=(2, 70))
+    mask = np.ones_like(ids)
+    mask[0, :9] = 0   # a left-padded row
+    _, prefix, _ = model.forward(ids[:, :20], mask[:, :20], model.empty_past(2), logits=False)
+    names = model.manifest.key_last_outputs
+    calls = []
+    monkeypatch.setattr(model, "_run_in_place", lambda *a, run=model._run_in_place: calls.append(1) or run(*a))
+    shared = model.forward(ids[:, 20:], mask, prefix, extra_outputs=names)
+    assert len(calls) == 4   # 50 tokens in chunks of 16
+    model.manifest.attention = "unfused"   # the same graph, past and present apart
+    apart = model.forward(ids[:, 20:], mask, prefix, extra_outputs=names)
+    assert np.abs(shared[0] - apart[0]).max() <= 1e-5 * np.abs(apart[0]).max()
+    for name in model.past_names:
+        assert shared[1][name].shape() == [2, model.kv_heads, 70, model.head_dim]
+        assert np.abs(shared[1][name].numpy() - apart[1][name].numpy()).max() <= 1e-5
+    for name in names:
+        assert np.abs(shared[2][name] - apart[2][name]).max() <= 1e-5 * np.abs(apart[2][name]).max()
+    # The last position equals the full computation's last row (one pass, logits for every position).
+    full, _, _ = model.forward(ids, mask, model.empty_past(2), all_logits=True)
+    assert np.abs(shared[0] - full[:, -1]).max() <= 1e-4 * np.abs(full[:, -1]).max()
