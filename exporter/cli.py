@@ -97,7 +97,7 @@ def add_edit_parser(subparsers) -> None:
     slim.add_argument("--out", required=True, help="new directory for the deploy folder")
     slim.add_argument("--no-guard", action="store_true", help="drop key_last.* too (no KSD guard will run)")
     slim.set_defaults(run=run_slim)
-    fuse = methods.add_parser("fuse", help="onnxruntime's fusions + offline optimization, key outputs kept (opt-in)")
+    fuse = methods.add_parser("fuse", help="fuse a --no-fuse export: GroupQueryAttention, onnxruntime's fusions, key outputs kept")
     fuse.add_argument("--model", required=True)
     fuse.add_argument("--out", required=True)
     fuse.add_argument("--model-type", choices=("qwen3", "gpt2"), default="qwen3",

@@ -1,10 +1,13 @@
-"""A fused copy of an exported decoder (opt-in: `unskill edit fuse`), every key output and input name kept.
+"""The fused decoder graph (`unskill export`'s default; `unskill edit fuse` on a --no-fuse export), every key
+output and input name kept.
 
-Three steps:
+Four steps:
 1. onnxruntime.transformers' optimizer with the `qwen3` fusion table (llama-shaped decoders: RMSNorm +
    residual -> SkipSimplifiedLayerNormalization, the rotary subgraph -> RotaryEmbedding). `--model_type llama`
    is refused by the optimizer (../shared/REFERENCE.md); `gpt2` is the fallback for other architectures.
-   Its attention fusion does not match optimum's SDPA export, so attention stays unfused here.
+   Its attention fusion does not match optimum's SDPA export, hence step 1b.
+1b. Own pass (exporter/gqa.py, why there): each layer's attention -> onnxruntime's GroupQueryAttention
+   contrib op, for the qwen3 table (llama, Gemma-3); GPT-2-style graphs keep their attention.
 2. Own pass (onnxruntime has none): `unify_shape_sources`. optimum's graph takes Shape() of each layer's own
    tensors (hidden states, q/k/v, the KV cache), so every layer recomputes the same mask and reshape
    arithmetic from a different source, and onnxruntime's common-subexpression elimination (which it runs at
@@ -140,6 +143,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):   # before the minutes of work, not after
         raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
+    config = source_config(model_dir) if attention and model_type == "qwen3" else {}   # before minutes of work
     model, manifest = load_exported(model_dir)
     if any(node.op_type == "GroupQueryAttention" for node in model.graph.node):
         raise UnskillError(f"{model_dir}: already fused (`unskill export` fuses by default; --no-fuse keeps "
@@ -151,7 +155,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
     fused = transformers_fusions(model, model_type, manifest.hidden_size)
     attention_layers = 0
     if attention and model_type == "qwen3":   # GPT-2-style graphs keep their attention (no GQA heads, biases)
-        attention_layers = fuse_attention(fused, source_config(model_dir), manifest.num_layers)
+        attention_layers = fuse_attention(fused, config, manifest.num_layers)
     repointed = unify_shape_sources(fused)
     with tempfile.TemporaryDirectory() as scratch:
         fused = offline_optimize(fused, Path(scratch))   # onnx.load reads the weights in before scratch goes
