@@ -116,6 +116,34 @@ def add_mask_inputs(g: Graph, nodes: list) -> None:
     add("Expand", ["gqa/bias_4d", "gqa/bias_shape"], BIAS)           # [B, 1, S, T]
 
 
+def past_shape_from_mask(g: Graph, kv_heads: int, head_dim: int, nodes: list) -> int:
+    """Re-point Shape(past_key_values.*) (Gemma-3's export takes its rotary positions from the past length)
+    at [B, kv_heads, total - new, head_dim] computed from attention_mask and input_ids: with past and present
+    sharing one preallocated buffer the past tensor is longer than the cache (runtime/session.py), the mask
+    never is. Returns how many Shape nodes it replaced."""
+    shapes = [n for n in g.graph.node if n.op_type == "Shape" and n.input[0].startswith("past_key_values.")]
+    if not shapes:
+        return 0
+    const = lambda name, value: nodes.append(helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=numpy_helper.from_array(np.array(value, np.int64), name)))
+    const("gqa/kv_heads", [kv_heads])
+    const("gqa/head_dim", [head_dim])
+    nodes.append(helper.make_node("Shape", ["attention_mask"], ["gqa/total_i64"], start=1, end=2))
+    nodes.append(helper.make_node("Shape", ["input_ids"], ["gqa/new_i64"], start=1, end=2))
+    nodes.append(helper.make_node("Sub", ["gqa/total_i64", "gqa/new_i64"], ["gqa/past_len"]))
+    nodes.append(helper.make_node("Concat", ["gqa/batch_1", "gqa/kv_heads", "gqa/past_len", "gqa/head_dim"],
+                                  ["gqa/past_shape"], axis=0))
+    for index, node in enumerate(shapes):   # the same int64 tensor as before, start/end attributes kept
+        attrs = {a.name: a.i for a in node.attribute}
+        bounds = f"gqa/past_shape_bounds_{index}"
+        const(bounds + "_start", [attrs.get("start", 0)])
+        const(bounds + "_end", [attrs.get("end", 4)])
+        node.op_type = "Slice"
+        del node.input[:], node.attribute[:]
+        node.input.extend(["gqa/past_shape", bounds + "_start", bounds + "_end"])
+    return len(shapes)
+
+
 def strip_scale(g: Graph, name: str) -> str:
     """The tensor under an optional Mul by a constant (optimum's SDPA export scales q and k by sqrt(scale))."""
     node = g.producer.get(name)
@@ -206,6 +234,7 @@ def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int) -> int
     add_mask_inputs(g, new_nodes)
     new_nodes.append(helper.make_node("Constant", [], ["gqa/shape_bsd"],
                                       value=numpy_helper.from_array(np.array([0, 0, -1], np.int64), "gqa/shape_bsd")))
+    past_shape_from_mask(g, kv_heads, head_dim, new_nodes)
     rename = {}
     for layer, found in enumerate(layers):
         tag = f"/model/layers.{layer}/gqa"

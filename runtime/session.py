@@ -178,14 +178,14 @@ class OnnxLM:
             return None
         buffers = {}
         for name in self.past_names:
-            if self.device != "cpu":
-                shape = (past[name].shape()[0], self.kv_heads, total, self.head_dim)
-                buffers[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
-                continue
-            old = past[name].numpy()
-            buffer = np.zeros(old.shape[:2] + (total, old.shape[3]), dtype=np.float32)   # calloc: pages on first write
-            buffer[:, :, :done] = old
-            buffers[name] = ort.OrtValue.ortvalue_from_numpy(buffer)   # shares the array's memory
+            # onnxruntime-owned memory, not an OrtValue over a NumPy array: `.numpy()` of the latter is a view
+            # that outlives the array (callers keep past.numpy() after dropping the OrtValue: read after free).
+            shape = [past[name].shape()[0], self.kv_heads, total, self.head_dim]
+            buffers[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
+            if done:   # (CPU only, above) the cache so far, then room for the prompt
+                start = np.zeros(shape, dtype=np.float32)
+                start[:, :, :done] = past[name].numpy()
+                buffers[name].update_inplace(start)
         return buffers
 
     def _is_last_only(self, name: str) -> bool:
