@@ -27,7 +27,8 @@ def left_pad(sequences: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarr
 def release_freed_memory() -> None:
     """Hand the C heap's freed blocks back to the system (glibc's malloc_trim; a no-op elsewhere). Each
     chunk of a long prompt frees its transient tensors, but glibc keeps them: measured on SmolLM2 with a
-    6,000-token prompt, 1,526 MB peak without, 1,414 MB with a trim after each chunk (benchmarks/README.md)."""
+    6,000-token prompt, past and present apart, 1,526 MB peak without, 1,415 MB with a trim after each chunk
+    (with the shared KV buffer as well: 992 MB; benchmarks/README.md)."""
     global _malloc_trim
     if _malloc_trim is None:
         try:
