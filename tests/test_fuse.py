@@ -104,3 +104,28 @@ def test_chunked_prompt_writes_one_shared_kv_buffer(tiny_export, monkeypatch):
     # The last position equals the full computation's last row (one pass, logits for every position).
     full, _, _ = model.forward(ids, mask, model.empty_past(2), all_logits=True)
     assert np.abs(shared[0] - full[:, -1]).max() <= 1e-4 * np.abs(full[:, -1]).max()
+
+
+@pytest.mark.model
+def test_smollm2_fused_matches_unfused(smollm2_export, tmp_path):
+    """The real SmolLM2: the fused graph against optimum's (whichever the session's export is, the other is
+    made here): one prompt pass's logits and every key output within 1e-4 relative, 128 greedy ids equal."""
+    from unskill.exporter.export import export_model
+    from unskill.exporter.fuse import fuse
+    from unskill.runtime.manifest import load_manifest
+
+    if load_manifest(smollm2_export).attention == "gqa":
+        fused, plain = smollm2_export, tmp_path / "plain"
+        export_model("smollm2-135m", plain, progress=False, fused=False)
+    else:   # UNSKILL_SMOLLM2_ONNX names an export made before fusion was the default
+        plain, fused = smollm2_export, tmp_path / "fused"
+        fuse(plain, fused)
+    ids = np.random.default_rng(11).integers(100, 40000, size=(1, 40))
+    got, manifest, _ = run_plain_ort(fused, ids)
+    want, _, _ = run_plain_ort(plain, ids)
+    for name in ["logits", *manifest["key_outputs"], *manifest["preact_outputs"], *manifest["key_last_outputs"]]:
+        assert np.abs(got[name] - want[name]).max() <= 1e-4 * np.abs(want[name]).max(), name
+    params = GenerationParams(max_new_tokens=128, ignore_eos=True)
+    prompt = ["Natalia sold clips to 48 of her friends in April. How many clips did she sell?"]
+    assert load(fused, device="cpu").generate(prompt, params)[0].token_ids == \
+        load(plain, device="cpu").generate(prompt, params)[0].token_ids
