@@ -85,7 +85,7 @@ def local_window(config: dict, layer: int) -> int:
     return -1
 
 
-def add_mask_inputs(g: Graph, nodes: list) -> None:
+def add_mask_inputs(nodes: list) -> None:
     """seqlens_k, total_sequence_length and attention_bias from attention_mask, once per step."""
     const = lambda name, value: nodes.append(helper.make_node(  # noqa: E731
         "Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name)))
@@ -231,7 +231,7 @@ def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int) -> int
     scale = attention_scale(config, head_dim)
     layers = [find_layer(g, layer) for layer in range(num_layers)]   # all or nothing: check before editing
     new_nodes: list = []
-    add_mask_inputs(g, new_nodes)
+    add_mask_inputs(new_nodes)
     new_nodes.append(helper.make_node("Constant", [], ["gqa/shape_bsd"],
                                       value=numpy_helper.from_array(np.array([0, 0, -1], np.int64), "gqa/shape_bsd")))
     past_shape_from_mask(g, kv_heads, head_dim, new_nodes)
