@@ -10,6 +10,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, help="HF directory, .gguf file, or smollm2-135m / gemma3-270m")
     parser.add_argument("--out", required=True, help="new directory for model.onnx, tokenizer.json, unskill.json")
     parser.add_argument("--opset", type=int, default=None)
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="keep optimum's plain graph (default: fused, GroupQueryAttention; `unskill edit fuse`)")
     _add_target(parser)
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run)
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from .export import export_model
 
     manifest = _with_target(args, lambda out: export_model(args.model, out, opset=args.opset,
-                                                           progress=not args.no_progress))
+                                                           progress=not args.no_progress,
+                                                           fused=not args.no_fuse))
     print(f"exported {args.model} -> {args.out} ({manifest.num_layers} layers, key width {manifest.key_width}, "
           f"{manifest.fingerprint[:19]})")
     return 0
@@ -100,7 +103,7 @@ def add_edit_parser(subparsers) -> None:
     slim.add_argument("--out", required=True, help="new directory for the deploy folder")
     slim.add_argument("--no-guard", action="store_true", help="drop key_last.* too (no KSD guard will run)")
     slim.set_defaults(run=run_slim)
-    fuse = methods.add_parser("fuse", help="onnxruntime's fusions + offline optimization, key outputs kept (opt-in)")
+    fuse = methods.add_parser("fuse", help="fuse a --no-fuse export: GroupQueryAttention, onnxruntime's fusions, key outputs kept")
     fuse.add_argument("--model", required=True)
     fuse.add_argument("--out", required=True)
     fuse.add_argument("--model-type", choices=("qwen3", "gpt2"), default="qwen3",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -94,15 +95,18 @@ def write_probe_graph(directory: Path, manifest: Manifest) -> None:
     manifest.probe_file = PROBE_FILE
 
 
-def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progress: bool = True) -> Manifest:
-    """Export `spec` into `out_dir`; the directory appears only once everything in it is written."""
+def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progress: bool = True,
+                 fused: bool = True) -> Manifest:
+    """Export `spec` into `out_dir`; the directory appears only once everything in it is written.
+    fused (default): the graph goes through exporter/fuse.py (GroupQueryAttention, onnxruntime's norm and
+    rotary fusions, shape arithmetic once per step); fused=False keeps optimum's plain graph."""
     import onnx
     from optimum.exporters.onnx import onnx_export_from_model
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
-    steps = tqdm(total=5, desc=f"export {spec}", disable=not progress, unit="step")
+    steps = tqdm(total=6 if fused else 5, desc=f"export {spec}", disable=not progress, unit="step")
     source = resolve_model(spec)
     model, hf_tokenizer = load_hf(source)
     layers_n, hidden, ffn, act = ffl_shape(model.config)
@@ -147,6 +151,17 @@ def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progr
         manifest.save(final)
         write_metadata(final, manifest, hf_config(model))
         publish_permissions(final)
+        if fused:
+            from .fuse import fuse, fusion_table
+
+            del model   # the torch weights are not needed any more: fusion holds the graph twice
+            fused_manifest = fuse(final, staging / "fused", fusion_table(manifest.arch))
+            final = staging / "fused"
+            # The fused graph is the export, not an edit of one: no history, its own weights' fingerprint.
+            manifest = replace(fused_manifest, edits=[], stats_compatible=None,
+                               fingerprint=sha256_file(final / DATA_FILE))
+            manifest.save(final)
+            steps.update()
         if out_dir.exists():
             out_dir.rmdir()
         final.rename(out_dir)

@@ -1,10 +1,13 @@
-"""A fused copy of an exported decoder (opt-in: `unskill edit fuse`), every key output and input name kept.
+"""The fused decoder graph (`unskill export`'s default; `unskill edit fuse` on a --no-fuse export), every key
+output and input name kept.
 
-Three steps:
+Four steps:
 1. onnxruntime.transformers' optimizer with the `qwen3` fusion table (llama-shaped decoders: RMSNorm +
    residual -> SkipSimplifiedLayerNormalization, the rotary subgraph -> RotaryEmbedding). `--model_type llama`
    is refused by the optimizer (../shared/REFERENCE.md); `gpt2` is the fallback for other architectures.
-   Its attention fusion does not match optimum's SDPA export, so attention stays unfused here.
+   Its attention fusion does not match optimum's SDPA export, hence step 1b.
+1b. Own pass (exporter/gqa.py, why there): each layer's attention -> onnxruntime's GroupQueryAttention
+   contrib op, for the qwen3 table (llama, Gemma-3); GPT-2-style graphs keep their attention.
 2. Own pass (onnxruntime has none): `unify_shape_sources`. optimum's graph takes Shape() of each layer's own
    tensors (hidden states, q/k/v, the KV cache), so every layer recomputes the same mask and reshape
    arithmetic from a different source, and onnxruntime's common-subexpression elimination (which it runs at
@@ -23,6 +26,7 @@ load on the fused copy (`stats_compatible`).
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -33,6 +37,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
 from .edit import load_exported, save_edited
+from .gqa import fuse_attention
 
 MODEL_TYPES = ("qwen3", "gpt2")
 
@@ -104,25 +109,57 @@ def offline_optimize(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
     return onnx.load(str(target))
 
 
+def with_value_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every tensor's type and shape recorded (onnxruntime's symbolic shape inference, which
+    knows the contrib ops): onnx's own inference stops at GroupQueryAttention, and tools that rely on it
+    (onnxruntime.quantization's int8 MatMul quantizer) then cannot type the projections' outputs."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 -- an annotation only: the graph runs without it
+        return model
+
+
 def node_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
-def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3") -> Manifest:
+def fusion_table(arch: str) -> str:
+    """onnxruntime.transformers' table for an HF model_type: gpt2 for GPT-2-style graphs, else qwen3."""
+    return "gpt2" if arch in ("gpt2", "gpt_neo", "gptj", "gpt_bigcode") else "qwen3"
+
+
+def source_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UnskillError(f"{path}: missing; attention fusion reads the head counts from it")
+    return json.loads(path.read_text())
+
+
+def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", attention: bool = True) -> Manifest:
     if model_type not in MODEL_TYPES:
         raise UnskillError(f"fusion table {model_type!r}: use one of {MODEL_TYPES}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):   # before the minutes of work, not after
         raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
+    config = source_config(model_dir) if attention and model_type == "qwen3" else {}   # before minutes of work
     model, manifest = load_exported(model_dir)
+    if any(node.op_type == "GroupQueryAttention" for node in model.graph.node):
+        raise UnskillError(f"{model_dir}: already fused (`unskill export` fuses by default; --no-fuse keeps "
+                           "the plain graph)")
     before = len(model.graph.node)
     names_in = [i.name for i in model.graph.input]
     names_out = [o.name for o in model.graph.output]
     # Fusions first: re-pointed Shape nodes no longer match the qwen3 table's rotary pattern.
     fused = transformers_fusions(model, model_type, manifest.hidden_size)
+    attention_layers = 0
+    if attention and model_type == "qwen3":   # GPT-2-style graphs keep their attention (no GQA heads, biases)
+        attention_layers = fuse_attention(fused, config, manifest.num_layers)
     repointed = unify_shape_sources(fused)
     with tempfile.TemporaryDirectory() as scratch:
         fused = offline_optimize(fused, Path(scratch))   # onnx.load reads the weights in before scratch goes
+    fused = with_value_types(fused)
     missing = sorted(set(names_in) - {i.name for i in fused.graph.input}
                      | set(names_out) - {o.name for o in fused.graph.output})
     if missing:
@@ -130,10 +167,12 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3") 
     ops = node_counts(fused)
     edit = {"method": "fuse", "model_type": model_type, "ratio": 0.0, "nodes_before": before,
             "nodes_after": len(fused.graph.node), "shape_nodes_repointed": repointed,
+            "attention_layers_fused": attention_layers,
             "fused_ops": {op: n for op, n in ops.items() if op in FUSED_OPS}}
     # Same weights, same keys: stats taken on the unfused export load on the fused one.
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
-    return save_edited(fused, manifest, model_dir, out_dir, edit, stats_compatible=compatible)
+    return save_edited(fused, manifest, model_dir, out_dir, edit, stats_compatible=compatible,
+                       attention="gqa" if attention_layers else manifest.attention)
 
 
 FUSED_OPS = ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "RotaryEmbedding",

@@ -44,6 +44,9 @@ class Manifest:
     # "deploy": the graph keeps only logits, present.* and (when guarded) key_last.*; key.* / preact.*
     # are listed for the stats' layout but not in the graph (`unskill edit slim`).
     target: str = "full"
+    # "gqa": attention is onnxruntime's GroupQueryAttention (the fused graph, exporter/gqa.py), so past and
+    # present may be one preallocated buffer (runtime/session.py); "unfused": optimum's Concat of past and new.
+    attention: str = "unfused"
     format: str = FORMAT
 
     def save(self, directory: str | Path) -> Path:
@@ -98,7 +101,7 @@ FIELD_TYPES = {
     "key_last_outputs": _list_of(_str, allow_none=True), "eos_token_ids": _list_of(_int, non_empty=True),
     "chat_template": lambda v: v is None or _str(v), "probe_file": lambda v: v is None or _str(v),
     "edits": _list_of(lambda v: isinstance(v, dict)), "kept_neurons": _list_of(_list_of(_int), allow_none=True),
-    "stats_compatible": _list_of(_str, allow_none=True),
+    "stats_compatible": _list_of(_str, allow_none=True), "attention": lambda v: v in ("unfused", "gqa"),
 }
 
 

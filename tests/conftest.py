@@ -27,13 +27,14 @@ def tiny_export(tmp_path_factory):
 
     cache = {}
 
-    def get(kind: str):
-        if kind not in cache:
+    def get(kind: str, fused: bool = True):
+        """fused=False: optimum's plain graph (`unskill export --no-fuse`), the reference of the fusion tests."""
+        if (kind, fused) not in cache:
             root = tmp_path_factory.mktemp(f"tiny_{kind}")
-            hf_dir = build_tiny(kind, root / "hf")
-            export_model(str(hf_dir), root / "onnx", progress=False)
-            cache[kind] = (hf_dir, root / "onnx")
-        return cache[kind]
+            hf_dir = cache[kind, not fused][0] if (kind, not fused) in cache else build_tiny(kind, root / "hf")
+            export_model(str(hf_dir), root / "onnx", progress=False, fused=fused)
+            cache[kind, fused] = (hf_dir, root / "onnx")
+        return cache[kind, fused]
 
     return get
 
