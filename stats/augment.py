@@ -120,6 +120,20 @@ def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
     return text.format(n=rng.choice(NAMES), a=rng.randint(4, 50), b=rng.randint(2, 15), c=rng.randint(2, 9))
 
 
+AUTO_KINDS = {"gsm8k": "math", "mbpp": "code"}   # the datasets whose problems the frames are written for
+
+
+def auto_kind(forget_spec: str | None) -> str | None:
+    """What `--augment auto` means, for `unskill stats` and `unskill calibrate` alike: math for a GSM8K forget
+    set, code for MBPP (any split), none for every other dataset (built-in templates, files, languages)."""
+    return AUTO_KINDS.get((forget_spec or "").split(":")[0].split("+")[0])
+
+
+def chosen_kind(option: str, forget_spec: str | None) -> str | None:
+    """The --augment option (auto | math | code | none) -> the augmentation kind, or None for none."""
+    return auto_kind(forget_spec) if option == "auto" else None if option == "none" else option
+
+
 def augment(dataset: Dataset, kind: str, seed: int = 0, families=FAMILIES) -> Dataset:
     """One framed variant of every item per family (kind: math | code), in a fixed seeded order."""
     rng = random.Random(f"augment:{seed}:{kind}")

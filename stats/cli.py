@@ -98,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
     model = OnnxLM(args.model)
     tokenizer = TextTokenizer(args.model, model.manifest)
     config = ProbeConfig(not args.no_chat, args.batch_size, args.max_text_tokens, not args.no_progress)
-    augment = args.augment if args.augment != "auto" else {"gsm8k": "math", "mbpp": "code"}.get(
-        args.forget.split(":")[0])
+    from .augment import chosen_kind
+
     stats = probe(model, tokenizer, forget, retain, config, args.skill, text=args.text,
-                  augment=None if augment == "none" else augment)
+                  augment=chosen_kind(args.augment, args.forget))
     stats.save(Path(args.out))
     groups = ", ".join(f"{g} ({int(m.count[0])} rows/layer)" for g, m in stats.groups.items())
     print(f"wrote {args.out}: {groups}")
@@ -242,7 +242,7 @@ def add_calibrate_parser(subparsers) -> None:
                    "rules over all layers, region kinds and votes, and store the winner in the stats file)")
     p.add_argument("--augment", choices=("auto", "math", "code", "none"), default="auto",
                    help="add framed variants of the forget prompts (stats/augment.py) to the forget side "
-                        "(auto: math for GSM8K/math stats, code for MBPP/code, else none)")
+                        "(auto: as `unskill stats` did for these stats: math for gsm8k, code for mbpp, else none)")
     p.add_argument("--no-chat-retain", action="store_true",
                    help="retain side without the built-in general-chat prompts (on by default)")
     p.add_argument("--no-mmlu-retain", action="store_true",
@@ -301,14 +301,15 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
     """The default: search rules on every layer's key, store the winner in the stats file (atomically)."""
     from unskill.runtime.errors import UnskillError
 
-    from .augment import chat_dataset, without_skill_subjects
-    from .calibrate import _check_target, augment_kind, calibrate_rule
+    from .augment import chat_dataset, chosen_kind, without_skill_subjects
+    from .calibrate import _check_target, calibrate_rule
     from .datasets import load_dataset
 
     if forget is None:
         raise UnskillError("unskill calibrate: choosing a rule needs --forget SPEC (validation prompts of the skill)")
     _check_target(args.target)   # before the retain sets load
-    kind = augment_kind(stats, forget.name) if args.augment == "auto" else None if args.augment == "none" else args.augment
+    # auto: what `unskill stats` chose for these stats' forget set (the same function decides both)
+    kind = chosen_kind(args.augment, stats.meta.get("forget", {}).get("name") or forget.name)
     retain_sets = [retain] + ([] if args.no_chat_retain else
                               [chat_dataset(), load_dataset("builtin:general", None, min(args.limit, 100))])
     if not args.no_mmlu_retain:   # general knowledge, less the skill's own subjects (MMLU dev holds math)
@@ -326,6 +327,9 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
           f"variants of {cal['forget_items']}")
     if not args.no_store:
         stats.guard = setting
+        stats.groups.pop("ksd_retain", None)   # a ratio rule's retain side; any older one belongs to an older rule
+        if setting.rule == "ratio":
+            stats.groups["ksd_retain"] = result.retain_moments
         stats.save(stats_path)
         print(f"  stored in {stats_path}: `ksd-run --stats {stats_path}` uses it (give --alpha/--layers to override)")
     if args.out:
