@@ -150,6 +150,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--setting", help="label for the report: the forgotten skill, e.g. gsm8k or xquad-en")
     p.add_argument("--cache", help="per-item cache directory (default: $UNSKILL_CACHE/eval or ~/.cache/unskill/eval)")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--bypass-decode", type=int, default=0, metavar="N",
+                   help="bypass tasks: also decode N greedy tokens per prompt and check every one, as ksd-run does "
+                        "(reported beside the prefill rate; default 0: prefill only)")
     p.add_argument("--out", help="write the results as JSON here (input of `unskill report`)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run_eval)
@@ -194,7 +197,7 @@ def run_eval(args: argparse.Namespace) -> int:
     stats = _named_stats(args.stats, model.manifest)
     config = EvalConfig(args.data_dir, args.limit, args.gen_limit, args.seed, not args.no_chat,
                         max_tokens=args.max_tokens, layer=args.layer, timeout_s=args.timeout,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, bypass_decode=args.bypass_decode)
     cache = None if args.no_cache else Path(args.cache) if args.cache else cache_dir() / "eval"
     harness = Harness(model, tokenizer, config, stats, cache)
     results = harness.run([t for t in args.tasks.split(",") if t])

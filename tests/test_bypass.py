@@ -279,12 +279,18 @@ def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(lla
 
     assert main(["eval", "--model", str(onnx_dir), "--tasks", "bypass:gsm8k", "--stats", f"gsm8k={tmp_path / 'gsm8k.npz'}",
                  "--gen-limit", "4", "--data-dir", str(data_dir), "--no-cache", "--no-progress",
-                 "--out", str(tmp_path / "bypass.json")]) == 0
+                 "--bypass-decode", "3", "--out", str(tmp_path / "bypass.json")]) == 0
     task = json.loads((tmp_path / "bypass.json").read_text())["tasks"]["bypass:gsm8k"]
     assert set(task["sets"]) == set(bypass.FAMILIES["gsm8k"]) | set(bypass.RETAIN_SETS)
     assert all(len(s["stored"]["gsm8k"]) == s["items"] == 4 for s in task["sets"].values())
+    assert ("ksd_retain" in after.groups) == (after.guard.rule == "ratio")
+    # decode-time checks: check 0 is the prefill's (same keys through the generator), later ones only add refusals
+    for part in task["sets"].values():
+        assert part["decode_tokens"] == 3
+        assert all(d >= p for d, p in zip(part["stored_decode"]["gsm8k"], part["stored"]["gsm8k"]))
+        assert all(d <= p * (1 + 1e-4) for d, p in zip(part["entry_decode"]["gsm8k"], part["entry"]["gsm8k"]))
     report = tmp_path / "robustness.md"
     assert main(["report", "--robustness", "--results", str(tmp_path / "bypass.json"), "--calibration",
                  str(tmp_path / "ksd.json"), "--out", str(report)]) == 0
     text = report.read_text()
-    assert "| roleplay | attack | 4 |" in text and after.guard.name in text
+    assert "| roleplay | attack | 4 |" in text and after.guard.name in text and "new default, decode 3" in text
