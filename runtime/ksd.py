@@ -80,12 +80,17 @@ class RatioRegion:
     retain_center: np.ndarray      # (F,) retain mean
     retain_inverse_sigma: np.ndarray
     threshold: float
+    bound: float = math.inf        # forget-side score cap: a key far from BOTH Gaussians is no forget request
 
     def score(self, keys: np.ndarray) -> np.ndarray:
         return ratio_score(keys, self.center, self.inverse_sigma, self.retain_center, self.retain_inverse_sigma)
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
-        return self.score(keys) <= self.threshold
+        # Keys at decoded tokens lie far from both prompt-token Gaussians; their quotient says nothing, and
+        # without the cap it fires on every answer (measured: docs/robustness.md).
+        forget = gauss_score(keys, self.center, self.inverse_sigma)
+        retain = gauss_score(keys, self.retain_center, self.retain_inverse_sigma)
+        return (forget <= self.bound) & (forget <= self.threshold * np.maximum(retain, np.finfo(np.float32).tiny))
 
 
 def ratio_score(keys, center, inverse_sigma, retain_center, retain_inverse_sigma) -> np.ndarray:
@@ -148,9 +153,10 @@ def build_regions(stats: StatsFile, setting: GuardSetting) -> list:
         return [Ellipsoid(stats.skill, layer, mean[layer], inverse_sigma[layer], float(threshold))
                 for layer, threshold in zip(setting.layers, setting.thresholds)]
     retain_mean, retain_inverse_sigma = gaussian(stats.groups["ksd_retain"])   # load_stats checked it is there
+    bounds = setting.bounds or [math.inf] * len(setting.layers)
     return [RatioRegion(stats.skill, layer, mean[layer], inverse_sigma[layer], retain_mean[layer],
-                        retain_inverse_sigma[layer], float(threshold))
-            for layer, threshold in zip(setting.layers, setting.thresholds)]
+                        retain_inverse_sigma[layer], float(threshold), float(bound))
+            for layer, threshold, bound in zip(setting.layers, setting.thresholds, bounds)]
 
 
 @dataclass

@@ -102,21 +102,24 @@ class GuardSetting:
     thresholds: list[float]
     votes: int = 1
     calibration: dict = field(default_factory=dict)   # what it was calibrated on, with the rates it reached
+    bounds: list[float] | None = None   # ratio only, per layer: the forget-side score above which nothing fires
 
     @property
     def name(self) -> str:
         return f"calibrated {self.rule}, {self.votes} of layers {','.join(map(str, self.layers))}"
 
     def to_json(self) -> str:
+        extra = {} if self.bounds is None else {"bounds": self.bounds}
         return json.dumps({"rule": self.rule, "layers": self.layers, "thresholds": self.thresholds,
-                           "votes": self.votes, "calibration": self.calibration}, sort_keys=True)
+                           "votes": self.votes, "calibration": self.calibration, **extra}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str, num_layers: int) -> "GuardSetting":
         try:
             raw = json.loads(text)
             setting = cls(str(raw["rule"]), [int(i) for i in raw["layers"]], [float(t) for t in raw["thresholds"]],
-                          int(raw["votes"]), dict(raw.get("calibration") or {}))
+                          int(raw["votes"]), dict(raw.get("calibration") or {}),
+                          None if raw.get("bounds") is None else [float(b) for b in raw["bounds"]])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UnskillError(f"{where}: guard setting is not valid ({type(exc).__name__}: {exc})") from None
         problem = (f"rule {setting.rule!r} is not one of {GUARD_RULES}" if setting.rule not in GUARD_RULES else
@@ -124,7 +127,10 @@ class GuardSetting:
                    or not setting.layers else
                    f"a layer is outside 0..{num_layers - 1}" if not all(0 <= i < num_layers for i in setting.layers) else
                    f"votes {setting.votes} not in 1..{len(setting.layers)}" if not 1 <= setting.votes <= len(setting.layers)
-                   else "thresholds must be positive" if not all(t > 0 for t in setting.thresholds) else None)
+                   else "thresholds must be positive" if not all(t > 0 for t in setting.thresholds)
+                   else "bounds need one positive value per layer" if setting.bounds is not None and (
+                       len(setting.bounds) != len(setting.layers) or not all(b > 0 for b in setting.bounds))
+                   else None)
         if problem:
             raise UnskillError(f"{where}: guard setting {problem}")
         return setting

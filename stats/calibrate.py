@@ -122,6 +122,18 @@ def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str, retain: Moments 
     return z.max(axis=2) / k[None]
 
 
+def ratio_bounds(forget_gauss: np.ndarray) -> np.ndarray:
+    """Per layer, the ratio rule's cap on the forget-side score: WIDEN x the farthest forget validation prompt
+    (plain and framed). A key beyond it is far from the forget probes whatever the quotient says; keys at
+    decoded tokens are (median 27 vs at most 4.6 for forget prompts at SmolLM2's layer 29)."""
+    return WIDEN * forget_gauss.max(axis=0)
+
+
+def capped(ratio: np.ndarray, forget_gauss: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Ratio scores with the cap applied: inf (never inside) where the forget-side score exceeds the bound."""
+    return np.where(forget_gauss <= bounds[None], ratio, np.inf)
+
+
 def key_moments(keys: np.ndarray) -> Moments:
     """The stats group of these (n, L, F) keys, as `unskill stats` accumulates its `ksd` group."""
     moments = Moments.empty(GROUP_FIELDS["ksd_retain"], keys.shape[1], keys.shape[2])
@@ -225,7 +237,14 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     retain_scores = {rule: retain_ratio_scores(all_retain, stats) if rule == "ratio" else
                      layer_scores(all_retain, stats, rule) for rule in SEARCHED_RULES}
     forget_scores = {rule: layer_scores(forget_keys, stats, rule, retain_moments) for rule in SEARCHED_RULES}
+    bounds = None
+    if "ratio" in SEARCHED_RULES:
+        bounds = ratio_bounds(layer_scores(forget_keys, stats, "gauss"))
+        retain_scores["ratio"] = capped(retain_scores["ratio"], layer_scores(all_retain, stats, "gauss"), bounds)
+        forget_scores["ratio"] = capped(forget_scores["ratio"], layer_scores(forget_keys, stats, "gauss"), bounds)
     setting, forget_rate, retain_rate = search_rule(retain_scores, forget_scores, target)
+    if setting.rule == "ratio":
+        setting.bounds = [float(bounds[i]) for i in setting.layers]
     plain_rate = float(fires(forget_scores[setting.rule][:plain], setting.layers, setting.thresholds,
                              setting.votes).mean())
     setting.calibration = {"retain": [d.name for d in retain], "forget": [d.name for d in forget_sets],

@@ -170,6 +170,22 @@ def test_ratio_rule_round_trip_merge_and_old_files(tmp_path):
     expected = fires(layer_scores(queries, back, "ratio", key_moments(retain)), setting.layers, setting.thresholds, 1)
     assert [hit is not None for hit in hits] == expected.tolist() and expected[:5].all() and not expected[5:10].any()
 
+    # the forget-side cap: a key far from both Gaussians (a decoded token's) does not fire however small its quotient
+    capped = GuardSetting("ratio", [1, 2], [0.5, 0.8], 1, {}, bounds=[3.0, 3.0])
+    stats.guard = capped
+    stats.save(tmp_path / "capped.npz")
+    assert load_stats(tmp_path / "capped.npz").guard == capped
+    guard = KSDGuard([load_stats(tmp_path / "capped.npz")], manifest)
+    far = queries * 10   # gauss scores ~100x: quotients unchanged in spirit, far beyond the cap
+    forget_gauss = layer_scores(far, back, "gauss")
+    ratio_inside = fires(layer_scores(far, back, "ratio", key_moments(retain)), capped.layers, capped.thresholds, 1)
+    expected = ratio_inside & (forget_gauss[:, [1, 2]] <= 3.0).any(axis=1)
+    hits = guard.check({name: far[:, i] for i, name in enumerate(names)})
+    assert [hit is not None for hit in hits] == expected.tolist() and ratio_inside.any() and not expected.any()
+    hits = guard.check({name: queries[:, i] for i, name in enumerate(names)})
+    assert [hit is not None for hit in hits][:5] == [True] * 5   # the forget probes themselves stay inside
+
+    stats.guard = setting
     stats.groups.pop("ksd_retain")
     stats.save(tmp_path / "no-retain.npz")
     with pytest.raises(UnskillError, match="no-retain.npz: the stored ratio rule needs the retain key statistics"):
