@@ -84,7 +84,7 @@ def stats_of(keys: np.ndarray):
 
 
 def rules(args) -> int:
-    from unskill.stats.calibrate import (CANDIDATES, SEARCHED_RULES, _choose, fires, key_moments, layer_scores,
+    from unskill.stats.calibrate import (CANDIDATES, RULE_KINDS, _choose, fires, key_moments, layer_scores,
                                          retain_ratio_scores, search_rule)
 
     with np.load(args.keys) as archive:
@@ -119,7 +119,7 @@ def rules(args) -> int:
                 return {"rule": rule, "layers": layers, "thresholds": thresholds, "votes": votes, **cal,
                         "rates": rates, **(extra or {})}
             results[f"{fit_name}|paper"] = record("box", [last], [paper.alpha], 1)
-            setting, _, _ = search_rule(retain, forget, target, SEARCHED_RULES)
+            setting, _, _ = search_rule(retain, forget, target, RULE_KINDS)   # gauss and ratio
             results[f"{fit_name}|searched"] = record(setting.rule, setting.layers, setting.thresholds, setting.votes)
             for rule in RULES:
                 for count, votes in CANDIDATES:

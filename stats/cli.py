@@ -250,6 +250,9 @@ def add_calibrate_parser(subparsers) -> None:
                    help="retain side without the built-in general-chat prompts (on by default)")
     p.add_argument("--no-mmlu-retain", action="store_true",
                    help="retain side without MMLU dev (on by default, less the skill's own subjects)")
+    p.add_argument("--rules", nargs="+", choices=("gauss", "ratio"), default=["gauss"],
+                   help="region kinds to search (default gauss; ratio = forget over retain Gaussian score, opt-in: "
+                        "on Gemma-3 it also fires on decoded tokens of retain prompts, see docs/robustness.md)")
     p.add_argument("--no-store", action="store_true", help="do not write the chosen rule into the stats file")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int, default=200, help="items per dataset spec part (default 200)")
@@ -318,7 +321,7 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
     if not args.no_mmlu_retain:   # general knowledge, less the skill's own subjects (MMLU dev holds math)
         retain_sets.append(without_skill_subjects(load_dataset("mmlu:dev", args.data_dir), kind))
     result = calibrate_rule(model, tokenizer, stats, retain_sets, forget, args.target, not args.no_chat, kind,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, rules=tuple(args.rules))
     setting, paper = result.setting, result.paper
     print(f"{stats.skill}: the paper's rule (layer {paper.layer}, one cube): alpha {paper.alpha:.4g} x k refuses "
           f"{paper.retain_abstain:.1%} of {paper.retain_items} retain, {paper.forget_abstain:.1%} of "

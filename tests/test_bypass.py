@@ -280,7 +280,8 @@ def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(lla
     assert before.guard is None
     assert main(["calibrate", "--model", str(onnx_dir), "--stats", str(tmp_path / "gsm8k.npz"),
                  "--retain", str(tmp_path / "retain.txt"), "--forget", str(tmp_path / "forget.txt"),
-                 "--target", "0.05", "--no-mmlu-retain", "--no-progress", "--out", str(tmp_path / "ksd.json")]) == 0
+                 "--target", "0.05", "--no-mmlu-retain", "--no-progress", "--out", str(tmp_path / "ksd.json"),
+                 "--rules", "gauss", "ratio"]) == 0
     after = load_stats(tmp_path / "gsm8k.npz")
     assert after.guard is not None and after.guard.calibration["retain_refused"] <= 0.05
     np.testing.assert_array_equal(after.groups["ksd"].values["sum"], before.groups["ksd"].values["sum"])
@@ -299,7 +300,7 @@ def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(lla
     task = json.loads((tmp_path / "bypass.json").read_text())["tasks"]["bypass:gsm8k"]
     assert set(task["sets"]) == set(bypass.FAMILIES["gsm8k"]) | set(bypass.RETAIN_SETS)
     assert all(len(s["stored"]["gsm8k"]) == s["items"] == 4 for s in task["sets"].values())
-    assert ("ksd_retain" in after.groups) == (after.guard.rule == "ratio")
+    assert ("ksd_retain" in after.groups) == (after.guard.rule == "ratio") == (after.guard.bounds is not None)
     # decode-time checks: check 0 is the prefill's (same keys through the generator), later ones only add refusals
     for part in task["sets"].values():
         assert part["decode_tokens"] == 3
