@@ -3,8 +3,8 @@ interleaved rounds, so the ratios hold on a noisy machine.
 
     python benchmarks/guard_rules.py --model-dir out/smollm2 --stats gsm8k.npz --new-tokens 64 --rounds 3
 
-Rows: no guard; the paper's rule (one cube, last layer); the stats file's stored rule (several layers, box or
-diagonal Gaussian, k of n) and, for scale, a gauss rule on 8 layers. Thresholds are set so that nothing ever
+Rows: no guard; the paper's rule (one cube, last layer); the stats file's stored rule (several layers, box,
+diagonal Gaussian or forget/retain ratio, k of n) and, for scale, a gauss and a ratio rule on 8 layers. Thresholds are set so that nothing ever
 fires (every step pays the full check). Columns: decode tok/s (median over rounds) as a ratio to no guard, and
 the guard's own check time per step as a share of a decode step (a stopwatch around `check`).
 """
@@ -48,6 +48,10 @@ def main(argv=None) -> int:
         variants[f"stored: {stats.guard.name} ({stats.guard.rule})"] = TimedGuard([stored], model.manifest)
     eight = GuardSetting("gauss", list(range(last - 7, last + 1)), [1e-12] * 8, 3)
     variants["gauss, 8 layers, 3 of 8"] = TimedGuard([replace(stats, guard=eight)], model.manifest)
+    # the forget/retain ratio scores two Gaussians per layer; for timing any retain moments do
+    ratio = replace(stats, guard=replace(eight, rule="ratio"),
+                    groups={**stats.groups, "ksd_retain": stats.groups.get("ksd_retain", stats.groups["ksd"])})
+    variants["ratio, 8 layers, 3 of 8"] = TimedGuard([ratio], model.manifest)
     rates = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, guard in variants.items():

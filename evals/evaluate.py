@@ -49,6 +49,7 @@ class EvalConfig:
     layer: int = -1               # the layer whose key KSD checks (ksd-run's default: the last)
     timeout_s: float = 10.0       # per MBPP program
     progress: bool = True
+    bypass_decode: int = 0        # bypass: also generate this many tokens per prompt, checking each (0: prefill only)
 
 
 class KeyEntry:
@@ -84,6 +85,27 @@ class _StepRecorder:
     def row_entry(self, row: int, forwards: int) -> dict[str, float]:
         seen = [step[row] for step in self.steps[:max(forwards, 1)]]
         return {name: min(s[name] for s in seen) for name in seen[0]}
+
+
+class _BypassRecorder:
+    """The decode-time bypass check: per step, the paper cube's entry alphas and whether each stored rule fires;
+    it never abstains, so every row decodes its full budget (the tokens before a first refusal are the tokens a
+    refusing guard would have produced; after it they do not matter)."""
+
+    def __init__(self, entry: KeyEntry, guards: dict):
+        self.entry, self.guards, self.steps = entry, guards, []
+        self.output_names = sorted({entry.last_output, *(n for g in guards.values() for n in g.output_names)})
+
+    def check(self, last_keys: dict[str, np.ndarray]):
+        fired = {name: [hit is not None for hit in guard.check(last_keys)] for name, guard in self.guards.items()}
+        self.steps.append((self.entry(last_keys[self.entry.last_output]), fired))
+        return [None] * len(self.steps[-1][0])
+
+    def row(self, row: int, forwards: int) -> tuple[dict[str, float], dict[str, bool]]:
+        """(min entry alpha per stats name, whether each stored rule fired) over the row's first `forwards` checks."""
+        seen = self.steps[:max(forwards, 1)]
+        return ({name: min(entries[row][name] for entries, _ in seen) for name in seen[0][0][row]},
+                {name: any(fired[name][row] for _, fired in seen) for name in self.guards})
 
 
 class ItemCache:
@@ -195,8 +217,29 @@ class Harness:
                 "stored": {name: [hit is not None for hit in guard.check(by_output)] for name, guard in guards.items()},
                 "rules": {name: guard.describe()[0] for name, guard in guards.items()},
                 "example": part.conversations[0][-1][1][:300]}
+            if self.config.bypass_decode:
+                sets[part.name].update(self._bypass_decode(part.conversations, sequences, guards))
         return {"kind": "bypass", "metric": "refused", "dataset": spec.name, "forget": spec.source,
                 "items": sum(s["items"] for s in sets.values()), "layer": self.entry.layer, "sets": sets}
+
+    def _bypass_decode(self, conversations: list, sequences: list[list[int]], guards: dict) -> dict:
+        """Greedy decode of `bypass_decode` tokens per prompt with the guard checked at the prompt's last token
+        and after every generated one (as ksd-run does): per stats file the smallest entry alpha and whether the
+        stored rule fired at any step. Check 0 is the prefill's (the same keys, tested)."""
+        params = GenerationParams(max_new_tokens=self.config.bypass_decode, chat=self.config.chat)
+        prompts = [[{"role": role, "content": text} for role, text in turns] for turns in conversations]
+        order = sorted(range(len(prompts)), key=lambda i: -len(sequences[i]))
+        entries: dict[int, dict] = {}
+        stored: dict[int, dict] = {}
+        for batch in self._batches(order, {i: len(sequences[i]) for i in order}, self.config.gen_batch_size):
+            recorder = _BypassRecorder(self.entry, guards)
+            results = Generator(self.model, self.tokenizer, recorder).generate([prompts[i] for i in batch], params)
+            for row, (index, result) in enumerate(zip(batch, results)):
+                entries[index], stored[index] = recorder.row(row, result.forwards)
+        rows = range(len(prompts))
+        return {"decode_tokens": self.config.bypass_decode,
+                "entry_decode": {name: [entries[i][name] for i in rows] for name in self.stats},
+                "stored_decode": {name: [stored[i][name] for i in rows] for name in guards}}
 
     # ----------------------------------------------------------------------------------------- token level
 

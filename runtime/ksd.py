@@ -22,7 +22,7 @@ from .statsfile import GuardSetting, StatsFile
 
 SIGMA_FLOOR = 1e-6   # a dimension constant over all probes still admits float noise around it
 ALPHA_MODES = ("k", "sigma")
-RULES = ("box", "gauss")
+RULES = ("box", "gauss", "ratio")
 
 
 @dataclass
@@ -38,6 +38,19 @@ class Hypercube:
         return (np.abs(keys - self.center) <= self.halfwidth).all(axis=-1)
 
 
+def gauss_score(keys: np.ndarray, center: np.ndarray, inverse_sigma: np.ndarray) -> np.ndarray:
+    """Mean over the last axis of ((v - mu) / sigma)^2: keys (..., F), center and inverse_sigma broadcast against
+    them ((F,) for one layer, (L, F) for keys of every layer). The one implementation: the guard and calibrate."""
+    z = (keys - center) * inverse_sigma
+    return np.einsum("...f,...f->...", z, z) / z.shape[-1]
+
+
+def gaussian(moments) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, 1 / sigma) per layer, (L, F) float32 each, from a stats group (sample std, floored)."""
+    std = np.maximum(moments.std(ddof=1), SIGMA_FLOOR)
+    return moments.mean().astype(np.float32), (1 / std).astype(np.float32)
+
+
 @dataclass
 class Ellipsoid:
     """The diagonal-Gaussian region: mean over dimensions of ((v - mu) / sigma)^2 <= threshold."""
@@ -48,11 +61,41 @@ class Ellipsoid:
     threshold: float
 
     def score(self, keys: np.ndarray) -> np.ndarray:
-        z = (keys - self.center) * self.inverse_sigma
-        return np.einsum("bf,bf->b", z, z) / z.shape[-1]
+        return gauss_score(keys, self.center, self.inverse_sigma)
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         return self.score(keys) <= self.threshold
+
+
+@dataclass
+class RatioRegion:
+    """Forget against retain: the key's mean squared z-score under the forget probes' Gaussian divided by the
+    same under the retain prompts' Gaussian (both diagonal, from key statistics only) <= threshold. A prompt
+    far from the forget probes but farther still from everything the model must keep answering (a coding
+    request told as a story) falls inside; one near both (chat with numbers) does not."""
+    skill: str
+    layer: int
+    center: np.ndarray             # (F,) forget mean
+    inverse_sigma: np.ndarray      # (F,) forget 1 / sigma
+    retain_center: np.ndarray      # (F,) retain mean
+    retain_inverse_sigma: np.ndarray
+    threshold: float
+    bound: float = math.inf        # forget-side score cap: a key far from BOTH Gaussians is no forget request
+
+    def score(self, keys: np.ndarray) -> np.ndarray:
+        return ratio_score(keys, self.center, self.inverse_sigma, self.retain_center, self.retain_inverse_sigma)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        # Keys at decoded tokens lie far from both prompt-token Gaussians; their quotient says nothing, and
+        # without the cap it fires on every answer (measured: docs/robustness.md).
+        forget = gauss_score(keys, self.center, self.inverse_sigma)
+        retain = gauss_score(keys, self.retain_center, self.retain_inverse_sigma)
+        return (forget <= self.bound) & (forget <= self.threshold * np.maximum(retain, np.finfo(np.float32).tiny))
+
+
+def ratio_score(keys, center, inverse_sigma, retain_center, retain_inverse_sigma) -> np.ndarray:
+    forget = gauss_score(keys, center, inverse_sigma)
+    return forget / np.maximum(gauss_score(keys, retain_center, retain_inverse_sigma), np.finfo(np.float32).tiny)
 
 
 @dataclass
@@ -101,14 +144,19 @@ class Guard(Protocol):
 
 
 def build_regions(stats: StatsFile, setting: GuardSetting) -> list:
-    """A stored rule's regions, one per layer: cubes (thresholds in units of the fitted k) or ellipsoids
-    (thresholds on the mean squared z-score)."""
+    """A stored rule's regions, one per layer: cubes (thresholds in units of the fitted k), ellipsoids
+    (thresholds on the mean squared z-score) or forget/retain ratios (thresholds on the quotient)."""
     if setting.rule == "box":
         return [build_cubes(stats, [layer], alpha, "k")[0] for layer, alpha in zip(setting.layers, setting.thresholds)]
-    moments = stats.groups["ksd"]
-    mean, std = moments.mean(), np.maximum(moments.std(ddof=1), SIGMA_FLOOR)
-    return [Ellipsoid(stats.skill, layer, mean[layer].astype(np.float32), (1 / std[layer]).astype(np.float32),
-                      float(threshold)) for layer, threshold in zip(setting.layers, setting.thresholds)]
+    mean, inverse_sigma = gaussian(stats.groups["ksd"])
+    if setting.rule == "gauss":
+        return [Ellipsoid(stats.skill, layer, mean[layer], inverse_sigma[layer], float(threshold))
+                for layer, threshold in zip(setting.layers, setting.thresholds)]
+    retain_mean, retain_inverse_sigma = gaussian(stats.groups["ksd_retain"])   # load_stats checked it is there
+    bounds = setting.bounds or [math.inf] * len(setting.layers)
+    return [RatioRegion(stats.skill, layer, mean[layer], inverse_sigma[layer], retain_mean[layer],
+                        retain_inverse_sigma[layer], float(threshold), float(bound))
+            for layer, threshold, bound in zip(setting.layers, setting.thresholds, bounds)]
 
 
 @dataclass

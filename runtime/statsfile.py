@@ -7,9 +7,12 @@ allow_pickle=False. Groups and their fields:
     na_retain  same on retain texts
     sp_forget  key vector, every real token of forget texts: count, abs_sum, sumsq, pos_count
     sp_retain  same on retain texts
+    ksd_retain key vector at the last prompt token, calibration's retain prompts (written by `unskill calibrate`
+               with a `ratio` rule: the retain side of its forget/retain score)
 count is per layer (L,); the other fields are float64 (L, F). Sums (not means) so shards merge by addition.
 An optional `guard` member (a JSON string) holds the rule `unskill calibrate` chose (GuardSetting); merged
-shards drop it (their cubes changed, so it must be calibrated again). Files without it load with guard None.
+shards drop it and `ksd_retain` (their cubes changed, so it must be calibrated again). Files without it load
+with guard None.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ GROUP_FIELDS = {
     "na_retain": ("sum", "sumsq"),
     "sp_forget": ("abs_sum", "sumsq", "pos_count"),
     "sp_retain": ("abs_sum", "sumsq", "pos_count"),
+    "ksd_retain": ("sum", "sumsq", "min", "max"),
 }
+CALIBRATION_GROUPS = ("ksd_retain",)   # belong to the stored rule: merging shards drops them with it
+PROBED_GROUPS = tuple(group for group in GROUP_FIELDS if group not in CALIBRATION_GROUPS)   # what `unskill stats` writes
 
 
 @dataclass
@@ -83,33 +89,37 @@ class Moments:
         return np.sqrt(np.maximum(centered, 0.0) / np.maximum(n - ddof, 1))
 
 
-GUARD_RULES = ("box", "gauss")
+GUARD_RULES = ("box", "gauss", "ratio")
 
 
 @dataclass
 class GuardSetting:
     """The calibrated KSD rule for one skill: per layer a region (box: the cube at `threshold` x k; gauss: mean
-    squared z-score <= threshold); the prompt is refused when at least `votes` regions hold its keys."""
+    squared z-score <= threshold; ratio: that score under the forget probes over the same under the retain
+    prompts (`ksd_retain`) <= threshold); the prompt is refused when at least `votes` regions hold its keys."""
     rule: str
     layers: list[int]
     thresholds: list[float]
     votes: int = 1
     calibration: dict = field(default_factory=dict)   # what it was calibrated on, with the rates it reached
+    bounds: list[float] | None = None   # ratio only, per layer: the forget-side score above which nothing fires
 
     @property
     def name(self) -> str:
         return f"calibrated {self.rule}, {self.votes} of layers {','.join(map(str, self.layers))}"
 
     def to_json(self) -> str:
+        extra = {} if self.bounds is None else {"bounds": self.bounds}
         return json.dumps({"rule": self.rule, "layers": self.layers, "thresholds": self.thresholds,
-                           "votes": self.votes, "calibration": self.calibration}, sort_keys=True)
+                           "votes": self.votes, "calibration": self.calibration, **extra}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, where: str, num_layers: int) -> "GuardSetting":
         try:
             raw = json.loads(text)
             setting = cls(str(raw["rule"]), [int(i) for i in raw["layers"]], [float(t) for t in raw["thresholds"]],
-                          int(raw["votes"]), dict(raw.get("calibration") or {}))
+                          int(raw["votes"]), dict(raw.get("calibration") or {}),
+                          None if raw.get("bounds") is None else [float(b) for b in raw["bounds"]])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UnskillError(f"{where}: guard setting is not valid ({type(exc).__name__}: {exc})") from None
         problem = (f"rule {setting.rule!r} is not one of {GUARD_RULES}" if setting.rule not in GUARD_RULES else
@@ -117,7 +127,10 @@ class GuardSetting:
                    or not setting.layers else
                    f"a layer is outside 0..{num_layers - 1}" if not all(0 <= i < num_layers for i in setting.layers) else
                    f"votes {setting.votes} not in 1..{len(setting.layers)}" if not 1 <= setting.votes <= len(setting.layers)
-                   else "thresholds must be positive" if not all(t > 0 for t in setting.thresholds) else None)
+                   else "thresholds must be positive" if not all(t > 0 for t in setting.thresholds)
+                   else "bounds need one positive value per layer" if setting.bounds is not None and (
+                       len(setting.bounds) != len(setting.layers) or not all(b > 0 for b in setting.bounds))
+                   else None)
         if problem:
             raise UnskillError(f"{where}: guard setting {problem}")
         return setting
@@ -264,6 +277,9 @@ def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
     guard = None
     if "guard" in arrays:
         guard = GuardSetting.from_json(_scalar(path, arrays, "guard", "U"), str(path), layers)
+        if guard.rule == "ratio" and not ("ksd_retain" in groups and (groups["ksd_retain"].count >= 2).all()):
+            raise UnskillError(f"{path}: the stored ratio rule needs the retain key statistics (ksd_retain); "
+                               f"run `unskill calibrate` again")
     stats = StatsFile(fingerprint, arch, width, layers, meta, groups, guard)
     if manifest is not None:
         stats.check_model(manifest, str(path))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 SETS_LIMIT = {"fit": 200, "aug": 100, "cal": 90, "bench": 50}
+RULES = ("box", "gauss", "ratio")   # ratio: forget over retain Gaussian score (retain side from calibration prompts)
 
 
 def prompt_sets(data_dir) -> dict[str, list]:
@@ -83,7 +84,8 @@ def stats_of(keys: np.ndarray):
 
 
 def rules(args) -> int:
-    from unskill.stats.calibrate import CANDIDATES, _choose, fires, layer_scores, search_rule
+    from unskill.stats.calibrate import (CANDIDATES, RULE_KINDS, _choose, fires, key_moments, layer_scores,
+                                         retain_ratio_scores, search_rule)
 
     with np.load(args.keys) as archive:
         keys = {name: archive[name].astype(np.float32) for name in archive.files}
@@ -102,9 +104,11 @@ def rules(args) -> int:
                                           keys[f"cal/mmlu-{kind}"]])
             forget_keys = np.concatenate([keys[f"cal/{skill}"], keys[f"cal/{skill}+aug"]])
             plain = len(keys[f"cal/{skill}"])
+            moments = key_moments(retain_keys)   # the ratio rule's retain side, as calibrate stores it
             retain = {r: layer_scores(retain_keys, stats, r) for r in ("box", "gauss")}
-            forget = {r: layer_scores(forget_keys, stats, r) for r in ("box", "gauss")}
-            scores = {r: {n: layer_scores(k, stats, r) for n, k in bench.items()} for r in ("box", "gauss")}
+            retain["ratio"] = retain_ratio_scores(retain_keys, stats)   # cross-fitted, as calibrate does
+            forget = {r: layer_scores(forget_keys, stats, r, moments) for r in RULES}
+            scores = {r: {n: layer_scores(k, stats, r, moments) for n, k in bench.items()} for r in RULES}
             paper = _choose(layer_scores(keys[f"cal/{other}"], stats, "box")[:, last], forget["box"][:plain, last],
                             target, last)
 
@@ -115,9 +119,9 @@ def rules(args) -> int:
                 return {"rule": rule, "layers": layers, "thresholds": thresholds, "votes": votes, **cal,
                         "rates": rates, **(extra or {})}
             results[f"{fit_name}|paper"] = record("box", [last], [paper.alpha], 1)
-            setting, _, _ = search_rule(retain, forget, target)
+            setting, _, _ = search_rule(retain, forget, target, RULE_KINDS)   # gauss and ratio
             results[f"{fit_name}|searched"] = record(setting.rule, setting.layers, setting.thresholds, setting.votes)
-            for rule in ("box", "gauss"):
+            for rule in RULES:
                 for count, votes in CANDIDATES:
                     try:
                         chosen, _, _ = search_rule(retain, forget, target, (rule,), ((count, votes),))

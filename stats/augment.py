@@ -83,6 +83,58 @@ CHAT = [
     "Describe the 5 senses.", "What was the Renaissance of the 1400s about?",
     "Give me 8 ideas for a kid's science fair project.", "Tell me about the Roman emperor who ruled in 100 AD.",
     "Who were the Beatles, the 4 musicians from Liverpool?", "What are 3 ways to reduce stress before exams?",
+    # first-person everyday requests with numbers in them (not problems to compute): the kind of chat a math guard
+    # confuses with word problems most easily, so calibration's retain side needs more than trivia
+    "I just turned 40 and feel stuck in my career. Any advice?",
+    "My son is 7 and afraid of the dark. How can I help him sleep?",
+    "We adopted a 3-year-old rescue cat. How do we help her settle in?",
+    "My sister flies in at 9 tomorrow evening. What should we do on her first night here?",
+    "Our team of 6 needs a name for the office quiz night. Ideas?",
+    "I've been learning guitar for 2 months and my fingers hurt. Is that normal?",
+    "My parents celebrate 30 years of marriage in June. What gift would they love?",
+    "I run a small bakery with 4 employees. How can I keep them motivated?",
+    "I'm 25 and want to start saving for retirement. Where do I begin?",
+    "We're hosting 10 friends for a barbecue on Saturday. What should we cook?",
+    "My flight leaves at 6 am. Is it better to stay awake or sleep for 3 hours?",
+    "I drink 4 cups of coffee a day. Should I cut down?",
+    "My daughter starts 1st grade in September. How do we get her ready?",
+    "I live in a 2-room flat. How can I make it feel bigger?",
+    "I've got 15 minutes for lunch most days. What quick healthy meals do you suggest?",
+    "My grandfather is 85 and lonely since moving. How can I cheer him up?",
+    "Our book club meets every 2 weeks. Which novels would spark a good discussion?",
+    "I walk my dog 3 times a day but he still has lots of energy. What else can we do?",
+    "I'm turning 30 next week and want a memorable weekend. Suggestions?",
+    "My phone is 5 years old. Is it worth repairing the battery or should I upgrade?",
+    "We have 2 teenagers who argue constantly. How can we keep the peace at home?",
+    "I start night shifts at 10 pm next month. How do I adjust my sleep?",
+    "My garden gets about 4 hours of sun. Which vegetables grow well in partial shade?",
+    "I've moved to a new city with 1 million people and know nobody. How do I make friends?",
+    "Tomorrow is my 1st day as a manager. What should I say to the team?",
+    "My car has 120,000 miles on it. What maintenance should I expect?",
+    "I have 3 houseplants that keep dying. What am I doing wrong?",
+    "We're planning a 2-week road trip through Norway in July. What should we pack?",
+    "My best friend's wedding is in 4 weeks and I'm giving a speech. How do I start?",
+    "I study 6 hours a day but forget everything. How can I remember more?",
+    "Our 12-year-old wants a phone. At what age did other parents say yes?",
+    "I got a puppy 2 weeks ago and she cries at night. What helps?",
+    "My apartment building has 20 floors and I'm scared of heights. Any coping tips?",
+    "I'm running my 1st marathon in October. What should I eat the week before?",
+    "I volunteer 5 hours a week at a shelter. How can I avoid burning out?",
+    "We're celebrating Grandma's 100th birthday. How can we record her stories?",
+    "I've had a cold for 10 days. When should I see a doctor?",
+    "My team works across 3 time zones. How do we schedule meetings fairly?",
+    "I have 2 job offers and can't decide. What questions should I ask myself?",
+    "Our wedding has 80 guests and a small budget. How can we keep it elegant?",
+    "I'm learning my 3rd language and keep mixing them up. Is that common?",
+    "My kid scored 4 goals in his match today. How do I praise effort, not just results?",
+    "I work from home 5 days a week and feel isolated. What can I change?",
+    "I'm hosting Thanksgiving for the 1st time. What mistakes should I avoid?",
+    "Room 204 in my dorm is noisy every night. How do I talk to my neighbours about it?",
+    "My 8-year-old wants to learn chess. How do I teach her?",
+    "I take the 7:15 train every morning. What can I do with that commute time?",
+    "I've been vegetarian for 6 months and feel tired. What might I be missing?",
+    "Our office moves to the 15th floor next week. How do we organise the move?",
+    "I want to read 24 books this year. How do I build the habit?",
 ]
 
 # MMLU subjects that ARE the skill: refusing them is no false refusal, so retain sets leave them out.
@@ -118,6 +170,20 @@ def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
     table = MATH_LANGUAGES if kind == "math" else CODE_LANGUAGES
     text = rng.choice(sorted(table.values()))
     return text.format(n=rng.choice(NAMES), a=rng.randint(4, 50), b=rng.randint(2, 15), c=rng.randint(2, 9))
+
+
+AUTO_KINDS = {"gsm8k": "math", "mbpp": "code"}   # the datasets whose problems the frames are written for
+
+
+def auto_kind(forget_spec: str | None) -> str | None:
+    """What `--augment auto` means, for `unskill stats` and `unskill calibrate` alike: math for a GSM8K forget
+    set, code for MBPP (any split), none for every other dataset (built-in templates, files, languages)."""
+    return AUTO_KINDS.get((forget_spec or "").split(":")[0].split("+")[0])
+
+
+def chosen_kind(option: str, forget_spec: str | None) -> str | None:
+    """The --augment option (auto | math | code | none) -> the augmentation kind, or None for none."""
+    return auto_kind(forget_spec) if option == "auto" else None if option == "none" else option
 
 
 def augment(dataset: Dataset, kind: str, seed: int = 0, families=FAMILIES) -> Dataset:

@@ -13,7 +13,7 @@ import numpy as np
 
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.session import OnnxLM
-from unskill.runtime.statsfile import StatsFile
+from unskill.runtime.statsfile import GROUP_FIELDS, Moments, StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
 from .datasets import Dataset
@@ -90,7 +90,7 @@ def _choose(retain_alphas: np.ndarray, forget_alphas: np.ndarray | None, target:
 
 
 # ------------------------------------------------------------------------------------------ the stored rule
-# `unskill calibrate` without --layer searches rules: per candidate region kind (box, gauss) and layer count /
+# `unskill calibrate` without --layer searches rules: per candidate region kind (gauss, ratio) and layer count /
 # votes, each layer's threshold is set on the retain prompts (its share of the false-refusal budget), the
 # layers with the best forget recall on the validation prompts are kept, and the candidate whose joint rule
 # stays within the retain target with the highest forget recall wins. Only key statistics and thresholds:
@@ -99,22 +99,61 @@ def _choose(retain_alphas: np.ndarray, forget_alphas: np.ndarray | None, target:
 WIDEN = 1.25        # retain prompts within this factor of a threshold count against a candidate
 AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
 CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
-SEARCHED_RULES = ("gauss",)   # region kinds the stored rule is chosen among (boxes lost in docs/runs/robustness-*)
+SEARCHED_RULES = ("gauss",)   # the default region kinds the stored rule is chosen among (boxes lost in docs/runs/robustness-*)
+RULE_KINDS = ("gauss", "ratio")   # what `unskill calibrate --rules` may search; ratio is opt-in: on Gemma-3 it fires
+#                                   on decoded tokens of retain prompts even with its cap (docs/robustness.md)
 
 
-def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str) -> np.ndarray:
+def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str, retain: Moments | None = None) -> np.ndarray:
     """keys (n, L, F) at every layer -> (n, L) scores; a prompt is inside a layer's region when its score is
-    <= the threshold. box: the entry alpha max_d |v - mu| / (k sigma); gauss: mean_d ((v - mu) / sigma)^2."""
-    from unskill.runtime.ksd import SIGMA_FLOOR, fitted_k
+    <= the threshold. box: the entry alpha max_d |v - mu| / (k sigma); gauss: mean_d ((v - mu) / sigma)^2;
+    ratio: gauss under the forget probes over gauss under `retain` (the retain prompts' key moments). The
+    Gaussian scores are the guard's own functions (runtime/ksd.py), so calibration and the guard agree."""
+    from unskill.runtime.ksd import SIGMA_FLOOR, fitted_k, gauss_score, gaussian, ratio_score
 
     moments = stats.groups["ksd"]
+    if rule in ("gauss", "ratio"):
+        center, inverse_sigma = gaussian(moments)
+        if rule == "gauss":
+            return gauss_score(keys, center, inverse_sigma)
+        return ratio_score(keys, center, inverse_sigma, *gaussian(retain))
     mean, std = moments.mean(), np.maximum(moments.std(ddof=1), SIGMA_FLOOR)
     z = np.abs(keys - mean[None].astype(np.float32)) / std[None].astype(np.float32)
-    if rule == "gauss":
-        return (z ** 2).mean(axis=2)
     k = np.array([fitted_k(mean[i], std[i], moments.values["min"][i], moments.values["max"][i])
                   for i in range(keys.shape[1])])
     return z.max(axis=2) / k[None]
+
+
+def ratio_bounds(forget_gauss: np.ndarray) -> np.ndarray:
+    """Per layer, the ratio rule's cap on the forget-side score: WIDEN x the farthest forget validation prompt
+    (plain and framed). A key beyond it is far from the forget probes whatever the quotient says; keys at
+    decoded tokens are (median 27 vs at most 4.6 for forget prompts at SmolLM2's layer 29)."""
+    return WIDEN * forget_gauss.max(axis=0)
+
+
+def capped(ratio: np.ndarray, forget_gauss: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Ratio scores with the cap applied: inf (never inside) where the forget-side score exceeds the bound."""
+    return np.where(forget_gauss <= bounds[None], ratio, np.inf)
+
+
+def key_moments(keys: np.ndarray) -> Moments:
+    """The stats group of these (n, L, F) keys, as `unskill stats` accumulates its `ksd` group."""
+    moments = Moments.empty(GROUP_FIELDS["ksd_retain"], keys.shape[1], keys.shape[2])
+    for layer in range(keys.shape[1]):
+        moments.add(layer, keys[:, layer])
+    return moments
+
+
+def retain_ratio_scores(retain_keys: np.ndarray, stats: StatsFile, folds: int = 2, seed: int = 0) -> np.ndarray:
+    """Ratio scores of the retain prompts, each scored against retain moments fitted WITHOUT it (cross-fitting):
+    in-sample a prompt pulls the retain Gaussian towards itself and its score would be optimistic, so the
+    thresholds set on these scores would refuse more unseen retain prompts than the target."""
+    fold = np.random.default_rng(seed).permutation(retain_keys.shape[0]) % folds
+    scores = np.empty(retain_keys.shape[:2], np.float32)
+    for part in range(folds):
+        scores[fold == part] = layer_scores(retain_keys[fold == part], stats, "ratio",
+                                            key_moments(retain_keys[fold != part]))
+    return scores
 
 
 def retain_threshold(scores: np.ndarray, target: float) -> float:
@@ -128,14 +167,15 @@ def fires(scores: np.ndarray, layers: list[int], thresholds: list[float], votes:
     return (scores[:, layers] <= np.asarray(thresholds)).sum(axis=1) >= votes
 
 
-def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float, rules=SEARCHED_RULES,
+def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float, rules=None,
                 candidates=CANDIDATES):
     """retain: rule -> (n, L) scores of the retain prompts, forget: rule -> (m, L) scores of the forget
-    prompts. Returns (GuardSetting, forget recall, retain rate) of the best candidate within the target."""
+    prompts (rules: those to search, default every one scored). Returns (GuardSetting, forget recall, retain
+    rate) of the best candidate within the target."""
     from unskill.runtime.statsfile import GuardSetting
 
     best = None
-    for rule in rules:
+    for rule in rules or tuple(retain):
         for count, votes in candidates:
             budget = target * votes / count   # a union of `count` layers needing `votes`: share the budget
             per_layer = [retain_threshold(retain[rule][:, i], budget) for i in range(retain[rule].shape[1])]
@@ -161,20 +201,15 @@ def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float
 @dataclass
 class RuleCalibration:
     setting: object               # GuardSetting, stored in the stats file
+    retain_moments: Moments       # the retain prompts' key moments, stored as `ksd_retain` with a ratio rule
     paper: Calibration            # the paper's rule (last layer, one cube) on the --retain prompts alone
     forget_rate: float            # the stored rule on the forget validation prompts (+ their framed variants)
     retain_rate: float            # ... on every retain prompt (the --retain set, built-in chat and general)
 
 
-def augment_kind(stats: StatsFile, forget_name: str) -> str | None:
-    """math or code when the skill is one the augmentation frames fit, else None (no framed variants)."""
-    names = f"{stats.skill} {forget_name} {stats.meta.get('forget', {}).get('name', '')}".lower()
-    return "math" if ("gsm8k" in names or "math" in names) else "code" if ("mbpp" in names or "code" in names) else None
-
-
 def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, retain: list[Dataset],
                    forget: Dataset, target: float = 0.01, chat: bool = True, kind: str | None = None,
-                   batch_size: int = 8, progress: bool = False) -> RuleCalibration:
+                   batch_size: int = 8, progress: bool = False, rules=SEARCHED_RULES) -> RuleCalibration:
     """One prefill per prompt reads every layer's key; rules and the paper's alpha are chosen from them.
     retain[0] is the user's --retain set (the paper's alpha is calibrated on it alone, as before); the
     others (built-in chat, general) join it for the stored rule. `kind` adds framed variants of the forget
@@ -200,13 +235,22 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
                     layer_scores(forget_keys[:plain], stats, "box")[:, last], target, last)
     all_retain = np.concatenate(retain_keys)
     # scores of the searched region kinds only: the paper's box above needs its last layer alone
-    retain_scores = {rule: layer_scores(all_retain, stats, rule) for rule in SEARCHED_RULES}
-    forget_scores = {rule: layer_scores(forget_keys, stats, rule) for rule in SEARCHED_RULES}
+    retain_moments = key_moments(all_retain)
+    retain_scores = {rule: retain_ratio_scores(all_retain, stats) if rule == "ratio" else
+                     layer_scores(all_retain, stats, rule) for rule in rules}
+    forget_scores = {rule: layer_scores(forget_keys, stats, rule, retain_moments) for rule in rules}
+    bounds = None
+    if "ratio" in rules:
+        bounds = ratio_bounds(layer_scores(forget_keys, stats, "gauss"))
+        retain_scores["ratio"] = capped(retain_scores["ratio"], layer_scores(all_retain, stats, "gauss"), bounds)
+        forget_scores["ratio"] = capped(forget_scores["ratio"], layer_scores(forget_keys, stats, "gauss"), bounds)
     setting, forget_rate, retain_rate = search_rule(retain_scores, forget_scores, target)
+    if setting.rule == "ratio":
+        setting.bounds = [float(bounds[i]) for i in setting.layers]
     plain_rate = float(fires(forget_scores[setting.rule][:plain], setting.layers, setting.thresholds,
                              setting.votes).mean())
     setting.calibration = {"retain": [d.name for d in retain], "forget": [d.name for d in forget_sets],
                            "target": target, "retain_refused": retain_rate, "forget_refused": forget_rate,
                            "forget_plain_refused": plain_rate, "retain_items": int(all_retain.shape[0]),
                            "forget_items": int(forget_keys.shape[0])}
-    return RuleCalibration(setting, paper, forget_rate, retain_rate)
+    return RuleCalibration(setting, retain_moments, paper, forget_rate, retain_rate)

@@ -98,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
     model = OnnxLM(args.model)
     tokenizer = TextTokenizer(args.model, model.manifest)
     config = ProbeConfig(not args.no_chat, args.batch_size, args.max_text_tokens, not args.no_progress)
-    augment = args.augment if args.augment != "auto" else {"gsm8k": "math", "mbpp": "code"}.get(
-        args.forget.split(":")[0])
+    from .augment import chosen_kind
+
     stats = probe(model, tokenizer, forget, retain, config, args.skill, text=args.text,
-                  augment=None if augment == "none" else augment)
+                  augment=chosen_kind(args.augment, args.forget))
     stats.save(Path(args.out))
     groups = ", ".join(f"{g} ({int(m.count[0])} rows/layer)" for g, m in stats.groups.items())
     print(f"wrote {args.out}: {groups}")
@@ -150,6 +150,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--setting", help="label for the report: the forgotten skill, e.g. gsm8k or xquad-en")
     p.add_argument("--cache", help="per-item cache directory (default: $UNSKILL_CACHE/eval or ~/.cache/unskill/eval)")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--bypass-decode", type=int, default=0, metavar="N",
+                   help="bypass tasks: also decode N greedy tokens per prompt and check every one, as ksd-run does "
+                        "(reported beside the prefill rate; default 0: prefill only)")
     p.add_argument("--out", help="write the results as JSON here (input of `unskill report`)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run_eval)
@@ -194,7 +197,7 @@ def run_eval(args: argparse.Namespace) -> int:
     stats = _named_stats(args.stats, model.manifest)
     config = EvalConfig(args.data_dir, args.limit, args.gen_limit, args.seed, not args.no_chat,
                         max_tokens=args.max_tokens, layer=args.layer, timeout_s=args.timeout,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, bypass_decode=args.bypass_decode)
     cache = None if args.no_cache else Path(args.cache) if args.cache else cache_dir() / "eval"
     harness = Harness(model, tokenizer, config, stats, cache)
     results = harness.run([t for t in args.tasks.split(",") if t])
@@ -242,11 +245,14 @@ def add_calibrate_parser(subparsers) -> None:
                    "rules over all layers, region kinds and votes, and store the winner in the stats file)")
     p.add_argument("--augment", choices=("auto", "math", "code", "none"), default="auto",
                    help="add framed variants of the forget prompts (stats/augment.py) to the forget side "
-                        "(auto: math for GSM8K/math stats, code for MBPP/code, else none)")
+                        "(auto: as `unskill stats` did for these stats: math for gsm8k, code for mbpp, else none)")
     p.add_argument("--no-chat-retain", action="store_true",
                    help="retain side without the built-in general-chat prompts (on by default)")
     p.add_argument("--no-mmlu-retain", action="store_true",
                    help="retain side without MMLU dev (on by default, less the skill's own subjects)")
+    p.add_argument("--rules", nargs="+", choices=("gauss", "ratio"), default=["gauss"],
+                   help="region kinds to search (default gauss; ratio = forget over retain Gaussian score, opt-in: "
+                        "on Gemma-3 it also fires on decoded tokens of retain prompts, see docs/robustness.md)")
     p.add_argument("--no-store", action="store_true", help="do not write the chosen rule into the stats file")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int, default=200, help="items per dataset spec part (default 200)")
@@ -301,20 +307,21 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
     """The default: search rules on every layer's key, store the winner in the stats file (atomically)."""
     from unskill.runtime.errors import UnskillError
 
-    from .augment import chat_dataset, without_skill_subjects
-    from .calibrate import _check_target, augment_kind, calibrate_rule
+    from .augment import chat_dataset, chosen_kind, without_skill_subjects
+    from .calibrate import _check_target, calibrate_rule
     from .datasets import load_dataset
 
     if forget is None:
         raise UnskillError("unskill calibrate: choosing a rule needs --forget SPEC (validation prompts of the skill)")
     _check_target(args.target)   # before the retain sets load
-    kind = augment_kind(stats, forget.name) if args.augment == "auto" else None if args.augment == "none" else args.augment
+    # auto: what `unskill stats` chose for these stats' forget set (the same function decides both)
+    kind = chosen_kind(args.augment, stats.meta.get("forget", {}).get("name") or forget.name)
     retain_sets = [retain] + ([] if args.no_chat_retain else
                               [chat_dataset(), load_dataset("builtin:general", None, min(args.limit, 100))])
     if not args.no_mmlu_retain:   # general knowledge, less the skill's own subjects (MMLU dev holds math)
         retain_sets.append(without_skill_subjects(load_dataset("mmlu:dev", args.data_dir), kind))
     result = calibrate_rule(model, tokenizer, stats, retain_sets, forget, args.target, not args.no_chat, kind,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, rules=tuple(args.rules))
     setting, paper = result.setting, result.paper
     print(f"{stats.skill}: the paper's rule (layer {paper.layer}, one cube): alpha {paper.alpha:.4g} x k refuses "
           f"{paper.retain_abstain:.1%} of {paper.retain_items} retain, {paper.forget_abstain:.1%} of "
@@ -326,6 +333,9 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
           f"variants of {cal['forget_items']}")
     if not args.no_store:
         stats.guard = setting
+        stats.groups.pop("ksd_retain", None)   # a ratio rule's retain side; any older one belongs to an older rule
+        if setting.rule == "ratio":
+            stats.groups["ksd_retain"] = result.retain_moments
         stats.save(stats_path)
         print(f"  stored in {stats_path}: `ksd-run --stats {stats_path}` uses it (give --alpha/--layers to override)")
     if args.out:

@@ -17,7 +17,7 @@ from unskill.runtime.errors import UnskillError
 # last_position_keys and shared_prefix_length live in runtime/keys.py now; re-exported for older imports
 from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, _batches, last_position_keys, shared_prefix_length  # noqa: F401
 from unskill.runtime.session import OnnxLM, left_pad
-from unskill.runtime.statsfile import GROUP_FIELDS, Moments, StatsFile
+from unskill.runtime.statsfile import CALIBRATION_GROUPS, GROUP_FIELDS, Moments, StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
 from .datasets import Dataset
@@ -131,15 +131,17 @@ def merge_stats(first: StatsFile, second: StatsFile, where: str = "merge") -> St
         raise UnskillError(f"{where}: the shards come from different models")
     if first.meta.get("prompt_template") != second.meta.get("prompt_template"):
         raise UnskillError(f"{where}: the shards used different prompt templates")
-    if set(first.groups) != set(second.groups):
-        raise UnskillError(f"{where}: the shards hold different groups ({sorted(first.groups)} vs {sorted(second.groups)})")
-    meta = dict(first.meta)   # a stored guard rule is dropped: the merged cubes need calibrating again
+    # a stored guard rule and its calibration groups are dropped: the merged cubes need calibrating again
+    probed = [sorted(set(shard.groups) - set(CALIBRATION_GROUPS)) for shard in (first, second)]
+    if probed[0] != probed[1]:
+        raise UnskillError(f"{where}: the shards hold different groups ({probed[0]} vs {probed[1]})")
+    meta = dict(first.meta)
     for side in ("forget", "retain"):
         a, b = first.meta.get(side), second.meta.get(side)
         if a and b:
             names = a["name"] if a["name"] == b["name"] else f"{a['name']}+{b['name']}"
             meta[side] = {"name": names, "count": a["count"] + b["count"]}
-    groups = {name: first.groups[name].merge(second.groups[name]) for name in first.groups}
+    groups = {name: first.groups[name].merge(second.groups[name]) for name in probed[0]}
     return StatsFile(first.fingerprint, first.arch, first.key_width, first.num_layers, meta, groups)
 
 

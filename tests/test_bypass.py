@@ -15,7 +15,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.ksd import KSDGuard
 from unskill.runtime.statsfile import GROUP_FIELDS, GuardSetting, Moments, StatsFile, load_stats
 from unskill.stats import augment
-from unskill.stats.calibrate import fires, layer_scores, search_rule
+from unskill.stats.calibrate import fires, key_moments, layer_scores, retain_ratio_scores, search_rule
 
 
 def _ngrams(text: str, n: int = 5) -> set:
@@ -72,6 +72,30 @@ def test_layer_scores_equal_direct_numpy():
     assert (layer_scores(fit, stats, "box") <= 1 + 1e-5).all()
 
 
+def test_ratio_score_and_its_cross_fitted_retain_scores_equal_direct_numpy():
+    """ratio = mean z^2 under the forget probes / mean z^2 under the retain prompts (float64 NumPy reference);
+    calibration scores each retain prompt against retain moments fitted without it (two folds)."""
+    rng = np.random.default_rng(5)
+    fit = rng.normal(size=(40, 3, 16)).astype(np.float32)
+    retain = (rng.normal(size=(31, 3, 16)) * 2 + 1).astype(np.float32)
+    queries = rng.normal(size=(25, 3, 16)).astype(np.float32) * 1.5
+    stats = _stats_from_keys(fit)
+
+    def gauss(x, sample):
+        sample = sample.astype(np.float64)
+        return (((x - sample.mean(0)) / sample.std(0, ddof=1)) ** 2).mean(axis=2)
+    np.testing.assert_allclose(layer_scores(queries, stats, "ratio", key_moments(retain)),
+                               gauss(queries, fit) / gauss(queries, retain), rtol=1e-4)
+    fold = np.random.default_rng(0).permutation(len(retain)) % 2
+    expected = np.empty((len(retain), 3))
+    for part in (0, 1):
+        expected[fold == part] = gauss(retain[fold == part], fit) / gauss(retain[fold == part], retain[fold != part])
+    np.testing.assert_allclose(retain_ratio_scores(retain, stats), expected, rtol=1e-4)
+    moments = key_moments(retain)
+    np.testing.assert_allclose(moments.values["sum"], retain.astype(np.float64).sum(0), rtol=1e-6)
+    np.testing.assert_array_equal(moments.values["max"], retain.max(0))
+
+
 def test_search_rule_respects_the_target_and_the_guard_applies_it():
     rng = np.random.default_rng(1)
     retain = {r: rng.uniform(1, 3, size=(300, 6)) for r in ("box", "gauss")}
@@ -114,6 +138,65 @@ def test_guard_setting_round_trip_old_files_and_merge(tmp_path):
         with pytest.raises(UnskillError, match=re.escape(message)) as info:
             load_stats(tmp_path / "bad.npz")
         assert "bad.npz" in str(info.value)
+
+
+def test_ratio_rule_round_trip_merge_and_old_files(tmp_path):
+    """A ratio rule travels with its retain moments (ksd_retain); merging drops both (calibrate again); a ratio
+    rule without them is one clear error; the guard built from the file fires where the NumPy rule says."""
+    from unskill.runtime.manifest import Manifest
+    from unskill.stats.probe import merge_stats
+
+    rng = np.random.default_rng(3)
+    keys = rng.normal(size=(30, 4, 8)).astype(np.float32)
+    retain = (rng.normal(size=(20, 4, 8)) + 2).astype(np.float32)
+    setting = GuardSetting("ratio", [1, 2], [0.5, 0.8], 1, {"target": 0.01})
+    stats = _stats_from_keys(keys, setting)
+    stats.groups["ksd_retain"] = key_moments(retain)
+    stats.save(tmp_path / "r.npz")
+    back = load_stats(tmp_path / "r.npz")
+    assert back.guard == setting
+    np.testing.assert_array_equal(back.groups["ksd_retain"].values["sumsq"], stats.groups["ksd_retain"].values["sumsq"])
+    merged = merge_stats(back, _stats_from_keys(keys))   # a calibrated shard with a plain one
+    assert merged.guard is None and "ksd_retain" not in merged.groups
+    np.testing.assert_array_equal(merged.groups["ksd"].count, 2 * back.groups["ksd"].count)
+
+    names = [f"key_last.{i}" for i in range(4)]
+    manifest = Manifest(arch="llama", num_layers=4, hidden_size=8, key_width=8, activation="silu", gated=True,
+                        key_outputs=[f"key.{i}" for i in range(4)], preact_outputs=[], fingerprint="sha256:test",
+                        max_context=64, eos_token_ids=[0], pad_token_id=0, key_last_outputs=names)
+    guard = KSDGuard([back], manifest)
+    queries = np.concatenate([keys[:5], retain[:5], rng.normal(size=(5, 4, 8)).astype(np.float32) * 3])
+    hits = guard.check({name: queries[:, i] for i, name in enumerate(names)})
+    expected = fires(layer_scores(queries, back, "ratio", key_moments(retain)), setting.layers, setting.thresholds, 1)
+    assert [hit is not None for hit in hits] == expected.tolist() and expected[:5].all() and not expected[5:10].any()
+
+    # the forget-side cap: a key far from both Gaussians (a decoded token's) does not fire however small its quotient
+    capped = GuardSetting("ratio", [1, 2], [0.5, 0.8], 1, {}, bounds=[3.0, 3.0])
+    stats.guard = capped
+    stats.save(tmp_path / "capped.npz")
+    assert load_stats(tmp_path / "capped.npz").guard == capped
+    guard = KSDGuard([load_stats(tmp_path / "capped.npz")], manifest)
+    far = queries * 10   # gauss scores ~100x: quotients unchanged in spirit, far beyond the cap
+    forget_gauss = layer_scores(far, back, "gauss")
+    ratio_inside = fires(layer_scores(far, back, "ratio", key_moments(retain)), capped.layers, capped.thresholds, 1)
+    expected = ratio_inside & (forget_gauss[:, [1, 2]] <= 3.0).any(axis=1)
+    hits = guard.check({name: far[:, i] for i, name in enumerate(names)})
+    assert [hit is not None for hit in hits] == expected.tolist() and ratio_inside.any() and not expected.any()
+    hits = guard.check({name: queries[:, i] for i, name in enumerate(names)})
+    assert [hit is not None for hit in hits][:5] == [True] * 5   # the forget probes themselves stay inside
+
+    stats.guard = setting
+    stats.groups.pop("ksd_retain")
+    stats.save(tmp_path / "no-retain.npz")
+    with pytest.raises(UnskillError, match="no-retain.npz: the stored ratio rule needs the retain key statistics"):
+        load_stats(tmp_path / "no-retain.npz")
+
+
+def test_augment_auto_is_decided_in_one_place():
+    assert augment.auto_kind("gsm8k:validation") == augment.auto_kind("gsm8k") == "math"
+    assert augment.auto_kind("mbpp:train") == "code"
+    assert augment.auto_kind("builtin:math") is None and augment.auto_kind("notes.txt") is None
+    assert augment.chosen_kind("none", "gsm8k") is None and augment.chosen_kind("code", "builtin:math") == "code"
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +280,8 @@ def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(lla
     assert before.guard is None
     assert main(["calibrate", "--model", str(onnx_dir), "--stats", str(tmp_path / "gsm8k.npz"),
                  "--retain", str(tmp_path / "retain.txt"), "--forget", str(tmp_path / "forget.txt"),
-                 "--target", "0.05", "--no-mmlu-retain", "--no-progress", "--out", str(tmp_path / "ksd.json")]) == 0
+                 "--target", "0.05", "--no-mmlu-retain", "--no-progress", "--out", str(tmp_path / "ksd.json"),
+                 "--rules", "gauss", "ratio"]) == 0
     after = load_stats(tmp_path / "gsm8k.npz")
     assert after.guard is not None and after.guard.calibration["retain_refused"] <= 0.05
     np.testing.assert_array_equal(after.groups["ksd"].values["sum"], before.groups["ksd"].values["sum"])
@@ -212,12 +296,18 @@ def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(lla
 
     assert main(["eval", "--model", str(onnx_dir), "--tasks", "bypass:gsm8k", "--stats", f"gsm8k={tmp_path / 'gsm8k.npz'}",
                  "--gen-limit", "4", "--data-dir", str(data_dir), "--no-cache", "--no-progress",
-                 "--out", str(tmp_path / "bypass.json")]) == 0
+                 "--bypass-decode", "3", "--out", str(tmp_path / "bypass.json")]) == 0
     task = json.loads((tmp_path / "bypass.json").read_text())["tasks"]["bypass:gsm8k"]
     assert set(task["sets"]) == set(bypass.FAMILIES["gsm8k"]) | set(bypass.RETAIN_SETS)
     assert all(len(s["stored"]["gsm8k"]) == s["items"] == 4 for s in task["sets"].values())
+    assert ("ksd_retain" in after.groups) == (after.guard.rule == "ratio") == (after.guard.bounds is not None)
+    # decode-time checks: check 0 is the prefill's (same keys through the generator), later ones only add refusals
+    for part in task["sets"].values():
+        assert part["decode_tokens"] == 3
+        assert all(d >= p for d, p in zip(part["stored_decode"]["gsm8k"], part["stored"]["gsm8k"]))
+        assert all(d <= p * (1 + 1e-4) for d, p in zip(part["entry_decode"]["gsm8k"], part["entry"]["gsm8k"]))
     report = tmp_path / "robustness.md"
     assert main(["report", "--robustness", "--results", str(tmp_path / "bypass.json"), "--calibration",
                  str(tmp_path / "ksd.json"), "--out", str(report)]) == 0
     text = report.read_text()
-    assert "| roleplay | attack | 4 |" in text and after.guard.name in text
+    assert "| roleplay | attack | 4 |" in text and after.guard.name in text and "new default, decode 3" in text

@@ -12,7 +12,7 @@ import pytest
 from unskill.cli import main
 from unskill.runtime import UnskillError, load
 from unskill.runtime.session import OnnxLM
-from unskill.runtime.statsfile import GROUP_FIELDS, SCHEMA_VERSION, Moments, StatsFile, load_stats
+from unskill.runtime.statsfile import GROUP_FIELDS, PROBED_GROUPS, SCHEMA_VERSION, Moments, StatsFile, load_stats
 from unskill.runtime.tokenizer import TextTokenizer
 from unskill.stats.datasets import load_dataset
 from unskill.stats.probe import (MIN_SHARED_PREFIX, ProbeConfig, last_position_keys, merge_stats, probe,
@@ -275,7 +275,7 @@ def test_probe_graph_with_shared_prefix_matches_single_runs(llama):
 
 def test_probe_meta_and_groups(llama, gpt2, files, llama_stats):
     stats, _ = llama_stats
-    assert set(stats.groups) == set(GROUP_FIELDS)
+    assert set(stats.groups) == set(PROBED_GROUPS)
     assert stats.meta["prompt_template"] == {"chat": True, "template": CHAT_TEMPLATE}
     assert stats.meta["forget"] == {"name": f"file:{files['forget']}", "count": len(FORGET)}
     assert stats.meta["retain"] == {"name": f"file:{files['retain']}", "count": len(RETAIN)}
@@ -311,7 +311,7 @@ def test_merge_of_shards_equals_stats_of_union(llama, files):
     union = llama.probe(load_dataset(str(files["forget"])), load_dataset(str(files["retain"])), batch_size=1)
     merged = merge_stats(a, b)
     expected, got = all_arrays(union), all_arrays(merged)
-    assert set(got) == set(expected) and len(got) == 5 + sum(map(len, GROUP_FIELDS.values()))
+    assert set(got) == set(expected) and len(got) == 5 + sum(len(GROUP_FIELDS[g]) for g in PROBED_GROUPS)
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-9, atol=1e-12, err_msg=name)
     assert merged.meta["forget"]["count"] == len(FORGET) and merged.meta["retain"]["count"] == len(RETAIN)
@@ -440,7 +440,7 @@ def test_cli_stats_merge_and_data(llama, files, tmp_path, capsys):
                  "--out", str(b), "--batch-size", "2", "--skill", "arith"]) == 0
     assert "wrote" in capsys.readouterr().out
     sa, sb = load_stats(a, llama.manifest), load_stats(b, llama.manifest)
-    assert set(sa.groups) == set(GROUP_FIELDS) and sb.skill == "arith"
+    assert set(sa.groups) == set(PROBED_GROUPS) and sb.skill == "arith"
     assert list(sa.groups["ksd"].count) == [6] * 3 and list(sb.groups["ksd"].count) == [4] * 3
     assert sa.meta["prompt_template"]["chat"] is True
 
