@@ -100,7 +100,9 @@ WIDEN = 1.25        # retain prompts within this factor of a threshold count aga
 AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
 CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
 SEARCHED_RULES = ("gauss",)   # the default region kinds the stored rule is chosen among (boxes lost in docs/runs/robustness-*)
-RULE_KINDS = ("gauss", "ratio")   # what `unskill calibrate --rules` may search
+RULE_KINDS = ("gauss", "ratio")   # what `unskill calibrate --rules` may search; ratio is opt-in: even with the
+#                                   decode check it refuses 0.10-0.15 of Gemma-3 retain prompts within 16 decoded
+#                                   tokens (docs/runs/robustness-smollm2/decode-safe.md)
 DECODE_PROMPTS = 32   # retain prompts (evenly spaced over every retain set) decoded greedily by the decode check
 DECODE_TOKENS = 10    # tokens each of them decodes; the guard checks the key at every one of them
 

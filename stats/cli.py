@@ -251,8 +251,8 @@ def add_calibrate_parser(subparsers) -> None:
     p.add_argument("--no-mmlu-retain", action="store_true",
                    help="retain side without MMLU dev (on by default, less the skill's own subjects)")
     p.add_argument("--rules", nargs="+", choices=("gauss", "ratio"), default=["gauss"],
-                   help="region kinds to search (default gauss; ratio = forget over retain Gaussian score, opt-in, "
-                        "see docs/runs/robustness-smollm2/decode-safe.md)")
+                   help="region kinds to search (default gauss; ratio = forget over retain Gaussian score, opt-in: "
+                        "decode-safe on SmolLM2, not on Gemma-3, see docs/runs/robustness-smollm2/decode-safe.md)")
     p.add_argument("--decode-check", type=int, default=10, metavar="TOKENS",
                    help="decode this many tokens greedily for --decode-prompts retain prompts; no stored rule may "
                         "refuse more of them at a decoded token than --target (default 10; 0 = prompts only)")
