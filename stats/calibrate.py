@@ -100,8 +100,11 @@ WIDEN = 1.25        # retain prompts within this factor of a threshold count aga
 AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
 CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
 SEARCHED_RULES = ("gauss",)   # the default region kinds the stored rule is chosen among (boxes lost in docs/runs/robustness-*)
-RULE_KINDS = ("gauss", "ratio")   # what `unskill calibrate --rules` may search; ratio is opt-in: on Gemma-3 it fires
-#                                   on decoded tokens of retain prompts even with its cap (docs/robustness.md)
+RULE_KINDS = ("gauss", "ratio")   # what `unskill calibrate --rules` may search; ratio is opt-in: even with the
+#                                   decode check it refuses 0.10-0.15 of Gemma-3 retain prompts within 16 decoded
+#                                   tokens (docs/runs/robustness-smollm2/decode-safe.md)
+DECODE_PROMPTS = 32   # retain prompts (evenly spaced over every retain set) decoded greedily by the decode check
+DECODE_TOKENS = 10    # tokens each of them decodes; the guard checks the key at every one of them
 
 
 def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str, retain: Moments | None = None) -> np.ndarray:
@@ -167,18 +170,74 @@ def fires(scores: np.ndarray, layers: list[int], thresholds: list[float], votes:
     return (scores[:, layers] <= np.asarray(thresholds)).sum(axis=1) >= votes
 
 
+class _KeyRecorder:
+    """Stands in for the guard in the runtime's decode loop: refuses nothing, keeps the keys of every check
+    (the same key_last outputs, the same per-step slicing the guard gets)."""
+
+    def __init__(self, names: list[str]):
+        self.output_names, self.steps = list(names), []
+
+    def check(self, last_keys: dict[str, np.ndarray]):
+        self.steps.append(np.stack([last_keys[name] for name in self.output_names], axis=1))   # (B, L, F)
+        return [None] * self.steps[-1].shape[0]
+
+
+def decoded_keys(model: OnnxLM, tokenizer: TextTokenizer, prompts: list, tokens: int = DECODE_TOKENS,
+                 chat: bool = True, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy decode of `tokens` tokens per prompt through the runtime's Generator; returns the keys the guard
+    checks at the decoded tokens, (d, L, F) over every layer, and each row's prompt index (d,). Check 0 (the
+    prompt's last token) is left out: the prefill path (KeyReader) already scores it. A row that ends early
+    (EOS) contributes the checks it took part in only."""
+    from unskill.runtime.generator import GenerationParams, Generator
+    from unskill.runtime.keys import require_key_last
+
+    names = require_key_last(model.manifest, model.directory)
+    keys, owners = [], []
+    for start in range(0, len(prompts), batch_size):
+        recorder = _KeyRecorder(names)
+        results = Generator(model, tokenizer, recorder).generate(
+            prompts[start:start + batch_size], GenerationParams(max_new_tokens=tokens + 1, chat=chat))
+        steps = np.stack(recorder.steps, axis=1)   # (B, checks, L, F)
+        for row, result in enumerate(results):
+            keys.append(steps[row, 1:result.forwards])
+            owners.append(np.full(keys[-1].shape[0], start + row))
+    return np.concatenate(keys), np.concatenate(owners)
+
+
+def per_prompt(scores: np.ndarray, owner: np.ndarray, prompts: int) -> np.ndarray:
+    """(d, L) scores of decoded tokens -> (prompts, L): each prompt's lowest score over its decoded tokens (a
+    prompt is refused at decode as soon as one token's key is inside)."""
+    lowest = np.full((prompts, scores.shape[1]), np.inf, dtype=np.float64)
+    np.minimum.at(lowest, owner, scores)
+    return lowest
+
+
+def decode_refused(scores: np.ndarray, owner: np.ndarray, prompts: int, layers, thresholds, votes) -> float:
+    """Share of the decoded prompts the rule refuses at some decoded token."""
+    refused = np.zeros(prompts, dtype=bool)
+    np.logical_or.at(refused, owner, fires(scores, layers, thresholds, votes))
+    return float(refused.mean())
+
+
 def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float, rules=None,
-                candidates=CANDIDATES):
+                candidates=CANDIDATES, decoded: dict | None = None, owner: np.ndarray | None = None):
     """retain: rule -> (n, L) scores of the retain prompts, forget: rule -> (m, L) scores of the forget
-    prompts (rules: those to search, default every one scored). Returns (GuardSetting, forget recall, retain
-    rate) of the best candidate within the target."""
+    prompts (rules: those to search, default every one scored). decoded: rule -> (d, L) scores of keys at
+    decoded tokens of retain prompts, owner (d,) their prompt index: each layer's threshold also stays below
+    them (the same per-layer budget, counted in prompts), and a candidate that still refuses more decoded
+    prompts than the target is rejected. Returns (GuardSetting, forget recall, retain rate) of the best
+    candidate within the target."""
     from unskill.runtime.statsfile import GuardSetting
 
+    prompts = int(owner.max()) + 1 if decoded is not None and owner.size else 0
+    lowest = {rule: per_prompt(scores, owner, prompts) for rule, scores in decoded.items()} if prompts else {}
     best = None
     for rule in rules or tuple(retain):
         for count, votes in candidates:
             budget = target * votes / count   # a union of `count` layers needing `votes`: share the budget
             per_layer = [retain_threshold(retain[rule][:, i], budget) for i in range(retain[rule].shape[1])]
+            if prompts:   # the guard also checks every decoded token: stay below those keys too
+                per_layer = [min(t, retain_threshold(lowest[rule][:, i], budget)) for i, t in enumerate(per_layer)]
             recall = [(forget[rule][:, i] <= t).mean() for i, t in enumerate(per_layer)]
             layers = sorted(int(i) for i in np.argsort(recall, kind="stable")[::-1][:count])
             thresholds = [per_layer[i] for i in layers]
@@ -191,6 +250,8 @@ def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float
             # retain prompts land there first.
             near = float(fires(retain[rule], layers, [t * WIDEN for t in thresholds], votes).mean())
             merit = forget_rate - near
+            if prompts and decode_refused(decoded[rule], owner, prompts, layers, thresholds, votes) > target:
+                continue
             if retain_rate <= target and (best is None or merit > best[3]):
                 best = (GuardSetting(rule, layers, thresholds, votes), forget_rate, retain_rate, merit)
     if best is None:
@@ -209,11 +270,14 @@ class RuleCalibration:
 
 def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, retain: list[Dataset],
                    forget: Dataset, target: float = 0.01, chat: bool = True, kind: str | None = None,
-                   batch_size: int = 8, progress: bool = False, rules=SEARCHED_RULES) -> RuleCalibration:
+                   batch_size: int = 8, progress: bool = False, rules=SEARCHED_RULES,
+                   decode_prompts: int = DECODE_PROMPTS, decode_tokens: int = DECODE_TOKENS) -> RuleCalibration:
     """One prefill per prompt reads every layer's key; rules and the paper's alpha are chosen from them.
     retain[0] is the user's --retain set (the paper's alpha is calibrated on it alone, as before); the
     others (built-in chat, general) join it for the stored rule. `kind` adds framed variants of the forget
-    validation prompts (stats/augment.py, never the benchmark's frames)."""
+    validation prompts (stats/augment.py, never the benchmark's frames). decode_prompts retain prompts (evenly
+    spaced over all retain sets; 0: none) decode decode_tokens tokens greedily, and no stored rule may refuse
+    more of them at a decoded token than the target (the runtime guard checks every decoded token's key)."""
     from unskill.runtime.keys import KeyReader
 
     from .augment import augment
@@ -244,7 +308,15 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
         bounds = ratio_bounds(layer_scores(forget_keys, stats, "gauss"))
         retain_scores["ratio"] = capped(retain_scores["ratio"], layer_scores(all_retain, stats, "gauss"), bounds)
         forget_scores["ratio"] = capped(forget_scores["ratio"], layer_scores(forget_keys, stats, "gauss"), bounds)
-    setting, forget_rate, retain_rate = search_rule(retain_scores, forget_scores, target)
+    decoded, owner, picked = None, None, []
+    if decode_prompts > 0 and decode_tokens > 0:
+        items = [item.prompt for dataset in retain for item in dataset.items]
+        picked = sorted({int(i) for i in np.linspace(0, len(items) - 1, min(decode_prompts, len(items)))})
+        decode_keys, owner = decoded_keys(model, tokenizer, [items[i] for i in picked], decode_tokens, chat, batch_size)
+        decoded = {rule: layer_scores(decode_keys, stats, rule, retain_moments) for rule in rules}
+        if "ratio" in rules:
+            decoded["ratio"] = capped(decoded["ratio"], layer_scores(decode_keys, stats, "gauss"), bounds)
+    setting, forget_rate, retain_rate = search_rule(retain_scores, forget_scores, target, decoded=decoded, owner=owner)
     if setting.rule == "ratio":
         setting.bounds = [float(bounds[i]) for i in setting.layers]
     plain_rate = float(fires(forget_scores[setting.rule][:plain], setting.layers, setting.thresholds,
@@ -253,4 +325,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
                            "target": target, "retain_refused": retain_rate, "forget_refused": forget_rate,
                            "forget_plain_refused": plain_rate, "retain_items": int(all_retain.shape[0]),
                            "forget_items": int(forget_keys.shape[0])}
+    if decoded is not None:
+        setting.calibration.update(decode_prompts=len(picked), decode_tokens=decode_tokens, decode_refused=decode_refused(
+            decoded[setting.rule], owner, len(picked), setting.layers, setting.thresholds, setting.votes))
     return RuleCalibration(setting, retain_moments, paper, forget_rate, retain_rate)

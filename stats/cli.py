@@ -252,7 +252,12 @@ def add_calibrate_parser(subparsers) -> None:
                    help="retain side without MMLU dev (on by default, less the skill's own subjects)")
     p.add_argument("--rules", nargs="+", choices=("gauss", "ratio"), default=["gauss"],
                    help="region kinds to search (default gauss; ratio = forget over retain Gaussian score, opt-in: "
-                        "on Gemma-3 it also fires on decoded tokens of retain prompts, see docs/robustness.md)")
+                        "decode-safe on SmolLM2, not on Gemma-3, see docs/runs/robustness-smollm2/decode-safe.md)")
+    p.add_argument("--decode-check", type=int, default=10, metavar="TOKENS",
+                   help="decode this many tokens greedily for --decode-prompts retain prompts; no stored rule may "
+                        "refuse more of them at a decoded token than --target (default 10; 0 = prompts only)")
+    p.add_argument("--decode-prompts", type=int, default=32,
+                   help="retain prompts the decode check decodes, evenly spaced over the retain sets (default 32)")
     p.add_argument("--no-store", action="store_true", help="do not write the chosen rule into the stats file")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int, default=200, help="items per dataset spec part (default 200)")
@@ -314,6 +319,9 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
     if forget is None:
         raise UnskillError("unskill calibrate: choosing a rule needs --forget SPEC (validation prompts of the skill)")
     _check_target(args.target)   # before the retain sets load
+    if args.decode_check < 0 or args.decode_prompts < 0:
+        raise UnskillError(f"unskill calibrate: --decode-check and --decode-prompts must be >= 0, "
+                           f"got {args.decode_check} and {args.decode_prompts}")
     # auto: what `unskill stats` chose for these stats' forget set (the same function decides both)
     kind = chosen_kind(args.augment, stats.meta.get("forget", {}).get("name") or forget.name)
     retain_sets = [retain] + ([] if args.no_chat_retain else
@@ -321,7 +329,8 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
     if not args.no_mmlu_retain:   # general knowledge, less the skill's own subjects (MMLU dev holds math)
         retain_sets.append(without_skill_subjects(load_dataset("mmlu:dev", args.data_dir), kind))
     result = calibrate_rule(model, tokenizer, stats, retain_sets, forget, args.target, not args.no_chat, kind,
-                            progress=not args.no_progress, rules=tuple(args.rules))
+                            progress=not args.no_progress, rules=tuple(args.rules),
+                            decode_prompts=args.decode_prompts, decode_tokens=args.decode_check)
     setting, paper = result.setting, result.paper
     print(f"{stats.skill}: the paper's rule (layer {paper.layer}, one cube): alpha {paper.alpha:.4g} x k refuses "
           f"{paper.retain_abstain:.1%} of {paper.retain_items} retain, {paper.forget_abstain:.1%} of "
@@ -331,6 +340,9 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
           f"retain refused {cal['retain_refused']:.1%} of {cal['retain_items']} ({' + '.join(cal['retain'])}), "
           f"forget refused {cal['forget_plain_refused']:.1%} plain / {cal['forget_refused']:.1%} with framed "
           f"variants of {cal['forget_items']}")
+    if "decode_refused" in cal:
+        print(f"  decoded: {cal['decode_refused']:.1%} of {cal['decode_prompts']} retain prompts refused at one of "
+              f"{cal['decode_tokens']} decoded tokens")
     if not args.no_store:
         stats.guard = setting
         stats.groups.pop("ksd_retain", None)   # a ratio rule's retain side; any older one belongs to an older rule

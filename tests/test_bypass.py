@@ -106,6 +106,31 @@ def test_search_rule_respects_the_target_and_the_guard_applies_it():
     assert fires(retain[setting.rule], setting.layers, setting.thresholds, setting.votes).mean() <= 0.01
 
 
+def test_search_rule_rejects_a_rule_that_fires_on_decoded_keys():
+    """The decode check: a rule inside whose regions decoded-token keys of retain prompts fall is not stored,
+    whatever it does at the prompt; the stored one refuses no more decoded prompts than the target."""
+    from unskill.stats.calibrate import decode_refused
+
+    rng = np.random.default_rng(2)
+    retain = {r: rng.uniform(1, 3, size=(300, 6)) for r in ("gauss", "ratio")}
+    forget = {"gauss": rng.uniform(0.5, 2, size=(100, 6)), "ratio": rng.uniform(0, 0.5, size=(100, 6))}
+    setting, _, _ = search_rule(retain, forget, target=0.01)
+    assert setting.rule == "ratio"                                  # best at the prompt
+    owner = np.repeat(np.arange(32), 10)                            # 32 prompts x 10 decoded tokens
+    decoded = {"gauss": rng.uniform(5, 9, size=(320, 6)), "ratio": rng.uniform(1, 3, size=(320, 6))}
+    decoded["ratio"][::10] = 0.0                                    # one token of every prompt: inside at every layer
+    with_decode, _, _ = search_rule(retain, forget, target=0.01, decoded=decoded, owner=owner)
+    assert with_decode.rule == "gauss"
+    assert decode_refused(decoded["gauss"], owner, 32, with_decode.layers, with_decode.thresholds,
+                          with_decode.votes) == 0
+    assert decode_refused(decoded["ratio"], owner, 32, setting.layers, setting.thresholds, setting.votes) == 1
+    # decoded keys only near (not inside): thresholds drop below them and the rule stays usable
+    decoded["ratio"][::10] = 0.3
+    tightened, _, _ = search_rule(retain, forget, target=0.01, decoded=decoded, owner=owner)
+    assert tightened.rule == "ratio" and max(tightened.thresholds) < 0.3
+    assert decode_refused(decoded["ratio"], owner, 32, tightened.layers, tightened.thresholds, tightened.votes) == 0
+
+
 def _write_old_style(path, stats: StatsFile):
     """A stats file as written before the guard member existed."""
     stats = StatsFile(stats.fingerprint, stats.arch, stats.key_width, stats.num_layers, stats.meta, stats.groups)
@@ -311,3 +336,48 @@ def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(lla
                  str(tmp_path / "ksd.json"), "--out", str(report)]) == 0
     text = report.read_text()
     assert "| roleplay | attack | 4 |" in text and after.guard.name in text and "new default, decode 3" in text
+
+
+def test_decoded_keys_are_the_guards_keys_at_decoded_tokens(llama, tmp_path):
+    """calibrate's decode check reads the keys the guard checks: each decoded token's key equals a prefill of
+    prompt + the tokens before it (KeyReader), and a stored rule evaluated on them in NumPy abstains at the same
+    step as the runtime guard does."""
+    from unskill.runtime.generator import GenerationParams, Generator
+    from unskill.runtime.keys import KeyReader
+    from unskill.stats.calibrate import decoded_keys
+
+    generator, _ = llama
+    model, tokenizer = generator.model, generator.tokenizer
+    prompts = [f"How many apples are left if Tom eats {i} of his {i + 9} apples?" for i in range(5)]
+    prompts += ["Write a python function to add two numbers.", "What is the capital of France?"]
+    tokens, layers = 4, model.manifest.num_layers
+    keys, owner = decoded_keys(model, tokenizer, prompts, tokens, batch_size=3)
+    plain = Generator(model, tokenizer).generate(prompts, GenerationParams(max_new_tokens=tokens + 1))
+    reader = KeyReader(model, batch_size=4)
+    sequences, expected_owner = [], []
+    for index, (prompt, result) in enumerate(zip(prompts, plain)):
+        ids = tokenizer.encode_prompt(prompt)
+        for step in range(1, result.forwards):
+            sequences.append(ids + result.token_ids[:step])
+            expected_owner.append(index)
+    assert owner.tolist() == expected_owner and keys.shape == (len(sequences), layers, model.manifest.key_width)
+    np.testing.assert_allclose(keys, reader.last_keys(sequences), atol=1e-4, rtol=1e-4)
+
+    # a gauss rule fitted on the decoded keys, thresholds at their median: the guard refuses at the prompt where
+    # the prompt key is inside, else at the first decoded token whose key is inside
+    prompt_keys = reader.last_keys([tokenizer.encode_prompt(p) for p in prompts])
+    stats = _stats_from_keys(keys.astype(np.float64))
+    stats.fingerprint, stats.arch = model.manifest.fingerprint, model.manifest.arch
+    chosen = [0, layers - 1]
+    decoded_scores = layer_scores(keys, stats, "gauss")
+    thresholds = [float(np.median(decoded_scores[:, i])) for i in chosen]
+    stats.guard = GuardSetting("gauss", chosen, thresholds, 1)
+    stats.save(tmp_path / "decode.npz")
+    guard = KSDGuard([load_stats(tmp_path / "decode.npz", model.manifest)], model.manifest)
+    guarded = Generator(model, tokenizer, guard).generate(prompts, GenerationParams(max_new_tokens=tokens + 1))
+    at_prompt = fires(layer_scores(prompt_keys, stats, "gauss"), chosen, thresholds, 1)
+    fired = fires(decoded_scores, chosen, thresholds, 1)
+    for index, result in enumerate(guarded):
+        steps = [0] if at_prompt[index] else list(np.flatnonzero(fired[owner == index]) + 1)
+        assert (result.abstained, result.abstained_at) == ((True, steps[0]) if steps else (False, None))
+    assert any(r.abstained and r.abstained_at > 0 for r in guarded)
