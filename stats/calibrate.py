@@ -303,19 +303,26 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     retain_scores = {rule: retain_ratio_scores(all_retain, stats) if rule == "ratio" else
                      layer_scores(all_retain, stats, rule) for rule in rules}
     forget_scores = {rule: layer_scores(forget_keys, stats, rule, retain_moments) for rule in rules}
-    bounds = None
-    if "ratio" in rules:
-        bounds = ratio_bounds(layer_scores(forget_keys, stats, "gauss"))
-        retain_scores["ratio"] = capped(retain_scores["ratio"], layer_scores(all_retain, stats, "gauss"), bounds)
-        forget_scores["ratio"] = capped(forget_scores["ratio"], layer_scores(forget_keys, stats, "gauss"), bounds)
+
+    def gauss_of(scores: dict, keys: np.ndarray) -> np.ndarray:
+        """The gauss scores of these keys: the searched ones where gauss is searched too."""
+        return scores["gauss"] if "gauss" in scores else layer_scores(keys, stats, "gauss")
+
+    def with_cap(scores: dict, keys: np.ndarray) -> dict:
+        """The ratio rule's scores with its forget-side cap applied (retain, forget and decoded keys alike)."""
+        if "ratio" in scores:
+            scores["ratio"] = capped(scores["ratio"], gauss_of(scores, keys), bounds)
+        return scores
+
+    bounds = ratio_bounds(gauss_of(forget_scores, forget_keys)) if "ratio" in rules else None
+    with_cap(retain_scores, all_retain)
+    with_cap(forget_scores, forget_keys)
     decoded, owner, picked = None, None, []
     if decode_prompts > 0 and decode_tokens > 0:
         items = [item.prompt for dataset in retain for item in dataset.items]
         picked = sorted({int(i) for i in np.linspace(0, len(items) - 1, min(decode_prompts, len(items)))})
         decode_keys, owner = decoded_keys(model, tokenizer, [items[i] for i in picked], decode_tokens, chat, batch_size)
-        decoded = {rule: layer_scores(decode_keys, stats, rule, retain_moments) for rule in rules}
-        if "ratio" in rules:
-            decoded["ratio"] = capped(decoded["ratio"], layer_scores(decode_keys, stats, "gauss"), bounds)
+        decoded = with_cap({rule: layer_scores(decode_keys, stats, rule, retain_moments) for rule in rules}, decode_keys)
     setting, forget_rate, retain_rate = search_rule(retain_scores, forget_scores, target, decoded=decoded, owner=owner)
     if setting.rule == "ratio":
         setting.bounds = [float(bounds[i]) for i in setting.layers]
