@@ -21,13 +21,20 @@ def staggered(engine, prompts, lengths, hold_tokens=0, chat=False):
     """Submits each prompt once the previous one has streamed a few events, so rows join a running
     batch at different cache lengths; returns every request's events."""
     outs = [queue.Queue() for _ in prompts]
+    # on_event runs in the engine thread: a row's first event holds the engine until the next prompt is queued,
+    # so the next row joins while this one still runs, however slowly the test thread is scheduled.
+    submitted = [threading.Event() for _ in prompts] + [threading.Event()]
+    submitted[-1].set()
     for i, (prompt, n) in enumerate(zip(prompts, lengths)):
         started = threading.Event()
 
-        def on_event(event, out=outs[i], started=started):
+        def on_event(event, out=outs[i], started=started, next_queued=submitted[i + 1]):
             out.put(event)
-            started.set()
+            if not started.is_set():
+                started.set()
+                next_queued.wait(timeout=60)
         engine.submit(prompt, greedy(n, chat), on_event, hold_tokens)
+        submitted[i].set()
         started.wait(timeout=60)
     results = []
     for out in outs:
