@@ -187,6 +187,44 @@ def projection_3d(g: Graph, bnsh: str) -> str | None:
     return reshape.input[0]
 
 
+def in_op_rotary(g: Graph, q_bnsh: str, k_bnsh: str, head_dim: int) -> tuple | None:
+    """(q, k, [cos, sin], attributes) for GroupQueryAttention's own rotary (do_rotary=1) where q and k are
+    full-width RotaryEmbedding nodes over 3-D projections with the same caches, else None (Gemma-3's q/k norm
+    and unfused rotary stay outside). The op then rotates each row at its buffer position P + s (P = past
+    length), not at the exported position_ids: a left-padded row is shifted by its padding, the same for its
+    queries and keys, and rotary scores depend on position differences only (the padded batch tests)."""
+    nodes = [g.producer.get(name) for name in (q_bnsh, k_bnsh)]
+    if any(node is None or node.op_type != "RotaryEmbedding" for node in nodes):
+        return None
+    attrs = [{a.name: helper.get_attribute_value(a) for a in node.attribute} for node in nodes]
+    sources = [projection_3d(g, node.input[0]) for node in nodes]
+    caches = [list(node.input[2:4]) for node in nodes]
+    if (None in sources or caches[0] != caches[1] or attrs[0].get("interleaved", 0) != attrs[1].get("interleaved", 0)
+            or any(a.get("rotary_embedding_dim", 0) not in (0, head_dim) or a.get("is_packed_batching", 0)
+                   or a.get("scale", 1.0) != 1.0 for a in attrs)):
+        return None
+    return sources[0], sources[1], caches[0], {"do_rotary": 1, "rotary_interleaved": attrs[0].get("interleaved", 0)}
+
+
+def pack_projections(g: Graph, outputs: list[str], nodes: list, tag: str) -> str | None:
+    """One MatMul for q, k and v (GroupQueryAttention's packed-QKV query input) where each is MatMul(x, W)
+    of the same x with a constant W: one weight read a step instead of three nodes. Returns its output, or
+    None where the projections are not plain MatMuls of one input (biases, LoRA-style adds)."""
+    producers = [g.producer.get(name) for name in outputs]
+    if any(node is None or node.op_type != "MatMul" or node.input[1] not in g.init for node in producers):
+        return None
+    if len({node.input[0] for node in producers}) != 1:
+        return None
+    weights = [numpy_helper.to_array(g.init[node.input[1]]) for node in producers]
+    if any(w.ndim != 2 for w in weights):
+        return None
+    name = f"{tag}/weight"
+    g.graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), name))
+    g.init[name] = g.graph.initializer[-1]
+    nodes.append(helper.make_node("MatMul", [producers[0].input[0], name], [f"{tag}/output"], name=f"{tag}/MatMul"))
+    return f"{tag}/output"
+
+
 def find_layer(g: Graph, layer: int) -> dict:
     """The tensors around layer `layer`'s attention: new k/v (before the present Concat), rotated q,
     and the attention output (the o_proj input)."""
@@ -238,16 +276,23 @@ def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int) -> int
     rename = {}
     for layer, found in enumerate(layers):
         tag = f"/model/layers.{layer}/gqa"
-        q = heads_to_3d(g, found["q"], heads, new_nodes, f"{tag}/q")
-        k = heads_to_3d(g, found["k"], kv_heads, new_nodes, f"{tag}/k")
+        rotary = in_op_rotary(g, found["q"], found["k"], head_dim)
+        if rotary is not None:
+            q, k, caches, rotary_attrs = rotary
+        else:
+            q = heads_to_3d(g, found["q"], heads, new_nodes, f"{tag}/q")
+            k = heads_to_3d(g, found["k"], kv_heads, new_nodes, f"{tag}/k")
+            caches, rotary_attrs = ["", ""], {}
         v = heads_to_3d(g, found["v"], kv_heads, new_nodes, f"{tag}/v")
+        packed = pack_projections(g, [q, k, v], new_nodes, f"{tag}/qkv")
         out = f"{tag}/output"
         new_nodes.append(helper.make_node(
             "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", SEQLENS, TOTAL,
-             "", "", "", BIAS, "", "", "", "", "", QUERY_SEQLENS],
+            [*([packed, "", ""] if packed else [q, k, v]), f"past_key_values.{layer}.key",
+             f"past_key_values.{layer}.value", SEQLENS, TOTAL, *caches, "", BIAS, "", "", "", "", "", QUERY_SEQLENS],
             [out, f"present.{layer}.key", f"present.{layer}.value"], name=f"{tag}/GroupQueryAttention",
-            domain=MS, num_heads=heads, kv_num_heads=kv_heads, scale=scale, local_window_size=local_window(config, layer)))
+            domain=MS, num_heads=heads, kv_num_heads=kv_heads, scale=scale, local_window_size=local_window(config, layer),
+            **rotary_attrs))
         rename[found["out"]] = out
     drop = {id(n) for found in layers for n in found["concats"]}
     kept = [n for n in model.graph.node if id(n) not in drop]

@@ -391,7 +391,8 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
     from unskill.exporter.quantize import quantize
 
     manifest = quantize(gguf_grid_export, tmp_path / "exact", "int4", accuracy_level=0, grid="exact")
-    assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 21, "8-bit/32": 1}
+    # 3 layers x (packed q/k/v, o, gate, up, down) + the tied head
+    assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 15, "8-bit/32": 1}
     source = onnx.load(str(gguf_grid_export / "model.onnx"))
     weights = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
     by_output = {n.output[0]: weights[n.input[1]] for n in source.graph.node
@@ -410,7 +411,7 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
         expected = by_output[output]
         assert np.abs(grid.dequantized() - expected).max() <= 1e-6 * np.abs(expected).max(), output
         checked += 1
-    assert checked == 22
+    assert checked == 16
     ids = np.random.default_rng(4).integers(5, 500, size=(1, 12))
     exact, _, _ = run_plain_ort(tmp_path / "exact", ids)
     plain, _, _ = run_plain_ort(gguf_grid_export, ids)
@@ -422,10 +423,33 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
         logits = run_plain_ort(tmp_path / grid, ids)[0]["logits"]
         errors[grid] = np.abs(logits - plain["logits"]).max() / np.abs(plain["logits"]).max()
     # source: the block mins' residuals as two 4-bit digits (to 1/238 of the largest in 32 blocks), no node
-    # per MatMul: one block-sum MatMulNBits + Concat per input tensor (3 layers x q/k/v, o, gate/up, down)
+    # per MatMul: AveragePool (+ Pad: 2 blocks) + Concat per input tensor (3 layers x q/k/v, o, gate/up, down)
     assert errors["source"] < 1e-2 and errors["rtn"] > 10 * errors["source"], errors
     ops = [n.op_type for n in onnx.load(str(tmp_path / "source" / "model.onnx"), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == 22 + 12 and ops.count("Add") == [n.op_type for n in source.graph.node].count("Add")
+    assert ops.count("MatMulNBits") == 16 and ops.count("Add") == [n.op_type for n in source.graph.node].count("Add")
+    assert ops.count("AveragePool") == ops.count("Pad") == 12
+
+
+@pytest.mark.parametrize("blocks", [2, 18, 33, 48, 100])
+def test_residual_digits_read_the_block_means(blocks):
+    """The digit rows over x' = [x, M, ..., M] (M = block means, copies or zero-padded pages as digit_layout
+    places them) give X @ R (X = block sums) to the digits' 1/238: SmolLM2's 18 and 48 blocks, a page and a
+    bit (33), several pages (100), a tiny model's 2."""
+    from unskill.exporter.grid import digit_layout, residual_digits
+
+    rng = np.random.default_rng(blocks)
+    residual = rng.standard_normal((blocks, 7)) * rng.random((blocks, 1))
+    packed, scales, extra = residual_digits(residual)
+    length, copies, placed = digit_layout(blocks)
+    assert extra == copies * length and len(placed) == 2 * -(-blocks // 32) and (length == blocks or copies == 2)
+    q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(7, packed.shape[1], 32).astype(np.float64) - 8
+    weight = (q * scales[..., None]).reshape(7, -1).T[:extra]
+    x = rng.standard_normal((5, blocks * 32))
+    means = np.zeros((5, length))
+    means[:, :blocks] = x.reshape(5, blocks, 32).mean(-1)
+    want = x.reshape(5, blocks, 32).sum(-1) @ residual
+    got = np.concatenate([means] * copies, axis=1) @ weight
+    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()
 
 
 def test_fit_grid_finds_symmetric_and_16_blocks_and_refuses_noise():
