@@ -139,10 +139,7 @@ def test_int4_source_grid_finds_the_gguf_blocks(smollm2_export, smollm2_math_sta
     from unskill.exporter.quantize import quantize
 
     manifest = quantize(smollm2_export, tmp_path / "q4", "int4")
-    # 30 layers x (packed q/k/v, o, gate, up, down) + the tied head; 210 where q/k/v are apart (exports made
-    # before session 13, or UNSKILL_SMOLLM2_ONNX naming an unfused one)
-    tensors = manifest.edits[-1]["grid_tensors"]
-    assert tensors["8-bit/32"] == 1 and tensors["4-bit/32 + residual"] in (150, 210) and len(tensors) == 2, tensors
+    assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 210, "8-bit/32": 1}
     params = GenerationParams(max_new_tokens=6)
     prompt = "Write a Python function that reverses a string."
     expected = load(smollm2_export, device="cpu").generate([prompt], params)[0].text
