@@ -19,7 +19,15 @@ def test_fused_graph_matches_unfused(tiny_export, tmp_path, kind, model_type, ro
 
     _, onnx_dir = tiny_export(kind, fused=False)
     out = tmp_path / "fused"
-    manifest = fuse(onnx_dir, out, model_type, rotary_in_op=rotary_in_op)
+    if rotary_in_op:   # through the CLI flag
+        from unskill.cli import main
+        from unskill.runtime.manifest import load_manifest
+
+        assert main(["edit", "fuse", "--model", str(onnx_dir), "--out", str(out), "--rotary-in-op"]) == 0
+        manifest = load_manifest(out)
+        assert manifest.edits[-1]["rotary_in_op"] is True
+    else:
+        manifest = fuse(onnx_dir, out, model_type)
     edit = manifest.edits[-1]
     nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
     rotated = [n for n in nodes if n.op_type == "GroupQueryAttention" and n.input[1] == "" and n.input[7]]
