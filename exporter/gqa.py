@@ -226,13 +226,23 @@ def pack_projections(g: Graph, outputs: list[str], nodes: list, tag: str) -> str
     if len({node.input[0] for node in producers}) != 1:
         return None
     weights = [numpy_helper.to_array(g.init[node.input[1]]) for node in producers]
-    if any(w.ndim != 2 for w in weights):
+    if any(w.ndim != 2 for w in weights) or not same_grid(weights):
         return None
     name = f"{tag}/weight"
     g.graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), name))
     g.init[name] = g.graph.initializer[-1]
     nodes.append(helper.make_node("MatMul", [producers[0].input[0], name], [f"{tag}/output"], name=f"{tag}/MatMul"))
     return f"{tag}/output"
+
+
+def same_grid(weights: list[np.ndarray]) -> bool:
+    """Whether the weights lie on the same block grid (exporter/grid.py) or none on any: a dequantized GGUF
+    may mix grids across q/k/v (Q4_K_M: v in Q6_K), and a packed weight must keep each part's grid exact
+    for `edit quantize --grid source` (a mixed one would fall to the widest grid or to re-rounding)."""
+    from .grid import find_grid
+
+    grids = [find_grid(w) for w in weights]
+    return len({None if grid is None else (grid.bits, grid.block) for grid in grids}) == 1
 
 
 def find_layer(g: Graph, layer: int) -> dict:

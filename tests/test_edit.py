@@ -429,6 +429,19 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
     assert ops.count("AveragePool") == ops.count("Pad") == 12
 
 
+def test_projections_pack_only_on_one_grid():
+    """--rotary-in-op packs q/k/v only where they share a grid (or none has one): a Q6_K v beside Q4_K q/k
+    stays apart, so `--grid source` keeps every part exact."""
+    from unskill.exporter.gqa import same_grid
+
+    rng = np.random.default_rng(2)
+    q4 = (rng.integers(0, 16, (64, 8)) * 0.5 - 3.0).astype(np.float32)     # 4-bit, one 64-row block per column
+    q8 = (rng.integers(-100, 100, (64, 8)) * 0.01).astype(np.float32)     # needs 8 bits
+    noise = rng.standard_normal((64, 8)).astype(np.float32)
+    assert same_grid([q4, q4.copy(), q4 * 2]) and same_grid([noise, noise * 3, noise + 1])
+    assert not same_grid([q4, q4, q8]) and not same_grid([q4, q4, noise])
+
+
 @pytest.mark.parametrize("blocks", [2, 18, 33, 48, 100])
 def test_residual_digits_read_the_block_means(blocks):
     """The digit rows over x' = [x, M, ..., M] (M = block means, copies or zero-padded pages as digit_layout
