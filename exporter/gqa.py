@@ -312,7 +312,7 @@ def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int, rotary
         out = f"{tag}/output"
         new_nodes.append(helper.make_node(
             "GroupQueryAttention",
-            [*([packed, "", ""] if packed and rotary else [q, k, v]), f"past_key_values.{layer}.key",
+            [*([packed, "", ""] if packed else [q, k, v]), f"past_key_values.{layer}.key",
              f"past_key_values.{layer}.value", SEQLENS, TOTAL, *caches, "", BIAS, "", "", "", "", "", QUERY_SEQLENS],
             [out, f"present.{layer}.key", f"present.{layer}.value"], name=f"{tag}/GroupQueryAttention",
             domain=MS, num_heads=heads, kv_num_heads=kv_heads, scale=scale, local_window_size=local_window(config, layer),

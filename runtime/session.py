@@ -184,8 +184,12 @@ class OnnxLM:
         (past_present_share_buffer), so the cache is never held twice nor re-allocated chunk by chunk. When
         the last chunk is done the buffer is full, i.e. an ordinary past of `total` positions. None where the
         graph cannot share (optimum's Concat attention) or a device past would need a copy."""
-        if self._is_buffer(past, done) and past[self.past_names[0]].shape()[2] >= total:
-            return past   # a buffer from an earlier call with room left (forward's `reserve`), any device
+        if self._is_buffer(past, done):
+            if past[self.past_names[0]].shape()[2] >= total:
+                return past   # a buffer from an earlier call with room left (forward's `reserve`), any device
+            if self.device != "cpu":
+                raise UnskillError(f"{total - done} new tokens exceed the KV buffer's room on {self.device}; "
+                                   "reserve more in the prompt pass")
         if self.manifest.attention != "gqa" or (self.device != "cpu" and done):
             return None
         buffers = {}

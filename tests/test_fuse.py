@@ -154,6 +154,14 @@ def test_decode_steps_write_into_the_reserved_kv_buffer(tiny_export, monkeypatch
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
         for name in names:
             assert np.abs(got_keys[name] - want_keys[name]).max() <= 1e-5 * np.abs(want_keys[name]).max()
+    # More new tokens than the room left: the CPU buffer grows (a copy), same logits as the copying path.
+    more = np.random.default_rng(6).integers(5, 500, size=(2, 3))
+    wider = np.concatenate([mask, np.ones((2, 3), dtype=np.int64)], axis=1)
+    for reserve in (0, 1):
+        _, past, _ = model.forward(ids, mask, model.empty_past(2), reserve=reserve)
+        runs[reserve] = model.forward(more, wider, past)[0]
+    assert np.abs(runs[1] - runs[0]).max() <= 1e-5 * np.abs(runs[0]).max()
+
     generator = load(tiny_export("llama")[1], device="cpu")
     reserved, forward = [], generator.model.forward
     monkeypatch.setattr(generator.model, "forward", lambda *a, **k: reserved.append(k.get("reserve", 0)) or forward(*a, **k))
