@@ -18,7 +18,7 @@ CUDA/WebGPU only).
 `rotary_in_op` (`unskill edit fuse --rotary-in-op`): where q and k are full-width RotaryEmbedding nodes over
 plain MatMuls of one input (SmolLM2/llama), q/k/v become one MatMul (GroupQueryAttention's packed-QKV input)
 and the rotary moves into the op (do_rotary=1, the same cos/sin caches): 120 fewer nodes a step on SmolLM2,
-~11 % faster fp32 decode (loaded box, benchmarks/README.md). Not the default: the op rotates a row at its
+fp32 decode 1.11-1.15x in two loaded runs, 0.97x in a third (benchmarks/README.md, session 13). Not the default: the op rotates a row at its
 buffer position (past length + s; a prompt's position_ids are read at their first element only), so a
 left-padded row is rotated `padding` positions further, queries and keys alike. Rotary scores depend on
 position differences only, so that is exact in exact arithmetic and the token ids stay identical (tests);
