@@ -108,6 +108,9 @@ def add_edit_parser(subparsers) -> None:
     fuse.add_argument("--out", required=True)
     fuse.add_argument("--model-type", choices=("qwen3", "gpt2"), default="qwen3",
                       help="onnxruntime.transformers fusion table (qwen3: llama-shaped, adds RotaryEmbedding)")
+    fuse.add_argument("--rotary-in-op", action="store_true",
+                      help="packed q/k/v and GroupQueryAttention's own rotary (llama-style; faster decode, "
+                           "left-padded rows' keys move by float rounding with their padding)")
     fuse.set_defaults(run=run_fuse)
     probe = methods.add_parser("probe-graph", help="add probe.onnx (keys only, no LM head) to an older export, in place")
     probe.add_argument("--model", required=True)
@@ -159,7 +162,7 @@ def run_slim(args: argparse.Namespace) -> int:
 def run_fuse(args: argparse.Namespace) -> int:
     from .fuse import fuse
 
-    edit = fuse(args.model, args.out, args.model_type).edits[-1]
+    edit = fuse(args.model, args.out, args.model_type, rotary_in_op=args.rotary_in_op).edits[-1]
     print(f"fused {args.model}: {edit['nodes_before']} -> {edit['nodes_after']} nodes -> {args.out}")
     return 0
 

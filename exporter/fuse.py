@@ -137,7 +137,10 @@ def source_config(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", attention: bool = True) -> Manifest:
+def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", attention: bool = True,
+         rotary_in_op: bool = False) -> Manifest:
+    """rotary_in_op: packed q/k/v and GroupQueryAttention's own rotary (exporter/gqa.py says when and why not
+    by default)."""
     if model_type not in MODEL_TYPES:
         raise UnskillError(f"fusion table {model_type!r}: use one of {MODEL_TYPES}")
     out_dir = Path(out_dir)
@@ -155,7 +158,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
     fused = transformers_fusions(model, model_type, manifest.hidden_size)
     attention_layers = 0
     if attention and model_type == "qwen3":   # GPT-2-style graphs keep their attention (no GQA heads, biases)
-        attention_layers = fuse_attention(fused, config, manifest.num_layers)
+        attention_layers = fuse_attention(fused, config, manifest.num_layers, rotary_in_op=rotary_in_op)
     repointed = unify_shape_sources(fused)
     with tempfile.TemporaryDirectory() as scratch:
         fused = offline_optimize(fused, Path(scratch))   # onnx.load reads the weights in before scratch goes
@@ -167,7 +170,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
     ops = node_counts(fused)
     edit = {"method": "fuse", "model_type": model_type, "ratio": 0.0, "nodes_before": before,
             "nodes_after": len(fused.graph.node), "shape_nodes_repointed": repointed,
-            "attention_layers_fused": attention_layers,
+            "attention_layers_fused": attention_layers, **({"rotary_in_op": True} if rotary_in_op else {}),
             "fused_ops": {op: n for op, n in ops.items() if op in FUSED_OPS}}
     # Same weights, same keys: stats taken on the unfused export load on the fused one.
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]

@@ -10,11 +10,21 @@ projections and o_proj:
 
     q_proj, k_proj, v_proj -> [rotary] -> GroupQueryAttention(past_key_values.i.*) -> present.i.*, o_proj
 
-Rotary and Gemma-3's q/k RMSNorm stay where the export put them (do_rotary=0): GroupQueryAttention's own
-rotary takes positions from seqlens_k (or only the first position_ids element of a prompt), which is wrong
-for left-padded rows; the exported rotary reads `position_ids` per row. A RotaryEmbedding node (the qwen3
-fusion table's) is re-pointed at the 3-D projection output, so no Transpose is left; an unfused rotary
-(Gemma-3) keeps one Transpose+Reshape per q and k.
+Rotary and Gemma-3's q/k RMSNorm stay where the export put them (do_rotary=0) by default. A RotaryEmbedding
+node (the qwen3 fusion table's) is re-pointed at the 3-D projection output, so no Transpose is left; an
+unfused rotary (Gemma-3) keeps one Transpose+Reshape per q and k (onnxruntime 1.32 honours q_norm_weight on
+CUDA/WebGPU only).
+
+`rotary_in_op` (`unskill edit fuse --rotary-in-op`): where q and k are full-width RotaryEmbedding nodes over
+plain MatMuls of one input (SmolLM2/llama), q/k/v become one MatMul (GroupQueryAttention's packed-QKV input)
+and the rotary moves into the op (do_rotary=1, the same cos/sin caches): 120 fewer nodes a step on SmolLM2,
+fp32 decode 1.11-1.15x in two loaded runs, 0.97x in a third (benchmarks/README.md, session 13). Not the default: the op rotates a row at its
+buffer position (past length + s; a prompt's position_ids are read at their first element only), so a
+left-padded row is rotated `padding` positions further, queries and keys alike. Rotary scores depend on
+position differences only, so that is exact in exact arithmetic and the token ids stay identical (tests);
+in float32 a padded row's keys then move with its batch's padding by ~1e-6 relative (as they do by the
+GEMM's blocking), which a guard stats file with near-constant key features amplifies past the 1e-4 that
+tests/test_bypass.py asks of prefill vs decode keys on the tiny model.
 
 Padding: every row's KV buffer holds the whole padded length (seqlens_k = total - 1 for all rows, so
 GroupQueryAttention's causal and sliding-window masks index buffer positions as the export's masks do), and
@@ -187,6 +197,54 @@ def projection_3d(g: Graph, bnsh: str) -> str | None:
     return reshape.input[0]
 
 
+def in_op_rotary(g: Graph, q_bnsh: str, k_bnsh: str, head_dim: int) -> tuple | None:
+    """(q, k, [cos, sin], attributes) for GroupQueryAttention's own rotary (do_rotary=1) where q and k are
+    full-width RotaryEmbedding nodes over 3-D projections with the same caches, else None (Gemma-3's q/k norm
+    and unfused rotary stay outside). The op then rotates each row at its buffer position P + s (P = past
+    length), not at the exported position_ids: a left-padded row is shifted by its padding, the same for its
+    queries and keys, and rotary scores depend on position differences only (the padded batch tests)."""
+    nodes = [g.producer.get(name) for name in (q_bnsh, k_bnsh)]
+    if any(node is None or node.op_type != "RotaryEmbedding" for node in nodes):
+        return None
+    attrs = [{a.name: helper.get_attribute_value(a) for a in node.attribute} for node in nodes]
+    sources = [projection_3d(g, node.input[0]) for node in nodes]
+    caches = [list(node.input[2:4]) for node in nodes]
+    if (None in sources or caches[0] != caches[1] or attrs[0].get("interleaved", 0) != attrs[1].get("interleaved", 0)
+            or any(a.get("rotary_embedding_dim", 0) not in (0, head_dim) or a.get("is_packed_batching", 0)
+                   or a.get("scale", 1.0) != 1.0 for a in attrs)):
+        return None
+    return sources[0], sources[1], caches[0], {"do_rotary": 1, "rotary_interleaved": attrs[0].get("interleaved", 0)}
+
+
+def pack_projections(g: Graph, outputs: list[str], nodes: list, tag: str) -> str | None:
+    """One MatMul for q, k and v (GroupQueryAttention's packed-QKV query input) where each is MatMul(x, W)
+    of the same x with a constant W: one node instead of three. Returns its output, or None where the
+    projections are not plain MatMuls of one input (biases, LoRA-style adds)."""
+    producers = [g.producer.get(name) for name in outputs]
+    if any(node is None or node.op_type != "MatMul" or node.input[1] not in g.init for node in producers):
+        return None
+    if len({node.input[0] for node in producers}) != 1:
+        return None
+    weights = [numpy_helper.to_array(g.init[node.input[1]]) for node in producers]
+    if any(w.ndim != 2 for w in weights) or not same_grid(weights):
+        return None
+    name = f"{tag}/weight"
+    g.graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), name))
+    g.init[name] = g.graph.initializer[-1]
+    nodes.append(helper.make_node("MatMul", [producers[0].input[0], name], [f"{tag}/output"], name=f"{tag}/MatMul"))
+    return f"{tag}/output"
+
+
+def same_grid(weights: list[np.ndarray]) -> bool:
+    """Whether the weights lie on the same block grid (exporter/grid.py) or none on any: a dequantized GGUF
+    may mix grids across q/k/v (Q4_K_M: v in Q6_K), and a packed weight must keep each part's grid exact
+    for `edit quantize --grid source` (a mixed one would fall to the widest grid or to re-rounding)."""
+    from .grid import find_grid
+
+    grids = [find_grid(w) for w in weights]
+    return len({None if grid is None else (grid.bits, grid.block) for grid in grids}) == 1
+
+
 def find_layer(g: Graph, layer: int) -> dict:
     """The tensors around layer `layer`'s attention: new k/v (before the present Concat), rotated q,
     and the attention output (the o_proj input)."""
@@ -224,8 +282,9 @@ def find_layer(g: Graph, layer: int) -> dict:
             "out": reshape.output[0], "concats": (concat_k, concat_v)}
 
 
-def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int) -> int:
-    """Replace each layer's attention (see the module docstring). Returns the number of layers fused."""
+def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int, rotary_in_op: bool = False) -> int:
+    """Replace each layer's attention (see the module docstring). Returns the number of layers fused.
+    rotary_in_op: GroupQueryAttention's own rotary where it applies (in_op_rotary; off by default)."""
     g = Graph(model)
     heads, kv_heads, head_dim = attention_heads(config)
     scale = attention_scale(config, head_dim)
@@ -238,16 +297,26 @@ def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int) -> int
     rename = {}
     for layer, found in enumerate(layers):
         tag = f"/model/layers.{layer}/gqa"
-        q = heads_to_3d(g, found["q"], heads, new_nodes, f"{tag}/q")
-        k = heads_to_3d(g, found["k"], kv_heads, new_nodes, f"{tag}/k")
+        rotary = in_op_rotary(g, found["q"], found["k"], head_dim) if rotary_in_op else None
+        if rotary is not None:
+            q, k, caches, rotary_attrs = rotary
+        else:
+            q = heads_to_3d(g, found["q"], heads, new_nodes, f"{tag}/q")
+            k = heads_to_3d(g, found["k"], kv_heads, new_nodes, f"{tag}/k")
+            caches, rotary_attrs = ["", ""], {}
         v = heads_to_3d(g, found["v"], kv_heads, new_nodes, f"{tag}/v")
+        projections = [q, k, v]
+        # Packed only with the rotary in the op: a Split back to q/k/v for outside rotary nodes measured
+        # nothing (SmolLM2 int4 109 vs 111 tok/s, fp32 +1 %; benchmarks/README.md, session 13).
+        packed = pack_projections(g, projections, new_nodes, f"{tag}/qkv") if rotary else None
         out = f"{tag}/output"
         new_nodes.append(helper.make_node(
             "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value", SEQLENS, TOTAL,
-             "", "", "", BIAS, "", "", "", "", "", QUERY_SEQLENS],
+            [*([packed, "", ""] if packed else [q, k, v]), f"past_key_values.{layer}.key",
+             f"past_key_values.{layer}.value", SEQLENS, TOTAL, *caches, "", BIAS, "", "", "", "", "", QUERY_SEQLENS],
             [out, f"present.{layer}.key", f"present.{layer}.value"], name=f"{tag}/GroupQueryAttention",
-            domain=MS, num_heads=heads, kv_num_heads=kv_heads, scale=scale, local_window_size=local_window(config, layer)))
+            domain=MS, num_heads=heads, kv_num_heads=kv_heads, scale=scale, local_window_size=local_window(config, layer),
+            **rotary_attrs))
         rename[found["out"]] = out
     drop = {id(n) for found in layers for n in found["concats"]}
     kept = [n for n in model.graph.node if id(n) not in drop]

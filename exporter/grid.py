@@ -14,7 +14,8 @@ MatMul (benchmarks/README.md, "int4"). So a block's min goes in two parts: the i
 scale into the zero point, the remainder r_b (zero for symmetric grids such as Q8_0 / Q5_0) is added
 through X_b = sum of x over block b: as a correction y += X @ R (R fp32 [K/block, N], "matmul" form,
 exact to float rounding) or as two 4-bit digit rows of R in the same MatMulNBits ("digits" form, the
-default: fewer nodes, R to 1/238). See replace_with_grid_matmuls.
+default: fewer nodes, R to 1/238), which reads x' = [x, M, M, M] with M = the block means of x (one
+AveragePool and one Concat per input tensor). See replace_with_grid_matmuls and digit_layout.
 
 Our own code: onnxruntime's MatMulNBitsQuantizer (RTN, HQQ, GPTQ) always chooses its own scales; none of its
 algorithms takes a given grid, and none writes a residual. Tensors that fit no grid go to it (quantize.py).
@@ -36,7 +37,7 @@ CANDIDATES = ((4, 32), (8, 32), (8, 16))
 TOLERANCE = 1e-6
 # Node names: the fp32 residual-correction MatMuls (quantize.py keeps the quantizer off them), the block sums.
 CORRECTION = "/grid_correction"
-BLOCK_SUMS = "/grid_digits/sums"
+BLOCK_MEANS = "/grid_digits/means"
 
 
 @dataclass
@@ -135,12 +136,12 @@ def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_b
     its residual correction where needed). Returns {weight name: "4-bit/32", ...} and "off-grid" names.
 
     residual_form "matmul": y = MatMulNBits(x) + X @ R, exact to float rounding, but 2 nodes per MatMul and
-    2 per input (660 more on SmolLM2). "digits" (4-bit/32 grids): no node per MatMul; the input gets its
-    block sums appended, x' = [x, X, X] (per input tensor one MatMulNBits with the exact 0/1 block matrix at
-    accuracy level 0, and a Concat), and each MatMulNBits reads K + 2 * 32 * ceil(K/32/32) more rows
-    that hold R as two signed 4-bit digits (scales 16u and u, u = max |R| of 32 blocks / 119): the
-    residual to 1/238 of its largest value in 32 blocks, well under the int8 activation rounding of
-    accuracy level 4."""
+    2 per input (660 more on SmolLM2). "digits" (4-bit/32 grids): no node per MatMul; the input gets copies
+    of its block means appended, x' = [x, M, M, ...] (per input tensor one AveragePool and one Concat), and
+    each MatMulNBits reads those extra rows with R as two signed 4-bit digits (scales 16u and u times 32,
+    u = max |R| of 32 blocks / 119): the residual to 1/238 of its largest value in 32 blocks, well under
+    the int8 activation rounding of accuracy level 4. (Until session 13 the block sums came from a
+    MatMulNBits with a 0/1 matrix: 3x the cost of the AveragePool, 10 % of an int4 SmolLM2 step.)"""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     candidates = tuple(c for c in CANDIDATES if c[0] <= max_bits)
@@ -205,12 +206,41 @@ def _grid_nodes(graph, node, grid: GridWeight, shape, accuracy_level: int, block
 
 
 DIGITS = 2   # signed 4-bit digits per residual: R = 16 * d1 + d0, |R| <= 119
+POOL = 32    # x' carries block means (AveragePool over 32), so the digit rows' scales are 32x the sums' units
 
 
-def residual_digits(residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """R [nb, N] as extra MatMulNBits blocks: packed uint8 [N, 2P, 16] and scales [N, 2P] (P = ceil(nb/32)),
-    rows ordered [high digit of blocks 0..32P-1, low digit of the same], zero rows past nb."""
+def digit_layout(blocks: int) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+    """Where the digit rows sit in x' = [x, M, M, ..., M] (M = the `blocks` block means of x, `copies` times):
+    every (digit, page of 32 blocks) needs one 32-row MatMulNBits block of its own (its own scale) that holds
+    the page's means contiguously. Returns the length of one copy of M (`blocks`, or 32 * pages where M is
+    zero-padded to whole pages because plain copies would take more rows), copies and
+    [(block, digit, page, first row), ...], block and row counted from the start of the extra rows (K is a
+    multiple of 32, so they start on a block boundary; the last block may be partial, MatMulNBits pads it).
+    SmolLM2: 18 blocks -> 3 copies (54 rows), 48 -> 3 copies (144 rows); Gemma-3: 20 -> 3, 64 -> 2."""
+    pages = -(-blocks // 32)
+    for length in (blocks, 32 * pages):
+        for copies in range(2, 5):
+            rows, wanted, placed = copies * length, {(d, p) for d in range(DIGITS) for p in range(pages)}, []
+            for block in range(-(-rows // 32)):
+                top = min(block * 32 + 32, rows)
+                fits = [(d, p, c * length + 32 * p) for d, p in sorted(wanted) for c in range(copies)
+                        if block * 32 <= c * length + 32 * p and c * length + min(32 * p + 32, blocks) <= top]
+                if fits:
+                    digit, page, first = fits[0]
+                    wanted.discard((digit, page))
+                    placed.append((block, digit, page, first - block * 32))
+            if not wanted:
+                return length, copies, placed
+    raise AssertionError(f"no digit layout for {blocks} blocks")   # unreachable: padded pages fit 2 copies
+
+
+def residual_digits(residual: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """R [nb, N] as extra MatMulNBits blocks over x' = [x, M x copies] (digit_layout): packed uint8
+    [N, extra blocks, 16], scales [N, extra blocks] and copies. R = unit * (16 * high + low) per column and
+    page of 32 blocks (unit = max |R| / 119, digits in -8..7), so a high-digit block has scale 16 * unit * 32,
+    a low-digit block unit * 32 (x' holds means, not sums); rows of no digit hold q = 8 (weight 0)."""
     nb, n = residual.shape
+    length, copies, placed = digit_layout(nb)
     pages = -(-nb // 32)
     padded = np.zeros((pages * 32, n), np.float64)
     padded[:nb] = residual
@@ -219,43 +249,46 @@ def residual_digits(residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     unit = np.where(unit > 0, unit, 1.0)
     whole = np.rint(per_page / unit[..., None])
     high = np.floor((whole + 8) / 16)
-    low = whole - 16 * high                          # both in -8..7
-    q = (np.concatenate([high, low], axis=1) + 8).astype(np.uint8)   # MatMulNBits' default zero point 8
+    digits = (high, whole - 16 * high)              # both in -8..7
+    extra_blocks = -(-copies * length // 32)
+    q = np.full((n, extra_blocks, 32), 8, np.uint8)   # MatMulNBits' default zero point 8: weight 0
+    scales = np.zeros((n, extra_blocks), np.float32)
+    for block, digit, page, first in placed:
+        count = min(32, nb - 32 * page)
+        q[:, block, first:first + count] = (digits[digit][:, page, :count] + 8).astype(np.uint8)
+        scales[:, block] = (16 ** (DIGITS - 1 - digit) * POOL * unit[:, page]).astype(np.float32)
     packed = q[..., 0::2] | (q[..., 1::2] << 4)
-    scales = np.concatenate([16 * unit, unit], axis=1).astype(np.float32)
-    return np.ascontiguousarray(packed), scales
+    return np.ascontiguousarray(packed), scales, copies * length
 
 
-def _extended_input(graph, name: str, k: int, block_sums: dict) -> tuple[str, int, list]:
-    """x' = [x, X, X] for the digit rows (X = block sums of 32, zero-padded to 32 * P): its name, the extra
-    rows, and the two nodes that make it (none where an earlier MatMul of the same input made it)."""
-    pages = -(-(k // 32) // 32)
-    extra = DIGITS * pages * 32
+def _extended_input(graph, name: str, k: int, block_sums: dict) -> tuple[str, list]:
+    """x' = [x, M x copies] (M = AveragePool of x over 32-blocks, zero-padded where digit_layout says): its
+    name and the two (or three) nodes that make it (none where an earlier MatMul of the same input made it)."""
     stem = f"{name}/grid_digits"
     if (name, "digits") in block_sums:
-        return stem, extra, []
+        return stem, []
     block_sums[(name, "digits")] = stem
-    spread = np.zeros((k, extra), np.float32)
-    for digit in range(DIGITS):
-        spread[np.arange(k), digit * pages * 32 + np.arange(k) // 32] = 1.0
-    # The 0/1 matrix as 4-bit MatMulNBits (q = 9 or 8 around the default zero point 8, scale 1: exact), an
-    # eighth of the bytes of an fp32 MatMul (which read 37 MB a token on SmolLM2 over 120 inputs); at
-    # accuracy level 0, so the sums are of the fp32 input, not of its int8 rounding (3 MMLU items of 60).
-    grid = fit_grid(spread, 4, 32)
-    graph.initializer.extend([numpy_helper.from_array(grid.packed, f"{stem}/spread_q"),
-                              numpy_helper.from_array(grid.scales, f"{stem}/spread_scales")])
-    nodes = [helper.make_node("MatMulNBits", [name, f"{stem}/spread_q", f"{stem}/spread_scales"], [f"{stem}/sums"],
-                              name=f"{name}{BLOCK_SUMS}", domain="com.microsoft", K=k, N=extra, bits=4,
-                              block_size=32, accuracy_level=0),
-             helper.make_node("Concat", [name, f"{stem}/sums"], [stem], name=f"{stem}/concat", axis=-1)]
-    return stem, extra, nodes
+    # Rank-3 x [B, S, K] pools as 1-D [N, C, L]: one cheap node (a MatMulNBits with a 0/1 matrix cost ~3x,
+    # Reshape + ReduceSum a node more); the means are exact, 1/32 of the sums (a power of two).
+    blocks = k // 32
+    length, copies, _ = digit_layout(blocks)
+    means = f"{stem}/means"
+    nodes = [helper.make_node("AveragePool", [name], [means], name=f"{name}{BLOCK_MEANS}",
+                              kernel_shape=[32], strides=[32])]
+    if length > blocks:
+        graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, length - blocks], np.int64),
+                                                         f"{stem}/pads"))
+        nodes.append(helper.make_node("Pad", [means, f"{stem}/pads"], [f"{stem}/padded"], name=f"{stem}/pad"))
+        means = f"{stem}/padded"
+    nodes.append(helper.make_node("Concat", [name, *[means] * copies], [stem], name=f"{stem}/concat", axis=-1))
+    return stem, nodes
 
 
 def _digit_nodes(graph, node, grid: GridWeight, shape, accuracy_level: int, block_sums: dict) -> list:
     k, n = shape
     base = node.name or node.output[0]
-    extended, extra, nodes = _extended_input(graph, node.input[0], k, block_sums)
-    packed, scales = residual_digits(grid.residual)
+    packed, scales, extra = residual_digits(grid.residual)
+    extended, nodes = _extended_input(graph, node.input[0], k, block_sums)
     blocks = k // 32
     graph.initializer.extend([
         numpy_helper.from_array(np.concatenate([grid.packed, packed], axis=1), f"{base}/grid_q"),

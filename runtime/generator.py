@@ -163,7 +163,10 @@ class Generator:
         # One forward per token; none after the last one (as in HF generate and the reference code, whose
         # guard sees the last position of every forward call), so a batch ends once every row is done.
         for step in range(budget):
-            logits, past, keys = self.model.forward(input_ids, mask, past, guard_outputs)
+            # The prompt pass reserves room for the tokens to come: decode steps then write their keys and
+            # values into the cache in place (GroupQueryAttention graphs; runtime/session.py).
+            logits, past, keys = self.model.forward(input_ids, mask, past, guard_outputs,
+                                                    reserve=budget - 1 if step == 0 else 0)
             hits = self.check_guard(keys, len(rows))
             next_ids = np.full(len(rows), pad, dtype=np.int64)
             for i, row in enumerate(rows):

@@ -141,7 +141,7 @@ class OnnxLM:
         return {name: ort.OrtValue.ortvalue_from_numpy(empty, self.device) for name in self.past_names}
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, ort.OrtValue],
-                extra_outputs: list[str] = (), all_logits: bool = False, logits: bool = True
+                extra_outputs: list[str] = (), all_logits: bool = False, logits: bool = True, reserve: int = 0
                 ) -> tuple[np.ndarray | None, dict[str, ort.OrtValue], dict[str, np.ndarray]]:
         """(logits of the last position [B, V], of all [B, S, V], or None when not wanted; next past;
         extra outputs as NumPy).
@@ -149,17 +149,26 @@ class OnnxLM:
         When nothing per position is wanted (last-position logits, key_last.* outputs), a long input runs in
         chunks of PREFILL_CHUNK tokens continuing the KV cache, so attention scores and the full-sequence
         key outputs never exist for the whole prompt at once: peak memory then grows with the prompt only
-        through the KV cache."""
+        through the KV cache.
+
+        reserve: positions to keep free after this input (the tokens a decode loop will add). On a
+        GroupQueryAttention graph the returned past is then one buffer per layer with that room, which the
+        following steps write into in place (past = present, IO binding) instead of copying the cache into a
+        new present every step; pass it back as `past` as usual. Its length is the buffer's, not the
+        cache's: the attention mask says how much of it is filled."""
         absent = [name for name in extra_outputs if name not in self.output_names]
         if absent:
             raise UnskillError(f"{self.directory}: the graph has no outputs {absent[:3]} (a deploy folder keeps "
                                "logits, present.* and key_last.* only; probe the full export)")
         width = input_ids.shape[1]
+        done = attention_mask.shape[1] - width   # tokens already in the cache
         per_position = all_logits or any(not self._is_last_only(n) for n in extra_outputs)
         if per_position or width <= PREFILL_CHUNK:
-            return self._forward(input_ids, attention_mask, past, extra_outputs, all_logits, logits)
-        done = attention_mask.shape[1] - width   # tokens already in the cache
-        shared = self.kv_buffer(past, done, attention_mask.shape[1])
+            buffered = reserve > 0 or self._is_buffer(past, done)
+            shared = self.kv_buffer(past, done, attention_mask.shape[1] + reserve) if buffered else None
+            return self._forward(input_ids, attention_mask, shared or past, extra_outputs, all_logits, logits,
+                                 shared=shared is not None)
+        shared = self.kv_buffer(past, done, attention_mask.shape[1] + reserve)
         for start in range(0, width, PREFILL_CHUNK):
             end = min(start + PREFILL_CHUNK, width)
             last_chunk = end == width
@@ -175,6 +184,12 @@ class OnnxLM:
         (past_present_share_buffer), so the cache is never held twice nor re-allocated chunk by chunk. When
         the last chunk is done the buffer is full, i.e. an ordinary past of `total` positions. None where the
         graph cannot share (optimum's Concat attention) or a device past would need a copy."""
+        if self._is_buffer(past, done):
+            if past[self.past_names[0]].shape()[2] >= total:
+                return past   # a buffer from an earlier call with room left (forward's `reserve`), any device
+            if self.device != "cpu":
+                raise UnskillError(f"{total - done} new tokens exceed the KV buffer's room on {self.device}; "
+                                   "reserve more in the prompt pass")
         if self.manifest.attention != "gqa" or (self.device != "cpu" and done):
             return None
         buffers = {}
@@ -185,9 +200,13 @@ class OnnxLM:
             buffers[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
             if done:   # (CPU only, above) the cache so far, then room for the prompt
                 start = np.zeros(shape, dtype=np.float32)
-                start[:, :, :done] = past[name].numpy()
+                start[:, :, :done] = past[name].numpy()[:, :, :done]
                 buffers[name].update_inplace(start)
         return buffers
+
+    def _is_buffer(self, past: dict[str, ort.OrtValue], done: int) -> bool:
+        """Whether `past` is a kv_buffer with room (longer than the `done` positions in it), not a cache."""
+        return self.manifest.attention == "gqa" and past[self.past_names[0]].shape()[2] > done
 
     def _is_last_only(self, name: str) -> bool:
         return name in (self.manifest.key_last_outputs or [])

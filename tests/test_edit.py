@@ -422,10 +422,46 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
         logits = run_plain_ort(tmp_path / grid, ids)[0]["logits"]
         errors[grid] = np.abs(logits - plain["logits"]).max() / np.abs(plain["logits"]).max()
     # source: the block mins' residuals as two 4-bit digits (to 1/238 of the largest in 32 blocks), no node
-    # per MatMul: one block-sum MatMulNBits + Concat per input tensor (3 layers x q/k/v, o, gate/up, down)
+    # per MatMul: AveragePool (+ Pad: 2 blocks) + Concat per input tensor (3 layers x q/k/v, o, gate/up, down)
     assert errors["source"] < 1e-2 and errors["rtn"] > 10 * errors["source"], errors
     ops = [n.op_type for n in onnx.load(str(tmp_path / "source" / "model.onnx"), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == 22 + 12 and ops.count("Add") == [n.op_type for n in source.graph.node].count("Add")
+    assert ops.count("MatMulNBits") == 22 and ops.count("Add") == [n.op_type for n in source.graph.node].count("Add")
+    assert ops.count("AveragePool") == ops.count("Pad") == 12
+
+
+def test_projections_pack_only_on_one_grid():
+    """--rotary-in-op packs q/k/v only where they share a grid (or none has one): a Q6_K v beside Q4_K q/k
+    stays apart, so `--grid source` keeps every part exact."""
+    from unskill.exporter.gqa import same_grid
+
+    rng = np.random.default_rng(2)
+    q4 = (rng.integers(0, 16, (64, 8)) * 0.5 - 3.0).astype(np.float32)     # 4-bit, one 64-row block per column
+    q8 = (rng.integers(-100, 100, (64, 8)) * 0.01).astype(np.float32)     # needs 8 bits
+    noise = rng.standard_normal((64, 8)).astype(np.float32)
+    assert same_grid([q4, q4.copy(), q4 * 2]) and same_grid([noise, noise * 3, noise + 1])
+    assert not same_grid([q4, q4, q8]) and not same_grid([q4, q4, noise])
+
+
+@pytest.mark.parametrize("blocks", [2, 18, 33, 48, 100])
+def test_residual_digits_read_the_block_means(blocks):
+    """The digit rows over x' = [x, M, ..., M] (M = block means, copies or zero-padded pages as digit_layout
+    places them) give X @ R (X = block sums) to the digits' 1/238: SmolLM2's 18 and 48 blocks, a page and a
+    bit (33), several pages (100), a tiny model's 2."""
+    from unskill.exporter.grid import digit_layout, residual_digits
+
+    rng = np.random.default_rng(blocks)
+    residual = rng.standard_normal((blocks, 7)) * rng.random((blocks, 1))
+    packed, scales, extra = residual_digits(residual)
+    length, copies, placed = digit_layout(blocks)
+    assert extra == copies * length and len(placed) == 2 * -(-blocks // 32) and (length == blocks or copies == 2)
+    q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(7, packed.shape[1], 32).astype(np.float64) - 8
+    weight = (q * scales[..., None]).reshape(7, -1).T[:extra]
+    x = rng.standard_normal((5, blocks * 32))
+    means = np.zeros((5, length))
+    means[:, :blocks] = x.reshape(5, blocks, 32).mean(-1)
+    want = x.reshape(5, blocks, 32).sum(-1) @ residual
+    got = np.concatenate([means] * copies, axis=1) @ weight
+    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()
 
 
 def test_fit_grid_finds_symmetric_and_16_blocks_and_refuses_noise():

@@ -8,14 +8,31 @@ from tiny_models import run_plain_ort
 from unskill.runtime import GenerationParams, load
 
 
-@pytest.mark.parametrize("kind,model_type", [("llama", "qwen3"), ("gemma3", "qwen3"), ("gpt2", "gpt2")])
-def test_fused_graph_matches_unfused(tiny_export, tmp_path, kind, model_type):
+@pytest.mark.parametrize("kind,model_type,rotary_in_op", [("llama", "qwen3", False), ("llama", "qwen3", True),
+                                                          ("gemma3", "qwen3", False), ("gpt2", "gpt2", False)])
+def test_fused_graph_matches_unfused(tiny_export, tmp_path, kind, model_type, rotary_in_op):
+    """rotary_in_op: packed q/k/v into GroupQueryAttention with its own rotary; a left-padded row is rotated at
+    its buffer positions there, which gives the same tokens (rotary scores see position differences only)."""
+    import onnx
+
     from unskill.exporter.fuse import fuse
 
     _, onnx_dir = tiny_export(kind, fused=False)
     out = tmp_path / "fused"
-    manifest = fuse(onnx_dir, out, model_type)
+    if rotary_in_op:   # through the CLI flag
+        from unskill.cli import main
+        from unskill.runtime.manifest import load_manifest
+
+        assert main(["edit", "fuse", "--model", str(onnx_dir), "--out", str(out), "--rotary-in-op"]) == 0
+        manifest = load_manifest(out)
+        assert manifest.edits[-1]["rotary_in_op"] is True
+    else:
+        manifest = fuse(onnx_dir, out, model_type)
     edit = manifest.edits[-1]
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    rotated = [n for n in nodes if n.op_type == "GroupQueryAttention" and n.input[1] == "" and n.input[7]]
+    assert len(rotated) == (manifest.num_layers if rotary_in_op else 0)
+    assert ("RotaryEmbedding" in [n.op_type for n in nodes]) == (kind == "llama" and not rotary_in_op)
     assert edit["nodes_after"] < edit["nodes_before"] and edit["shape_nodes_repointed"] >= 0, edit
     # llama and gemma3: one GroupQueryAttention a layer; GPT-2 keeps its attention.
     assert edit["attention_layers_fused"] == (0 if kind == "gpt2" else manifest.num_layers), edit
@@ -39,6 +56,15 @@ def test_fused_graph_matches_unfused(tiny_export, tmp_path, kind, model_type):
     fused_model = load(out, device="cpu")
     assert [r.token_ids for r in fused_model.generate(prompts, params)] == expected
     assert [fused_model.generate([p], params)[0].token_ids for p in prompts] == expected
+    if rotary_in_op:   # the packed, self-rotating graph still runs in onnxruntime-genai, token for token
+        pytest.importorskip("onnxruntime_genai")
+        import json
+
+        from ecosystem import genai_greedy
+
+        eos = json.loads((out / "unskill.json").read_text())["eos_token_ids"]
+        alone = fused_model.generate([prompts[0]], GenerationParams(max_new_tokens=12))[0].token_ids
+        assert [t for t in genai_greedy(out, prompts[0], 12, tokens=True) if t not in eos] == alone
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
@@ -104,6 +130,52 @@ def test_chunked_prompt_writes_one_shared_kv_buffer(tiny_export, monkeypatch):
     # The last position equals the full computation's last row (one pass, logits for every position).
     full, _, _ = model.forward(ids, mask, model.empty_past(2), all_logits=True)
     assert np.abs(shared[0] - full[:, -1]).max() <= 1e-4 * np.abs(full[:, -1]).max()
+
+
+def test_decode_steps_write_into_the_reserved_kv_buffer(tiny_export, monkeypatch):
+    """A prompt pass with `reserve` returns one buffer per layer with room for the tokens to come; the decode
+    steps then run in place (past = present by IO binding) with the logits and keys of the copying path,
+    a left-padded batch included, and the Generator reserves that room."""
+    from unskill.runtime import session as session_module
+
+    model = session_module.OnnxLM(tiny_export("llama")[1], device="cpu")
+    names = model.manifest.key_last_outputs
+    ids = np.random.default_rng(5).integers(5, 500, size=(2, 12))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    runs = {}
+    for reserve in (0, 6):
+        calls = []
+        monkeypatch.setattr(model, "_run_in_place", lambda *a, run=session_module.OnnxLM._run_in_place.__get__(model):
+                            calls.append(1) or run(*a))
+        step_mask, step_ids, outputs = mask, ids, []
+        logits, past, keys = model.forward(step_ids, step_mask, model.empty_past(2), names, reserve=reserve)
+        for step in range(6):
+            outputs.append((logits, keys))
+            if reserve:
+                assert past[model.past_names[0]].shape()[2] == 12 + 6   # the buffer, not the cache
+            step_ids = logits.argmax(-1)[:, None]
+            step_mask = np.concatenate([step_mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+            logits, past, keys = model.forward(step_ids, step_mask, past, names)
+        runs[reserve] = (outputs, len(calls))
+    assert runs[0][1] == 0 and runs[6][1] == 7   # the prompt and every decode step in place
+    for (want, want_keys), (got, got_keys) in zip(runs[0][0], runs[6][0]):
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+        for name in names:
+            assert np.abs(got_keys[name] - want_keys[name]).max() <= 1e-5 * np.abs(want_keys[name]).max()
+    # More new tokens than the room left: the CPU buffer grows (a copy), same logits as the copying path.
+    more = np.random.default_rng(6).integers(5, 500, size=(2, 3))
+    wider = np.concatenate([mask, np.ones((2, 3), dtype=np.int64)], axis=1)
+    for reserve in (0, 1):
+        _, past, _ = model.forward(ids, mask, model.empty_past(2), reserve=reserve)
+        runs[reserve] = model.forward(more, wider, past)[0]
+    assert np.abs(runs[1] - runs[0]).max() <= 1e-5 * np.abs(runs[0]).max()
+
+    generator = load(tiny_export("llama")[1], device="cpu")
+    reserved, forward = [], generator.model.forward
+    monkeypatch.setattr(generator.model, "forward", lambda *a, **k: reserved.append(k.get("reserve", 0)) or forward(*a, **k))
+    generator.generate(["apples and pears", "def add(a, b):"], GenerationParams(max_new_tokens=5, ignore_eos=True))
+    assert reserved == [4, 0, 0, 0, 0]
 
 
 @pytest.mark.model
