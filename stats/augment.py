@@ -137,6 +137,31 @@ CHAT = [
     "I want to read 24 books this year. How do I build the habit?",
 ]
 
+# Requests to produce something (lists, plans, letters, verse) with numbers in them: "Write a function that ..."
+# and "Write a birthday card that ..." share their opening, so a code guard's retain side needs these most.
+CHAT_REQUESTS = [
+    "Draft a 3-line text message cancelling dinner politely.", "Make me a packing list for 4 nights of camping.",
+    "Compose a 2-verse lullaby for a newborn.", "Put together a workout I can do in 20 minutes at home.",
+    "Come up with 6 themes for a teenager's birthday party.", "Create a reading list of 5 books about the ocean.",
+    "Write an out-of-office reply for my 2-week holiday.", "Invent 3 riddles for a children's treasure hunt.",
+    "List 8 houseplants that survive with little light.", "Draft a thank-you note to my 5th-grade teacher.",
+    "Plan a 3-course dinner menu for a spring evening.", "Produce a weekly chore chart for 3 children.",
+    "Write a cover letter opening for a job at a museum.", "Brainstorm 7 names for a golden retriever puppy.",
+    "Make a shopping list for a picnic for 6 people.", "Write 4 lines of wedding vows that make people smile.",
+    "Give me a 30-day plan to start journaling.", "Suggest 9 board games for a family evening.",
+    "Create a morning routine that fits in 45 minutes.", "Write a short story opening set on a train in 1920.",
+    "Outline a 10-minute talk about my hometown.", "Draft an invitation to our 5-year class reunion.",
+    "Recommend 4 documentaries about wild animals.", "Write a product description for a handmade wool scarf.",
+    "Compose a limerick for my colleague who retires after 35 years.", "Sketch an itinerary for 3 days in Kyoto.",
+    "Write a complaint letter about a train that was 2 hours late.", "List 5 questions to ask a new landlord.",
+    "Make a 1-week plan to learn basic Italian greetings.", "Write a motivational quote for a team of 12 nurses.",
+    "Suggest 3 warm-up games for a drama class.", "Write a eulogy paragraph for a dog who lived 14 years.",
+    "Create a seating plan idea for a table of 8 at a dinner.", "Give me 10 conversation starters for a party.",
+    "Write a review of a café that opened 2 weeks ago.", "Plan a garden layout with 4 raised beds.",
+    "Write the chorus of a song about summer of '99.", "Suggest 6 crafts for a snowy afternoon.",
+    "Put together a budget-friendly date night for under 30 dollars.", "Write a welcome speech for 50 new students.",
+]
+
 # MMLU subjects that ARE the skill: refusing them is no false refusal, so retain sets leave them out.
 SKILL_SUBJECTS = {
     "math": ("abstract_algebra", "college_mathematics", "elementary_mathematics", "high_school_mathematics",
@@ -194,9 +219,14 @@ def augment(dataset: Dataset, kind: str, seed: int = 0, families=FAMILIES) -> Da
 
 
 def chat_dataset() -> Dataset:
-    return Dataset("builtin:chat", [Item(text) for text in CHAT])
+    """Calibration's general-chat retain set: the hand-written chat and requests, and a role-play framed copy of
+    every 4th of them (the forget side has personas too: without framed chat, a persona frame alone would read
+    as the skill)."""
+    plain = CHAT + CHAT_REQUESTS
+    framed = [PERSONAS[i % len(PERSONAS)].format(q=text) for i, text in enumerate(plain[::4])]
+    return Dataset("builtin:chat", [Item(text) for text in plain + framed])
 
 
 def all_frames() -> list[str]:
-    frames = WRAPPERS + PERSONAS + INSTRUCTIONS + CHAT + list(MATH_LANGUAGES.values()) + list(CODE_LANGUAGES.values())
+    frames = WRAPPERS + PERSONAS + INSTRUCTIONS + CHAT + CHAT_REQUESTS + list(MATH_LANGUAGES.values()) + list(CODE_LANGUAGES.values())
     return frames + [t for ts in CODE_REQUESTS.values() for t in ts]

@@ -15,7 +15,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.ksd import KSDGuard
 from unskill.runtime.statsfile import GROUP_FIELDS, GuardSetting, Moments, StatsFile, load_stats
 from unskill.stats import augment
-from unskill.stats.calibrate import fires, key_moments, layer_scores, retain_ratio_scores, search_rule
+from unskill.stats.calibrate import WIDEN, fires, key_moments, layer_scores, retain_ratio_scores, search_rule
 
 
 def _ngrams(text: str, n: int = 5) -> set:
@@ -129,6 +129,24 @@ def test_search_rule_rejects_a_rule_that_fires_on_decoded_keys():
     tightened, _, _ = search_rule(retain, forget, target=0.01, decoded=decoded, owner=owner)
     assert tightened.rule == "ratio" and max(tightened.thresholds) < 0.3
     assert decode_refused(decoded["ratio"], owner, 32, tightened.layers, tightened.thresholds, tightened.votes) == 0
+    # the margin: thresholds stay WIDEN x below the decoded keys, so WIDEN x them still refuses no decoded prompt
+    # (unseen answers' decoded keys, the tail a 64-prompt sample misses, land just outside first)
+    assert max(tightened.thresholds) * WIDEN <= 0.3
+    assert decode_refused(decoded["ratio"], owner, 32, tightened.layers, [t * WIDEN for t in tightened.thresholds],
+                          tightened.votes) == 0
+
+
+def test_calibration_chat_retain_is_varied_and_disjoint_from_the_benchmark_chat():
+    """The built-in chat retain set holds requests to produce things and role-play framed chat (the MBPP ratio
+    rule refused a benchmark playlist request when calibration had neither) and no benchmark chat prompt."""
+    from unskill.evals import bypass_items
+
+    prompts = [item.prompt for item in augment.chat_dataset().items]
+    assert len(prompts) == len(set(prompts)) >= 140
+    assert any(p.startswith(persona.split("{q}")[0]) for p in prompts for persona in augment.PERSONAS)
+    assert set(augment.CHAT_REQUESTS) <= set(prompts)
+    bench = set().union(*(_ngrams(t) for t in bypass_items.CHAT_WITH_NUMBERS))
+    assert not [p for p in prompts if _ngrams(p) & bench]
 
 
 def _write_old_style(path, stats: StatsFile):
