@@ -399,3 +399,27 @@ def test_decoded_keys_are_the_guards_keys_at_decoded_tokens(llama, tmp_path):
         steps = [0] if at_prompt[index] else list(np.flatnonzero(fired[owner == index]) + 1)
         assert (result.abstained, result.abstained_at) == ((True, steps[0]) if steps else (False, None))
     assert any(r.abstained and r.abstained_at > 0 for r in guarded)
+
+
+def test_robustness_report_joins_a_prefill_run_and_a_smaller_decode_run(tmp_path):
+    """A prefill run (more items) and a separate --bypass-decode run of the same model and skill share one
+    table: prefill columns from the first, decode columns (with their item count) from the second."""
+    from unskill.evals.robustness import render
+
+    def doc(items: int, decode: bool) -> dict:
+        sets = {}
+        for name, side, refused in (("plain", "attack", 1), ("chat", "retain", 0)):
+            part = {"side": side, "items": items, "entry": {"gsm8k": [0.5 if refused else 2.0] * items},
+                    "stored": {"gsm8k": [bool(refused)] * items}, "rules": {"gsm8k": "gsm8k: calibrated ratio, 3 of layers 1,2,3"}}
+            if decode:   # one chat row refused at a decoded token
+                part.update(decode_tokens=16, entry_decode={"gsm8k": [0.5 if refused else 2.0] * items},
+                            stored_decode={"gsm8k": [bool(refused) or i == 0 for i in range(items)]})
+            sets[name] = part
+        return {"source": "toy", "ksd": {"stats": {"gsm8k": {"skill": "gsm8k:train"}}},
+                "tasks": {"bypass:gsm8k": {"kind": "bypass", "forget": "gsm8k", "layer": 3, "sets": sets}}}
+
+    text = render([doc(50, False), doc(20, True)], [], 1.0, tmp_path)
+    assert text.count("## toy: forget gsm8k") == 1
+    assert "new default, decode 16 (20 items)" in text
+    assert "| chat | retain | 50 | 0.00 | 0.00 | 0.00 | 0.05 ✗ |" in text
+    assert "| plain | attack | 50 | 1.00 | 1.00 | 1.00 | 1.00 |" in text
