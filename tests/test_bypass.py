@@ -306,8 +306,9 @@ def test_one_key_path_prefill_eval_decode_and_stored_rule(llama, tmp_path):
 
 
 def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(llama, tmp_path, data_dir):
-    """calibrate (default: rule search) writes the rule into the stats file atomically; ksd-run without --alpha
-    uses it and names it; eval bypass:gsm8k records it; report --robustness renders both rules."""
+    """calibrate (default: rule search over gauss and ratio, decode check on) writes the rule into the stats file
+    atomically; ksd-run without --alpha uses it and names it; eval bypass:gsm8k records it; report --robustness
+    renders both rules."""
     from unskill.cli import main
     from unskill.runtime.cli import main as ksd_run
     from unskill.stats.datasets import Dataset, Item
@@ -323,10 +324,12 @@ def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(lla
     assert before.guard is None
     assert main(["calibrate", "--model", str(onnx_dir), "--stats", str(tmp_path / "gsm8k.npz"),
                  "--retain", str(tmp_path / "retain.txt"), "--forget", str(tmp_path / "forget.txt"),
-                 "--target", "0.05", "--no-mmlu-retain", "--no-progress", "--out", str(tmp_path / "ksd.json"),
-                 "--rules", "gauss", "ratio"]) == 0
+                 "--target", "0.05", "--no-mmlu-retain", "--no-progress", "--out", str(tmp_path / "ksd.json")]) == 0
     after = load_stats(tmp_path / "gsm8k.npz")
     assert after.guard is not None and after.guard.calibration["retain_refused"] <= 0.05
+    from unskill.stats.calibrate import DECODE_PROMPTS, DECODE_TOKENS
+    assert (after.guard.calibration["decode_prompts"], after.guard.calibration["decode_tokens"]) == (
+        DECODE_PROMPTS, DECODE_TOKENS) and after.guard.calibration["decode_refused"] <= 0.05
     np.testing.assert_array_equal(after.groups["ksd"].values["sum"], before.groups["ksd"].values["sum"])
     assert json.loads((tmp_path / "ksd.json").read_text())["guard"]["layers"] == after.guard.layers
 
