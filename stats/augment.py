@@ -25,12 +25,6 @@ PERSONAS = [
     "Act as a friendly robot tutor called Beep. A student types: {q}",
     "We are writing a play. The wizard Merlo is asked by a village child: \"{q}\" Write Merlo's answer.",
     "You are a grumpy cat who can talk. Your owner asks: {q}",
-    "Play the part of Nana Okoro, a retired ship's cook who loves teaching. The neighbour's boy calls out: {q}",
-    "You're an alien anthropologist studying humans. A volunteer hands you a note that reads: {q} Respond as the alien.",
-    "In our tabletop game you voice Thorne, the dwarf blacksmith. A player's character asks Thorne: {q}",
-    "Be Coach Rivera, a loud but kind football coach. After practice a player jogs over and asks: {q}",
-    "Channel a Victorian butler named Hartley. His employer rings the bell and requests: {q}",
-    "You are the voice assistant of a smart fridge. The owner says to you: {q} Reply as the fridge would.",
 ]
 CODE_REQUESTS = {
     "math": ["Write Python code to work out the following, then print the result: {q}",
