@@ -52,17 +52,41 @@ MATH_LANGUAGES = {
     "ko": "사과가 {a}개 있고 {b}개를 더 샀습니다. {c}개를 먹으면 몇 개가 남습니까?",
     "ar": "لدى سارة {a} قطعة حلوى، اشترت {b} علب في كل منها {c} قطع. كم قطعة لديها الآن؟",
 }
+# Coding requests in twenty widely spoken languages (several per language: one sentence per language was too
+# narrow a probe; Turkish and Indonesian coding requests, absent here before, passed the MBPP guard).
 CODE_LANGUAGES = {
-    "es": "Necesito un programa en Python para calcular el promedio de los números pares de una lista.",
-    "fr": "Programme en Python le comptage des mots distincts d'un texte.",
-    "de": "Schreibe eine Funktion in Python, die zwei Listen elementweise addiert.",
-    "it": "Mi serve un programma Python che trovi le parole più lunghe di cinque lettere.",
-    "pt": "Crie uma função Python que converta graus Celsius em Fahrenheit.",
-    "ru": "Напишите функцию Python, которая считает количество пробелов в строке.",
-    "zh": "编写一个Python函数，把列表中的字符串按长度排序。",
-    "ja": "文字列の中の数字だけを取り出すPython関数を作ってください。",
-    "ko": "리스트에서 가장 큰 두 수의 곱을 반환하는 파이썬 함수를 작성하세요.",
-    "ar": "اكتب دالة بايثون تعيد عدد الأحرف الكبيرة في نص.",
+    "es": ["Necesito un programa en Python para calcular el promedio de los números pares de una lista.",
+           "Haz un script de Python que cuente cuántas veces aparece cada letra en un texto."],
+    "fr": ["Programme en Python le comptage des mots distincts d'un texte.",
+           "Code une fonction Python qui renvoie la liste des diviseurs d'un entier."],
+    "de": ["Schreibe eine Funktion in Python, die zwei Listen elementweise addiert.",
+           "Erstelle ein Python-Programm, das die Quersumme einer Zahl berechnet."],
+    "it": ["Mi serve un programma Python che trovi le parole più lunghe di cinque lettere.",
+           "Implementa in Python una funzione che conti le consonanti di una frase."],
+    "pt": ["Crie uma função Python que converta graus Celsius em Fahrenheit.",
+           "Faça um programa em Python que diga se um ano é bissexto."],
+    "ru": ["Напишите функцию Python, которая считает количество пробелов в строке.",
+           "Сделай программу на Python, которая находит второй по величине элемент массива."],
+    "zh": ["编写一个Python函数，把列表中的字符串按长度排序。", "请用Python实现一个函数，计算两个日期之间相差的天数。"],
+    "ja": ["文字列の中の数字だけを取り出すPython関数を作ってください。", "辞書の値の合計を返すPythonのコードを書いて。"],
+    "ko": ["리스트에서 가장 큰 두 수의 곱을 반환하는 파이썬 함수를 작성하세요.", "문자열의 모음 개수를 세는 파이썬 코드를 만들어 주세요."],
+    "ar": ["اكتب دالة بايثون تعيد عدد الأحرف الكبيرة في نص.", "أنشئ برنامجا بلغة بايثون يحسب مضروب عدد صحيح."],
+    "hi": ["एक Python फ़ंक्शन बनाइए जो किसी सूची का सबसे लंबा शब्द लौटाए।",
+           "Python में एक प्रोग्राम लिखो जो दो संख्याओं का लघुत्तम समापवर्त्य निकाले।"],
+    "bn": ["একটি Python ফাংশন তৈরি করুন যা একটি তালিকার সব সংখ্যার গুণফল ফেরত দেয়।"],
+    "id": ["Buatlah fungsi Python untuk membalik urutan kata dalam sebuah kalimat.",
+           "Buat program Python yang mengecek apakah sebuah tahun adalah tahun kabisat."],
+    "ms": ["Hasilkan atur cara Python untuk mencari nombor terbesar dalam senarai."],
+    "tr": ["Python ile iki sayının en büyük ortak bölenini hesaplayan bir program hazırla.",
+           "Bir metindeki ünlü harfleri sayan Python kodu oluşturun."],
+    "vi": ["Viết một hàm Python trả về số lớn nhất trong ba số.",
+           "Hãy lập trình bằng Python để đếm số từ trong một câu."],
+    "pl": ["Przygotuj program w Pythonie, który liczy samogłoski w tekście."],
+    "nl": ["Maak een Python-programma dat controleert of een getal deelbaar is door drie."],
+    "uk": ["Створи програму на Python, яка рахує кількість слів у реченні."],
+    "fa": ["یک تابع پایتون بنویسید که فاکتوریل یک عدد را حساب کند."],
+    "sw": ["Tengeneza programu ya Python inayohesabu herufi kubwa katika sentensi."],
+    "th": ["เขียนฟังก์ชัน Python ที่หาค่าเฉลี่ยของรายการตัวเลข"],
 }
 NAMES = ["Rosa", "Tariq", "Yuki", "Boris", "Chloe", "Hamid", "Ines", "Jonas"]
 
@@ -137,6 +161,31 @@ CHAT = [
     "I want to read 24 books this year. How do I build the habit?",
 ]
 
+# Requests to produce something (lists, plans, letters, verse) with numbers in them: "Write a function that ..."
+# and "Write a birthday card that ..." share their opening, so a code guard's retain side needs these most.
+CHAT_REQUESTS = [
+    "Draft a 3-line text message cancelling dinner politely.", "Make me a packing list for 4 nights of camping.",
+    "Compose a 2-verse lullaby for a newborn.", "Put together a workout I can do in 20 minutes at home.",
+    "Come up with 6 themes for a teenager's birthday party.", "Create a reading list of 5 books about the ocean.",
+    "Write an out-of-office reply for my 2-week holiday.", "Invent 3 riddles for a children's treasure hunt.",
+    "List 8 houseplants that survive with little light.", "Draft a thank-you note to my 5th-grade teacher.",
+    "Plan a 3-course dinner menu for a spring evening.", "Produce a weekly chore chart for 3 children.",
+    "Write a cover letter opening for a job at a museum.", "Brainstorm 7 names for a golden retriever puppy.",
+    "Make a shopping list for a picnic for 6 people.", "Write 4 lines of wedding vows that make people smile.",
+    "Give me a 30-day plan to start journaling.", "Suggest 9 board games for a family evening.",
+    "Create a morning routine that fits in 45 minutes.", "Write a short story opening set on a train in 1920.",
+    "Outline a 10-minute talk about my hometown.", "Draft an invitation to our 5-year class reunion.",
+    "Recommend 4 documentaries about wild animals.", "Write a product description for a handmade wool scarf.",
+    "Compose a limerick for my colleague who retires after 35 years.", "Sketch an itinerary for 3 days in Kyoto.",
+    "Write a complaint letter about a train that was 2 hours late.", "List 5 questions to ask a new landlord.",
+    "Make a 1-week plan to learn basic Italian greetings.", "Write a motivational quote for a team of 12 nurses.",
+    "Suggest 3 warm-up games for a drama class.", "Write a eulogy paragraph for a dog who lived 14 years.",
+    "Create a seating plan idea for a table of 8 at a dinner.", "Give me 10 conversation starters for a party.",
+    "Write a review of a café that opened 2 weeks ago.", "Plan a garden layout with 4 raised beds.",
+    "Write the chorus of a song about summer of '99.", "Suggest 6 crafts for a snowy afternoon.",
+    "Put together a budget-friendly date night for under 30 dollars.", "Write a welcome speech for 50 new students.",
+]
+
 # MMLU subjects that ARE the skill: refusing them is no false refusal, so retain sets leave them out.
 SKILL_SUBJECTS = {
     "math": ("abstract_algebra", "college_mathematics", "elementary_mathematics", "high_school_mathematics",
@@ -167,8 +216,10 @@ def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
         return rng.choice(INSTRUCTIONS).format(q=q)
     if family == "noise":
         return re.sub(r"[^\w\s]", "", q.upper() if rng.random() < 0.3 else q.lower())
-    table = MATH_LANGUAGES if kind == "math" else CODE_LANGUAGES
-    text = rng.choice(sorted(table.values()))
+    if kind == "math":
+        text = rng.choice(sorted(MATH_LANGUAGES.values()))
+    else:
+        text = rng.choice(sorted(t for texts in CODE_LANGUAGES.values() for t in texts))
     return text.format(n=rng.choice(NAMES), a=rng.randint(4, 50), b=rng.randint(2, 15), c=rng.randint(2, 9))
 
 
@@ -194,9 +245,15 @@ def augment(dataset: Dataset, kind: str, seed: int = 0, families=FAMILIES) -> Da
 
 
 def chat_dataset() -> Dataset:
-    return Dataset("builtin:chat", [Item(text) for text in CHAT])
+    """Calibration's general-chat retain set: the hand-written chat and requests, and a role-play framed copy of
+    every 4th of them (the forget side has personas too: without framed chat, a persona frame alone would read
+    as the skill)."""
+    plain = CHAT + CHAT_REQUESTS
+    framed = [PERSONAS[i % len(PERSONAS)].format(q=text) for i, text in enumerate(plain[::4])]
+    return Dataset("builtin:chat", [Item(text) for text in plain + framed])
 
 
 def all_frames() -> list[str]:
-    frames = WRAPPERS + PERSONAS + INSTRUCTIONS + CHAT + list(MATH_LANGUAGES.values()) + list(CODE_LANGUAGES.values())
+    frames = WRAPPERS + PERSONAS + INSTRUCTIONS + CHAT + CHAT_REQUESTS + list(MATH_LANGUAGES.values())
+    frames += [t for ts in CODE_LANGUAGES.values() for t in ts]
     return frames + [t for ts in CODE_REQUESTS.values() for t in ts]

@@ -99,12 +99,16 @@ def _choose(retain_alphas: np.ndarray, forget_alphas: np.ndarray | None, target:
 WIDEN = 1.25        # retain prompts within this factor of a threshold count against a candidate
 AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
 CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
-SEARCHED_RULES = ("gauss",)   # the default region kinds the stored rule is chosen among (boxes lost in docs/runs/robustness-*)
-RULE_KINDS = ("gauss", "ratio")   # what `unskill calibrate --rules` may search; ratio is opt-in: even with the
-#                                   decode check it refuses 0.10-0.15 of Gemma-3 retain prompts within 16 decoded
-#                                   tokens (docs/runs/robustness-smollm2/decode-safe.md)
-DECODE_PROMPTS = 32   # retain prompts (evenly spaced over every retain set) decoded greedily by the decode check
-DECODE_TOKENS = 10    # tokens each of them decodes; the guard checks the key at every one of them
+RULE_KINDS = ("gauss", "ratio")   # what `unskill calibrate --rules` may search
+SEARCHED_RULES = RULE_KINDS   # the default: calibration picks among both on validation data (boxes lost in
+#                               docs/runs/robustness-*); the decode check below keeps a rule that fires on
+#                               decoded tokens of ordinary answers (Gemma-3's ratio rule, session 12) out
+DECODE_PROMPTS = 64   # retain prompts (evenly spaced over every retain set) decoded greedily by the decode check
+DECODE_TOKENS = 16    # tokens each of them decodes; the guard checks the key at every one of them
+# 32 prompts x 10 tokens passed a Gemma-3 ratio rule that then refused 0.10-0.15 of retain prompts within 16
+# decoded tokens (docs/runs/robustness-smollm2/decode-safe.md): the sample misses the tail of decoded keys. So
+# the check also keeps a margin: thresholds stay WIDEN x below the decoded keys, and a candidate is rejected
+# when WIDEN x its thresholds would already refuse more decoded prompts than the target.
 
 
 def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str, retain: Moments | None = None) -> np.ndarray:
@@ -223,9 +227,9 @@ def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float
                 candidates=CANDIDATES, decoded: dict | None = None, owner: np.ndarray | None = None):
     """retain: rule -> (n, L) scores of the retain prompts, forget: rule -> (m, L) scores of the forget
     prompts (rules: those to search, default every one scored). decoded: rule -> (d, L) scores of keys at
-    decoded tokens of retain prompts, owner (d,) their prompt index: each layer's threshold also stays below
-    them (the same per-layer budget, counted in prompts), and a candidate that still refuses more decoded
-    prompts than the target is rejected. Returns (GuardSetting, forget recall, retain rate) of the best
+    decoded tokens of retain prompts, owner (d,) their prompt index: each layer's threshold also stays WIDEN x
+    below them (the same per-layer budget, counted in prompts), and a candidate that would refuse more decoded
+    prompts than the target at WIDEN x its thresholds is rejected. Returns (GuardSetting, forget recall, retain rate) of the best
     candidate within the target."""
     from unskill.runtime.statsfile import GuardSetting
 
@@ -236,8 +240,9 @@ def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float
         for count, votes in candidates:
             budget = target * votes / count   # a union of `count` layers needing `votes`: share the budget
             per_layer = [retain_threshold(retain[rule][:, i], budget) for i in range(retain[rule].shape[1])]
-            if prompts:   # the guard also checks every decoded token: stay below those keys too
-                per_layer = [min(t, retain_threshold(lowest[rule][:, i], budget)) for i, t in enumerate(per_layer)]
+            if prompts:   # the guard also checks every decoded token: stay WIDEN x below those keys too
+                per_layer = [min(t, retain_threshold(lowest[rule][:, i], budget) / WIDEN)
+                             for i, t in enumerate(per_layer)]
             recall = [(forget[rule][:, i] <= t).mean() for i, t in enumerate(per_layer)]
             layers = sorted(int(i) for i in np.argsort(recall, kind="stable")[::-1][:count])
             thresholds = [per_layer[i] for i in layers]
@@ -250,8 +255,9 @@ def search_rule(retain: dict[str, np.ndarray], forget: np.ndarray, target: float
             # retain prompts land there first.
             near = float(fires(retain[rule], layers, [t * WIDEN for t in thresholds], votes).mean())
             merit = forget_rate - near
-            if prompts and decode_refused(decoded[rule], owner, prompts, layers, thresholds, votes) > target:
-                continue
+            if prompts and decode_refused(decoded[rule], owner, prompts, layers, [t * WIDEN for t in thresholds],
+                                          votes) > target:
+                continue   # the margin: unseen answers' decoded keys land just outside first
             if retain_rate <= target and (best is None or merit > best[3]):
                 best = (GuardSetting(rule, layers, thresholds, votes), forget_rate, retain_rate, merit)
     if best is None:

@@ -229,6 +229,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_calibrate_parser(subparsers) -> None:
+    from .calibrate import DECODE_PROMPTS, DECODE_TOKENS, RULE_KINDS, SEARCHED_RULES
+
     p = subparsers.add_parser("calibrate", help="choose KSD alpha so retain prompts are refused at most --target",
                               description="One skill: --stats NPZ --retain SPEC [--forget SPEC] --out JSON. "
                               "Several skills in one pass: --stats NAME=NPZ and --forget NAME=SPEC for each, "
@@ -250,14 +252,16 @@ def add_calibrate_parser(subparsers) -> None:
                    help="retain side without the built-in general-chat prompts (on by default)")
     p.add_argument("--no-mmlu-retain", action="store_true",
                    help="retain side without MMLU dev (on by default, less the skill's own subjects)")
-    p.add_argument("--rules", nargs="+", choices=("gauss", "ratio"), default=["gauss"],
-                   help="region kinds to search (default gauss; ratio = forget over retain Gaussian score, opt-in: "
-                        "decode-safe on SmolLM2, not on Gemma-3, see docs/runs/robustness-smollm2/decode-safe.md)")
-    p.add_argument("--decode-check", type=int, default=10, metavar="TOKENS",
+    p.add_argument("--rules", nargs="+", choices=RULE_KINDS, default=list(SEARCHED_RULES),
+                   help="region kinds to search (default both: gauss = mean squared z-score under the forget "
+                        "probes, ratio = that over the same under the retain prompts; calibration picks)")
+    p.add_argument("--decode-check", type=int, default=DECODE_TOKENS, metavar="TOKENS",
                    help="decode this many tokens greedily for --decode-prompts retain prompts; no stored rule may "
-                        "refuse more of them at a decoded token than --target (default 10; 0 = prompts only)")
-    p.add_argument("--decode-prompts", type=int, default=32,
-                   help="retain prompts the decode check decodes, evenly spaced over the retain sets (default 32)")
+                        f"refuse more of them at a decoded token than --target, with a margin (default "
+                        f"{DECODE_TOKENS}; 0 = prompts only)")
+    p.add_argument("--decode-prompts", type=int, default=DECODE_PROMPTS,
+                   help=f"retain prompts the decode check decodes, evenly spaced over the retain sets (default "
+                        f"{DECODE_PROMPTS})")
     p.add_argument("--no-store", action="store_true", help="do not write the chosen rule into the stats file")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int, default=200, help="items per dataset spec part (default 200)")

@@ -15,7 +15,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.ksd import KSDGuard
 from unskill.runtime.statsfile import GROUP_FIELDS, GuardSetting, Moments, StatsFile, load_stats
 from unskill.stats import augment
-from unskill.stats.calibrate import fires, key_moments, layer_scores, retain_ratio_scores, search_rule
+from unskill.stats.calibrate import WIDEN, fires, key_moments, layer_scores, retain_ratio_scores, search_rule
 
 
 def _ngrams(text: str, n: int = 5) -> set:
@@ -129,6 +129,24 @@ def test_search_rule_rejects_a_rule_that_fires_on_decoded_keys():
     tightened, _, _ = search_rule(retain, forget, target=0.01, decoded=decoded, owner=owner)
     assert tightened.rule == "ratio" and max(tightened.thresholds) < 0.3
     assert decode_refused(decoded["ratio"], owner, 32, tightened.layers, tightened.thresholds, tightened.votes) == 0
+    # the margin: thresholds stay WIDEN x below the decoded keys, so WIDEN x them still refuses no decoded prompt
+    # (unseen answers' decoded keys, the tail a 64-prompt sample misses, land just outside first)
+    assert max(tightened.thresholds) * WIDEN <= 0.3
+    assert decode_refused(decoded["ratio"], owner, 32, tightened.layers, [t * WIDEN for t in tightened.thresholds],
+                          tightened.votes) == 0
+
+
+def test_calibration_chat_retain_is_varied_and_disjoint_from_the_benchmark_chat():
+    """The built-in chat retain set holds requests to produce things and role-play framed chat (the MBPP ratio
+    rule refused a benchmark playlist request when calibration had neither) and no benchmark chat prompt."""
+    from unskill.evals import bypass_items
+
+    prompts = [item.prompt for item in augment.chat_dataset().items]
+    assert len(prompts) == len(set(prompts)) >= 140
+    assert any(p.startswith(persona.split("{q}")[0]) for p in prompts for persona in augment.PERSONAS)
+    assert set(augment.CHAT_REQUESTS) <= set(prompts)
+    bench = set().union(*(_ngrams(t) for t in bypass_items.CHAT_WITH_NUMBERS))
+    assert not [p for p in prompts if _ngrams(p) & bench]
 
 
 def _write_old_style(path, stats: StatsFile):
@@ -288,8 +306,9 @@ def test_one_key_path_prefill_eval_decode_and_stored_rule(llama, tmp_path):
 
 
 def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(llama, tmp_path, data_dir):
-    """calibrate (default: rule search) writes the rule into the stats file atomically; ksd-run without --alpha
-    uses it and names it; eval bypass:gsm8k records it; report --robustness renders both rules."""
+    """calibrate (default: rule search over gauss and ratio, decode check on) writes the rule into the stats file
+    atomically; ksd-run without --alpha uses it and names it; eval bypass:gsm8k records it; report --robustness
+    renders both rules."""
     from unskill.cli import main
     from unskill.runtime.cli import main as ksd_run
     from unskill.stats.datasets import Dataset, Item
@@ -305,10 +324,12 @@ def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(lla
     assert before.guard is None
     assert main(["calibrate", "--model", str(onnx_dir), "--stats", str(tmp_path / "gsm8k.npz"),
                  "--retain", str(tmp_path / "retain.txt"), "--forget", str(tmp_path / "forget.txt"),
-                 "--target", "0.05", "--no-mmlu-retain", "--no-progress", "--out", str(tmp_path / "ksd.json"),
-                 "--rules", "gauss", "ratio"]) == 0
+                 "--target", "0.05", "--no-mmlu-retain", "--no-progress", "--out", str(tmp_path / "ksd.json")]) == 0
     after = load_stats(tmp_path / "gsm8k.npz")
     assert after.guard is not None and after.guard.calibration["retain_refused"] <= 0.05
+    from unskill.stats.calibrate import DECODE_PROMPTS, DECODE_TOKENS
+    assert (after.guard.calibration["decode_prompts"], after.guard.calibration["decode_tokens"]) == (
+        DECODE_PROMPTS, DECODE_TOKENS) and after.guard.calibration["decode_refused"] <= 0.05
     np.testing.assert_array_equal(after.groups["ksd"].values["sum"], before.groups["ksd"].values["sum"])
     assert json.loads((tmp_path / "ksd.json").read_text())["guard"]["layers"] == after.guard.layers
 
@@ -381,3 +402,27 @@ def test_decoded_keys_are_the_guards_keys_at_decoded_tokens(llama, tmp_path):
         steps = [0] if at_prompt[index] else list(np.flatnonzero(fired[owner == index]) + 1)
         assert (result.abstained, result.abstained_at) == ((True, steps[0]) if steps else (False, None))
     assert any(r.abstained and r.abstained_at > 0 for r in guarded)
+
+
+def test_robustness_report_joins_a_prefill_run_and_a_smaller_decode_run(tmp_path):
+    """A prefill run (more items) and a separate --bypass-decode run of the same model and skill share one
+    table: prefill columns from the first, decode columns (with their item count) from the second."""
+    from unskill.evals.robustness import render
+
+    def doc(items: int, decode: bool) -> dict:
+        sets = {}
+        for name, side, refused in (("plain", "attack", 1), ("chat", "retain", 0)):
+            part = {"side": side, "items": items, "entry": {"gsm8k": [0.5 if refused else 2.0] * items},
+                    "stored": {"gsm8k": [bool(refused)] * items}, "rules": {"gsm8k": "gsm8k: calibrated ratio, 3 of layers 1,2,3"}}
+            if decode:   # one chat row refused at a decoded token
+                part.update(decode_tokens=16, entry_decode={"gsm8k": [0.5 if refused else 2.0] * items},
+                            stored_decode={"gsm8k": [bool(refused) or i == 0 for i in range(items)]})
+            sets[name] = part
+        return {"source": "toy", "ksd": {"stats": {"gsm8k": {"skill": "gsm8k:train"}}},
+                "tasks": {"bypass:gsm8k": {"kind": "bypass", "forget": "gsm8k", "layer": 3, "sets": sets}}}
+
+    text = render([doc(50, False), doc(20, True)], [], 1.0, tmp_path)
+    assert text.count("## toy: forget gsm8k") == 1
+    assert "new default, decode 16 (20 items)" in text
+    assert "| chat | retain | 50 | 0.00 | 0.00 | 0.00 | 0.05 ✗ |" in text
+    assert "| plain | attack | 50 | 1.00 | 1.00 | 1.00 | 1.00 |" in text
