@@ -53,6 +53,13 @@ def pick_providers(device: str = "auto") -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+class KVBuffer(dict):
+    """OnnxLM.kv_buffer's result: past tensor name -> its preallocated buffer (an OrtValue), and the IO
+    binding of the runs that write into it (kept for the next step of the same generation)."""
+    binding: ort.IOBinding | None = None
+    fetched: tuple[str, ...] | None = None   # the outputs besides present.* that binding fetches
+
+
 class OnnxLM:
     """Loads DIR/model.onnx + unskill.json; `forward` runs one step and returns what the caller asked for."""
 
@@ -192,7 +199,7 @@ class OnnxLM:
                                    "reserve more in the prompt pass")
         if self.manifest.attention != "gqa" or (self.device != "cpu" and done):
             return None
-        buffers = {}
+        buffers = KVBuffer()
         for name in self.past_names:
             # onnxruntime-owned memory, not an OrtValue over a NumPy array: `.numpy()` of the latter is a view
             # that outlives the array (callers keep past.numpy() after dropping the OrtValue: read after free).
@@ -225,30 +232,44 @@ class OnnxLM:
         head = ["logits"] if logits else []
         options = self.prompt_run_options if input_ids.shape[1] > 1 else None
         if shared:
-            values = self._run_in_place(ort_feeds, head, present_names, extra_outputs, options)
+            values = self._run_in_place(ort_feeds, head, present_names, extra_outputs, options, past)
         else:
             values = self.session.run_with_ort_values([*head, *present_names, *extra_outputs], ort_feeds, options)
         out_logits = None
         if logits:
             out_logits = values[0].numpy() if all_logits else values[0].numpy()[:, -1, :]
         rest = values[len(head):]
-        next_past = dict(zip(self.past_names, rest[:len(present_names)]))
+        next_past = past if shared else dict(zip(self.past_names, rest[:len(present_names)]))   # shared: the same
         extras = {n: self._full_width(n, v.numpy()) for n, v in zip(extra_outputs, rest[len(present_names):])}
         return out_logits, next_past, extras
 
-    def _run_in_place(self, feeds, head, present_names, extra_outputs, options) -> list[ort.OrtValue]:
+    def _run_in_place(self, feeds, head, present_names, extra_outputs, options, past=None) -> list[ort.OrtValue]:
         """run with IO binding: each present.* output is bound to its past buffer, so GroupQueryAttention
         writes the new keys and values into it (onnxruntime-genai's past_present_share_buffer)."""
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, value)
-        for name in head:
-            binding.bind_output(name, self.device)
-        for name in present_names:
-            binding.bind_ortvalue_output(name, feeds[PAST_PREFIX + name[len(PRESENT_PREFIX):]])
-        for name in extra_outputs:
+        binding = self._binding_for(feeds, present_names, (*head, *extra_outputs), past)
+        for name, value in feeds.items():   # rebinding a name replaces what it was bound to
+            if not name.startswith(PAST_PREFIX):
+                binding.bind_ortvalue_input(name, value)
+        for name in (*head, *extra_outputs):   # a fresh output each run: callers keep views of the last one
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding, options)
-        values = binding.get_outputs()
-        return [*values[:len(head)], *(feeds[PAST_PREFIX + n[len(PRESENT_PREFIX):]] for n in present_names),
-                *values[len(head) + len(present_names):]]
+        fetched = binding.get_outputs()[len(present_names):]   # in binding order: present.* first
+        return [*fetched[:len(head)], *(feeds[PAST_PREFIX + n[len(PRESENT_PREFIX):]] for n in present_names),
+                *fetched[len(head):]]
+
+    def _binding_for(self, feeds, present_names, fetched: tuple[str, ...], past) -> ort.IOBinding:
+        """The IO binding of the previous run on the same KVBuffer fetching the same outputs (the prompt and
+        decode steps of one generation), else a new one with past and present bound to the buffer. Binding
+        the 2 x layers past/present tensors anew every step cost 1-3 % of a SmolLM2 step (0.1-0.5 ms of
+        13-16 ms; benchmarks/placement.py --profile, session 13). The binding lives on the buffer, so it goes
+        with it (it holds the KV cache's OrtValues)."""
+        if isinstance(past, KVBuffer) and past.binding is not None and past.fetched == fetched:
+            return past.binding
+        binding = self.session.io_binding()
+        for name in self.past_names:
+            binding.bind_ortvalue_input(name, feeds[name])
+        for name in present_names:
+            binding.bind_ortvalue_output(name, feeds[PAST_PREFIX + name[len(PRESENT_PREFIX):]])
+        if isinstance(past, KVBuffer):
+            past.binding, past.fetched = binding, fetched
+        return binding

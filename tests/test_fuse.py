@@ -201,3 +201,38 @@ def test_smollm2_fused_matches_unfused(smollm2_export, tmp_path):
     prompt = ["Natalia sold clips to 48 of her friends in April. How many clips did she sell?"]
     assert load(fused, device="cpu").generate(prompt, params)[0].token_ids == \
         load(plain, device="cpu").generate(prompt, params)[0].token_ids
+
+
+def test_decode_steps_reuse_one_io_binding(tiny_export):
+    """The decode steps of one generation on a KV buffer rebind only their small inputs: one IO binding for the
+    prompt and every step, the logits of a binding made anew each run (earlier steps' logits left intact),
+    and the binding goes with the buffer (it holds the KV cache)."""
+    import weakref
+
+    from unskill.runtime.session import KVBuffer, OnnxLM
+
+    model = OnnxLM(tiny_export("llama")[1], device="cpu")
+    ids = np.random.default_rng(8).integers(5, 500, size=(2, 10))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    made, make = [], model.session.io_binding
+    model.session.io_binding = lambda: made.append(1) or make()
+    runs = {}
+    for fresh in (False, True):
+        made.clear()
+        logits, past, _ = model.forward(ids, mask, model.empty_past(2), reserve=5)
+        step_mask, kept = mask, [logits]
+        for _ in range(5):
+            if fresh:
+                past.binding = None
+            step_mask = np.concatenate([step_mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+            logits, past, _ = model.forward(logits.argmax(-1)[:, None], step_mask, past)
+            kept.append(logits)
+        runs[fresh] = (kept, len(made))
+        assert isinstance(past, KVBuffer) and past.fetched == ("logits",)
+        binding = weakref.ref(past.binding)
+        del past
+        assert binding() is None
+    assert runs[False][1] == 1 and runs[True][1] == 6
+    for reused, anew in zip(runs[False][0], runs[True][0]):
+        assert np.array_equal(reused, anew)
