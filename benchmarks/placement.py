@@ -4,8 +4,8 @@
 
 One session per setting in one process, decode runs interleaved (A B C, B C A, ...: each round starts one
 setting later), a bandwidth probe and the CPU steal time after each round (the bound is the best probe, as in
-fused.py). Settings: the runtime's default; a second session of it (the control: in session 13 the session
-loaded first ran 5-6 % slower than an identical one loaded later); the worker pinned to the other core
+fused.py). Settings: the runtime's default; a second session of it (the control: in session 13 two identical
+sessions ran 5-10 % apart, in either load order); the worker pinned to the other core
 (session.intra_op_thread_affinities, as onnxruntime does when it picks the thread count itself); the calling
 thread pinned (os.sched_setaffinity, applied around that setting's runs only); spinning off / longer /
 stopped after each run; dynamic block sizing; onnxruntime's own thread count; the IO binding made anew every
