@@ -73,28 +73,14 @@ class KeyEntry:
 
 
 class _StepRecorder:
-    """Stands in for the KSD guard in the decode loop: abstains never, records every check's entry alphas."""
+    """Stands in for the KSD guard in the decode loop: abstains never, records every check's entry alphas
+    (the paper's cube) and whether each stored rule in `guards` fires. Every row thus decodes its full budget
+    (the tokens before a first refusal are the tokens a refusing guard would have produced; after it they do
+    not matter)."""
 
-    def __init__(self, entry: KeyEntry):
-        self.entry, self.output_names, self.steps = entry, [entry.last_output], []
-
-    def check(self, last_keys: dict[str, np.ndarray]):
-        self.steps.append(self.entry(last_keys[self.entry.last_output]))
-        return [None] * len(self.steps[-1])
-
-    def row_entry(self, row: int, forwards: int) -> dict[str, float]:
-        seen = [step[row] for step in self.steps[:max(forwards, 1)]]
-        return {name: min(s[name] for s in seen) for name in seen[0]}
-
-
-class _BypassRecorder:
-    """The decode-time bypass check: per step, the paper cube's entry alphas and whether each stored rule fires;
-    it never abstains, so every row decodes its full budget (the tokens before a first refusal are the tokens a
-    refusing guard would have produced; after it they do not matter)."""
-
-    def __init__(self, entry: KeyEntry, guards: dict):
-        self.entry, self.guards, self.steps = entry, guards, []
-        self.output_names = sorted({entry.last_output, *(n for g in guards.values() for n in g.output_names)})
+    def __init__(self, entry: KeyEntry, guards: dict | None = None):
+        self.entry, self.guards, self.steps = entry, guards or {}, []
+        self.output_names = sorted({entry.last_output, *(n for g in self.guards.values() for n in g.output_names)})
 
     def check(self, last_keys: dict[str, np.ndarray]):
         fired = {name: [hit is not None for hit in guard.check(last_keys)] for name, guard in self.guards.items()}
@@ -232,7 +218,7 @@ class Harness:
         entries: dict[int, dict] = {}
         stored: dict[int, dict] = {}
         for batch in self._batches(order, {i: len(sequences[i]) for i in order}, self.config.gen_batch_size):
-            recorder = _BypassRecorder(self.entry, guards)
+            recorder = _StepRecorder(self.entry, guards)
             results = Generator(self.model, self.tokenizer, recorder).generate([prompts[i] for i in batch], params)
             for row, (index, result) in enumerate(zip(batch, results)):
                 entries[index], stored[index] = recorder.row(row, result.forwards)
@@ -370,7 +356,7 @@ class Harness:
                     passed = T.score_xquad(result.text, item)
                 record = {"score": bool(passed), "reply": result.text[:1000]}
                 if recorder:
-                    record["entry"] = recorder.row_entry(row, result.forwards)
+                    record["entry"] = recorder.row(row, result.forwards)[0]
                 yield index, record
 
 

@@ -95,16 +95,19 @@ def local_window(config: dict, layer: int) -> int:
     return -1
 
 
+def add_constant(nodes: list, name: str, value) -> None:
+    """A Constant node holding `value` (a NumPy scalar or array: its dtype is the tensor's)."""
+    nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name)))
+
+
 def add_mask_inputs(nodes: list) -> None:
     """seqlens_k, total_sequence_length and attention_bias from attention_mask, once per step."""
-    const = lambda name, value: nodes.append(helper.make_node(  # noqa: E731
-        "Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name)))
-    const("gqa/one_i32", np.int32(1))
-    const("gqa/axis1", np.array([1], np.int64))
-    const("gqa/axes12", np.array([1, 2], np.int64))
-    const("gqa/ones2", np.array([1, 1], np.int64))
-    const("gqa/one_f", np.float32(1.0))
-    const("gqa/min_f", np.float32(np.finfo(np.float32).min))
+    add_constant(nodes, "gqa/one_i32", np.int32(1))
+    add_constant(nodes, "gqa/axis1", np.array([1], np.int64))
+    add_constant(nodes, "gqa/axes12", np.array([1, 2], np.int64))
+    add_constant(nodes, "gqa/ones2", np.array([1, 1], np.int64))
+    add_constant(nodes, "gqa/one_f", np.float32(1.0))
+    add_constant(nodes, "gqa/min_f", np.float32(np.finfo(np.float32).min))
     add = lambda op, ins, out, **kw: nodes.append(helper.make_node(op, ins, [out], **kw))  # noqa: E731
     add("Shape", ["attention_mask"], "gqa/mask_shape")
     add("Gather", ["gqa/mask_shape", "gqa/axis1"], "gqa/total_1", axis=0)
@@ -134,8 +137,7 @@ def past_shape_from_mask(g: Graph, kv_heads: int, head_dim: int, nodes: list) ->
     shapes = [n for n in g.graph.node if n.op_type == "Shape" and n.input[0].startswith("past_key_values.")]
     if not shapes:
         return 0
-    const = lambda name, value: nodes.append(helper.make_node(  # noqa: E731
-        "Constant", [], [name], value=numpy_helper.from_array(np.array(value, np.int64), name)))
+    const = lambda name, value: add_constant(nodes, name, np.array(value, np.int64))  # noqa: E731
     const("gqa/kv_heads", [kv_heads])
     const("gqa/head_dim", [head_dim])
     nodes.append(helper.make_node("Shape", ["attention_mask"], ["gqa/total_i64"], start=1, end=2))
@@ -291,8 +293,7 @@ def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int, rotary
     layers = [find_layer(g, layer) for layer in range(num_layers)]   # all or nothing: check before editing
     new_nodes: list = []
     add_mask_inputs(new_nodes)
-    new_nodes.append(helper.make_node("Constant", [], ["gqa/shape_bsd"],
-                                      value=numpy_helper.from_array(np.array([0, 0, -1], np.int64), "gqa/shape_bsd")))
+    add_constant(new_nodes, "gqa/shape_bsd", np.array([0, 0, -1], np.int64))
     past_shape_from_mask(g, kv_heads, head_dim, new_nodes)
     rename = {}
     for layer, found in enumerate(layers):

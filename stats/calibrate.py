@@ -99,10 +99,10 @@ def _choose(retain_alphas: np.ndarray, forget_alphas: np.ndarray | None, target:
 WIDEN = 1.25        # retain prompts within this factor of a threshold count against a candidate
 AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
 CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
-RULE_KINDS = ("gauss", "ratio")   # what `unskill calibrate --rules` may search
-SEARCHED_RULES = RULE_KINDS   # the default: calibration picks among both on validation data (boxes lost in
-#                               docs/runs/robustness-*); the decode check below keeps a rule that fires on
-#                               decoded tokens of ordinary answers (Gemma-3's ratio rule, session 12) out
+# What `unskill calibrate --rules` may search, and its default: calibration picks among both on validation data
+# (boxes lost in docs/runs/robustness-*); the decode check below keeps a rule that fires on decoded tokens of
+# ordinary answers (Gemma-3's ratio rule, session 12) out.
+RULE_KINDS = ("gauss", "ratio")
 DECODE_PROMPTS = 64   # retain prompts (evenly spaced over every retain set) decoded greedily by the decode check
 DECODE_TOKENS = 16    # tokens each of them decodes; the guard checks the key at every one of them
 # 32 prompts x 10 tokens passed a Gemma-3 ratio rule that then refused 0.10-0.15 of retain prompts within 16
@@ -276,7 +276,7 @@ class RuleCalibration:
 
 def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, retain: list[Dataset],
                    forget: Dataset, target: float = 0.01, chat: bool = True, kind: str | None = None,
-                   batch_size: int = 8, progress: bool = False, rules=SEARCHED_RULES,
+                   batch_size: int = 8, progress: bool = False, rules=RULE_KINDS,
                    decode_prompts: int = DECODE_PROMPTS, decode_tokens: int = DECODE_TOKENS) -> RuleCalibration:
     """One prefill per prompt reads every layer's key; rules and the paper's alpha are chosen from them.
     retain[0] is the user's --retain set (the paper's alpha is calibrated on it alone, as before); the

@@ -229,7 +229,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_calibrate_parser(subparsers) -> None:
-    from .calibrate import DECODE_PROMPTS, DECODE_TOKENS, RULE_KINDS, SEARCHED_RULES
+    from .calibrate import DECODE_PROMPTS, DECODE_TOKENS, RULE_KINDS
 
     p = subparsers.add_parser("calibrate", help="choose KSD alpha so retain prompts are refused at most --target",
                               description="One skill: --stats NPZ --retain SPEC [--forget SPEC] --out JSON. "
@@ -252,7 +252,7 @@ def add_calibrate_parser(subparsers) -> None:
                    help="retain side without the built-in general-chat prompts (on by default)")
     p.add_argument("--no-mmlu-retain", action="store_true",
                    help="retain side without MMLU dev (on by default, less the skill's own subjects)")
-    p.add_argument("--rules", nargs="+", choices=RULE_KINDS, default=list(SEARCHED_RULES),
+    p.add_argument("--rules", nargs="+", choices=RULE_KINDS, default=list(RULE_KINDS),
                    help="region kinds to search (default both: gauss = mean squared z-score under the forget "
                         "probes, ratio = that over the same under the retain prompts; calibration picks)")
     p.add_argument("--decode-check", type=int, default=DECODE_TOKENS, metavar="TOKENS",
