@@ -96,6 +96,8 @@ def add_edit_parser(subparsers) -> None:
                             "it, block mins to 1/238; exact: to float rounding (slower); rtn: re-quantize all")
     quant.add_argument("--grid-bits", type=int, choices=(4, 8), default=8,
                        help="int4 --grid source: widest grid kept exactly (8: Q5_0/Q6_K/Q8_0 as 8-bit; 4: those re-quantized to 4-bit)")
+    quant.add_argument("--no-pack", action="store_true",
+                       help="int4: keep one MatMulNBits per projection (default: q/k/v and gate/up packed, exact)")
     _add_target(quant)
     quant.set_defaults(run=run_quantize)
     slim = methods.add_parser("slim", help="a serving folder: only logits, present.* and key_last.* (onnx/model.onnx)")
@@ -112,6 +114,12 @@ def add_edit_parser(subparsers) -> None:
                       help="packed q/k/v and GroupQueryAttention's own rotary (llama-style; faster decode, "
                            "left-padded rows' keys move by float rounding with their padding)")
     fuse.set_defaults(run=run_fuse)
+    packer = methods.add_parser("pack", help="q/k/v and gate/up MatMuls packed into one each (exact, faster decode; "
+                                             "int4 quantize does this itself); prune the unpacked model")
+    packer.add_argument("--model", required=True)
+    packer.add_argument("--out", required=True)
+    _add_target(packer)
+    packer.set_defaults(run=run_pack)
     probe = methods.add_parser("probe-graph", help="add probe.onnx (keys only, no LM head) to an older export, in place")
     probe.add_argument("--model", required=True)
     probe.set_defaults(run=run_probe_graph)
@@ -145,8 +153,17 @@ def run_quantize(args: argparse.Namespace) -> int:
     _with_target(args, lambda out: quantize(args.model, out, args.mode, block_size=args.block_size,
                                             accuracy_level=args.accuracy_level, embeddings=args.embeddings,
                                             symmetric=not args.asymmetric, grid=args.grid,
-                                            grid_bits=args.grid_bits))
+                                            grid_bits=args.grid_bits, pack=not args.no_pack))
     print(f"quantized {args.model} to {args.mode} -> {args.out}")
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from .pack import pack
+
+    manifest = _with_target(args, lambda out: pack(args.model, out))
+    edit = next(e for e in reversed(manifest.edits) if e["method"] == "pack")
+    print(f"packed {edit['packed_projections']} projections of {args.model} -> {args.out}")
     return 0
 
 

@@ -81,9 +81,10 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embeddings: bool, symmetric: bool,
-            grid: str, grid_bits: int) -> tuple[onnx.ModelProto, dict]:
-    """MatMulNBits everywhere: the source grid first (grid.py), onnxruntime's quantizer for the rest.
-    Returns the model and the edit record's settings."""
+            grid: str, grid_bits: int, pack: bool = True) -> tuple[onnx.ModelProto, dict]:
+    """MatMulNBits everywhere: the source grid first (grid.py), onnxruntime's quantizer for the rest, then
+    (pack) the projections that share an input packed into one node (pack.py). Returns the model and the
+    edit record's settings."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from .grid import CORRECTION, replace_with_grid_matmuls
@@ -102,13 +103,19 @@ def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embedd
                                      nodes_to_exclude=corrections, quant_axes=(("MatMul", 0), ("Gather", 1)))
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
     quantizer.process()
-    return quantizer.model.model, dict(block_size=block_size, accuracy_level=accuracy_level, embeddings=embeddings,
-                                       symmetric=symmetric, grid=grid, grid_tensors=dict(sorted(tensors.items())))
+    quantized = quantizer.model.model
+    settings = dict(block_size=block_size, accuracy_level=accuracy_level, embeddings=embeddings,
+                    symmetric=symmetric, grid=grid, grid_tensors=dict(sorted(tensors.items())))
+    if pack:
+        from .pack import pack_projections
+
+        settings["packed_projections"] = pack_projections(quantized)
+    return quantized, settings
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", block_size: int = 32,
              accuracy_level: int = 4, embeddings: bool = False, symmetric: bool = True, grid: str = "source",
-             grid_bits: int = 8) -> Manifest:
+             grid_bits: int = 8, pack: bool = True) -> Manifest:
     if mode not in MODES or grid not in GRIDS or grid_bits not in (4, 8):
         raise UnskillError(f"quantization mode {mode!r} / grid {grid!r} / grid bits {grid_bits}: "
                            f"use one of {MODES} / {GRIDS} / (4, 8)")
@@ -129,7 +136,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", blo
                              weight_type=QuantType.QInt8, use_external_data_format=True)
             quantized = onnx.load(str(target))
     else:
-        quantized, settings = to_int4(model, block_size, accuracy_level, embeddings, symmetric, grid, grid_bits)
+        quantized, settings = to_int4(model, block_size, accuracy_level, embeddings, symmetric, grid, grid_bits,
+                                      pack=pack)
         edit.update(settings)
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
     return save_edited(quantized, manifest, model_dir, out_dir, edit, stats_compatible=compatible)

@@ -219,6 +219,45 @@ def test_iterative_prune_then_na_then_ksd(tiny_export, edit_stats, tmp_path, mon
     assert guarded.generate([FORGET[0].prompt])[0].abstained
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_packed_fp32_model_matches_and_takes_na_but_not_prune(tiny_export, edit_stats, tmp_path, kind, capsys):
+    """`unskill edit pack`: q/k/v and gate/up as one MatMul + Split each; logits and every key / pre-activation
+    output equal the parent's within 1e-5 relative (a wider sgemm may sum in another order), the parent's
+    stats load, NA applies on top (it reads the pre-activation tensor, not the weight), prune refuses in one
+    line and writes nothing, and an existing --out is refused before the work."""
+    import onnx
+
+    from unskill.cli import main
+
+    _, onnx_dir = tiny_export(kind)
+    out = tmp_path / "packed"
+    assert main(["edit", "pack", "--model", str(onnx_dir), "--out", str(out)]) == 0
+    assert "packed 15 projections" in capsys.readouterr().out    # 3 layers x (q, k, v, gate, up)
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Split") == 6
+    ids = np.random.default_rng(5).integers(5, 500, size=(2, 11))
+    packed, _, _ = run_plain_ort(out, ids)
+    plain, _, _ = run_plain_ort(onnx_dir, ids)
+    assert set(packed) == set(plain)
+    for name, expected in plain.items():
+        assert np.abs(packed[name] - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1e-6), name
+    stats = edit_stats(kind)
+    load(out, stats=[stats], device="cpu")
+    for model, na_out in ((out, "na"), (onnx_dir, "na-unpacked")):
+        assert main(["edit", "na", "--model", str(model), "--stats", str(stats), "--ratio", "0.05",
+                     "--out", str(tmp_path / na_out)]) == 0
+    adjusted, _, _ = run_plain_ort(tmp_path / "na", ids)
+    expected = run_plain_ort(tmp_path / "na-unpacked", ids)[0]["logits"]
+    assert np.abs(adjusted["logits"] - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert main(["edit", "prune", "--model", str(out), "--stats", str(stats), "--ratio", "0.1",
+                 "--out", str(tmp_path / "pruned"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "packed projection" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "pruned").exists()
+    assert main(["edit", "pack", "--model", str(onnx_dir), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
 def test_edit_errors(tiny_export, tmp_path, capsys):
     from unskill.cli import main
 
@@ -310,7 +349,8 @@ def test_int4_options_quantize_lm_head_and_embeddings(tiny_export, edit_stats, t
     manifest = quantize(onnx_dir, out, "int4", block_size=16, accuracy_level=0, embeddings=True)
     edit = manifest.edits[-1]
     assert edit == {"method": "quantize", "mode": "int4", "ratio": 0.0, "block_size": 16, "accuracy_level": 0,
-                    "embeddings": True, "symmetric": True, "grid": "source", "grid_tensors": edit["grid_tensors"]}
+                    "embeddings": True, "symmetric": True, "grid": "source", "grid_tensors": edit["grid_tensors"],
+                    "packed_projections": 3 * 5}   # 3 layers: q/k/v -> 1 + Split, gate/up -> 1 + Split
     assert set(edit["grid_tensors"]) == {"off-grid"}   # random weights: all to onnxruntime's quantizer
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     weights = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Transpose"}
@@ -390,7 +430,7 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
     from unskill.exporter.grid import GridWeight
     from unskill.exporter.quantize import quantize
 
-    manifest = quantize(gguf_grid_export, tmp_path / "exact", "int4", accuracy_level=0, grid="exact")
+    manifest = quantize(gguf_grid_export, tmp_path / "exact", "int4", accuracy_level=0, grid="exact", pack=False)
     assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 21, "8-bit/32": 1}
     source = onnx.load(str(gguf_grid_export / "model.onnx"))
     weights = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
@@ -418,7 +458,7 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
         assert np.abs(exact[name] - plain[name]).max() <= 1e-5 * np.abs(plain[name]).max(), name
     errors = {}
     for grid in ("source", "rtn"):
-        quantize(gguf_grid_export, tmp_path / grid, "int4", accuracy_level=0, grid=grid)
+        quantize(gguf_grid_export, tmp_path / grid, "int4", accuracy_level=0, grid=grid, pack=False)
         logits = run_plain_ort(tmp_path / grid, ids)[0]["logits"]
         errors[grid] = np.abs(logits - plain["logits"]).max() / np.abs(plain["logits"]).max()
     # source: the block mins' residuals as two 4-bit digits (to 1/238 of the largest in 32 blocks), no node
@@ -427,6 +467,33 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "source" / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") == 22 and ops.count("Add") == [n.op_type for n in source.graph.node].count("Add")
     assert ops.count("AveragePool") == ops.count("Pad") == 12
+
+
+@pytest.mark.parametrize("grid, symmetric", [("source", True), ("exact", True), ("rtn", False)])
+def test_packed_projections_equal_separate_ones(gguf_grid_export, tmp_path, grid, symmetric):
+    """int4 packs q/k/v and gate/up into one MatMulNBits + Split (the default): every output equals the
+    unpacked graph's (each output column reads the same input and its own weight column; 1e-6 relative
+    allows for a kernel tiling the wider N differently). rtn + asymmetric: zero points packed too; exact:
+    the fp32 residual MatMuls pack as well."""
+    import onnx
+
+    from unskill.exporter.quantize import quantize
+
+    for pack in (False, True):
+        quantize(gguf_grid_export, tmp_path / str(pack), "int4", grid=grid, symmetric=symmetric, pack=pack)
+    ops = {pack: [n.op_type for n in onnx.load(str(tmp_path / str(pack) / "model.onnx"),
+                                               load_external_data=False).graph.node] for pack in (False, True)}
+    assert ops[False].count("MatMulNBits") == 22 and ops[True].count("MatMulNBits") == 22 - 3 * 3
+    assert ops[True].count("Split") == 3 * 2 + (3 * 2 if grid == "exact" else 0)
+    if not symmetric:
+        graph = onnx.load(str(tmp_path / "True" / "model.onnx"), load_external_data=False).graph
+        assert all(len(n.input) >= 4 and n.input[3] for n in graph.node if n.op_type == "MatMulNBits")
+    ids = np.random.default_rng(4).integers(5, 500, size=(2, 12))
+    separate, _, _ = run_plain_ort(tmp_path / "False", ids)
+    packed, _, _ = run_plain_ort(tmp_path / "True", ids)
+    assert set(packed) == set(separate)
+    for name, expected in separate.items():
+        assert np.abs(packed[name] - expected).max() <= 1e-6 * max(np.abs(expected).max(), 1e-6), name
 
 
 def test_projections_pack_only_on_one_grid():
