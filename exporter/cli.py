@@ -12,6 +12,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--opset", type=int, default=None)
     parser.add_argument("--no-fuse", action="store_true",
                         help="keep optimum's plain graph (default: fused, GroupQueryAttention; `unskill edit fuse`)")
+    parser.add_argument("--no-pack", action="store_true",
+                        help="fused graph: one MatMul per projection (default: q/k/v and gate/up packed, exact)")
     _add_target(parser)
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run)
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = _with_target(args, lambda out: export_model(args.model, out, opset=args.opset,
                                                            progress=not args.no_progress,
-                                                           fused=not args.no_fuse))
+                                                           fused=not args.no_fuse, pack=not args.no_pack))
     print(f"exported {args.model} -> {args.out} ({manifest.num_layers} layers, key width {manifest.key_width}, "
           f"{manifest.fingerprint[:19]})")
     return 0
@@ -96,6 +98,9 @@ def add_edit_parser(subparsers) -> None:
                             "it, block mins to 1/238; exact: to float rounding (slower); rtn: re-quantize all")
     quant.add_argument("--grid-bits", type=int, choices=(4, 8), default=8,
                        help="int4 --grid source: widest grid kept exactly (8: Q5_0/Q6_K/Q8_0 as 8-bit; 4: those re-quantized to 4-bit)")
+    quant.add_argument("--residual-digits", type=int, choices=(1, 2), default=2,
+                       help="int4 --grid source: 4-bit digits carrying Q4_1/Q4_K block mins off the zero-point "
+                            "grid (2: to 1/238, 1: to 1/14, fewer rows)")
     quant.add_argument("--no-pack", action="store_true",
                        help="int4: keep one MatMulNBits per projection (default: q/k/v and gate/up packed, exact)")
     _add_target(quant)
@@ -113,9 +118,11 @@ def add_edit_parser(subparsers) -> None:
     fuse.add_argument("--rotary-in-op", action="store_true",
                       help="packed q/k/v and GroupQueryAttention's own rotary (llama-style; faster decode, "
                            "left-padded rows' keys move by float rounding with their padding)")
+    fuse.add_argument("--no-pack", action="store_true",
+                      help="one MatMul per projection (default: q/k/v and gate/up packed into one each, exact)")
     fuse.set_defaults(run=run_fuse)
     packer = methods.add_parser("pack", help="q/k/v and gate/up MatMuls packed into one each (exact, faster decode; "
-                                             "int4 quantize does this itself); prune the unpacked model")
+                                             "the default export and int4 quantize already pack)")
     packer.add_argument("--model", required=True)
     packer.add_argument("--out", required=True)
     _add_target(packer)
@@ -153,7 +160,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     _with_target(args, lambda out: quantize(args.model, out, args.mode, block_size=args.block_size,
                                             accuracy_level=args.accuracy_level, embeddings=args.embeddings,
                                             symmetric=not args.asymmetric, grid=args.grid,
-                                            grid_bits=args.grid_bits, pack=not args.no_pack))
+                                            grid_bits=args.grid_bits, pack=not args.no_pack,
+                                            digits=args.residual_digits))
     print(f"quantized {args.model} to {args.mode} -> {args.out}")
     return 0
 
@@ -179,7 +187,7 @@ def run_slim(args: argparse.Namespace) -> int:
 def run_fuse(args: argparse.Namespace) -> int:
     from .fuse import fuse
 
-    edit = fuse(args.model, args.out, args.model_type, rotary_in_op=args.rotary_in_op).edits[-1]
+    edit = fuse(args.model, args.out, args.model_type, rotary_in_op=args.rotary_in_op, pack=not args.no_pack).edits[-1]
     print(f"fused {args.model}: {edit['nodes_before']} -> {edit['nodes_after']} nodes -> {args.out}")
     return 0
 

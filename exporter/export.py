@@ -96,10 +96,11 @@ def write_probe_graph(directory: Path, manifest: Manifest) -> None:
 
 
 def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progress: bool = True,
-                 fused: bool = True) -> Manifest:
+                 fused: bool = True, pack: bool = True) -> Manifest:
     """Export `spec` into `out_dir`; the directory appears only once everything in it is written.
     fused (default): the graph goes through exporter/fuse.py (GroupQueryAttention, onnxruntime's norm and
-    rotary fusions, shape arithmetic once per step); fused=False keeps optimum's plain graph."""
+    rotary fusions, shape arithmetic once per step, q/k/v and gate/up packed unless pack=False); fused=False
+    keeps optimum's plain graph."""
     import onnx
     from optimum.exporters.onnx import onnx_export_from_model
 
@@ -155,7 +156,7 @@ def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progr
             from .fuse import fuse, fusion_table
 
             del model   # the torch weights are not needed any more: fusion holds the graph twice
-            fused_manifest = fuse(final, staging / "fused", fusion_table(manifest.arch))
+            fused_manifest = fuse(final, staging / "fused", fusion_table(manifest.arch), pack=pack)
             final = staging / "fused"
             # The fused graph is the export, not an edit of one: no history, its own weights' fingerprint.
             manifest = replace(fused_manifest, edits=[], stats_compatible=None,

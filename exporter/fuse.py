@@ -37,6 +37,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
 from .edit import load_exported, save_edited
+from .pack import pack_projections
 from .gqa import fuse_attention
 
 MODEL_TYPES = ("qwen3", "gpt2")
@@ -116,9 +117,24 @@ def with_value_types(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     try:
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     except Exception:  # noqa: BLE001 -- an annotation only: the graph runs without it
         return model
+    return drop_attention_value_info(typed)
+
+
+def drop_attention_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """No shape annotation on GroupQueryAttention's outputs. present.* is declared like past.*
+    ('past_sequence_length': in the in-place decode they are one buffer), which a prompt pass contradicts by
+    the new tokens; on an inner tensor (the fp16 copy's present before its Cast to the fp32 output) that
+    makes onnxruntime's planner reuse a past-sized buffer and fail ("Shape mismatch attempting to re-use
+    buffer {1,2,0,16} != {1,2,12,16}"). Graph outputs are never reused, so they keep their declaration."""
+    attention_outputs = {out for node in model.graph.node if node.op_type == "GroupQueryAttention"
+                         for out in node.output}
+    kept = [info for info in model.graph.value_info if info.name not in attention_outputs]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    return model
 
 
 def node_counts(model: onnx.ModelProto) -> Counter:
@@ -138,9 +154,10 @@ def source_config(model_dir: str | Path) -> dict:
 
 
 def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", attention: bool = True,
-         rotary_in_op: bool = False) -> Manifest:
+         rotary_in_op: bool = False, pack: bool = True) -> Manifest:
     """rotary_in_op: packed q/k/v and GroupQueryAttention's own rotary (exporter/gqa.py says when and why not
-    by default)."""
+    by default). pack: the projections that read one input (q/k/v, gate/up) as one MatMul + Split each
+    (exporter/pack.py; exact)."""
     if model_type not in MODEL_TYPES:
         raise UnskillError(f"fusion table {model_type!r}: use one of {MODEL_TYPES}")
     out_dir = Path(out_dir)
@@ -162,6 +179,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
     repointed = unify_shape_sources(fused)
     with tempfile.TemporaryDirectory() as scratch:
         fused = offline_optimize(fused, Path(scratch))   # onnx.load reads the weights in before scratch goes
+    packed = pack_projections(fused, op_types=("MatMul",)) if pack else 0   # after the fusions: they match single MatMuls
     fused = with_value_types(fused)
     missing = sorted(set(names_in) - {i.name for i in fused.graph.input}
                      | set(names_out) - {o.name for o in fused.graph.output})
@@ -171,6 +189,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
     edit = {"method": "fuse", "model_type": model_type, "ratio": 0.0, "nodes_before": before,
             "nodes_after": len(fused.graph.node), "shape_nodes_repointed": repointed,
             "attention_layers_fused": attention_layers, **({"rotary_in_op": True} if rotary_in_op else {}),
+            "packed_projections": packed,
             "fused_ops": {op: n for op, n in ops.items() if op in FUSED_OPS}}
     # Same weights, same keys: stats taken on the unfused export load on the fused one.
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]

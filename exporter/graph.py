@@ -180,9 +180,8 @@ def locate_ffl_weights(model: onnx.ModelProto, manifest) -> list[FFLWeights]:
         while node.op_type == "Add":
             biases += [i for i in node.input if i in initializers]
             node = producer[next(i for i in node.input if i not in initializers)]
-        if node.name.endswith(PACKED + "/split"):
-            raise UnskillError(f"tensor {tensor!r} comes from a packed projection (`unskill edit pack` or int4): "
-                               "edit the unpacked model, then pack or quantize")
+        if node.name.endswith(PACKED + "/split"):   # prune unpacks first (exporter/pack.py)
+            raise UnskillError(f"tensor {tensor!r} comes from a packed projection; unpack the graph first")
         if node.op_type not in PROJECTIONS or node.input[1] not in initializers:
             raise UnskillError(f"tensor {tensor!r} does not come from a MatMul with a weight initializer")
         return node.input[1], biases

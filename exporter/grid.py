@@ -38,6 +38,8 @@ TOLERANCE = 1e-6
 # Node names: the fp32 residual-correction MatMuls (quantize.py keeps the quantizer off them), the block sums.
 CORRECTION = "/grid_correction"
 BLOCK_MEANS = "/grid_digits/means"
+DIGITS = 2   # signed 4-bit digits per residual: R = 16 * d1 + d0, |R| <= 119 (1 digit: |R| <= 7)
+POOL = 32    # x' carries block means (AveragePool over 32), so the digit rows' scales are 32x the sums' units
 
 
 @dataclass
@@ -131,7 +133,7 @@ def find_grid(weight: np.ndarray, candidates=CANDIDATES) -> GridWeight | None:
 
 
 def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_bits: int = 8,
-                              residual_form: str = "digits") -> dict:
+                              residual_form: str = "digits", digits: int = DIGITS) -> dict:
     """Every MatMul whose initializer weight lies on a grid of at most `max_bits` becomes MatMulNBits (plus
     its residual correction where needed). Returns {weight name: "4-bit/32", ...} and "off-grid" names.
 
@@ -160,7 +162,7 @@ def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_b
             continue
         report[init.name] = f"{grid.bits}-bit/{grid.block}" + (" + residual" if grid.residual is not None else "")
         if grid.residual is not None and residual_form == "digits" and (grid.bits, grid.block) == (4, 32):
-            nodes.extend(_digit_nodes(graph, node, grid, tuple(init.dims), accuracy_level, block_sums))
+            nodes.extend(_digit_nodes(graph, node, grid, tuple(init.dims), accuracy_level, block_sums, digits))
         else:
             nodes.extend(_grid_nodes(graph, node, grid, tuple(init.dims), accuracy_level, block_sums))
         used.add(init.name)
@@ -205,11 +207,14 @@ def _grid_nodes(graph, node, grid: GridWeight, shape, accuracy_level: int, block
     return nodes
 
 
-DIGITS = 2   # signed 4-bit digits per residual: R = 16 * d1 + d0, |R| <= 119
-POOL = 32    # x' carries block means (AveragePool over 32), so the digit rows' scales are 32x the sums' units
 
 
-def digit_layout(blocks: int) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+def largest_whole(digits: int) -> int:
+    """The largest |R| in units that `digits` signed 4-bit digits (-8..7 each) hold: 7, 119, ..."""
+    return 7 * (16 ** digits - 1) // 15
+
+
+def digit_layout(blocks: int, digits: int = DIGITS) -> tuple[int, int, list[tuple[int, int, int, int]]]:
     """Where the digit rows sit in x' = [x, M, M, ..., M] (M = the `blocks` block means of x, `copies` times):
     every (digit, page of 32 blocks) needs one 32-row MatMulNBits block of its own (its own scale) that holds
     the page's means contiguously. Returns the length of one copy of M (`blocks`, or 32 * pages where M is
@@ -219,8 +224,8 @@ def digit_layout(blocks: int) -> tuple[int, int, list[tuple[int, int, int, int]]
     SmolLM2: 18 blocks -> 3 copies (54 rows), 48 -> 3 copies (144 rows); Gemma-3: 20 -> 3, 64 -> 2."""
     pages = -(-blocks // 32)
     for length in (blocks, 32 * pages):
-        for copies in range(2, 5):
-            rows, wanted, placed = copies * length, {(d, p) for d in range(DIGITS) for p in range(pages)}, []
+        for copies in range(1, 5):
+            rows, wanted, placed = copies * length, {(d, p) for d in range(digits) for p in range(pages)}, []
             for block in range(-(-rows // 32)):
                 top = min(block * 32 + 32, rows)
                 fits = [(d, p, c * length + 32 * p) for d, p in sorted(wanted) for c in range(copies)
@@ -234,34 +239,36 @@ def digit_layout(blocks: int) -> tuple[int, int, list[tuple[int, int, int, int]]
     raise AssertionError(f"no digit layout for {blocks} blocks")   # unreachable: padded pages fit 2 copies
 
 
-def residual_digits(residual: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def residual_digits(residual: np.ndarray, digits: int = DIGITS) -> tuple[np.ndarray, np.ndarray, int]:
     """R [nb, N] as extra MatMulNBits blocks over x' = [x, M x copies] (digit_layout): packed uint8
     [N, extra blocks, 16], scales [N, extra blocks] and copies. R = unit * (16 * high + low) per column and
     page of 32 blocks (unit = max |R| / 119, digits in -8..7), so a high-digit block has scale 16 * unit * 32,
     a low-digit block unit * 32 (x' holds means, not sums); rows of no digit hold q = 8 (weight 0)."""
     nb, n = residual.shape
-    length, copies, placed = digit_layout(nb)
+    length, copies, placed = digit_layout(nb, digits)
     pages = -(-nb // 32)
     padded = np.zeros((pages * 32, n), np.float64)
     padded[:nb] = residual
     per_page = padded.T.reshape(n, pages, 32)
-    unit = np.abs(per_page).max(-1) / 119
+    unit = np.abs(per_page).max(-1) / largest_whole(digits)
     unit = np.where(unit > 0, unit, 1.0)
-    whole = np.rint(per_page / unit[..., None])
-    high = np.floor((whole + 8) / 16)
-    digits = (high, whole - 16 * high)              # both in -8..7
+    rest, values = np.rint(per_page / unit[..., None]), []
+    for _ in range(digits):                          # least significant first, each in -8..7
+        low = np.mod(rest + 8, 16) - 8
+        values.insert(0, low)
+        rest = (rest - low) / 16
     extra_blocks = -(-copies * length // 32)
     q = np.full((n, extra_blocks, 32), 8, np.uint8)   # MatMulNBits' default zero point 8: weight 0
     scales = np.zeros((n, extra_blocks), np.float32)
     for block, digit, page, first in placed:
         count = min(32, nb - 32 * page)
-        q[:, block, first:first + count] = (digits[digit][:, page, :count] + 8).astype(np.uint8)
-        scales[:, block] = (16 ** (DIGITS - 1 - digit) * POOL * unit[:, page]).astype(np.float32)
+        q[:, block, first:first + count] = (values[digit][:, page, :count] + 8).astype(np.uint8)
+        scales[:, block] = (16 ** (digits - 1 - digit) * POOL * unit[:, page]).astype(np.float32)
     packed = q[..., 0::2] | (q[..., 1::2] << 4)
     return np.ascontiguousarray(packed), scales, copies * length
 
 
-def _extended_input(graph, name: str, k: int, block_sums: dict) -> tuple[str, list]:
+def _extended_input(graph, name: str, k: int, block_sums: dict, digits: int) -> tuple[str, list]:
     """x' = [x, M x copies] (M = AveragePool of x over 32-blocks, zero-padded where digit_layout says): its
     name and the two (or three) nodes that make it (none where an earlier MatMul of the same input made it)."""
     stem = f"{name}/grid_digits"
@@ -271,7 +278,7 @@ def _extended_input(graph, name: str, k: int, block_sums: dict) -> tuple[str, li
     # Rank-3 x [B, S, K] pools as 1-D [N, C, L]: one cheap node (a MatMulNBits with a 0/1 matrix cost ~3x,
     # Reshape + ReduceSum a node more); the means are exact, 1/32 of the sums (a power of two).
     blocks = k // 32
-    length, copies, _ = digit_layout(blocks)
+    length, copies, _ = digit_layout(blocks, digits)
     means = f"{stem}/means"
     nodes = [helper.make_node("AveragePool", [name], [means], name=f"{name}{BLOCK_MEANS}",
                               kernel_shape=[32], strides=[32])]
@@ -284,11 +291,11 @@ def _extended_input(graph, name: str, k: int, block_sums: dict) -> tuple[str, li
     return stem, nodes
 
 
-def _digit_nodes(graph, node, grid: GridWeight, shape, accuracy_level: int, block_sums: dict) -> list:
+def _digit_nodes(graph, node, grid: GridWeight, shape, accuracy_level: int, block_sums: dict, digits: int) -> list:
     k, n = shape
     base = node.name or node.output[0]
-    packed, scales, extra = residual_digits(grid.residual)
-    extended, nodes = _extended_input(graph, node.input[0], k, block_sums)
+    packed, scales, extra = residual_digits(grid.residual, digits)
+    extended, nodes = _extended_input(graph, node.input[0], k, block_sums, digits)
     blocks = k // 32
     graph.initializer.extend([
         numpy_helper.from_array(np.concatenate([grid.packed, packed], axis=1), f"{base}/grid_q"),

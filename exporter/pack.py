@@ -11,10 +11,12 @@ Works on plain MatMul with a 2-D weight initializer and on MatMulNBits (B, scale
 all per output column: concatenated along N; nodes with g_idx are left alone). The Split keeps the original
 output names, so key / pre-activation outputs, NA's inserted nodes and the runtime see the same tensors.
 
+Where: the fused export packs by default (exporter/fuse.py; `--no-pack` keeps one MatMul per projection),
+`edit quantize --mode int4` packs the MatMulNBits it writes, `edit pack` packs an older export. Pruning cuts
+a projection's columns: it unpacks (unpack_projections), cuts and packs again.
+
 Our own pass: onnxruntime.transformers packs q/k/v only inside its attention fusions (and for fp32 MatMul
-only), and its MatMulNBits quantizer writes one node per MatMul. Pruning needs the separate weights, so
-`unskill edit prune` refuses a packed graph; `edit quantize --mode int4` packs after quantizing (the
-quantized graph is the last edit anyway) and `edit pack` packs an fp32 export on request.
+only), and its MatMulNBits quantizer writes one node per MatMul.
 """
 
 from __future__ import annotations
@@ -124,9 +126,51 @@ def is_packed(model: onnx.ModelProto) -> bool:
     return any(node.name.endswith(PACKED + "/split") for node in model.graph.node)
 
 
+def unpack_projections(model: onnx.ModelProto) -> int:
+    """The inverse for fp32 MatMuls (in place): one MatMul per projection again, reading column slices of the
+    packed weight, so that pruning can cut a projection's columns. Returns how many projections it restored;
+    a packed MatMulNBits (a quantized graph) is refused: its weights are no longer fp32."""
+    from unskill.runtime.errors import UnskillError
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    splits = [node for node in graph.node if node.name.endswith(PACKED + "/split")]
+    replacement, dropped = {}, set()
+    for split in splits:
+        packed = producer[split.input[0]]
+        if packed.op_type != "MatMul":
+            raise UnskillError(f"{packed.name}: a packed {packed.op_type} (quantized graph); edit the fp32 model")
+        weight = numpy_helper.to_array(initializers[packed.input[1]])
+        widths = numpy_helper.to_array(initializers[split.input[1]])
+        columns = np.split(weight, np.cumsum(widths)[:-1], axis=1)
+        stem = packed.name[:-len(PACKED)]
+        nodes = []
+        for index, (part, output) in enumerate(zip(columns, split.output)):
+            name = f"{stem}/unpacked{index}"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(part), f"{name}/weight"))
+            nodes.append(helper.make_node("MatMul", [packed.input[0], f"{name}/weight"], [output], name=name))
+        replacement[id(packed)] = nodes
+        dropped.add(id(split))
+    if not replacement:
+        return 0
+    nodes = []
+    for node in graph.node:
+        if id(node) in replacement:
+            nodes.extend(replacement[id(node)])
+        elif id(node) not in dropped:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)
+    return sum(len(n) for n in replacement.values())
+
+
 def pack(model_dir, out_dir):
-    """`unskill edit pack`: an exported (or edited) fp32 model with its projections packed, written beside it.
-    Same outputs (the KSD stats of the parent load on it); prune the unpacked parent, not this one."""
+    """`unskill edit pack`: an exported (or edited) fp32 model with its projections packed, written beside it
+    (exports made with --no-pack or before session 14). Same outputs: the KSD stats of the parent load on it."""
     from unskill.runtime.errors import UnskillError
 
     from .edit import load_exported, save_edited

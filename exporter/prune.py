@@ -58,7 +58,11 @@ def choose(scores: np.ndarray, already: np.ndarray, count: int) -> np.ndarray:
 
 
 def remove_neurons(model: onnx.ModelProto, manifest: Manifest, pruned: np.ndarray) -> list[list[int]]:
-    """Slice the FFL weights of `model` in place so only unpruned neurons remain; returns kept indices."""
+    """Slice the FFL weights of `model` in place so only unpruned neurons remain; returns kept indices.
+    A packed graph (exporter/pack.py, the default export) is unpacked for the cut and packed again after."""
+    from .pack import pack_projections, unpack_projections
+
+    packed = unpack_projections(model)
     initializers = {init.name: init for init in model.graph.initializer}
     kept_before = manifest.kept_neurons or [list(range(manifest.key_width))] * manifest.num_layers
     kept_after = []
@@ -75,6 +79,8 @@ def remove_neurons(model: onnx.ModelProto, manifest: Manifest, pruned: np.ndarra
     for output in model.graph.output:
         if output.name in {*manifest.key_outputs, *manifest.preact_outputs, *(manifest.key_last_outputs or [])}:
             output.type.tensor_type.shape.dim[-1].dim_param = f"ffn_{output.name}"
+    if packed:
+        pack_projections(model, op_types=("MatMul",))
     return kept_after
 
 

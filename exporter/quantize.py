@@ -76,12 +76,14 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     and read it as the fp32 export, and the key outputs the KSD guard compares with fp32 stats stay fp32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from .fuse import drop_attention_value_info
+
     logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.ERROR)
-    return convert_float_to_float16(model, keep_io_types=True)
+    return drop_attention_value_info(convert_float_to_float16(model, keep_io_types=True))
 
 
 def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embeddings: bool, symmetric: bool,
-            grid: str, grid_bits: int, pack: bool = True) -> tuple[onnx.ModelProto, dict]:
+            grid: str, grid_bits: int, pack: bool = True, digits: int = 2) -> tuple[onnx.ModelProto, dict]:
     """MatMulNBits everywhere: the source grid first (grid.py), onnxruntime's quantizer for the rest, then
     (pack) the projections that share an input packed into one node (pack.py). Returns the model and the
     edit record's settings."""
@@ -89,12 +91,18 @@ def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embedd
 
     from .grid import CORRECTION, replace_with_grid_matmuls
 
+    from .pack import pack_projections, unpack_projections
+
+    # A packed fp32 projection (the default export) may join tensors on different source grids (Q4_K_M: a
+    # Q6_K v beside Q4_K q/k), which no single grid fits: unpack, put each on its own grid, pack again below
+    # (MatMulNBits with equal bits and blocks only).
+    unpack_projections(model)
     fold_transposed_weights(model)   # the tied LM head becomes quantizable
     tensors = {}
     if grid != "rtn":
         form = "matmul" if grid == "exact" else "digits"
         tensors = Counter(replace_with_grid_matmuls(model, accuracy_level, max_bits=grid_bits,
-                                                    residual_form=form).values())
+                                                    residual_form=form, digits=digits).values())
     # Gather weights are (vocab, hidden): blocks run along hidden (axis 1), as GatherBlockQuantized needs.
     ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
     corrections = [node.name for node in model.graph.node if node.name.endswith(CORRECTION)]   # stay fp32
@@ -107,15 +115,13 @@ def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embedd
     settings = dict(block_size=block_size, accuracy_level=accuracy_level, embeddings=embeddings,
                     symmetric=symmetric, grid=grid, grid_tensors=dict(sorted(tensors.items())))
     if pack:
-        from .pack import pack_projections
-
         settings["packed_projections"] = pack_projections(quantized)
     return quantized, settings
 
 
 def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", block_size: int = 32,
              accuracy_level: int = 4, embeddings: bool = False, symmetric: bool = True, grid: str = "source",
-             grid_bits: int = 8, pack: bool = True) -> Manifest:
+             grid_bits: int = 8, pack: bool = True, digits: int = 2) -> Manifest:
     if mode not in MODES or grid not in GRIDS or grid_bits not in (4, 8):
         raise UnskillError(f"quantization mode {mode!r} / grid {grid!r} / grid bits {grid_bits}: "
                            f"use one of {MODES} / {GRIDS} / (4, 8)")
@@ -137,7 +143,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", blo
             quantized = onnx.load(str(target))
     else:
         quantized, settings = to_int4(model, block_size, accuracy_level, embeddings, symmetric, grid, grid_bits,
-                                      pack=pack)
+                                      pack=pack, digits=digits)
         edit.update(settings)
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
     return save_edited(quantized, manifest, model_dir, out_dir, edit, stats_compatible=compatible)

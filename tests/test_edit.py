@@ -220,41 +220,57 @@ def test_iterative_prune_then_na_then_ksd(tiny_export, edit_stats, tmp_path, mon
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_packed_fp32_model_matches_and_takes_na_but_not_prune(tiny_export, edit_stats, tmp_path, kind, capsys):
-    """`unskill edit pack`: q/k/v and gate/up as one MatMul + Split each; logits and every key / pre-activation
-    output equal the parent's within 1e-5 relative (a wider sgemm may sum in another order), the parent's
-    stats load, NA applies on top (it reads the pre-activation tensor, not the weight), prune refuses in one
-    line and writes nothing, and an existing --out is refused before the work."""
+def test_pack_and_unpack_keep_every_output_and_edits_apply(tiny_export, edit_stats, tmp_path, kind, capsys):
+    """The default export packs q/k/v and gate/up (one MatMul + Split each): logits and every key /
+    pre-activation output equal the unpacked graph's within 1e-5 relative (a wider sgemm may sum in another
+    order), the parent's stats load on either, NA and prune on the packed graph give what they give on the
+    unpacked one (prune unpacks, cuts and packs again), prune refuses a packed int4 graph in one line and
+    writes nothing, and `edit pack` refuses an existing --out before the work."""
     import onnx
 
     from unskill.cli import main
+    from unskill.exporter.export import export_model
+    from unskill.exporter.pack import unpack_projections
 
-    _, onnx_dir = tiny_export(kind)
-    out = tmp_path / "packed"
-    assert main(["edit", "pack", "--model", str(onnx_dir), "--out", str(out)]) == 0
-    assert "packed 15 projections" in capsys.readouterr().out    # 3 layers x (q, k, v, gate, up)
-    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
-    assert ops.count("Split") == 6
+    hf_dir, onnx_dir = tiny_export(kind)
+    packed_ops = [n.op_type for n in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.node]
+    assert packed_ops.count("Split") == 6   # 3 layers x (q/k/v, gate/up)
+    plain_dir = tmp_path / "plain"
+    export_model(str(hf_dir), plain_dir, progress=False, pack=False)
+    assert main(["edit", "pack", "--model", str(plain_dir), "--out", str(tmp_path / "repacked")]) == 0
+    assert "packed 15 projections" in capsys.readouterr().out
+    model = onnx.load(str(onnx_dir / "model.onnx"))
+    assert unpack_projections(model) == 15 and "Split" not in [n.op_type for n in model.graph.node]
     ids = np.random.default_rng(5).integers(5, 500, size=(2, 11))
-    packed, _, _ = run_plain_ort(out, ids)
-    plain, _, _ = run_plain_ort(onnx_dir, ids)
-    assert set(packed) == set(plain)
-    for name, expected in plain.items():
-        assert np.abs(packed[name] - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1e-6), name
+    plain, _, _ = run_plain_ort(plain_dir, ids)
+    for other in (onnx_dir, tmp_path / "repacked"):
+        values, _, _ = run_plain_ort(other, ids)
+        assert set(values) == set(plain)
+        for name, expected in plain.items():
+            assert np.abs(values[name] - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1e-6), name
     stats = edit_stats(kind)
-    load(out, stats=[stats], device="cpu")
-    for model, na_out in ((out, "na"), (onnx_dir, "na-unpacked")):
-        assert main(["edit", "na", "--model", str(model), "--stats", str(stats), "--ratio", "0.05",
-                     "--out", str(tmp_path / na_out)]) == 0
-    adjusted, _, _ = run_plain_ort(tmp_path / "na", ids)
-    expected = run_plain_ort(tmp_path / "na-unpacked", ids)[0]["logits"]
-    assert np.abs(adjusted["logits"] - expected).max() <= 1e-5 * np.abs(expected).max()
-    assert main(["edit", "prune", "--model", str(out), "--stats", str(stats), "--ratio", "0.1",
-                 "--out", str(tmp_path / "pruned"), "--no-progress"]) == 2
+    load(tmp_path / "repacked", stats=[edit_stats(kind, plain_dir)], device="cpu")   # the parent's stats
+    for method, extra in (("na", ["--ratio", "0.05"]), ("prune", ["--ratio", "0.1", "--no-progress"])):
+        for model_dir, name in ((onnx_dir, "packed"), (plain_dir, "plain")):
+            model_stats = edit_stats(kind, model_dir)   # the exports' fingerprints differ, their keys agree
+            assert main(["edit", method, "--model", str(model_dir), "--stats", str(model_stats), *extra,
+                         "--out", str(tmp_path / f"{method}-{name}")]) == 0
+        edited = run_plain_ort(tmp_path / f"{method}-packed", ids)[0]["logits"]
+        expected = run_plain_ort(tmp_path / f"{method}-plain", ids)[0]["logits"]
+        assert np.abs(edited - expected).max() <= 1e-5 * np.abs(expected).max(), method
+    pruned_ops = [n.op_type for n in onnx.load(str(tmp_path / "prune-packed" / "model.onnx"),
+                                               load_external_data=False).graph.node]
+    assert pruned_ops.count("Split") == 6
+    from unskill.exporter.quantize import quantize
+
+    quantize(onnx_dir, tmp_path / "int4", "int4")
+    capsys.readouterr()
+    assert main(["edit", "prune", "--model", str(tmp_path / "int4"), "--stats", str(stats), "--ratio", "0.1",
+                 "--out", str(tmp_path / "pruned-int4"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "packed projection" in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "pruned").exists()
-    assert main(["edit", "pack", "--model", str(onnx_dir), "--out", str(out)]) == 2
+    assert "quantized graph" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "pruned-int4").exists()
+    assert main(["edit", "pack", "--model", str(plain_dir), "--out", str(tmp_path / "repacked")]) == 2
     assert "not empty" in capsys.readouterr().err
 
 
@@ -428,11 +444,13 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
     from onnx import numpy_helper
 
     from unskill.exporter.grid import GridWeight
+    from unskill.exporter.pack import unpack_projections
     from unskill.exporter.quantize import quantize
 
     manifest = quantize(gguf_grid_export, tmp_path / "exact", "int4", accuracy_level=0, grid="exact", pack=False)
     assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 21, "8-bit/32": 1}
     source = onnx.load(str(gguf_grid_export / "model.onnx"))
+    unpack_projections(source)   # the export packs q/k/v and gate/up; quantize unpacks them the same way
     weights = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
     by_output = {n.output[0]: weights[n.input[1]] for n in source.graph.node
                  if n.op_type == "MatMul" and n.input[1] in weights}
