@@ -83,7 +83,8 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embeddings: bool, symmetric: bool,
-            grid: str, grid_bits: int, pack: bool = True, digits: int = 2) -> tuple[onnx.ModelProto, dict]:
+            grid: str, grid_bits: int, pack: bool = True, digits: int = 2,
+            block_8bit: int | None = None) -> tuple[onnx.ModelProto, dict]:
     """MatMulNBits everywhere: the source grid first (grid.py), onnxruntime's quantizer for the rest, then
     (pack) the projections that share an input packed into one node (pack.py). Returns the model and the
     edit record's settings."""
@@ -102,7 +103,8 @@ def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embedd
     if grid != "rtn":
         form = "matmul" if grid == "exact" else "digits"
         tensors = Counter(replace_with_grid_matmuls(model, accuracy_level, max_bits=grid_bits,
-                                                    residual_form=form, digits=digits).values())
+                                                    residual_form=form, digits=digits,
+                                                    block_8bit=block_8bit).values())
     # Gather weights are (vocab, hidden): blocks run along hidden (axis 1), as GatherBlockQuantized needs.
     ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
     corrections = [node.name for node in model.graph.node if node.name.endswith(CORRECTION)]   # stay fp32
@@ -121,7 +123,7 @@ def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embedd
 
 def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", block_size: int = 32,
              accuracy_level: int = 4, embeddings: bool = False, symmetric: bool = True, grid: str = "source",
-             grid_bits: int = 8, pack: bool = True, digits: int = 2) -> Manifest:
+             grid_bits: int = 8, pack: bool = True, digits: int = 2, block_8bit: int | None = None) -> Manifest:
     if mode not in MODES or grid not in GRIDS or grid_bits not in (4, 8):
         raise UnskillError(f"quantization mode {mode!r} / grid {grid!r} / grid bits {grid_bits}: "
                            f"use one of {MODES} / {GRIDS} / (4, 8)")
@@ -143,7 +145,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", blo
             quantized = onnx.load(str(target))
     else:
         quantized, settings = to_int4(model, block_size, accuracy_level, embeddings, symmetric, grid, grid_bits,
-                                      pack=pack, digits=digits)
+                                      pack=pack, digits=digits, block_8bit=block_8bit)
         edit.update(settings)
     compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
     return save_edited(quantized, manifest, model_dir, out_dir, edit, stats_compatible=compatible)

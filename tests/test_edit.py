@@ -514,6 +514,34 @@ def test_packed_projections_equal_separate_ones(gguf_grid_export, tmp_path, grid
         assert np.abs(packed[name] - expected).max() <= 1e-6 * max(np.abs(expected).max(), 1e-6), name
 
 
+def test_8bit_grids_reround_to_wider_blocks(gguf_grid_export, tmp_path):
+    """--block-8bit 128: the Q8_0 head (an 8-bit/32 grid) re-rounded to symmetric 8-bit blocks of 128. Each
+    weight moves by at most half a step (1/254 of its block's largest |w|), a partial last block is padded,
+    and the logits stay within 1e-2 relative of fp32 at accuracy level 0 (the 4-bit layers stay exact)."""
+    import onnx
+
+    from unskill.exporter.grid import round_8bit
+    from unskill.exporter.quantize import quantize
+
+    weight = np.random.default_rng(3).standard_normal((200, 6)).astype(np.float32)   # 200 = 128 + 72
+    grid = round_8bit(weight, 128)
+    assert grid.packed.shape == (6, 2, 128) and grid.scales.shape == (12,)
+    rebuilt = grid.dequantized()[:200]
+    blocks_max = np.abs(np.concatenate([weight, np.zeros((56, 6), np.float32)])).reshape(2, 128, 6).max(1)
+    step = np.repeat(blocks_max / 127, 128, axis=0)[:200]
+    assert np.all(np.abs(rebuilt - weight) <= step / 2 + 1e-7)
+    manifest = quantize(gguf_grid_export, tmp_path / "b128", "int4", accuracy_level=0, block_8bit=128)
+    assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 21, "8-bit/32 -> 8-bit/128": 1}
+    blocks = {next(a.i for a in n.attribute if a.name == "block_size") for n in
+              onnx.load(str(tmp_path / "b128" / "model.onnx"), load_external_data=False).graph.node
+              if n.op_type == "MatMulNBits" and next(a.i for a in n.attribute if a.name == "bits") == 8}
+    assert blocks == {128}
+    ids = np.random.default_rng(4).integers(5, 500, size=(1, 12))
+    logits = run_plain_ort(tmp_path / "b128", ids)[0]["logits"]
+    plain = run_plain_ort(gguf_grid_export, ids)[0]["logits"]
+    assert np.abs(logits - plain).max() <= 1e-2 * np.abs(plain).max()
+
+
 def test_projections_pack_only_on_one_grid():
     """--rotary-in-op packs q/k/v only where they share a grid (or none has one): a Q6_K v beside Q4_K q/k
     stays apart, so `--grid source` keeps every part exact."""
