@@ -37,8 +37,8 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
 from .edit import load_exported, save_edited
-from .pack import pack_projections
 from .gqa import fuse_attention
+from .pack import pack_projections
 
 MODEL_TYPES = ("qwen3", "gpt2")
 

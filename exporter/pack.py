@@ -105,8 +105,15 @@ def pack_projections(model: onnx.ModelProto, op_types=("MatMul", "MatMulNBits"))
         if len(members) > 1:
             replacement[id(members[0])] = _packed_nodes(graph, members, initializers)
             dropped.update(id(n) for n in members)
+    _rewrite(graph, replacement, dropped)
+    return len(dropped)
+
+
+def _rewrite(graph, replacement: dict, dropped: set) -> None:
+    """Nodes in `replacement` (by id) give way to their new nodes in place, nodes in `dropped` go, and so do
+    the initializers no node reads any more."""
     if not replacement:
-        return 0
+        return
     nodes = []
     for node in graph.node:
         if id(node) in replacement:
@@ -116,14 +123,8 @@ def pack_projections(model: onnx.ModelProto, op_types=("MatMul", "MatMulNBits"))
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}
-    stale = [init for init in graph.initializer if init.name not in used]
-    for init in stale:
+    for init in [init for init in graph.initializer if init.name not in used]:
         graph.initializer.remove(init)
-    return len(dropped)
-
-
-def is_packed(model: onnx.ModelProto) -> bool:
-    return any(node.name.endswith(PACKED + "/split") for node in model.graph.node)
 
 
 def unpack_projections(model: onnx.ModelProto) -> int:
@@ -152,19 +153,7 @@ def unpack_projections(model: onnx.ModelProto) -> int:
             nodes.append(helper.make_node("MatMul", [packed.input[0], f"{name}/weight"], [output], name=name))
         replacement[id(packed)] = nodes
         dropped.add(id(split))
-    if not replacement:
-        return 0
-    nodes = []
-    for node in graph.node:
-        if id(node) in replacement:
-            nodes.extend(replacement[id(node)])
-        elif id(node) not in dropped:
-            nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    for init in [init for init in graph.initializer if init.name not in used]:
-        graph.initializer.remove(init)
+    _rewrite(graph, replacement, dropped)
     return sum(len(n) for n in replacement.values())
 
 

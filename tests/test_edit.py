@@ -366,7 +366,8 @@ def test_int4_options_quantize_lm_head_and_embeddings(tiny_export, edit_stats, t
     edit = manifest.edits[-1]
     assert edit == {"method": "quantize", "mode": "int4", "ratio": 0.0, "block_size": 16, "accuracy_level": 0,
                     "embeddings": True, "symmetric": True, "grid": "source", "grid_tensors": edit["grid_tensors"],
-                    "packed_projections": 3 * 5}   # 3 layers: q/k/v -> 1 + Split, gate/up -> 1 + Split
+                    "packed_projections": 3 * 5,   # 3 layers: q/k/v -> 1 + Split, gate/up -> 1 + Split
+                    "block_8bit": 128}
     assert set(edit["grid_tensors"]) == {"off-grid"}   # random weights: all to onnxruntime's quantizer
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     weights = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Transpose"}
@@ -447,7 +448,8 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
     from unskill.exporter.pack import unpack_projections
     from unskill.exporter.quantize import quantize
 
-    manifest = quantize(gguf_grid_export, tmp_path / "exact", "int4", accuracy_level=0, grid="exact", pack=False)
+    manifest = quantize(gguf_grid_export, tmp_path / "exact", "int4", accuracy_level=0, grid="exact", pack=False,
+                        block_8bit=None)
     assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 21, "8-bit/32": 1}
     source = onnx.load(str(gguf_grid_export / "model.onnx"))
     unpack_projections(source)   # the export packs q/k/v and gate/up; quantize unpacks them the same way
@@ -476,7 +478,7 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
         assert np.abs(exact[name] - plain[name]).max() <= 1e-5 * np.abs(plain[name]).max(), name
     errors = {}
     for grid in ("source", "rtn"):
-        quantize(gguf_grid_export, tmp_path / grid, "int4", accuracy_level=0, grid=grid, pack=False)
+        quantize(gguf_grid_export, tmp_path / grid, "int4", accuracy_level=0, grid=grid, pack=False, block_8bit=None)
         logits = run_plain_ort(tmp_path / grid, ids)[0]["logits"]
         errors[grid] = np.abs(logits - plain["logits"]).max() / np.abs(plain["logits"]).max()
     # source: the block mins' residuals as two 4-bit digits (to 1/238 of the largest in 32 blocks), no node
@@ -515,7 +517,7 @@ def test_packed_projections_equal_separate_ones(gguf_grid_export, tmp_path, grid
 
 
 def test_8bit_grids_reround_to_wider_blocks(gguf_grid_export, tmp_path):
-    """--block-8bit 128: the Q8_0 head (an 8-bit/32 grid) re-rounded to symmetric 8-bit blocks of 128. Each
+    """--block-8bit 128 (the default): the Q8_0 head (an 8-bit/32 grid) re-rounded to symmetric 8-bit blocks of 128. Each
     weight moves by at most half a step (1/254 of its block's largest |w|), a partial last block is padded,
     and the logits stay within 1e-2 relative of fp32 at accuracy level 0 (the 4-bit layers stay exact)."""
     import onnx

@@ -134,12 +134,13 @@ def test_pruned_smollm2_equals_zeroed_keys(smollm2_export, smollm2_edit_stats, s
 
 def test_int4_source_grid_finds_the_gguf_blocks(smollm2_export, smollm2_math_stats, tmp_path):
     """SmolLM2's weights are its GGUF's Q4_1 projections and Q8_0 head, dequantized: `quantize --mode int4`
-    (grid source) puts every one of them back on its grid, none goes to onnxruntime's re-rounding quantizer;
-    the copy's greedy text starts as the fp32 model's and the fp32 stats refuse a math prompt on it."""
+    (grid source) puts every one of them back on its grid, none goes to onnxruntime's re-rounding quantizer
+    (the 8-bit head then to 8-bit blocks of 128, the default); the copy's greedy text starts as the fp32
+    model's and the fp32 stats refuse a math prompt on it."""
     from unskill.exporter.quantize import quantize
 
     manifest = quantize(smollm2_export, tmp_path / "q4", "int4")
-    assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 210, "8-bit/32": 1}
+    assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 210, "8-bit/32 -> 8-bit/128": 1}
     params = GenerationParams(max_new_tokens=6)
     prompt = "Write a Python function that reverses a string."
     expected = load(smollm2_export, device="cpu").generate([prompt], params)[0].text
