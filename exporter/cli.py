@@ -101,9 +101,9 @@ def add_edit_parser(subparsers) -> None:
     quant.add_argument("--residual-digits", type=int, choices=(1, 2), default=2,
                        help="int4 --grid source: 4-bit digits carrying Q4_1/Q4_K block mins off the zero-point "
                             "grid (2: to 1/238, 1: to 1/14, fewer rows)")
-    quant.add_argument("--block-8bit", choices=("source", "32", "64", "128", "256"), default="128",
-                       help="int4 --grid source: 8-bit grids (Q8_0/Q5_0/Q6_K, the LM head) re-rounded to 8-bit blocks "
-                            "of this size (default 128: MLAS's faster kernel; top-1 as fp32) or kept exact (source)")
+    quant.add_argument("--block-8bit", choices=("source", "head", "all"), default="head",
+                       help="int4 --grid source: which 8-bit grids are re-rounded to 8-bit blocks of 128 (MLAS's "
+                            "faster kernel): the LM head (default; top-1 as fp32), all (Q5_0/Q6_K too), none (source)")
     quant.add_argument("--no-pack", action="store_true",
                        help="int4: keep one MatMulNBits per projection (default: q/k/v and gate/up packed, exact)")
     _add_target(quant)
@@ -165,7 +165,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                                             symmetric=not args.asymmetric, grid=args.grid,
                                             grid_bits=args.grid_bits, pack=not args.no_pack,
                                             digits=args.residual_digits,
-                                            block_8bit=None if args.block_8bit == "source" else int(args.block_8bit)))
+                                            block_8bit=args.block_8bit))
     print(f"quantized {args.model} to {args.mode} -> {args.out}")
     return 0
 

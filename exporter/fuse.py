@@ -179,7 +179,8 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
     repointed = unify_shape_sources(fused)
     with tempfile.TemporaryDirectory() as scratch:
         fused = offline_optimize(fused, Path(scratch))   # onnx.load reads the weights in before scratch goes
-    packed = pack_projections(fused, op_types=("MatMul",)) if pack else 0   # after the fusions: they match single MatMuls
+    # After the fusions, which match single MatMuls.
+    packed = pack_projections(fused, op_types=("MatMul",)) if pack else 0
     fused = with_value_types(fused)
     missing = sorted(set(names_in) - {i.name for i in fused.graph.input}
                      | set(names_out) - {o.name for o in fused.graph.output})

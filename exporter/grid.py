@@ -40,6 +40,8 @@ CORRECTION = "/grid_correction"
 BLOCK_MEANS = "/grid_digits/means"
 DIGITS = 2   # signed 4-bit digits per residual: R = 16 * d1 + d0, |R| <= 119 (1 digit: |R| <= 7)
 POOL = 32    # x' carries block means (AveragePool over 32), so the digit rows' scales are 32x the sums' units
+REBLOCK = ("source", "head", "all")   # which 8-bit grids round_8bit re-rounds (quantize --block-8bit)
+BLOCK_8BIT = 128
 
 
 @dataclass
@@ -151,7 +153,7 @@ def find_grid(weight: np.ndarray, candidates=CANDIDATES) -> GridWeight | None:
 
 def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_bits: int = 8,
                               residual_form: str = "digits", digits: int = DIGITS,
-                              block_8bit: int | None = None) -> dict:
+                              reblock_8bit: str = "source") -> dict:
     """Every MatMul whose initializer weight lies on a grid of at most `max_bits` becomes MatMulNBits (plus
     its residual correction where needed). Returns {weight name: "4-bit/32", ...} and "off-grid" names.
 
@@ -165,6 +167,7 @@ def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_b
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     candidates = tuple(c for c in CANDIDATES if c[0] <= max_bits)
+    outputs = {output.name for output in graph.output}   # the LM head is the MatMul that writes one (logits)
     block_sums: dict[tuple[str, object], str] = {}    # (input, block or "digits") -> X or x', shared per input
     report: dict[str, str] = {}
     # The replacement nodes take the MatMul's place in the list: they read only its input (and block sums made
@@ -179,9 +182,10 @@ def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_b
             nodes.append(node)
             continue
         report[init.name] = f"{grid.bits}-bit/{grid.block}" + (" + residual" if grid.residual is not None else "")
-        if grid.bits == 8 and block_8bit and block_8bit != grid.block:   # re-rounded: see round_8bit
-            grid = round_8bit(numpy_helper.to_array(init), block_8bit)
-            report[init.name] += f" -> 8-bit/{block_8bit}"
+        head = node.output[0] in outputs
+        if grid.bits == 8 and (reblock_8bit == "all" or reblock_8bit == "head" and head):   # see round_8bit
+            grid = round_8bit(numpy_helper.to_array(init), BLOCK_8BIT)
+            report[init.name] += f" -> 8-bit/{BLOCK_8BIT}"
         if grid.residual is not None and residual_form == "digits" and (grid.bits, grid.block) == (4, 32):
             nodes.extend(_digit_nodes(graph, node, grid, tuple(init.dims), accuracy_level, block_sums, digits))
         else:

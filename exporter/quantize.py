@@ -12,11 +12,11 @@ above. Block mins off the integer zero-point grid (Q4_1, Q4_K) leave a residual 
 as two 4-bit digits in extra rows (to 1/238 of its size; the fast form), "exact" as an fp32 correction MatMul
 (to float rounding; 420 more nodes, 1-4 % slower decode), "rtn" re-quantizes everything (the old way).
 `grid_bits` caps the grids kept exactly (8: 5-, 6- and 8-bit grids become 8-bit MatMulNBits; 4: those go through
-the 4-bit quantizer instead, smaller and faster, not exact). `block_8bit` (default 128) then re-rounds those
-8-bit grids to 8-bit blocks of that size (grid.round_8bit): MLAS's 8-bit kernel is ~25 % faster at 128 than at
-the GGUF's 32, and token-level top-1 stays as fp32's (SmolLM2 200 items, Gemma-3 60; benchmarks/README.md);
-None keeps them exact. The 4-bit grids always stay exact. Finally the MatMulNBits that read one input are
-packed into one (pack.py).
+the 4-bit quantizer instead, smaller and faster, not exact). `block_8bit` re-rounds 8-bit grids to 8-bit blocks
+of 128 (grid.round_8bit), which MLAS's 8-bit kernel runs ~25 % faster than the GGUF's 32: "head" (default) the
+LM head alone (token-level top-1 as fp32's on 200 items a task, SmolLM2 and Gemma-3), "all" every 8-bit grid
+(Gemma-3's Q5_0/Q6_K projections too: faster still, but MMLU 0.245 against 0.265), "source" none. The 4-bit
+grids always stay exact. Finally the MatMulNBits that read one input are packed into one (pack.py).
 
 The key and pre-activation outputs survive: quantization changes the MatMul nodes only. The quantized
 manifest lists the fp32 fingerprint under `stats_compatible`, so KSD stats taken on the fp32 model load on it.
@@ -35,6 +35,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
 from .edit import load_exported, save_edited
+from .grid import REBLOCK
 
 MODES = ("int8", "int4", "fp16")
 GRIDS = ("source", "exact", "rtn")
@@ -88,7 +89,7 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embeddings: bool, symmetric: bool,
             grid: str, grid_bits: int, pack: bool = True, digits: int = 2,
-            block_8bit: int | None = 128) -> tuple[onnx.ModelProto, dict]:
+            block_8bit: str = "head") -> tuple[onnx.ModelProto, dict]:
     """MatMulNBits everywhere: the source grid first (grid.py), onnxruntime's quantizer for the rest, then
     (pack) the projections that share an input packed into one node (pack.py). Returns the model and the
     edit record's settings."""
@@ -108,7 +109,7 @@ def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embedd
         form = "matmul" if grid == "exact" else "digits"
         tensors = Counter(replace_with_grid_matmuls(model, accuracy_level, max_bits=grid_bits,
                                                     residual_form=form, digits=digits,
-                                                    block_8bit=block_8bit).values())
+                                                    reblock_8bit=block_8bit).values())
     # Gather weights are (vocab, hidden): blocks run along hidden (axis 1), as GatherBlockQuantized needs.
     ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
     corrections = [node.name for node in model.graph.node if node.name.endswith(CORRECTION)]   # stay fp32
@@ -127,12 +128,12 @@ def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embedd
 
 def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", block_size: int = 32,
              accuracy_level: int = 4, embeddings: bool = False, symmetric: bool = True, grid: str = "source",
-             grid_bits: int = 8, pack: bool = True, digits: int = 2, block_8bit: int | None = 128) -> Manifest:
+             grid_bits: int = 8, pack: bool = True, digits: int = 2, block_8bit: str = "head") -> Manifest:
     if mode not in MODES or grid not in GRIDS or grid_bits not in (4, 8):
         raise UnskillError(f"quantization mode {mode!r} / grid {grid!r} / grid bits {grid_bits}: "
                            f"use one of {MODES} / {GRIDS} / (4, 8)")
-    if block_8bit not in (None, *BLOCK_SIZES[1:]):
-        raise UnskillError(f"8-bit grid block {block_8bit}: use one of {BLOCK_SIZES[1:]} or None (the source's)")
+    if block_8bit not in REBLOCK:
+        raise UnskillError(f"--block-8bit {block_8bit!r}: use one of {REBLOCK}")
     if block_size not in BLOCK_SIZES or accuracy_level not in ACCURACY_LEVELS:
         raise UnskillError(f"int4 block size {block_size} / accuracy level {accuracy_level}: "
                            f"use one of {BLOCK_SIZES} / {ACCURACY_LEVELS}")

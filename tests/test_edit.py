@@ -367,7 +367,7 @@ def test_int4_options_quantize_lm_head_and_embeddings(tiny_export, edit_stats, t
     assert edit == {"method": "quantize", "mode": "int4", "ratio": 0.0, "block_size": 16, "accuracy_level": 0,
                     "embeddings": True, "symmetric": True, "grid": "source", "grid_tensors": edit["grid_tensors"],
                     "packed_projections": 3 * 5,   # 3 layers: q/k/v -> 1 + Split, gate/up -> 1 + Split
-                    "block_8bit": 128}
+                    "block_8bit": "head"}
     assert set(edit["grid_tensors"]) == {"off-grid"}   # random weights: all to onnxruntime's quantizer
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     weights = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Transpose"}
@@ -449,7 +449,7 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
     from unskill.exporter.quantize import quantize
 
     manifest = quantize(gguf_grid_export, tmp_path / "exact", "int4", accuracy_level=0, grid="exact", pack=False,
-                        block_8bit=None)
+                        block_8bit="source")
     assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 21, "8-bit/32": 1}
     source = onnx.load(str(gguf_grid_export / "model.onnx"))
     unpack_projections(source)   # the export packs q/k/v and gate/up; quantize unpacks them the same way
@@ -478,7 +478,8 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
         assert np.abs(exact[name] - plain[name]).max() <= 1e-5 * np.abs(plain[name]).max(), name
     errors = {}
     for grid in ("source", "rtn"):
-        quantize(gguf_grid_export, tmp_path / grid, "int4", accuracy_level=0, grid=grid, pack=False, block_8bit=None)
+        quantize(gguf_grid_export, tmp_path / grid, "int4", accuracy_level=0, grid=grid, pack=False,
+                 block_8bit="source")
         logits = run_plain_ort(tmp_path / grid, ids)[0]["logits"]
         errors[grid] = np.abs(logits - plain["logits"]).max() / np.abs(plain["logits"]).max()
     # source: the block mins' residuals as two 4-bit digits (to 1/238 of the largest in 32 blocks), no node
@@ -517,9 +518,10 @@ def test_packed_projections_equal_separate_ones(gguf_grid_export, tmp_path, grid
 
 
 def test_8bit_grids_reround_to_wider_blocks(gguf_grid_export, tmp_path):
-    """--block-8bit 128 (the default): the Q8_0 head (an 8-bit/32 grid) re-rounded to symmetric 8-bit blocks of 128. Each
-    weight moves by at most half a step (1/254 of its block's largest |w|), a partial last block is padded,
-    and the logits stay within 1e-2 relative of fp32 at accuracy level 0 (the 4-bit layers stay exact)."""
+    """--block-8bit head (the default): the Q8_0 head (an 8-bit/32 grid) re-rounded to symmetric 8-bit blocks
+    of 128. Each weight moves by at most half a step (1/254 of its block's largest |w|), a partial last block
+    is padded, and the logits stay within 1e-2 relative of fp32 at accuracy level 0 (the 4-bit layers stay
+    exact)."""
     import onnx
 
     from unskill.exporter.grid import round_8bit
@@ -532,7 +534,7 @@ def test_8bit_grids_reround_to_wider_blocks(gguf_grid_export, tmp_path):
     blocks_max = np.abs(np.concatenate([weight, np.zeros((56, 6), np.float32)])).reshape(2, 128, 6).max(1)
     step = np.repeat(blocks_max / 127, 128, axis=0)[:200]
     assert np.all(np.abs(rebuilt - weight) <= step / 2 + 1e-7)
-    manifest = quantize(gguf_grid_export, tmp_path / "b128", "int4", accuracy_level=0, block_8bit=128)
+    manifest = quantize(gguf_grid_export, tmp_path / "b128", "int4", accuracy_level=0)
     assert manifest.edits[-1]["grid_tensors"] == {"4-bit/32 + residual": 21, "8-bit/32 -> 8-bit/128": 1}
     blocks = {next(a.i for a in n.attribute if a.name == "block_size") for n in
               onnx.load(str(tmp_path / "b128" / "model.onnx"), load_external_data=False).graph.node
