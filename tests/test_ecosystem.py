@@ -14,6 +14,7 @@ from unskill.exporter.deploy import slim
 from unskill.exporter.metadata import METADATA_FILES
 from unskill.exporter.neuron_adjust import neuron_adjust
 from unskill.exporter.prune import prune
+from unskill.exporter.quantize import quantize
 from unskill.runtime import GenerationParams, UnskillError, load
 
 PROMPT = "How many apples are left if Tom eats 3 of his 12 apples?"
@@ -21,7 +22,8 @@ PROMPT = "How many apples are left if Tom eats 3 of his 12 apples?"
 
 @pytest.fixture(scope="module")
 def tiny_family(tiny_export, tmp_path_factory):
-    """The tiny llama export, an NA copy, a pruned copy and a deploy folder of the NA copy, with stats."""
+    """The tiny llama export, an NA copy, a pruned copy, a deploy folder of the NA copy and an int4 copy,
+    with stats."""
     from unskill.runtime.tokenizer import TextTokenizer
     from unskill.runtime.session import OnnxLM
     from unskill.stats.datasets import Dataset, Item
@@ -37,7 +39,9 @@ def tiny_family(tiny_export, tmp_path_factory):
     neuron_adjust(onnx_dir, stats, 0.2, root / "na", seed=2)
     prune(onnx_dir, stats, 0.1, root / "pruned", progress=False)
     slim(root / "na", root / "deploy")
-    return {"export": onnx_dir, "na": root / "na", "pruned": root / "pruned", "deploy": root / "deploy", "stats": stats}
+    quantize(onnx_dir, root / "int4", "int4")   # packed MatMulNBits + Split: contrib ops any CPU stack runs
+    return {"export": onnx_dir, "na": root / "na", "pruned": root / "pruned", "deploy": root / "deploy",
+            "int4": root / "int4", "stats": stats}
 
 
 @pytest.mark.parametrize("name", ["export", "na", "pruned", "deploy"])
@@ -112,7 +116,7 @@ def test_target_deploy_from_an_edit(tiny_family, tmp_path):
         load(tiny_family["pruned"], device="cpu").generate([PROMPT], params)[0].token_ids
 
 
-@pytest.mark.parametrize("name", ["export", "na", "pruned", "deploy"])
+@pytest.mark.parametrize("name", ["export", "na", "pruned", "deploy", "int4"])
 def test_optimum_and_genai_match_the_runtime_on_tiny(tiny_family, name):
     pytest.importorskip("optimum.onnxruntime")
     directory = tiny_family[name]
