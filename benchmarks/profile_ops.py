@@ -1,9 +1,12 @@
 """Where a decode step's time goes, per operator type: onnxruntime's own profiler over decode steps.
 
-    python benchmarks/profile_ops.py out/smollm2-fused-q4 [--threads 1] [--steps 30]
+    python benchmarks/profile_ops.py out/smollm2-fused-q4 [--threads 1] [--steps 30] [--by-shape]
 
 A 51-token prompt (random ids), then greedy decode steps with the KV cache; steps after the 6th are summed.
-Prints wall ms per step, kernel us per step, nodes per step and the top operator types.
+Prints wall ms per step, kernel us per step, nodes per step and the top operator types; --by-shape also splits
+MatMulNBits by (K, N, bits, block) with us per node and the weight bytes it streams per second (how session 14
+found the thin k/v projections costing as much per node as the wide ones). The profiler adds a few us per
+node, so compare shares, not absolute times.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def main() -> int:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--by-shape", action="store_true", help="MatMulNBits time per (K, N, bits, block)")
     args = parser.parse_args()
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -60,7 +64,31 @@ def main() -> int:
     print(f"kernel us/step {sum(total.values()) / steps:.0f}, nodes/step {sum(count.values()) // steps}")
     for op, micros in total.most_common(12):
         print(f"  {op:34s} {micros / steps:8.0f} us {count[op] // steps:5d} nodes")
+    if args.by_shape:
+        print_matmulnbits_shapes(args.model_dir / "model.onnx", events, first, steps)
     return 0
+
+
+def print_matmulnbits_shapes(graph_path: Path, events: list, first: int, steps: int) -> None:
+    import onnx
+
+    shapes = {}
+    for node in onnx.load(str(graph_path), load_external_data=False).graph.node:
+        if node.op_type == "MatMulNBits":
+            attributes = {a.name: a.i for a in node.attribute}
+            shapes[node.name] = tuple(attributes[k] for k in ("K", "N", "bits", "block_size"))
+    total, count = collections.Counter(), collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["ts"] >= first and event["args"].get("op_name") == "MatMulNBits":
+            shape = shapes.get(event["name"].removesuffix("_kernel_time"))
+            if shape is not None and event["name"].endswith("_kernel_time"):
+                total[shape] += event["dur"]
+                count[shape] += 1
+    print("  MatMulNBits by shape (K, N, bits, block):")
+    for (k, n, bits, block), micros in total.most_common():
+        per_node = micros / count[k, n, bits, block]
+        print(f"    K={k:5d} N={n:6d} {bits}-bit/{block:<3d} {count[k, n, bits, block] // steps:4d} nodes/step "
+              f"{micros / steps:7.0f} us/step {per_node:7.1f} us/node {k * n * bits / 8 / per_node / 1e3:5.1f} GB/s")
 
 
 if __name__ == "__main__":
