@@ -90,13 +90,12 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
 def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int, embeddings: bool, symmetric: bool,
             grid: str, grid_bits: int, pack: bool = True, digits: int = 2,
             block_8bit: str = "head") -> tuple[onnx.ModelProto, dict]:
-    """MatMulNBits everywhere: the source grid first (grid.py), onnxruntime's quantizer for the rest, then
-    (pack) the projections that share an input packed into one node (pack.py). Returns the model and the
-    edit record's settings."""
+    """MatMulNBits everywhere: the source grid first (grid.py; `block_8bit` says which 8-bit grids it
+    re-rounds to blocks of 128), onnxruntime's quantizer for the rest, then (pack) the projections that share
+    an input packed into one node (pack.py). Returns the model and the edit record's settings."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from .grid import CORRECTION, replace_with_grid_matmuls
-
     from .pack import pack_projections, unpack_projections
 
     # A packed fp32 projection (the default export) may join tensors on different source grids (Q4_K_M: a
