@@ -546,6 +546,41 @@ def test_8bit_grids_reround_to_wider_blocks(gguf_grid_export, tmp_path):
     assert np.abs(logits - plain).max() <= 1e-2 * np.abs(plain).max()
 
 
+@pytest.mark.parametrize("reblock, expected", [("head", ["8-bit/32", "8-bit/32 -> 8-bit/128"]),
+                                                ("all", ["8-bit/32 -> 8-bit/128"] * 2),
+                                                ("source", ["8-bit/32"] * 2)])
+def test_block_8bit_picks_the_head_alone_by_default(reblock, expected):
+    """Two Q8_0-grid MatMuls, the second writing the graph output (the LM head): `head` re-rounds only that
+    one (Gemma-3's re-rounded Q5_0/Q6_K projections cost 2 MMLU points, the head none), `all` both, `source`
+    neither; a re-rounded weight comes back within half a step of 1/127 of its 128-block's largest value."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from unskill.exporter.grid import GridWeight, replace_with_grid_matmuls
+
+    rng = np.random.default_rng(1)
+
+    def q8_weight():   # [K=128, N=128] on a Q8_0 grid: fp16 block scales, as GGUF stores them
+        scales = (rng.random((128, 4, 1)) / 100).astype(np.float16).astype(np.float32)
+        return (scales * rng.integers(-127, 128, (128, 4, 32))).astype(np.float32).reshape(128, 128).T.copy()
+
+    weights = [q8_weight(), q8_weight()]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["h"], name="inner"),
+         helper.make_node("MatMul", ["h", "w1"], ["logits"], name="head")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 128])],
+        [numpy_helper.from_array(weights[0], "w0"), numpy_helper.from_array(weights[1], "w1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    report = replace_with_grid_matmuls(model, accuracy_level=4, reblock_8bit=reblock)
+    assert [report["w0"], report["w1"]] == expected
+    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node, weight in zip(model.graph.node, weights):
+        block = next(a.i for a in node.attribute if a.name == "block_size")
+        rebuilt = GridWeight(8, block, arrays[node.input[1]], arrays[node.input[2]], None).dequantized()
+        tolerance = np.abs(weight).max(axis=0) / 254 if block == 128 else 1e-6 * np.abs(weight).max()
+        assert np.all(np.abs(rebuilt - weight) <= tolerance * (1 + 1e-5)), (node.name, block)
+
+
 def test_projections_pack_only_on_one_grid():
     """--rotary-in-op packs q/k/v only where they share a grid (or none has one): a Q6_K v beside Q4_K q/k
     stays apart, so `--grid source` keeps every part exact."""
