@@ -56,20 +56,26 @@ def main() -> int:
     events = json.loads(Path(profile).read_text())
     os.remove(profile)
     first = [e for e in events if e.get("name") == "model_run"][warm]["ts"]
+    kernels = kernel_events(events, first)
     total, count = collections.Counter(), collections.Counter()
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= first:
-            total[event["args"]["op_name"]] += event["dur"]
-            count[event["args"]["op_name"]] += 1
+    for _, op, micros in kernels:
+        total[op] += micros
+        count[op] += 1
     print(f"kernel us/step {sum(total.values()) / steps:.0f}, nodes/step {sum(count.values()) // steps}")
     for op, micros in total.most_common(12):
         print(f"  {op:34s} {micros / steps:8.0f} us {count[op] // steps:5d} nodes")
     if args.by_shape:
-        print_matmulnbits_shapes(args.model_dir / "model.onnx", events, first, steps)
+        print_matmulnbits_shapes(args.model_dir / "model.onnx", kernels, steps)
     return 0
 
 
-def print_matmulnbits_shapes(graph_path: Path, events: list, first: int, steps: int) -> None:
+def kernel_events(events: list, first: int) -> list[tuple[str, str, int]]:
+    """(node name, operator, us) of every kernel the profiler timed from timestamp `first` on."""
+    return [(event["name"].removesuffix("_kernel_time"), event["args"]["op_name"], event["dur"]) for event in events
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= first]
+
+
+def print_matmulnbits_shapes(graph_path: Path, kernels: list[tuple[str, str, int]], steps: int) -> None:
     import onnx
 
     shapes = {}
@@ -78,12 +84,10 @@ def print_matmulnbits_shapes(graph_path: Path, events: list, first: int, steps: 
             attributes = {a.name: a.i for a in node.attribute}
             shapes[node.name] = tuple(attributes[k] for k in ("K", "N", "bits", "block_size"))
     total, count = collections.Counter(), collections.Counter()
-    for event in events:
-        if event.get("cat") == "Node" and event["ts"] >= first and event["args"].get("op_name") == "MatMulNBits":
-            shape = shapes.get(event["name"].removesuffix("_kernel_time"))
-            if shape is not None and event["name"].endswith("_kernel_time"):
-                total[shape] += event["dur"]
-                count[shape] += 1
+    for name, _, micros in kernels:
+        if name in shapes:
+            total[shapes[name]] += micros
+            count[shapes[name]] += 1
     print("  MatMulNBits by shape (K, N, bits, block):")
     for (k, n, bits, block), micros in total.most_common():
         per_node = micros / count[k, n, bits, block]

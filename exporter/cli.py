@@ -32,13 +32,12 @@ def _with_target(args: argparse.Namespace, build):
     import tempfile
     from pathlib import Path
 
-    from unskill.runtime.errors import UnskillError
+    from .export import refuse_nonempty_out
 
     out = Path(args.out)
     if getattr(args, "target", "full") == "full":
         return build(out)
-    if out.exists() and any(out.iterdir()):
-        raise UnskillError(f"{out}: exists and is not empty; choose a new --out")
+    refuse_nonempty_out(out)
     from .deploy import slim
 
     out.resolve().parent.mkdir(parents=True, exist_ok=True)

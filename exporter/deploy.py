@@ -16,7 +16,7 @@ from pathlib import Path
 
 from unskill.runtime.manifest import Manifest
 
-from .edit import load_exported, save_edited
+from .edit import load_exported, save_edited, stats_compatible_with
 from .graph import probe_graph
 
 DEPLOY_MODEL_FILE = "onnx/model.onnx"
@@ -31,7 +31,6 @@ def slim(model_dir: str | Path, out_dir: str | Path, guard: bool = True) -> Mani
     slimmed = probe_graph(model, ["logits", *presents, *key_last])
     del model
     edit = {"method": "slim", "target": "deploy", "key_last": bool(key_last), "ratio": 0.0}
-    compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
     return save_edited(slimmed, manifest, model_dir, out_dir, edit, model_file=DEPLOY_MODEL_FILE,
                        data_file=DEPLOY_DATA_FILE, probe=False, target="deploy",
-                       key_last_outputs=key_last or None, stats_compatible=compatible)
+                       key_last_outputs=key_last or None, stats_compatible=stats_compatible_with(manifest))

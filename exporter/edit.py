@@ -14,7 +14,7 @@ import onnx
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest, load_manifest
 
-from .export import DATA_FILE, MODEL_FILE, sha256_file, write_probe_graph
+from .export import DATA_FILE, MODEL_FILE, refuse_nonempty_out, sha256_file, write_probe_graph
 from .metadata import copy_source_config, publish_permissions, write_metadata
 
 
@@ -33,6 +33,12 @@ def load_exported(directory: str | Path) -> tuple[onnx.ModelProto, Manifest]:
         raise UnskillError(f"{path}: cannot read the ONNX model: {error}") from None
 
 
+def stats_compatible_with(manifest: Manifest) -> list[str]:
+    """`stats_compatible` of an edit that leaves every key output as it was (fuse, pack, quantize, slim): the
+    parent's stats load on the copy, and so do those the parent accepts."""
+    return [*(manifest.stats_compatible or []), manifest.fingerprint]
+
+
 def edited_fingerprint(graph_path: Path, data_path: Path, edits: list[dict]) -> str:
     """Weights, graph and edit history together: NA changes the graph, not the weights, yet changes the keys,
     and two edits with the same record can still write different graphs (e.g. quantize's grid forms differ in
@@ -49,8 +55,7 @@ def save_edited(model: onnx.ModelProto, manifest: Manifest, source_dir: str | Pa
     model_file / data_file: where the graph and its weights go (a deploy folder: onnx/model.onnx and
     onnx/model.onnx_data); probe=False writes no probe graph."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
+    refuse_nonempty_out(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".unskill-edit-", dir=out_dir.parent))
     try:

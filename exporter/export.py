@@ -74,6 +74,13 @@ def _adds_bos(hf_tokenizer) -> bool:
     return bos is not None and hf_tokenizer("a")["input_ids"][:1] == [bos]
 
 
+def refuse_nonempty_out(out_dir: Path) -> None:
+    """Every writer checks its --out before the work (minutes of it, for an export or a fusion): a directory
+    that exists and holds anything is never written into."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -105,8 +112,7 @@ def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progr
     from optimum.exporters.onnx import onnx_export_from_model
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
+    refuse_nonempty_out(out_dir)
     steps = tqdm(total=6 if fused else 5, desc=f"export {spec}", disable=not progress, unit="step")
     source = resolve_model(spec)
     model, hf_tokenizer = load_hf(source)

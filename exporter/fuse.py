@@ -36,7 +36,8 @@ import onnx
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
-from .edit import load_exported, save_edited
+from .edit import load_exported, save_edited, stats_compatible_with
+from .export import refuse_nonempty_out
 from .gqa import fuse_attention
 from .pack import pack_projections
 
@@ -161,8 +162,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
     if model_type not in MODEL_TYPES:
         raise UnskillError(f"fusion table {model_type!r}: use one of {MODEL_TYPES}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):   # before the minutes of work, not after
-        raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
+    refuse_nonempty_out(out_dir)
     config = source_config(model_dir) if attention and model_type == "qwen3" else {}   # before minutes of work
     model, manifest = load_exported(model_dir)
     if any(node.op_type == "GroupQueryAttention" for node in model.graph.node):
@@ -193,8 +193,7 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
             "packed_projections": packed,
             "fused_ops": {op: n for op, n in ops.items() if op in FUSED_OPS}}
     # Same weights, same keys: stats taken on the unfused export load on the fused one.
-    compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
-    return save_edited(fused, manifest, model_dir, out_dir, edit, stats_compatible=compatible,
+    return save_edited(fused, manifest, model_dir, out_dir, edit, stats_compatible=stats_compatible_with(manifest),
                        attention="gqa" if attention_layers else manifest.attention)
 
 

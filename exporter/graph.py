@@ -17,8 +17,6 @@ from onnx import TensorProto, helper
 
 from unskill.runtime.errors import UnskillError
 
-from .pack import PACKED
-
 PROJECTIONS = ("MatMul", "Gemm")
 SHAPE_ONLY = ("Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
 MAX_ACTIVATION_NODES = 64   # the activation is a short chain (SiLU: 2 ops, GELU-tanh: ~8)
@@ -180,8 +178,6 @@ def locate_ffl_weights(model: onnx.ModelProto, manifest) -> list[FFLWeights]:
         while node.op_type == "Add":
             biases += [i for i in node.input if i in initializers]
             node = producer[next(i for i in node.input if i not in initializers)]
-        if node.name.endswith(PACKED + "/split"):   # prune unpacks first (exporter/pack.py)
-            raise UnskillError(f"tensor {tensor!r} comes from a packed projection; unpack the graph first")
         if node.op_type not in PROJECTIONS or node.input[1] not in initializers:
             raise UnskillError(f"tensor {tensor!r} does not come from a MatMul with a weight initializer")
         return node.input[1], biases

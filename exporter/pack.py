@@ -162,14 +162,13 @@ def pack(model_dir, out_dir):
     (exports made with --no-pack or before session 14). Same outputs: the KSD stats of the parent load on it."""
     from unskill.runtime.errors import UnskillError
 
-    from .edit import load_exported, save_edited
+    from .edit import load_exported, save_edited, stats_compatible_with
+    from .export import refuse_nonempty_out
 
-    if Path(out_dir).exists() and any(Path(out_dir).iterdir()):   # before the work, as save_edited would after it
-        raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
+    refuse_nonempty_out(Path(out_dir))
     model, manifest = load_exported(model_dir)
     packed = pack_projections(model, op_types=("MatMul",))
     if not packed:
         raise UnskillError(f"{model_dir}: no two MatMuls with weight initializers read one input; nothing to pack")
     edit = {"method": "pack", "ratio": 0.0, "packed_projections": packed}
-    compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
-    return save_edited(model, manifest, model_dir, out_dir, edit, stats_compatible=compatible)
+    return save_edited(model, manifest, model_dir, out_dir, edit, stats_compatible=stats_compatible_with(manifest))

@@ -34,7 +34,7 @@ import onnx
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
-from .edit import load_exported, save_edited
+from .edit import load_exported, save_edited, stats_compatible_with
 from .grid import REBLOCK
 
 MODES = ("int8", "int4", "fp16")
@@ -153,5 +153,4 @@ def quantize(model_dir: str | Path, out_dir: str | Path, mode: str = "int8", blo
         quantized, settings = to_int4(model, block_size, accuracy_level, embeddings, symmetric, grid, grid_bits,
                                       pack=pack, digits=digits, block_8bit=block_8bit)
         edit.update(settings)
-    compatible = [*(manifest.stats_compatible or []), manifest.fingerprint]
-    return save_edited(quantized, manifest, model_dir, out_dir, edit, stats_compatible=compatible)
+    return save_edited(quantized, manifest, model_dir, out_dir, edit, stats_compatible=stats_compatible_with(manifest))

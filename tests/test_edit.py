@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tiny_models import na_gate_hook, run_plain_ort, torch_with_hooks
+from tiny_models import graph_ops, na_gate_hook, run_plain_ort, torch_with_hooks
 from unskill.exporter.neuron_adjust import na_hash_uniform, na_reference, neuron_adjust, select_neurons
 from unskill.exporter.prune import prune, prune_scores
 from unskill.runtime import GenerationParams, load, load_stats
@@ -233,8 +233,7 @@ def test_pack_and_unpack_keep_every_output_and_edits_apply(tiny_export, edit_sta
     from unskill.exporter.pack import unpack_projections
 
     hf_dir, onnx_dir = tiny_export(kind)
-    packed_ops = [n.op_type for n in onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.node]
-    assert packed_ops.count("Split") == 6   # 3 layers x (q/k/v, gate/up)
+    assert graph_ops(onnx_dir).count("Split") == 6   # 3 layers x (q/k/v, gate/up)
     plain_dir = tmp_path / "plain"
     export_model(str(hf_dir), plain_dir, progress=False, pack=False)
     assert main(["edit", "pack", "--model", str(plain_dir), "--out", str(tmp_path / "repacked")]) == 0
@@ -258,9 +257,7 @@ def test_pack_and_unpack_keep_every_output_and_edits_apply(tiny_export, edit_sta
         edited = run_plain_ort(tmp_path / f"{method}-packed", ids)[0]["logits"]
         expected = run_plain_ort(tmp_path / f"{method}-plain", ids)[0]["logits"]
         assert np.abs(edited - expected).max() <= 1e-5 * np.abs(expected).max(), method
-    pruned_ops = [n.op_type for n in onnx.load(str(tmp_path / "prune-packed" / "model.onnx"),
-                                               load_external_data=False).graph.node]
-    assert pruned_ops.count("Split") == 6
+    assert graph_ops(tmp_path / "prune-packed").count("Split") == 6
     from unskill.exporter.quantize import quantize
 
     quantize(onnx_dir, tmp_path / "int4", "int4")
@@ -485,7 +482,7 @@ def test_int4_source_grid_is_exact_on_gguf_weights(gguf_grid_export, tmp_path):
     # source: the block mins' residuals as two 4-bit digits (to 1/238 of the largest in 32 blocks), no node
     # per MatMul: AveragePool (+ Pad: 2 blocks) + Concat per input tensor (3 layers x q/k/v, o, gate/up, down)
     assert errors["source"] < 1e-2 and errors["rtn"] > 10 * errors["source"], errors
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "source" / "model.onnx"), load_external_data=False).graph.node]
+    ops = graph_ops(tmp_path / "source")
     assert ops.count("MatMulNBits") == 22 and ops.count("Add") == [n.op_type for n in source.graph.node].count("Add")
     assert ops.count("AveragePool") == ops.count("Pad") == 12
 
@@ -502,8 +499,7 @@ def test_packed_projections_equal_separate_ones(gguf_grid_export, tmp_path, grid
 
     for pack in (False, True):
         quantize(gguf_grid_export, tmp_path / str(pack), "int4", grid=grid, symmetric=symmetric, pack=pack)
-    ops = {pack: [n.op_type for n in onnx.load(str(tmp_path / str(pack) / "model.onnx"),
-                                               load_external_data=False).graph.node] for pack in (False, True)}
+    ops = {pack: graph_ops(tmp_path / str(pack)) for pack in (False, True)}
     assert ops[False].count("MatMulNBits") == 22 and ops[True].count("MatMulNBits") == 22 - 3 * 3
     assert ops[True].count("Split") == 3 * 2 + (3 * 2 if grid == "exact" else 0)
     if not symmetric:

@@ -122,6 +122,13 @@ def torch_with_hooks(hf_dir, ids, gate_fn=None, key_fn=None):
     return logits, [keys[i] for i in range(len(blocks))]
 
 
+def graph_ops(model_dir) -> list[str]:
+    """The op types of a folder's model.onnx in node order (its weights stay on disk)."""
+    import onnx
+
+    return [node.op_type for node in onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph.node]
+
+
 def run_plain_ort(model_dir, ids, extra_feeds=None, graph="model.onnx"):
     """The edited model in plain onnxruntime: no unskill code, standard inputs only (plus given extras)."""
     manifest = json.loads((model_dir / "unskill.json").read_text())
