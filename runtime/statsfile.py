@@ -181,8 +181,10 @@ class StatsFile:
 
     def check_model(self, manifest: Manifest, where: str) -> None:
         if self.fingerprint != manifest.fingerprint and self.fingerprint not in (manifest.stats_compatible or []):
-            raise UnskillError(f"{where}: stats are from another model (fingerprint {self.fingerprint[:19]}…, "
-                               f"model {manifest.source or manifest.arch} has {manifest.fingerprint[:19]}…)")
+            # A fresh export of the same weights counts too (its graph, e.g. packed, has another fingerprint).
+            raise UnskillError(f"{where}: stats were taken on another model or export (fingerprint "
+                               f"{self.fingerprint[:19]}…; this {manifest.source or manifest.arch} export has "
+                               f"{manifest.fingerprint[:19]}…): probe this export with `unskill stats --model DIR`")
         if (self.num_layers, self.key_width) != (manifest.num_layers, manifest.key_width):
             raise UnskillError(f"{where}: stats have {self.num_layers}x{self.key_width} keys, "
                                f"model has {manifest.num_layers}x{manifest.key_width}")

@@ -426,6 +426,7 @@ def test_stats_of_another_model_are_refused(llama, gpt2_stats_path):
     with pytest.raises(UnskillError, match="another model") as info:
         load_stats(gpt2_stats_path, llama.manifest)
     assert str(gpt2_stats_path) in str(info.value)
+    assert "unskill stats --model" in str(info.value)   # says what to do: probe this export
 
 
 # --------------------------------------------------------------------------- 5. CLI
