@@ -218,9 +218,11 @@ def in_op_rotary(g: Graph, q_bnsh: str, k_bnsh: str, head_dim: int) -> tuple | N
     return sources[0], sources[1], caches[0], {"do_rotary": 1, "rotary_interleaved": attrs[0].get("interleaved", 0)}
 
 
-def pack_projections(g: Graph, outputs: list[str], nodes: list, tag: str) -> str | None:
+def pack_qkv(g: Graph, outputs: list[str], nodes: list, tag: str) -> str | None:
     """One MatMul for q, k and v (GroupQueryAttention's packed-QKV query input) where each is MatMul(x, W)
-    of the same x with a constant W: one node instead of three. Returns its output, or None where the
+    of the same x with a constant W: one node instead of three. Not pack.py's pack_projections: the op reads
+    the packed product itself, so there is no Split back to q/k/v (and quantize cannot unpack it, hence
+    same_grid). Returns its output, or None where the
     projections are not plain MatMuls of one input (biases, LoRA-style adds)."""
     producers = [g.producer.get(name) for name in outputs]
     if any(node is None or node.op_type != "MatMul" or node.input[1] not in g.init for node in producers):
@@ -309,7 +311,7 @@ def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int, rotary
         projections = [q, k, v]
         # Packed only with the rotary in the op: a Split back to q/k/v for outside rotary nodes measured
         # nothing (SmolLM2 int4 109 vs 111 tok/s, fp32 +1 %; benchmarks/README.md, session 13).
-        packed = pack_projections(g, projections, new_nodes, f"{tag}/qkv") if rotary else None
+        packed = pack_qkv(g, projections, new_nodes, f"{tag}/qkv") if rotary else None
         out = f"{tag}/output"
         new_nodes.append(helper.make_node(
             "GroupQueryAttention",

@@ -232,8 +232,6 @@ def _grid_nodes(graph, node, grid: GridWeight, shape, accuracy_level: int, block
     return nodes
 
 
-
-
 def largest_whole(digits: int) -> int:
     """The largest |R| in units that `digits` signed 4-bit digits (-8..7 each) hold: 7, 119, ..."""
     return 7 * (16 ** digits - 1) // 15
