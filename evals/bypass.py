@@ -4,7 +4,10 @@
 test items of the forget skill (GSM8K test, MBPP test) with the hand-written frames of `bypass_items.py`, and
 per retain set, conversations the guard must answer (the other skill's test set, MMLU test without the skill's
 own subjects (stats/augment.py SKILL_SUBJECTS: refusing algebra is no false refusal for a math guard), general
-chat with numbers in it). Every choice is drawn from `random.Random(seed)`: the same arguments give the same prompts.
+chat with numbers in it, and real users' requests: the held-out half of the user-oriented instructions without
+the skill's label, `instructions:heldout-no<kind>`). The same held-out half's requests labelled with the skill
+(`instructions:heldout-<kind>`, few) are one more attack family: the skill as real users ask for it.
+Every choice is drawn from `random.Random(seed)`: the same arguments give the same prompts.
 Nothing here may be used to fit or calibrate a guard (that is stats/augment.py, tested disjoint).
 
 A conversation is a tuple of (role, text) turns ending in a user turn; single-turn prompts are one turn.
@@ -26,9 +29,13 @@ FORGET_SKILLS = ("gsm8k", "mbpp")
 RETAIN_OF = {"gsm8k": "mbpp:test", "mbpp": "gsm8k:test"}
 COMMON_FAMILIES = ("plain", "reworded", "language", "roleplay", "injection", "fewshot", "context", "noise",
                    "multiturn")
-FAMILIES = {"gsm8k": COMMON_FAMILIES + ("code",),
-            "mbpp": COMMON_FAMILIES + ("pseudocode", "explain", "story")}
-RETAIN_SETS = ("other-skill", "mmlu", "chat")
+FAMILIES = {"gsm8k": COMMON_FAMILIES + ("code", "user-requests"),
+            "mbpp": COMMON_FAMILIES + ("pseudocode", "explain", "story", "user-requests")}
+RETAIN_SETS = ("other-skill", "mmlu", "chat", "instructions")
+KIND_OF = {"gsm8k": "math", "mbpp": "code"}    # the instructions label (and augment kind) of each forget skill
+# The instruction sets are small and fixed (the held-out half of 252 requests: ~95 benign, 6 math, 13 code), so
+# they are taken whole whatever --gen-limit says: a false-refusal rate at 1 % needs ~100 prompts.
+INSTRUCTIONS_SPLIT = "heldout"
 
 Conversation = tuple[tuple[str, str], ...]
 
@@ -136,17 +143,27 @@ def bypass_sets(forget: str, data_dir=None, limit: int = 50, seed: int = 0) -> l
         rng = random.Random(f"{seed}:{forget}:{family}")   # one stream per family: adding one moves no other
         if family == "language":
             conversations = _language_items(forget, len(items), rng)
+        elif family == "user-requests":
+            conversations = instruction_conversations(forget, "", data_dir)
         else:
             conversations = [_attack(family, item, forget, items, rng) for item in items]
         sets.append(BypassSet(family, "attack", conversations))
     other = sample(load_dataset(RETAIN_OF[forget], data_dir), limit, seed).items
-    kind = {"gsm8k": "math", "mbpp": "code"}[forget]
+    kind = KIND_OF[forget]
     mmlu = sample(without_skill_subjects(load_dataset("mmlu:test", data_dir), kind), limit, seed).items
     chat = random.Random(f"{seed}:chat").sample(B.CHAT_WITH_NUMBERS, min(limit, len(B.CHAT_WITH_NUMBERS)))
     sets.append(BypassSet("other-skill", "retain", [_user(i.prompt) for i in other]))
     sets.append(BypassSet("mmlu", "retain", [_user(i.prompt) for i in mmlu]))
     sets.append(BypassSet("chat", "retain", [_user(text) for text in chat]))
+    sets.append(BypassSet("instructions", "retain", instruction_conversations(forget, "no", data_dir)))
     return sets
+
+
+def instruction_conversations(forget: str, keep: str, data_dir=None) -> list[Conversation]:
+    """Held-out real users' requests: keep "" = those labelled with the forget skill's kind (an attack family),
+    "no" = every other one (a retain set). Never the calibration half (stats/datasets.py splits them by app)."""
+    spec = f"instructions:{INSTRUCTIONS_SPLIT}-{keep}{KIND_OF[forget]}"
+    return [_user(item.prompt) for item in load_dataset(spec, data_dir).items]
 
 
 def all_frames() -> list[str]:
@@ -156,3 +173,11 @@ def all_frames() -> list[str]:
                for t in ts]
     frames += [turn for pair in B.CHAT_OPENERS for turn in pair]
     return frames
+
+
+def attack_requests(forget: str, data_dir=None, limit: int = 25, seed: int = 0) -> list[Conversation]:
+    """The adaptive attackers' targets (evals/attack.py): `limit` held-out test requests of `forget`, as the plain
+    family sends them (the same seeded sample as the benchmark's items)."""
+    if forget not in FORGET_SKILLS:
+        raise UnskillError(f"attack:{forget}: unknown forget skill (use one of {', '.join(FORGET_SKILLS)})")
+    return [_user(item.prompt) for item in sample(load_dataset(f"{forget}:test", data_dir), limit, seed).items]

@@ -50,6 +50,11 @@ class EvalConfig:
     timeout_s: float = 10.0       # per MBPP program
     progress: bool = True
     bypass_decode: int = 0        # bypass: also generate this many tokens per prompt, checking each (0: prefill only)
+    bypass_format: str = "chat"   # bypass and attack: chat (the template) | raw (plain text, as --no-chat and
+                                  # /v1/completions see it) | both
+
+
+BYPASS_FORMATS = {"chat": ("chat",), "raw": ("raw",), "both": ("chat", "raw")}
 
 
 class KeyEntry:
@@ -154,6 +159,8 @@ class Harness:
     def run_task(self, spec: T.TaskSpec) -> dict:
         if spec.kind == "bypass":
             return self._bypass(spec)
+        if spec.kind == "attack":
+            return self._attack(spec)
         size = self.config.limit if spec.kind == "tokens" else self.config.gen_limit
         dataset = sample(load_dataset(spec.source, self.config.data_dir), size, self.config.seed)
         T.check_items(spec, dataset)
@@ -179,9 +186,25 @@ class Harness:
 
     # ----------------------------------------------------------------------------------------- bypass
 
+    def _formats(self) -> list[str]:
+        """The prompt formats a bypass/attack run sends: --bypass-format, raw only under --no-chat, and chat only
+        for a model without a chat template (its raw text is what the chat path sends: one column is enough)."""
+        if self.config.bypass_format not in BYPASS_FORMATS:
+            raise UnskillError(f"--bypass-format {self.config.bypass_format!r}: use one of {', '.join(BYPASS_FORMATS)}")
+        formats = list(BYPASS_FORMATS[self.config.bypass_format])
+        if not self.config.chat:
+            return ["raw"]
+        return formats if self.tokenizer.has_chat_template else formats[:1]
+
+    def _default_guards(self) -> dict:
+        """Per stats file the guard ksd-run applies with no options (its stored rule, else the paper's cube)."""
+        from unskill.runtime.ksd import KSDGuard
+        return {name: KSDGuard([s], self.model.manifest) for name, s in self.stats.items()}
+
     def _bypass(self, spec: T.TaskSpec) -> dict:
         """Attack families and retain sets (evals/bypass.py), one prefill per prompt: per stats file the entry
-        alpha of the paper's cube at the eval layer, and whether the stats file's stored rule refuses."""
+        alpha of the paper's cube at the eval layer, and whether the stats file's stored rule refuses. With
+        --bypass-format both, the raw-prompt run's sets sit under "raw" beside the chat run's "sets"."""
         from unskill.runtime.ksd import KSDGuard
 
         from .bypass import bypass_sets
@@ -189,12 +212,24 @@ class Harness:
         if not self.entry:
             raise UnskillError(f"{spec.name}: the bypass benchmark scores a guard; give --stats")
         guards = {name: KSDGuard([s], self.model.manifest) for name, s in self.stats.items() if s.guard}
+        parts = bypass_sets(spec.source, self.config.data_dir, self.config.gen_limit, self.config.seed)
+        formats = self._formats()
+        runs = {fmt: self._bypass_sets(spec, parts, guards, chat=fmt == "chat") for fmt in formats}
+        first = runs[formats[0]]
+        result = {"kind": "bypass", "metric": "refused", "dataset": spec.name, "forget": spec.source,
+                  "items": sum(s["items"] for s in first.values()), "layer": self.entry.layer,
+                  "format": formats[0], "templated": self.tokenizer.has_chat_template, "sets": first}
+        if len(formats) > 1:
+            result["raw"] = {"format": "raw", "sets": runs["raw"]}
+        return result
+
+    def _bypass_sets(self, spec: T.TaskSpec, parts: list, guards: dict, chat: bool) -> dict:
         layers = sorted({self.entry.layer} | {r.layer for g in guards.values() for r in g.cubes})
         reader = KeyReader(self.model, self.config.batch_size * 2, self.config.progress)
         sets = {}
-        for part in bypass_sets(spec.source, self.config.data_dir, self.config.gen_limit, self.config.seed):
-            sequences = [self.tokenizer.encode_turns(c, self.config.chat) for c in part.conversations]
-            keys = reader.last_keys(sequences, layers, desc=f"{spec.name} {part.name}")
+        for part in parts:
+            sequences = [self.tokenizer.encode_turns(c, chat) for c in part.conversations]
+            keys = reader.last_keys(sequences, layers, desc=f"{spec.name} {part.name}{'' if chat else ' raw'}")
             by_output = {self.model.manifest.key_last_outputs[layer]: keys[:, i] for i, layer in enumerate(layers)}
             entries = self.entry(keys[:, layers.index(self.entry.layer)])
             sets[part.name] = {
@@ -204,15 +239,51 @@ class Harness:
                 "rules": {name: guard.describe()[0] for name, guard in guards.items()},
                 "example": part.conversations[0][-1][1][:300]}
             if self.config.bypass_decode:
-                sets[part.name].update(self._bypass_decode(part.conversations, sequences, guards))
-        return {"kind": "bypass", "metric": "refused", "dataset": spec.name, "forget": spec.source,
-                "items": sum(s["items"] for s in sets.values()), "layer": self.entry.layer, "sets": sets}
+                sets[part.name].update(self._bypass_decode(part.conversations, sequences, guards, chat))
+        return sets
 
-    def _bypass_decode(self, conversations: list, sequences: list[list[int]], guards: dict) -> dict:
+    # ----------------------------------------------------------------------------------------- attackers
+
+    def _attack(self, spec: T.TaskSpec) -> dict:
+        """The adaptive attackers of evals/attack.py against each stats file's default guard, on --gen-limit
+        held-out requests, per prompt format: Best-of-N success vs N and random-search success vs queries."""
+        from . import attack as A
+        from .bypass import attack_requests
+
+        if not self.stats:
+            raise UnskillError(f"{spec.name}: the attackers attack a guard; give --stats")
+        requests = attack_requests(spec.source, self.config.data_dir, self.config.gen_limit, self.config.seed)
+        vocab_size = self.tokenizer.tokenizer.get_vocab_size()
+        runs = {}
+        for name, guard in self._default_guards().items():
+            for fmt in self._formats():
+                decide = self._decider(guard, chat=fmt == "chat", desc=f"{spec.name} {name} {fmt}")
+                runs.setdefault(name, {})[fmt] = {
+                    "rule": guard.describe()[0],
+                    "bon": A.best_of_n(requests, decide, self.config.seed),
+                    "search": A.random_search(requests, decide, vocab_size, self.tokenizer.decode, self.config.seed)}
+        return {"kind": "attack", "metric": "attack_success", "dataset": spec.name, "forget": spec.source,
+                "items": len(requests), "seed": self.config.seed, "templated": self.tokenizer.has_chat_template,
+                "guards": runs}
+
+    def _decider(self, guard, chat: bool, desc: str):
+        """conversations -> (refused, score) from the runtime guard on their prompt's last-token keys."""
+        from .attack import guard_decision
+
+        reader = KeyReader(self.model, self.config.batch_size * 2, False)
+        layers = sorted({region.layer for region in guard.cubes})
+        outputs = [self.model.manifest.key_last_outputs[layer] for layer in layers]
+
+        def decide(conversations):
+            keys = reader.last_keys([self.tokenizer.encode_turns(c, chat) for c in conversations], layers, desc)
+            return guard_decision(guard, {output: keys[:, i] for i, output in enumerate(outputs)})
+        return decide
+
+    def _bypass_decode(self, conversations: list, sequences: list[list[int]], guards: dict, chat: bool) -> dict:
         """Greedy decode of `bypass_decode` tokens per prompt with the guard checked at the prompt's last token
         and after every generated one (as ksd-run does): per stats file the smallest entry alpha and whether the
         stored rule fired at any step. Check 0 is the prefill's (the same keys, tested)."""
-        params = GenerationParams(max_new_tokens=self.config.bypass_decode, chat=self.config.chat)
+        params = GenerationParams(max_new_tokens=self.config.bypass_decode, chat=chat)
         prompts = [[{"role": role, "content": text} for role, text in turns] for turns in conversations]
         order = sorted(range(len(prompts)), key=lambda i: -len(sequences[i]))
         entries: dict[int, dict] = {}

@@ -9,6 +9,8 @@
     gen:xquad-LL   xquad-LL:test, zero-shot; the normalised gold answer is contained in the reply
     bypass:gsm8k   the bypass benchmark (evals/bypass.py): attacked variants of held-out items per attack
     bypass:mbpp    family and the retain sets; records each stats file's refusals (prefill at the last token)
+    attack:gsm8k   adaptive attackers (evals/attack.py: Best-of-N augmentation, black-box search over frames and
+    attack:mbpp    suffixes) against each stats file's default guard on --gen-limit held-out requests
 
 With the chat template on (the default, as KSD's probes and ksd-run see prompts), the prompt is the user turn
 and the scored text is the assistant's reply, so a completion's leading space is dropped.
@@ -47,6 +49,12 @@ def parse_task(name: str) -> TaskSpec:
         if skill not in FORGET_SKILLS:
             raise UnskillError(f"{name}: unknown bypass benchmark (bypass:{', bypass:'.join(FORGET_SKILLS)})")
         return TaskSpec(name, "bypass", skill, "refused")
+    if name.startswith("attack:"):
+        from .bypass import FORGET_SKILLS
+        skill = name.removeprefix("attack:")
+        if skill not in FORGET_SKILLS:
+            raise UnskillError(f"{name}: unknown attack benchmark (attack:{', attack:'.join(FORGET_SKILLS)})")
+        return TaskSpec(name, "attack", skill, "attack_success")
     if not name.startswith("gen:"):
         return TaskSpec(name, "tokens", name, "top1")
     bench = name.removeprefix("gen:")

@@ -134,7 +134,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--tasks", required=True,
                    help="comma-separated: dataset SPECs (token level, e.g. gsm8k:test,mbpp:test,mmlu:test,"
                         "xquad-en:test), generation tasks gen:gsm8k, gen:mbpp, gen:mmlu, gen:xquad-LL, and the "
-                        "bypass benchmark bypass:gsm8k, bypass:mbpp (--gen-limit items per family)")
+                        "bypass benchmark bypass:gsm8k, bypass:mbpp (--gen-limit items per family), adaptive "
+                        "attackers attack:gsm8k, attack:mbpp (--gen-limit requests)")
     p.add_argument("--stats", action="append", default=[], metavar="[NAME=]NPZ",
                    help="record KSD entry alphas for these stats (NAME defaults to the stats' skill)")
     p.add_argument("--alpha", type=float, help="also print abstention and abstain-as-failure scores at this alpha (x k)")
@@ -153,6 +154,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--bypass-decode", type=int, default=0, metavar="N",
                    help="bypass tasks: also decode N greedy tokens per prompt and check every one, as ksd-run does "
                         "(reported beside the prefill rate; default 0: prefill only)")
+    p.add_argument("--bypass-format", choices=("chat", "raw", "both"), default="chat",
+                   help="bypass and attack tasks: send prompts through the chat template, as raw text (what "
+                        "`ksd-run --no-chat` and /v1/completions see; turns joined by blank lines) or both")
     p.add_argument("--out", help="write the results as JSON here (input of `unskill report`)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run_eval)
@@ -197,7 +201,8 @@ def run_eval(args: argparse.Namespace) -> int:
     stats = _named_stats(args.stats, model.manifest)
     config = EvalConfig(args.data_dir, args.limit, args.gen_limit, args.seed, not args.no_chat,
                         max_tokens=args.max_tokens, layer=args.layer, timeout_s=args.timeout,
-                        progress=not args.no_progress, bypass_decode=args.bypass_decode)
+                        progress=not args.no_progress, bypass_decode=args.bypass_decode,
+                        bypass_format=args.bypass_format)
     cache = None if args.no_cache else Path(args.cache) if args.cache else cache_dir() / "eval"
     harness = Harness(model, tokenizer, config, stats, cache)
     results = harness.run([t for t in args.tasks.split(",") if t])
@@ -205,6 +210,10 @@ def run_eval(args: argparse.Namespace) -> int:
         if task["kind"] == "bypass":
             from unskill.evals.robustness import print_bypass
             print_bypass(name, task, args.alpha)
+            continue
+        if task["kind"] == "attack":
+            from unskill.evals.robustness import print_attack
+            print_attack(name, task)
             continue
         line = f"{name:20s} {task['metric']:12s} {task['score']:.4f}  items {task['items']}"
         if task["kind"] == "tokens":
@@ -219,13 +228,23 @@ def run_eval(args: argparse.Namespace) -> int:
         write_json(args.out, {
             "model": str(args.model), "source": manifest.source, "fingerprint": manifest.fingerprint,
             "edits": manifest.edits, "method": args.method or _default_method(manifest.edits),
-            "setting": args.setting, "chat": harness.templated, "seed": args.seed,
+            "setting": args.setting, "chat": harness.templated, "seed": args.seed, "command": _eval_command(args),
             "ksd": {"layer": harness.entry.layer,
                     "stats": {n: {"skill": s.skill, "k": harness.entry.cubes[n].k} for n, s in stats.items()}}
             if stats else None,
             "tasks": results})
         print(f"wrote {args.out}")
     return 0
+
+
+def _eval_command(args: argparse.Namespace) -> str:
+    """The options that decide an eval's items and prompts, as a command line (quoted above robustness tables)."""
+    parts = ["unskill eval --model", args.model, "--tasks", args.tasks, *(f"--stats {s}" for s in args.stats),
+             "--limit", str(args.limit), "--gen-limit", str(args.gen_limit), "--seed", str(args.seed)]
+    parts += ["--no-chat"] if args.no_chat else []
+    parts += [f"--bypass-decode {args.bypass_decode}"] if args.bypass_decode else []
+    parts += [f"--bypass-format {args.bypass_format}"] if args.bypass_format != "chat" else []
+    return " ".join(parts)
 
 
 def add_calibrate_parser(subparsers) -> None:

@@ -40,7 +40,8 @@ def test_bypass_sets_are_deterministic_and_use_held_out_items(data_dir):
         assert [s.conversations for s in first] != [s.conversations for s in other]
         names = [s.name for s in first]
         assert names == list(bypass.FAMILIES[forget]) + list(bypass.RETAIN_SETS)
-        assert all(len(s.conversations) == 6 and s.conversations[0][-1][0] == "user" for s in first)
+        assert all(s.conversations[0][-1][0] == "user" for s in first)
+        assert all(len(s.conversations) == 6 for s in first if s.name not in ("user-requests", "instructions"))
     # every attacked GSM8K question comes from the test split, never from train/validation (the fit/calibrate side)
     from unskill.stats.datasets import load_dataset
     seen = {i.prompt for split in ("train", "validation") for i in load_dataset(f"gsm8k:{split}", data_dir).items}
@@ -426,3 +427,173 @@ def test_robustness_report_joins_a_prefill_run_and_a_smaller_decode_run(tmp_path
     assert "new default, decode 16 (20 items)" in text
     assert "| chat | retain | 50 | 0.00 | 0.00 | 0.00 | 0.05 ✗ |" in text
     assert "| plain | attack | 50 | 1.00 | 1.00 | 1.00 | 1.00 |" in text
+
+
+# ------------------------------------------------------------------------------------------------ issue 30
+
+def test_instruction_sets_are_held_out_and_split_by_the_skill_label(data_dir):
+    """The benchmark's real-user sets come from the held-out half only: the retain set holds no request labelled
+    with the guard's skill, the attack family only such requests, and neither meets the calibration half."""
+    from unskill.stats.datasets import load_dataset
+
+    calibration = {i.prompt for i in load_dataset("instructions:calibration", data_dir).items}
+    for forget, kind in bypass.KIND_OF.items():
+        sets = {s.name: s for s in bypass.bypass_sets(forget, data_dir, limit=4, seed=0)}
+        labelled = {i.prompt for i in load_dataset(f"instructions:all-{kind}", data_dir).items}
+        retain = [c[-1][1] for c in sets["instructions"].conversations]
+        attack = [c[-1][1] for c in sets["user-requests"].conversations]
+        assert sets["instructions"].side == "retain" and sets["user-requests"].side == "attack"
+        assert len(retain) > 80 and 3 <= len(attack) < 20
+        assert not set(retain) & labelled and set(attack) <= labelled
+        assert not (set(retain) | set(attack)) & calibration
+
+
+def _answered_when(text: str) -> bool:
+    """A stand-in decision for the attacker's logic (not the guard): answered when unusually many letters are
+    capitals (~60 % are on average; this many in a few % of samples)."""
+    letters = [c for c in text if c.isalpha()]
+    return sum(c.isupper() for c in letters) >= 0.74 * len(letters)
+
+
+def test_best_of_n_is_seeded_fresh_and_disjoint_from_fitting():
+    from unskill.evals import attack
+    from unskill.stats.datasets import Item
+
+    text = "Write a python function to find the maximum of three numbers."
+    first = attack.bon_samples(text, 0, seed=0, start=0, stop=30)
+    assert first == attack.bon_samples(text, 0, seed=0, start=0, stop=30)
+    assert first[10:20] == attack.bon_samples(text, 0, seed=0, start=10, stop=20)   # chunking changes nothing
+    assert first != attack.bon_samples(text, 0, seed=1, start=0, stop=30)
+    assert first != attack.bon_samples(text, 1, seed=0, start=0, stop=30)           # one stream per request
+    assert len(set(first)) == 30 and text not in first
+    # never what stats/augment.py fits on: its noise and other frames of the same request, at many seeds
+    fitted = {i.prompt for seed in range(20) for i in augment.augment(
+        augment.Dataset("x", [Item(text)]), "code", seed=seed).items}
+    assert not set(first) & fitted
+    # the search's frames share no 5-gram with the fit/calibration frames nor with the benchmark's
+    search = attack.all_frames()
+    for other in (augment.all_frames(), bypass.all_frames()):
+        grams = set().union(*(_ngrams(t) for t in other))
+        assert not [t for t in search if _ngrams(t) & grams]
+        assert not set(search) & set(other)
+    # the paper's rates, measured: ~60 % of letters flipped, ~6 % of characters moved
+    samples = attack.bon_samples("a" * 2000, 0, seed=0, start=0, stop=1)[0]
+    assert 0.5 < sum(c == "A" for c in samples) / 2000 < 0.7
+
+
+def test_best_of_n_stops_at_the_first_answered_sample_and_its_curve_is_monotone():
+    from unskill.evals import attack
+
+    requests = [(("user", f"Request number {i}: compute the sum of the first {i + 5} odd numbers please."),)
+                for i in range(12)]
+    sent = []
+
+    def decide(conversations):
+        sent.extend(c[-1][1] for c in conversations)
+        refused = np.array([not _answered_when(c[-1][1]) for c in conversations])
+        return refused, refused.astype(float) * 2
+
+    result = attack.best_of_n(requests, decide, seed=7)
+    steps = attack.BON_N
+    for r, request in enumerate(requests):
+        stream = attack.bon_samples(request[0][1], r, 7, 0, max(steps))
+        answered = [i + 1 for i, text in enumerate(stream) if _answered_when(text)]
+        assert result["first_answered"][r] == (answered[0] if answered else None)
+        mine = [text for text in sent if text in set(stream)]
+        if answered:   # sent up to its chunk's end, never past it
+            chunk_end = min(s for s in steps if s >= answered[0])
+            assert stream[answered[0] - 1] in mine and len(mine) == chunk_end
+        else:
+            assert len(mine) == max(steps)
+    assert result["queries"] == len(sent)
+    curve = [result["success"][str(n)] for n in steps]
+    assert curve == sorted(curve) and 0 < curve[-1] and curve[0] < 1
+
+
+def test_guard_decision_is_the_runtime_guards_and_its_score_crosses_one_where_it_fires(llama, tmp_path):
+    """`guard_decision` returns KSDGuard.check's refusals; its score is <= 1 exactly on refused rows for box,
+    gauss and ratio rules with votes."""
+    from unskill.evals.attack import guard_decision
+    from unskill.runtime.keys import KeyReader
+    from unskill.stats.calibrate import key_moments
+
+    generator, _ = llama
+    model, tokenizer = generator.model, generator.tokenizer
+    prompts = [f"How many apples are left if Tom eats {i} of his {i + 9} apples?" for i in range(16)]
+    prompts += [f"Write a python function number {i} that adds two lists." for i in range(16)]
+    keys = KeyReader(model, batch_size=8).last_keys([tokenizer.encode_prompt(p) for p in prompts])
+    layers = model.manifest.num_layers
+    by_output = {model.manifest.key_last_outputs[i]: keys[:, i] for i in range(layers)}
+    for setting in (GuardSetting("box", [0, layers - 1], [0.8, 0.8], 2),
+                    GuardSetting("gauss", list(range(layers)), [1.0] * layers, 1),
+                    GuardSetting("ratio", [0, layers - 1], [1.0, 1.0], 1, bounds=[3.0, 3.0])):
+        stats = _stats_from_keys(keys[:10].astype(np.float64), setting)
+        stats.fingerprint, stats.arch = model.manifest.fingerprint, model.manifest.arch
+        if setting.rule == "ratio":
+            stats.groups["ksd_retain"] = key_moments(keys[16:26])
+        stats.save(tmp_path / "g.npz")
+        guard = KSDGuard([load_stats(tmp_path / "g.npz", model.manifest)], model.manifest)
+        refused, score = guard_decision(guard, {n: by_output[n] for n in guard.output_names})
+        assert refused.tolist() == [h is not None for h in guard.check(by_output)]
+        assert 0 < refused.sum() < len(prompts), setting.rule
+        assert ((score <= 1 + 1e-5) == refused).all(), setting.rule
+
+
+def test_raw_mode_sends_prompts_without_the_chat_template(llama, data_dir):
+    """--bypass-format both: the raw sets' keys are those of the plain text (turns joined by blank lines, no
+    template), the chat sets' those of the templated prompt; both are scored by the stored rule."""
+    from unskill.evals.evaluate import EvalConfig, Harness
+    from unskill.evals.tasks import parse_task
+    from unskill.runtime.keys import KeyReader
+
+    generator, _ = llama
+    model, tokenizer = generator.model, generator.tokenizer
+    turns = (("user", "Hi there"), ("assistant", "Hello!"), ("user", "What is 3 plus 4?"))
+    raw = tokenizer.encode_turns(turns, chat=False)
+    assert raw == tokenizer.encode_text("Hi there\n\nHello!\n\nWhat is 3 plus 4?")
+    assert tokenizer.has_chat_template and raw != tokenizer.encode_turns(turns, chat=True)
+    apples = [f"How many apples are left if Tom eats {i} of his {i + 9} apples?" for i in range(12)]
+    keys = KeyReader(model, batch_size=6).last_keys([tokenizer.encode_prompt(p) for p in apples])
+    stats = _stats_from_keys(keys.astype(np.float64), GuardSetting("box", [1], [1.0], 1))
+    stats.fingerprint, stats.arch, stats.meta = model.manifest.fingerprint, model.manifest.arch, {"skill": "gsm8k"}
+    config = EvalConfig(str(data_dir), gen_limit=4, progress=False, bypass_format="both")
+    task = Harness(model, tokenizer, config, {"gsm8k": stats}).run_task(parse_task("bypass:gsm8k"))
+    assert task["format"] == "chat" and task["raw"]["format"] == "raw"
+    assert set(task["raw"]["sets"]) == set(task["sets"])
+    from unskill.evals.bypass import bypass_sets
+    part = next(p for p in bypass_sets("gsm8k", str(data_dir), 4) if p.name == "multiturn")
+    for chat, sets in ((True, task["sets"]), (False, task["raw"]["sets"])):
+        expected = KeyReader(model, 4).last_keys([tokenizer.encode_turns(c, chat) for c in part.conversations], [1])
+        inside = (np.abs(expected[:, 0] - stats.groups["ksd"].mean()[1]) <=
+                  KSDGuard([stats], model.manifest).cubes[0].halfwidth).all(axis=-1)
+        assert sets["multiturn"]["stored"]["gsm8k"] == inside.tolist()
+
+
+def test_cli_attack_both_formats_and_robustness_report(llama, tmp_path, data_dir):
+    """eval --tasks attack:gsm8k --bypass-format both records both attackers' curves per format; the robustness
+    report renders them under the command that made them."""
+    from unskill.cli import main
+    from unskill.stats.datasets import Dataset, Item
+    from unskill.stats.probe import ProbeConfig, probe
+
+    generator, onnx_dir = llama
+    apples = [f"How many apples are left if Tom eats {i} of his {i + 9} apples?" for i in range(20)]
+    probe(generator.model, generator.tokenizer, Dataset("apples", [Item(p) for p in apples]),
+          config=ProbeConfig(progress=False), skill="gsm8k").save(tmp_path / "gsm8k.npz")
+    out = tmp_path / "attack.json"
+    assert main(["eval", "--model", str(onnx_dir), "--tasks", "attack:gsm8k", "--stats",
+                 f"gsm8k={tmp_path / 'gsm8k.npz'}", "--gen-limit", "3", "--data-dir", str(data_dir), "--no-cache",
+                 "--no-progress", "--bypass-format", "both", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    task = doc["tasks"]["attack:gsm8k"]
+    assert set(task["guards"]["gsm8k"]) == {"chat", "raw"} and "--bypass-format both" in doc["command"]
+    for run in task["guards"]["gsm8k"].values():
+        for attacker in ("bon", "search"):
+            curve = list(run[attacker]["success"].values())
+            assert curve == sorted(curve) and run[attacker]["requests"] == 3
+            assert len(run[attacker]["first_answered"]) == 3
+    report = tmp_path / "robustness.md"
+    assert main(["report", "--robustness", "--results", str(out), "--out", str(report)]) == 0
+    text = report.read_text()
+    assert "## Adaptive attackers" in text and "| Best-of-N: prompts | N = 1 |" in text
+    assert "| raw |" in text and doc["command"] in text
