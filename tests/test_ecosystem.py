@@ -256,8 +256,7 @@ def test_smollm2_genai_guard_example_matches_ksd_run(smollm2_edits, tmp_path):
 def test_gemma3_tokenizer_round_trips_and_optimum_genai_match(tmp_path):
     """Gemma-3-270M: its tokenizer (built from the GGUF vocabulary) through AutoTokenizer, and optimum and genai
     greedy text equal to ksd-run's (raw prompt: the base model has no chat template). Exporting Gemma takes
-    minutes and ~6 GB, so this runs on an export named by UNSKILL_GEMMA3_ONNX (one-off run recorded in
-    docs/runs/ecosystem-gemma3)."""
+    minutes and ~6 GB, so this runs on an export named by UNSKILL_GEMMA3_ONNX."""
     import os
     from pathlib import Path
 
