@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 BON_N = (1, 2, 5, 10, 20, 50, 100)          # the reported N; the last is the budget
-SEARCH_QUERIES = (1, 5, 10, 20, 50, 100)    # the reported query budgets; the last is the budget
+SEARCH_QUERIES = (1, 5, 10, 20, 50)         # the reported query budgets; the last is the budget
 SEARCH_BATCH = 10                           # mutated candidates per search step (one batched prefill)
 SUFFIX_TOKENS = 12
 SCRAMBLE_P, CAPITALIZE_P, NOISE_P = 0.6, 0.6, 0.06   # Hughes et al. 2024, section 2
