@@ -176,8 +176,9 @@ def all_frames() -> list[str]:
 
 
 def attack_requests(forget: str, data_dir=None, limit: int = 25, seed: int = 0) -> list[Conversation]:
-    """The adaptive attackers' targets (evals/attack.py): `limit` held-out test requests of `forget`, as the plain
-    family sends them (the same seeded sample as the benchmark's items)."""
+    """The adaptive attackers' targets (evals/attack.py): `limit` held-out test requests of `forget` (the same seeded
+    sample as the benchmark's items), bare as the re-worded families ask them: a GSM8K question, an MBPP task's
+    sentence without its asserts (the attackers resample them hundreds of times; the asserts would triple the cost)."""
     if forget not in FORGET_SKILLS:
         raise UnskillError(f"attack:{forget}: unknown forget skill (use one of {', '.join(FORGET_SKILLS)})")
-    return [_user(item.prompt) for item in sample(load_dataset(f"{forget}:test", data_dir), limit, seed).items]
+    return [_user(_question(item, forget)) for item in sample(load_dataset(f"{forget}:test", data_dir), limit, seed).items]
