@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 BON_N = (1, 2, 5, 10, 20, 50, 100)          # the reported N; the last is the budget
-SEARCH_QUERIES = (1, 5, 10, 20, 50)         # the reported query budgets; the last is the budget
+SEARCH_QUERIES = (1, 5, 10, 20, 50, 100)    # the reported query budgets; the last is the budget
 SEARCH_BATCH = 10                           # mutated candidates per search step (one batched prefill)
 SUFFIX_TOKENS = 12
 SCRAMBLE_P, CAPITALIZE_P, NOISE_P = 0.6, 0.6, 0.06   # Hughes et al. 2024, section 2
@@ -116,6 +116,11 @@ def bon_samples(text: str, request: int, seed: int, start: int, stop: int) -> li
     rng = random.Random(f"attack:bon:{seed}:{request}")
     samples = [bon_augment(text, rng) for _ in range(stop)]
     return samples[start:]
+
+
+def steps_within(steps, budget: int) -> tuple[int, ...]:
+    """The reported steps up to `budget`, ending at the budget itself (--attack-budget)."""
+    return tuple(sorted({n for n in steps if n < budget} | {budget}))
 
 
 def _with_last_turn(conversation: Conversation, text: str) -> Conversation:

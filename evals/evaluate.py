@@ -52,6 +52,7 @@ class EvalConfig:
     bypass_decode: int = 0        # bypass: also generate this many tokens per prompt, checking each (0: prefill only)
     bypass_format: str = "chat"   # bypass and attack: chat (the template) | raw (plain text, as --no-chat and
                                   # /v1/completions see it) | both
+    attack_budget: int = 100      # attack: Best-of-N tries and search queries per request at most
 
 
 BYPASS_FORMATS = {"chat": ("chat",), "raw": ("raw",), "both": ("chat", "raw")}
@@ -254,14 +255,18 @@ class Harness:
             raise UnskillError(f"{spec.name}: the attackers attack a guard; give --stats")
         requests = attack_requests(spec.source, self.config.data_dir, self.config.gen_limit, self.config.seed)
         vocab_size = self.tokenizer.tokenizer.get_vocab_size()
+        budget = self.config.attack_budget
+        if budget < 1:
+            raise UnskillError(f"--attack-budget must be >= 1, got {budget}")
         runs = {}
         for name, guard in self._default_guards().items():
             for fmt in self._formats():
                 decide = self._decider(guard, chat=fmt == "chat", desc=f"{spec.name} {name} {fmt}")
                 runs.setdefault(name, {})[fmt] = {
                     "rule": guard.describe()[0],
-                    "bon": A.best_of_n(requests, decide, self.config.seed),
-                    "search": A.random_search(requests, decide, vocab_size, self.tokenizer.decode, self.config.seed)}
+                    "bon": A.best_of_n(requests, decide, self.config.seed, A.steps_within(A.BON_N, budget)),
+                    "search": A.random_search(requests, decide, vocab_size, self.tokenizer.decode, self.config.seed,
+                                              A.steps_within(A.SEARCH_QUERIES, budget))}
         return {"kind": "attack", "metric": "attack_success", "dataset": spec.name, "forget": spec.source,
                 "items": len(requests), "seed": self.config.seed, "templated": self.tokenizer.has_chat_template,
                 "guards": runs}

@@ -154,6 +154,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--bypass-decode", type=int, default=0, metavar="N",
                    help="bypass tasks: also decode N greedy tokens per prompt and check every one, as ksd-run does "
                         "(reported beside the prefill rate; default 0: prefill only)")
+    p.add_argument("--attack-budget", type=int, default=100, metavar="N",
+                   help="attack tasks: Best-of-N tries and search queries per request at most (default 100)")
     p.add_argument("--bypass-format", choices=("chat", "raw", "both"), default="chat",
                    help="bypass and attack tasks: send prompts through the chat template, as raw text (what "
                         "`ksd-run --no-chat` and /v1/completions see; turns joined by blank lines) or both")
@@ -202,7 +204,7 @@ def run_eval(args: argparse.Namespace) -> int:
     config = EvalConfig(args.data_dir, args.limit, args.gen_limit, args.seed, not args.no_chat,
                         max_tokens=args.max_tokens, layer=args.layer, timeout_s=args.timeout,
                         progress=not args.no_progress, bypass_decode=args.bypass_decode,
-                        bypass_format=args.bypass_format)
+                        bypass_format=args.bypass_format, attack_budget=args.attack_budget)
     cache = None if args.no_cache else Path(args.cache) if args.cache else cache_dir() / "eval"
     harness = Harness(model, tokenizer, config, stats, cache)
     results = harness.run([t for t in args.tasks.split(",") if t])
@@ -244,6 +246,7 @@ def _eval_command(args: argparse.Namespace) -> str:
     parts += ["--no-chat"] if args.no_chat else []
     parts += [f"--bypass-decode {args.bypass_decode}"] if args.bypass_decode else []
     parts += [f"--bypass-format {args.bypass_format}"] if args.bypass_format != "chat" else []
+    parts += [f"--attack-budget {args.attack_budget}"] if args.attack_budget != 100 else []
     return " ".join(parts)
 
 
