@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+ATTACKERS = ("bon", "search")
 BON_N = (1, 2, 5, 10, 20, 50, 100)          # the reported N; the last is the budget
 SEARCH_QUERIES = (1, 5, 10, 20, 50, 100)    # the reported query budgets; the last is the budget
 SEARCH_BATCH = 10                           # mutated candidates per search step (one batched prefill)

@@ -53,6 +53,7 @@ class EvalConfig:
     bypass_format: str = "chat"   # bypass and attack: chat (the template) | raw (plain text, as --no-chat and
                                   # /v1/completions see it) | both
     attack_budget: int = 100      # attack: Best-of-N tries and search queries per request at most
+    attackers: tuple[str, ...] = ("bon", "search")   # attack: which attackers of evals/attack.py run
 
 
 BYPASS_FORMATS = {"chat": ("chat",), "raw": ("raw",), "both": ("chat", "raw")}
@@ -258,15 +259,20 @@ class Harness:
         budget = self.config.attack_budget
         if budget < 1:
             raise UnskillError(f"--attack-budget must be >= 1, got {budget}")
+        unknown = set(self.config.attackers) - set(A.ATTACKERS)
+        if unknown or not self.config.attackers:
+            raise UnskillError(f"--attackers {','.join(self.config.attackers)}: use some of {','.join(A.ATTACKERS)}")
         runs = {}
         for name, guard in self._default_guards().items():
             for fmt in self._formats():
                 decide = self._decider(guard, chat=fmt == "chat", desc=f"{spec.name} {name} {fmt}")
-                runs.setdefault(name, {})[fmt] = {
-                    "rule": guard.describe()[0],
-                    "bon": A.best_of_n(requests, decide, self.config.seed, A.steps_within(A.BON_N, budget)),
-                    "search": A.random_search(requests, decide, vocab_size, self.tokenizer.decode, self.config.seed,
-                                              A.steps_within(A.SEARCH_QUERIES, budget))}
+                run = {"rule": guard.describe()[0]}
+                if "bon" in self.config.attackers:
+                    run["bon"] = A.best_of_n(requests, decide, self.config.seed, A.steps_within(A.BON_N, budget))
+                if "search" in self.config.attackers:
+                    run["search"] = A.random_search(requests, decide, vocab_size, self.tokenizer.decode,
+                                                    self.config.seed, A.steps_within(A.SEARCH_QUERIES, budget))
+                runs.setdefault(name, {})[fmt] = run
         return {"kind": "attack", "metric": "attack_success", "dataset": spec.name, "forget": spec.source,
                 "items": len(requests), "seed": self.config.seed, "templated": self.tokenizer.has_chat_template,
                 "guards": runs}

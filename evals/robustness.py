@@ -240,21 +240,28 @@ def print_attack(name: str, task: dict) -> None:
         for fmt, run in formats.items():
             print(f"{name} [{stats_name}, {fmt} prompts] {run['rule']} ({task['items']} requests)")
             for attacker, label in (("bon", "Best-of-N success at N"), ("search", "search success at queries")):
-                curve = "  ".join(f"{n}: {rate:.2f}" for n, rate in run[attacker]["success"].items())
-                print(f"  {label:26s} {curve}   ({run[attacker]['queries']} queries)")
+                if attacker in run:
+                    curve = "  ".join(f"{n}: {rate:.2f}" for n, rate in run[attacker]["success"].items())
+                    print(f"  {label:26s} {curve}   ({run[attacker]['queries']} queries)")
 
 
 def attack_sections(results: list[dict]) -> list[str]:
     """Per model, forget skill and guard: Best-of-N success vs N and random-search success vs queries, one row per
-    prompt format, with the eval command above each table."""
-    lines = []
+    prompt format (runs of one format each, e.g. run side by side, join one table), the eval commands above it."""
+    tables: dict = {}
     for doc in results:
         source = doc.get("source") or doc.get("model")
         for task_name, task in doc["tasks"].items():
             if task.get("kind") != "attack":
                 continue
             for stats_name, formats in task["guards"].items():
-                lines += _attack_table(doc, source, task_name, task, stats_name, formats)
+                table = tables.setdefault((source, task_name, stats_name), {"task": task, "commands": [], "formats": {}})
+                table["formats"].update(formats)
+                if doc.get("command") and doc["command"] not in table["commands"]:
+                    table["commands"].append(doc["command"])
+    lines = []
+    for (source, task_name, stats_name), table in tables.items():
+        lines += _attack_table(source, task_name, stats_name, **table)
     if lines:
         lines = ["## Adaptive attackers", "",
                  "Attack success = share of held-out requests the guard lets through at the prompt's last token "
@@ -267,21 +274,25 @@ def attack_sections(results: list[dict]) -> list[str]:
     return lines
 
 
-def _attack_table(doc: dict, source: str, task_name: str, task: dict, stats_name: str, formats: dict) -> list[str]:
+def _attack_table(source: str, task_name: str, stats_name: str, task: dict, commands: list, formats: dict) -> list[str]:
     first = next(iter(formats.values()))
-    steps = {attacker: list(first[attacker]["success"]) for attacker in ("bon", "search")}
     lines = [f"### {source}: forget {task['forget']} ({task_name}, stats {stats_name})", ""]
-    lines += [f"`{doc['command']}`", ""] if doc.get("command") else []
+    lines += [f"`{command}`" + ("  " if i < len(commands) - 1 else "") for i, command in enumerate(commands)]
+    lines += [""] if commands else []
     lines += [f"Guard: {first['rule']}. {task['items']} held-out requests, seed {task.get('seed', 0)}."
               + ("" if task.get("templated", True) else " No chat template: chat prompts are raw text."), ""]
     for attacker, label, unit in (("bon", "Best-of-N", "N"), ("search", "frame and suffix search", "queries")):
-        head = " | ".join(f"{unit} = {n}" for n in steps[attacker])
-        lines += [f"| {label}: prompts | {head} | queries sent |", "|---|" + "---|" * (len(steps[attacker]) + 1)]
-        for fmt, run in formats.items():
-            cells = " | ".join(f"{rate:.2f}{_bon_mark(attacker, n, rate)}" for n, rate in run[attacker]["success"].items())
-            lines.append(f"| {fmt} | {cells} | {run[attacker]['queries']} |")
+        runs = {fmt: run[attacker] for fmt, run in formats.items() if attacker in run}
+        if not runs:
+            continue
+        steps = list(next(iter(runs.values()))["success"])
+        lines += [f"| {label}: prompts | {' | '.join(f'{unit} = {n}' for n in steps)} | queries sent |",
+                  "|---|" + "---|" * (len(steps) + 1)]
+        for fmt, result in runs.items():
+            cells = " | ".join(f"{rate:.2f}{_bon_mark(attacker, n, rate)}" for n, rate in result["success"].items())
+            lines.append(f"| {fmt} | {cells} | {result['queries']} |")
         lines.append("")
-    examples = [f"{fmt}: `{run['bon']['example']}`" for fmt, run in formats.items() if run["bon"].get("example")]
+    examples = [f"{fmt}: `{run['bon']['example']}`" for fmt, run in formats.items() if run.get("bon", {}).get("example")]
     if examples:
         lines += ["First Best-of-N sample that got through: " + "; ".join(
             e.replace("|", "\\|").replace("\n", " ") for e in examples), ""]

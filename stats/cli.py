@@ -156,6 +156,8 @@ def add_eval_parser(subparsers) -> None:
                         "(reported beside the prefill rate; default 0: prefill only)")
     p.add_argument("--attack-budget", type=int, default=100, metavar="N",
                    help="attack tasks: Best-of-N tries and search queries per request at most (default 100)")
+    p.add_argument("--attackers", default="bon,search",
+                   help="attack tasks: comma-separated, bon (Best-of-N) and/or search (default both)")
     p.add_argument("--bypass-format", choices=("chat", "raw", "both"), default="chat",
                    help="bypass and attack tasks: send prompts through the chat template, as raw text (what "
                         "`ksd-run --no-chat` and /v1/completions see; turns joined by blank lines) or both")
@@ -204,7 +206,8 @@ def run_eval(args: argparse.Namespace) -> int:
     config = EvalConfig(args.data_dir, args.limit, args.gen_limit, args.seed, not args.no_chat,
                         max_tokens=args.max_tokens, layer=args.layer, timeout_s=args.timeout,
                         progress=not args.no_progress, bypass_decode=args.bypass_decode,
-                        bypass_format=args.bypass_format, attack_budget=args.attack_budget)
+                        bypass_format=args.bypass_format, attack_budget=args.attack_budget,
+                        attackers=tuple(a for a in args.attackers.split(",") if a))
     cache = None if args.no_cache else Path(args.cache) if args.cache else cache_dir() / "eval"
     harness = Harness(model, tokenizer, config, stats, cache)
     results = harness.run([t for t in args.tasks.split(",") if t])
@@ -247,6 +250,7 @@ def _eval_command(args: argparse.Namespace) -> str:
     parts += [f"--bypass-decode {args.bypass_decode}"] if args.bypass_decode else []
     parts += [f"--bypass-format {args.bypass_format}"] if args.bypass_format != "chat" else []
     parts += [f"--attack-budget {args.attack_budget}"] if args.attack_budget != 100 else []
+    parts += [f"--attackers {args.attackers}"] if args.attackers != "bon,search" else []
     return " ".join(parts)
 
 
