@@ -509,6 +509,10 @@ def test_best_of_n_stops_at_the_first_answered_sample_and_its_curve_is_monotone(
     assert result["queries"] == len(sent)
     curve = [result["success"][str(n)] for n in steps]
     assert curve == sorted(curve) and 0 < curve[-1] and curve[0] < 1
+    # --attack-budget: the reported steps end at the budget; a shorter run is the same curve cut there
+    assert attack.steps_within(steps, 50) == (1, 2, 5, 10, 20, 50) and attack.steps_within(steps, 30)[-1] == 30
+    short = attack.best_of_n(requests, decide, seed=7, steps=attack.steps_within(steps, 50))
+    assert all(short["success"][str(n)] == result["success"][str(n)] for n in (1, 2, 5, 10, 20, 50))
 
 
 def test_guard_decision_is_the_runtime_guards_and_its_score_crosses_one_where_it_fires(llama, tmp_path):
