@@ -256,7 +256,8 @@ def attack_sections(results: list[dict]) -> list[str]:
                 continue
             for stats_name, formats in task["guards"].items():
                 table = tables.setdefault((source, task_name, stats_name), {"task": task, "commands": [], "formats": {}})
-                table["formats"].update(formats)
+                for fmt, run in formats.items():   # one run's Best-of-N and another's search join one row
+                    table["formats"].setdefault(fmt, {}).update(run)
                 if doc.get("command") and doc["command"] not in table["commands"]:
                     table["commands"].append(doc["command"])
     lines = []
