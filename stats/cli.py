@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise UnskillError("unskill stats needs --model and --forget (or --merge)")
     if args.limit is not None and args.limit < 1:
         raise UnskillError(f"--limit must be >= 1, got {args.limit}")
+    options = _ray(args)
 
     from unskill.runtime.session import OnnxLM
     from unskill.runtime.tokenizer import TextTokenizer
@@ -109,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
 
     forget = load_dataset(args.forget, args.data_dir, args.limit)
     retain = load_dataset(args.retain, args.data_dir, args.limit) if args.retain else None
-    options = _ray(args)
     prober = None
     config = ProbeConfig(not args.no_chat, args.batch_size, args.max_text_tokens, not args.no_progress)
     if options:   # the actors load the weights; here only the manifest and the tokenizer
@@ -369,14 +369,14 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
                               [chat_dataset(), load_dataset("builtin:general", None, min(args.limit, 100))])
     if not args.no_mmlu_retain:   # general knowledge, less the skill's own subjects (MMLU dev holds math)
         retain_sets.append(without_skill_subjects(load_dataset("mmlu:dev", args.data_dir), kind))
-    options = _ray(args)
+    options, reader = _ray(args), None
     if options:   # prompt keys from the actors; the decode check's few greedy decodes stay in this process
         from unskill.cluster.jobs import RayKeyReader
         reader = RayKeyReader(model, options)
     result = calibrate_rule(model, tokenizer, stats, retain_sets, forget, args.target, not args.no_chat, kind,
                             progress=not args.no_progress, rules=tuple(args.rules),
                             decode_prompts=args.decode_prompts, decode_tokens=args.decode_check,
-                            reader=reader if options else None)
+                            reader=reader)
     setting, paper = result.setting, result.paper
     print(f"{stats.skill}: the paper's rule (layer {paper.layer}, one cube): alpha {paper.alpha:.4g} x k refuses "
           f"{paper.retain_abstain:.1%} of {paper.retain_items} retain, {paper.forget_abstain:.1%} of "

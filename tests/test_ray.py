@@ -3,19 +3,18 @@ eval give what the single-process commands give, a killed actor's batch is retri
 with another model is refused, and two Ray Serve replicas answer concurrent requests as ksd-run does."""
 
 import json
-import os
 import shutil
 import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray", reason="the `ray` extra is not installed (pip install 'unskill[ray]')")
-
-from unskill.cli import main  # noqa: E402
-from unskill.runtime.errors import UnskillError  # noqa: E402
-from unskill.runtime.statsfile import load_stats  # noqa: E402
+from unskill.cli import main
+from unskill.runtime.errors import UnskillError
+from unskill.runtime.statsfile import load_stats
 
 APPLES = [f"How many apples are left if Tom eats {i} of his {i + 9} apples?" for i in range(40)]
 CODE = [f"Write a python function number {i} that adds {i} to a list" for i in range(24)]
@@ -24,6 +23,7 @@ RAY = ["--ray", "--actors", "2", "--no-progress"]
 
 @pytest.fixture(scope="module")
 def cluster():
+    ray = pytest.importorskip("ray", reason="the `ray` extra is not installed (pip install 'unskill[ray]')")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     from ray import serve
@@ -140,6 +140,17 @@ def test_eval_on_ray_gives_the_same_per_item_results(cluster, model_dir, prompt_
     np.testing.assert_allclose(distributed[tokens]["nll"], single[tokens]["nll"], rtol=1e-5)
     # the bypass benchmark's prefills are planned as in one process: the very same keys
     assert distributed["bypass:gsm8k"]["sets"] == single["bypass:gsm8k"]["sets"]
+
+
+def test_without_ray_the_cli_imports_and_refuses_ray_in_one_line(tmp_path):
+    """ray is imported lazily: with it blocked, `unskill` still builds its parser and --ray is one clear error."""
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from unskill.cli import main\n"
+            f"sys.exit(main(['stats', '--model', 'm', '--forget', 'builtin:math', '--out', {str(tmp_path / 'x.npz')!r},"
+            " '--ray']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip() == "error: --ray needs Ray: pip install 'unskill[ray]'"
+    assert not (tmp_path / "x.npz").exists()
 
 
 def free_port() -> int:
