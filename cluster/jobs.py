@@ -110,17 +110,26 @@ class RayKeyReader:
         self.work = KeyWork(str(model.directory), options.device, options.threads)
 
     def last_keys(self, sequences: list[list[int]], layers=None, desc: str = "keys") -> np.ndarray:
+        return self.last_keys_each([sequences], layers, desc)[0]
+
+    def last_keys_each(self, groups: list[list[list[int]]], layers=None, desc: str = "keys") -> list[np.ndarray]:
+        """Each group planned on its own, as KeyReader plans it; all groups' tasks in one pool (one model load
+        per actor for the bypass benchmark's dozen sets)."""
         from unskill.runtime.keys import resolve_layers
 
         manifest = self.model.manifest
         layers = resolve_layers(range(manifest.num_layers) if layers is None else layers, manifest.num_layers)
-        keys = np.empty((len(sequences), len(layers), manifest.key_width), dtype=np.float32)
-        if not sequences:
-            return keys
-        tasks, rows = _plan(sequences, self.batch_size, layers, False, self.rows_per_task)
+        keys = [np.empty((len(sequences), len(layers), manifest.key_width), dtype=np.float32) for sequences in groups]
+        tasks, owners = [], []   # owners: per task, (group, the group's sequence indices of its rows)
+        for group, sequences in enumerate(groups):
+            if sequences:
+                planned, rows = _plan(sequences, self.batch_size, layers, False, self.rows_per_task)
+                tasks += planned
+                owners += [(group, task_rows) for task_rows in rows]
         for index, task_keys in imap_items(tasks, self.work, self.options, model_dir=self.model.directory,
                                            fingerprint=manifest.fingerprint, desc=desc):
-            keys[rows[index]] = task_keys
+            group, rows = owners[index]
+            keys[group][rows] = task_keys
         return keys
 
 

@@ -200,9 +200,9 @@ class Harness:
         layers = sorted({self.entry.layer} | {r.layer for g in guards.values() for r in g.cubes})
         reader = self.reader or KeyReader(self.model, self.config.batch_size * 2, self.config.progress)
         sets = {}
-        for part in bypass_sets(spec.source, self.config.data_dir, self.config.gen_limit, self.config.seed):
-            sequences = [self.tokenizer.encode_turns(c, self.config.chat) for c in part.conversations]
-            keys = reader.last_keys(sequences, layers, desc=f"{spec.name} {part.name}")
+        parts = bypass_sets(spec.source, self.config.data_dir, self.config.gen_limit, self.config.seed)
+        encoded = [[self.tokenizer.encode_turns(c, self.config.chat) for c in part.conversations] for part in parts]
+        for part, sequences, keys in zip(parts, encoded, reader.last_keys_each(encoded, layers, desc=spec.name)):
             by_output = {self.model.manifest.key_last_outputs[layer]: keys[:, i] for i, layer in enumerate(layers)}
             entries = self.entry(keys[:, layers.index(self.entry.layer)])
             sets[part.name] = {

@@ -97,3 +97,8 @@ class KeyReader:
                                                self.progress, desc):
             keys[rows] = np.stack([values[name] for name in outputs], axis=1)
         return keys
+
+    def last_keys_each(self, groups: list[list[list[int]]], layers=None, desc: str = "keys") -> list[np.ndarray]:
+        """last_keys of several groups of sequences, each planned on its own (its own shared prefix); a
+        distributed reader (cluster/jobs.py) runs them in one job."""
+        return [self.last_keys(sequences, layers, desc) for sequences in groups]
