@@ -1,6 +1,6 @@
 """The Ray versions of the three batch jobs, as drop-ins for the single-process pieces they replace:
 
-  RayProber      for stats/probe.Prober (`unskill stats`): prompt and text passes on the pool, each task's
+  ray_prober     for stats/probe.Prober (`unskill stats`): prompt and text passes on one pool, each task's
                  Moments merged in task order on the driver (Moments.merge, as `unskill stats --merge` does)
   RayKeyReader   for runtime/keys.KeyReader (`unskill calibrate`, the bypass benchmark): last-token keys
   eval_runner    for the item runners of evals/evaluate.Harness (`unskill eval`): per-item records
@@ -140,12 +140,24 @@ class TextTask:
 
 
 @dataclass(frozen=True)
-class TextWork(_ModelWork):
+class ProbeWork(_ModelWork):
+    """Both passes of `unskill stats` in one actor: prompt-pass tasks on the keys-only graph, text-pass tasks
+    on the full one (each loaded on first use), so one pool serves the whole job."""
+
     def start(self):
         from unskill.stats.probe import ProbeConfig, Prober
 
-        prober = Prober(self._load(), None, ProbeConfig(progress=False))
-        return lambda tasks: [prober.text_moments(task.batches, task.side) for task in tasks]
+        keys, probers = KeyWork(self.model_dir, self.device, self.threads), []
+        run_keys = keys.start()
+
+        def one(task):
+            if isinstance(task, PrefillTask):
+                return run_keys([task])[0]
+            if not probers:
+                probers.append(Prober(self._load(), None, ProbeConfig(progress=False)))
+            return probers[0].text_moments(task.batches, task.side)
+
+        return lambda tasks: [one(task) for task in tasks]
 
 
 def _merge_in_order(results: list):
@@ -157,33 +169,41 @@ def _merge_in_order(results: list):
 
 
 def ray_prober(model, tokenizer, config, options: RayOptions, rows_per_task: int = ROWS_PER_TASK):
-    """A stats/probe.Prober whose passes run on the pool (imported lazily: stats stays free of this package)."""
+    """A stats/probe.Prober whose passes run on the pool, all of a job's passes in one Ray Data job (imported
+    lazily: stats stays free of this package)."""
     from unskill.runtime.keys import _batches
     from unskill.stats.probe import CHUNK, Prober
 
     class RayProber(Prober):
-        def prompt_pass(self, dataset):
-            sequences = self.prompt_sequences(dataset)
-            if not sequences:
-                return super().prompt_pass(dataset)
-            tasks = []
+        def prompt_tasks(self, dataset) -> list:
+            sequences, tasks = self.prompt_sequences(dataset), []
             # planned per CHUNK as the single-process pass does: the same shared prefix, the same batches
             for start in range(0, len(sequences), CHUNK):
                 tasks += _plan(sequences[start:start + CHUNK], self.config.batch_size,
                                range(self.manifest.num_layers), True, rows_per_task)[0]
-            work = KeyWork(str(self.model.directory), options.device, options.threads)
-            return _merge_in_order(map_items(tasks, work, options, model_dir=self.model.directory,
-                                             fingerprint=self.manifest.fingerprint, desc=f"KSD {dataset.name}"))
+            return tasks
 
-        def text_pass(self, dataset, side):
+        def text_tasks(self, dataset, side: str) -> list:
             batches = list(_batches(self.text_sequences(dataset), self.config.batch_size))
-            if not batches:
-                return super().text_pass(dataset, side)
             per_task = max(1, rows_per_task // self.config.batch_size)
-            tasks = [TextTask(side, batches[start:start + per_task]) for start in range(0, len(batches), per_task)]
-            work = TextWork(str(self.model.directory), options.device, options.threads)
-            return _merge_in_order(map_items(tasks, work, options, model_dir=self.model.directory,
-                                             fingerprint=self.manifest.fingerprint, desc=f"NA/SP {dataset.name}"))
+            return [TextTask(side, batches[start:start + per_task]) for start in range(0, len(batches), per_task)]
+
+        def passes(self, probes, text_sides):
+            jobs = {"ksd": self.prompt_tasks(probes)}
+            for dataset, side in text_sides:
+                jobs[side] = self.text_tasks(dataset, side)
+            if not all(jobs.values()):   # an empty dataset: the single-process passes say what is wrong
+                return super().passes(probes, text_sides)
+            tasks = [task for part in jobs.values() for task in part]
+            work = ProbeWork(str(self.model.directory), options.device, options.threads)
+            results = map_items(tasks, work, options, model_dir=self.model.directory,
+                                fingerprint=self.manifest.fingerprint, desc=f"stats {probes.name}")
+            groups, start = {}, 0
+            for name, part in jobs.items():   # each pass's tasks merged in their planned order
+                merged = _merge_in_order(results[start:start + len(part)])
+                groups.update({"ksd": merged} if name == "ksd" else merged)
+                start += len(part)
+            return groups
 
     return RayProber(model, tokenizer, config)
 

@@ -103,6 +103,13 @@ class Prober:
         total = (len(sequences) + self.config.batch_size - 1) // self.config.batch_size
         return self.text_moments(_batches(sequences, self.config.batch_size), side, total, f"NA/SP {dataset.name}")
 
+    def passes(self, probes: Dataset, text_sides: list[tuple[Dataset, str]]) -> dict[str, Moments]:
+        """The `ksd` group from the prompt pass over `probes`, and each (dataset, side)'s NA/SP groups."""
+        groups = {"ksd": self.prompt_pass(probes)}
+        for dataset, side in text_sides:
+            groups.update(self.text_pass(dataset, side))
+        return groups
+
 
 def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Dataset | None = None,
           config: ProbeConfig | None = None, skill: str | None = None, text: bool = False,
@@ -117,11 +124,8 @@ def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Data
     prober = prober or Prober(model, tokenizer, config)
     head = Dataset(forget.name, forget.items[:AUGMENT_ITEMS])
     probes = Dataset(forget.name, forget.items + framed(head, augment).items) if augment else forget
-    groups = {"ksd": prober.prompt_pass(probes)}
-    if retain is not None or text:
-        groups.update(prober.text_pass(forget, "forget"))
-    if retain is not None:
-        groups.update(prober.text_pass(retain, "retain"))
+    sides = ([(forget, "forget")] if retain is not None or text else []) + ([(retain, "retain")] if retain else [])
+    groups = prober.passes(probes, sides)
     manifest = model.manifest
     meta = {
         "skill": skill or forget.name,
