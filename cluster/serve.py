@@ -53,6 +53,7 @@ def deploy(args: argparse.Namespace) -> str:
     # Serve's own queue limit sits above the engine's, so the engine answers 503 when it is full, as without Ray.
     deployment = serve.deployment(
         name="guarded", num_replicas=args.replicas, max_ongoing_requests=args.max_batch + args.max_queue,
+        max_constructor_retry_count=3,   # a replica that refuses its files will refuse them again
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
     )(serve.ingress()(GuardedReplica))
     try:

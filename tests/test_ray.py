@@ -107,6 +107,17 @@ def test_a_worker_with_another_model_is_refused_in_one_line(cluster, model_dir):
     assert "\n" not in str(caught.value)
 
 
+def test_a_serve_replica_with_another_model_is_refused(model_dir):
+    """The check each Ray Serve replica runs before loading (constructed here in-process, no Serve needed)."""
+    pytest.importorskip("ray", reason="the `ray` extra is not installed (pip install 'unskill[ray]')")
+    from unskill.cli import build_parser
+    from unskill.cluster.serve import GuardedReplica
+
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--ray"])
+    with pytest.raises(UnskillError, match=r"^replica on .*holds another model"):
+        GuardedReplica(args, "sha256:not-this-model")
+
+
 def test_calibration_on_ray_stores_the_same_rule(cluster, model_dir, prompt_files, single_stats, tmp_path):
     rules = {}
     for mode, extra in (("single", ["--no-progress"]), ("ray", RAY)):
