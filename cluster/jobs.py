@@ -40,10 +40,14 @@ class _ModelWork:
     device: str = "cpu"
     threads: int = 1
 
-    def _load(self):
+    def _load(self, graph: str = "model"):
         from unskill.runtime.session import OnnxLM
 
-        return OnnxLM(self.model_dir, self.device, self.threads)
+        return OnnxLM(self.model_dir, self.device, self.threads, graph=graph)
+
+    def _load_keys_only(self):
+        """The keys-only probe graph alone where the export has one (no second session of the full graph)."""
+        return self._load("probe") if load_manifest(Path(self.model_dir)).probe_file else self._load()
 
 
 @dataclass(frozen=True)
@@ -58,23 +62,28 @@ class PrefillTask:
 @dataclass(frozen=True)
 class KeyWork(_ModelWork):
     def start(self):
-        from unskill.runtime.keys import prefill_rows, prefix_cache, require_key_last
+        run = _prefill_runner(self._load_keys_only())
+        return lambda tasks: [run(task) for task in tasks]
 
-        model = self._load().key_only()
-        names = require_key_last(model.manifest, model.directory)
-        cached = {}
 
-        def one(task: PrefillTask):
-            if task.prefix not in cached:   # tasks of one chunk share it: run it once per actor
-                cached.clear()
-                cached[task.prefix] = prefix_cache(model, list(task.prefix))
-            outputs = [names[i] for i in task.layers]
-            keys = np.concatenate([np.stack([values[name] for name in outputs], axis=1) for values in
-                                   (prefill_rows(model, suffixes, len(task.prefix), cached[task.prefix], outputs)
-                                    for suffixes in task.batches)])
-            return _ksd_moments(keys, model.manifest) if task.moments else keys
+def _prefill_runner(model):
+    """PrefillTask -> its rows' keys (or their `ksd` Moments) on this keys graph, as KeyReader computes them."""
+    from unskill.runtime.keys import prefill_rows, prefix_cache, require_key_last
 
-        return lambda tasks: [one(task) for task in tasks]
+    names = require_key_last(model.manifest, model.directory)
+    cached = {}
+
+    def one(task: PrefillTask):
+        if task.prefix not in cached:   # tasks of one chunk share it: run it once per actor
+            cached.clear()
+            cached[task.prefix] = prefix_cache(model, list(task.prefix))
+        outputs = [names[i] for i in task.layers]
+        keys = np.concatenate([np.stack([values[name] for name in outputs], axis=1) for values in
+                               (prefill_rows(model, suffixes, len(task.prefix), cached[task.prefix], outputs)
+                                for suffixes in task.batches)])
+        return _ksd_moments(keys, model.manifest) if task.moments else keys
+
+    return one
 
 
 def _ksd_moments(keys: np.ndarray, manifest):
@@ -142,20 +151,18 @@ class TextTask:
 @dataclass(frozen=True)
 class ProbeWork(_ModelWork):
     """Both passes of `unskill stats` in one actor: prompt-pass tasks on the keys-only graph, text-pass tasks
-    on the full one (each loaded on first use), so one pool serves the whole job."""
+    on the full one, so one pool serves the whole job."""
 
     def start(self):
         from unskill.stats.probe import ProbeConfig, Prober
 
-        keys, probers = KeyWork(self.model_dir, self.device, self.threads), []
-        run_keys = keys.start()
+        prober = Prober(self._load(), None, ProbeConfig(progress=False))   # the full graph (text pass)
+        run_prefill = _prefill_runner(prober.key_model)   # its keys-only graph, as Prober.prompt_pass uses
 
         def one(task):
             if isinstance(task, PrefillTask):
-                return run_keys([task])[0]
-            if not probers:
-                probers.append(Prober(self._load(), None, ProbeConfig(progress=False)))
-            return probers[0].text_moments(task.batches, task.side)
+                return run_prefill(task)
+            return prober.text_moments(task.batches, task.side)
 
         return lambda tasks: [one(task) for task in tasks]
 
