@@ -32,7 +32,7 @@ def _with_target(args: argparse.Namespace, build):
     import tempfile
     from pathlib import Path
 
-    from .export import refuse_nonempty_out
+    from .folder import refuse_nonempty_out
 
     out = Path(args.out)
     if getattr(args, "target", "full") == "full":
@@ -201,7 +201,7 @@ def run_probe_graph(args: argparse.Namespace) -> int:
     from unskill.runtime.errors import UnskillError
     from unskill.runtime.manifest import load_manifest
 
-    from .export import write_probe_graph
+    from .folder import write_probe_graph
     from .metadata import write_metadata
 
     directory = Path(args.model)
