@@ -1,4 +1,5 @@
-"""`unskill stats`: probe an exported model with datasets and write a stats .npz (or merge shards)."""
+"""`unskill stats` (probe an exported model with datasets -> stats .npz, or merge shards), `unskill data`,
+`unskill eval` and `unskill calibrate`: the commands over stats/ and evals/."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def add_parser(subparsers) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """What can be refused before any model loads or any probe runs."""
-    from unskill.runtime.cli import check_output_path
+    from unskill.runtime.io import check_output_path
     from unskill.runtime.errors import UnskillError
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-text-tokens", args.max_text_tokens)):
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     if args.merge:
-        from .probe import merge_stats
+        from unskill.stats.probe import merge_stats
         merged = load_stats(args.merge[0])
         for path in args.merge[1:]:
             merged = merge_stats(merged, load_stats(path), where=path)
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"merged {len(args.merge)} shards -> {args.out}")
         return 0
     if args.compose:
-        from .probe import compose_stats
+        from unskill.stats.probe import compose_stats
         if len(args.compose) < 2:
             raise UnskillError("--compose needs FORGET.npz and at least one RETAIN.npz")
         shards = [load_stats(path) for path in args.compose]
@@ -90,15 +91,15 @@ def run(args: argparse.Namespace) -> int:
     from unskill.runtime.session import OnnxLM
     from unskill.runtime.tokenizer import TextTokenizer
 
-    from .datasets import load_dataset
-    from .probe import ProbeConfig, probe
+    from unskill.stats.datasets import load_dataset
+    from unskill.stats.probe import ProbeConfig, probe
 
     forget = load_dataset(args.forget, args.data_dir, args.limit)
     retain = load_dataset(args.retain, args.data_dir, args.limit) if args.retain else None
     model = OnnxLM(args.model)
     tokenizer = TextTokenizer(args.model, model.manifest)
     config = ProbeConfig(not args.no_chat, args.batch_size, args.max_text_tokens, not args.no_progress)
-    from .augment import chosen_kind
+    from unskill.stats.augment import chosen_kind
 
     stats = probe(model, tokenizer, forget, retain, config, args.skill, text=args.text,
                   augment=chosen_kind(args.augment, args.forget))
@@ -118,9 +119,9 @@ def add_data_parser(subparsers) -> None:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from unskill.runtime.cli import write_jsonl
+    from unskill.runtime.io import write_jsonl
 
-    from .datasets import load_dataset
+    from unskill.stats.datasets import load_dataset
 
     dataset = load_dataset(args.spec, args.data_dir, args.limit)
     write_jsonl(args.out, [{"prompt": item.prompt, "completion": item.completion} for item in dataset.items])
@@ -186,7 +187,7 @@ def _default_method(edits: list) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     from unskill.runtime.cache import cache_dir
-    from unskill.runtime.cli import write_json
+    from unskill.runtime.io import write_json
     from unskill.runtime.session import OnnxLM
     from unskill.runtime.tokenizer import TextTokenizer
 
@@ -229,7 +230,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_calibrate_parser(subparsers) -> None:
-    from .calibrate import DECODE_PROMPTS, DECODE_TOKENS, RULE_KINDS
+    from unskill.stats.calibrate import DECODE_PROMPTS, DECODE_TOKENS, RULE_KINDS
 
     p = subparsers.add_parser("calibrate", help="choose KSD alpha so retain prompts are refused at most --target",
                               description="One skill: --stats NPZ --retain SPEC [--forget SPEC] --out JSON. "
@@ -278,8 +279,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from unskill.runtime.statsfile import load_stats
     from unskill.runtime.tokenizer import TextTokenizer
 
-    from .calibrate import calibrate
-    from .datasets import load_dataset
+    from unskill.stats.calibrate import calibrate
+    from unskill.stats.datasets import load_dataset
 
     if len(args.stats) > 1 or args.out_dir:
         return _run_calibrate_skills(args)
@@ -305,7 +306,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         stats.save(stats_path)
         print(f"  stored in {stats_path}: ksd-run --stats {stats_path} uses it")
     if args.out:
-        from unskill.runtime.cli import write_json
+        from unskill.runtime.io import write_json
         write_json(args.out, {"method": "ksd", "source": model.manifest.source, "skill": stats.skill,
                               "stats": stats_path, "retain": args.retain, "forget": forget_spec,
                               "target": args.target, **result.as_dict()})
@@ -316,9 +317,9 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
     """The default: search rules on every layer's key, store the winner in the stats file (atomically)."""
     from unskill.runtime.errors import UnskillError
 
-    from .augment import chat_dataset, chosen_kind, without_skill_subjects
-    from .calibrate import _check_target, calibrate_rule
-    from .datasets import load_dataset
+    from unskill.stats.augment import chat_dataset, chosen_kind, without_skill_subjects
+    from unskill.stats.calibrate import _check_target, calibrate_rule
+    from unskill.stats.datasets import load_dataset
 
     if forget is None:
         raise UnskillError("unskill calibrate: choosing a rule needs --forget SPEC (validation prompts of the skill)")
@@ -355,7 +356,7 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
         stats.save(stats_path)
         print(f"  stored in {stats_path}: `ksd-run --stats {stats_path}` uses it (give --alpha/--layers to override)")
     if args.out:
-        from unskill.runtime.cli import write_json
+        from unskill.runtime.io import write_json
         write_json(args.out, {"method": "ksd", "source": model.manifest.source, "skill": stats.skill,
                               "stats": stats_path, "retain": args.retain, "forget": forget.name,
                               "target": args.target, **paper.as_dict(),
@@ -364,13 +365,13 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
 
 
 def _run_calibrate_skills(args: argparse.Namespace) -> int:
-    from unskill.runtime.cli import write_json
+    from unskill.runtime.io import write_json
     from unskill.runtime.errors import UnskillError
     from unskill.runtime.session import OnnxLM
     from unskill.runtime.tokenizer import TextTokenizer
 
-    from .calibrate import calibrate_skills
-    from .datasets import load_dataset
+    from unskill.stats.calibrate import calibrate_skills
+    from unskill.stats.datasets import load_dataset
 
     if not args.out_dir or args.out:
         raise UnskillError("unskill calibrate: several --stats write one file each: give --out-dir DIR, not --out")

@@ -1,4 +1,4 @@
-"""`unskill export --model M --out DIR`."""
+"""`unskill export --model M --out DIR` and `unskill edit METHOD --model DIR --out DIR2` (exporter/)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ def _with_target(args: argparse.Namespace, build):
     import tempfile
     from pathlib import Path
 
-    from .export import refuse_nonempty_out
+    from unskill.exporter.folder import refuse_nonempty_out
 
     out = Path(args.out)
     if getattr(args, "target", "full") == "full":
         return build(out)
     refuse_nonempty_out(out)
-    from .deploy import slim
+    from unskill.exporter.deploy import slim
 
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".unskill-full-", dir=out.resolve().parent) as scratch:
@@ -49,7 +49,7 @@ def _with_target(args: argparse.Namespace, build):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .export import export_model
+    from unskill.exporter.export import export_model
 
     manifest = _with_target(args, lambda out: export_model(args.model, out, opset=args.opset,
                                                            progress=not args.no_progress,
@@ -137,7 +137,7 @@ def add_edit_parser(subparsers) -> None:
 
 
 def run_na(args: argparse.Namespace) -> int:
-    from .neuron_adjust import neuron_adjust
+    from unskill.exporter.neuron_adjust import neuron_adjust
 
     manifest = _with_target(args, lambda out: neuron_adjust(args.model, args.stats, args.ratio, out, args.noise,
                                                             args.seed, args.form))
@@ -147,7 +147,7 @@ def run_na(args: argparse.Namespace) -> int:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from .prune import prune
+    from unskill.exporter.prune import prune
 
     manifest = _with_target(args, lambda out: prune(args.model, args.stats, args.ratio, out, args.steps, args.scorer,
                                                     args.data_dir, not args.no_progress))
@@ -157,7 +157,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from .quantize import quantize
+    from unskill.exporter.quantize import quantize
 
     _with_target(args, lambda out: quantize(args.model, out, args.mode, block_size=args.block_size,
                                             accuracy_level=args.accuracy_level, embeddings=args.embeddings,
@@ -170,7 +170,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def run_pack(args: argparse.Namespace) -> int:
-    from .pack import pack
+    from unskill.exporter.pack import pack
 
     manifest = _with_target(args, lambda out: pack(args.model, out))
     edit = next(e for e in reversed(manifest.edits) if e["method"] == "pack")
@@ -179,7 +179,7 @@ def run_pack(args: argparse.Namespace) -> int:
 
 
 def run_slim(args: argparse.Namespace) -> int:
-    from .deploy import slim
+    from unskill.exporter.deploy import slim
 
     manifest = slim(args.model, args.out, guard=not args.no_guard)
     kept = "logits, present.*" + (", key_last.*" if manifest.key_last_outputs else "")
@@ -188,7 +188,7 @@ def run_slim(args: argparse.Namespace) -> int:
 
 
 def run_fuse(args: argparse.Namespace) -> int:
-    from .fuse import fuse
+    from unskill.exporter.fuse import fuse
 
     edit = fuse(args.model, args.out, args.model_type, rotary_in_op=args.rotary_in_op, pack=not args.no_pack).edits[-1]
     print(f"fused {args.model}: {edit['nodes_before']} -> {edit['nodes_after']} nodes -> {args.out}")
@@ -201,8 +201,8 @@ def run_probe_graph(args: argparse.Namespace) -> int:
     from unskill.runtime.errors import UnskillError
     from unskill.runtime.manifest import load_manifest
 
-    from .export import write_probe_graph
-    from .metadata import write_metadata
+    from unskill.exporter.folder import write_probe_graph
+    from unskill.exporter.metadata import write_metadata
 
     directory = Path(args.model)
     manifest = load_manifest(directory)

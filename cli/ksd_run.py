@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-from .errors import UnskillError
-from .generator import ABSTAIN_MESSAGE, GenerationParams, Result
-from .ksd import ALPHA_MODES
-from .sampling import SamplingParams
+from unskill.runtime.errors import UnskillError
+from unskill.runtime.generator import ABSTAIN_MESSAGE, GenerationParams, Result
+from unskill.runtime.io import check_output_path, write_jsonl
+from unskill.runtime.ksd import ALPHA_MODES
+from unskill.runtime.sampling import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--abstain-message", default=ABSTAIN_MESSAGE)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
     return p
 
 
@@ -81,48 +81,6 @@ def result_record(result: Result) -> dict:
             "layer": result.layer, "rule": result.rule, "finish_reason": result.finish_reason}
 
 
-def check_output_path(path: str, flag: str = "--output") -> None:
-    """Fail before any work when the output could not be written: a directory, a read-only file or folder."""
-    target = Path(path)
-    if target.is_dir():
-        raise UnskillError(f"{flag} {path}: is a directory, expected a file path")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise UnskillError(f"{flag} {path}: the file is read-only")
-    parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise UnskillError(f"{flag} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UnskillError(f"{flag} {path}: cannot write in {parent} (permission denied)")
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """The output file appears complete or not at all; no temporary file stays behind."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=".unskill-", dir=target.parent)
-    except OSError as exc:
-        raise UnskillError(f"{path}: cannot write it ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)   # mkstemp makes it private; results are ordinary files
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise UnskillError(f"{path}: cannot write it ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_jsonl(path: str, records: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-
-
-def write_json(path: str, document: dict) -> None:
-    write_text_atomic(path, json.dumps(document, ensure_ascii=False, indent=1) + "\n")
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without the model, before it loads."""
     import math
@@ -142,7 +100,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import load
+    from unskill.runtime import load
 
     check_args(args)
     model_dir = Path(args.onnx)
@@ -150,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if model_dir.name == "onnx" and not (model_dir / "unskill.json").is_file():   # DEPLOY/onnx/model.onnx
         model_dir = model_dir.parent
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
-    from .manifest import load_manifest
+    from unskill.runtime.manifest import load_manifest
     layers = parse_layers(args.layers, load_manifest(model_dir).num_layers) if args.layers else None
     generator = load(model_dir, args.stats, args.alpha, args.alpha_mode, layers, args.device, args.threads,
                      args.abstain_message)
@@ -192,15 +150,9 @@ def interactive(generator, params: GenerationParams) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UnskillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:   # Ctrl-C: one line; outputs are written atomically, so nothing half-done stays
-        print("interrupted", file=sys.stderr)
-        return 130
+    from .cli import ksd_run
+
+    return ksd_run(argv)
 
 
 if __name__ == "__main__":
