@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     if args.ray is not None:
         from unskill.cluster.serve import serve_on_ray   # Ray Serve replicas of the same app
-        return serve_on_ray(args)
+        return serve_on_ray(args, build_server)
     import uvicorn
 
     app, name = build_server(args)
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 def build_server(args: argparse.Namespace, device: str | None = None, threads: int | None = None):
     """(the guarded ASGI app, the model's name) for these arguments; each Ray Serve replica builds its own."""
     from unskill.runtime import ABSTAIN_MESSAGE, load
-    from unskill.runtime.cli import parse_layers
+    from .ksd_run import parse_layers
     from unskill.runtime.engine import BatchEngine
     from unskill.runtime.manifest import load_manifest
     from unskill.runtime.server import ServeLimits, build_app

@@ -22,11 +22,11 @@ class GuardedReplica:
     """One replica: checks the model is the driver's, then builds the app (Serve calls __serve_build_asgi_app__
     after the constructor and runs the app's lifespan, which starts the batching engine)."""
 
-    def __init__(self, args: argparse.Namespace, fingerprint: str):
+    def __init__(self, args: argparse.Namespace, fingerprint: str, build_server):
+        """build_server: cli/serve.build_server, passed in (the commands import this package, not back)."""
         import socket
 
         from unskill.runtime.manifest import load_manifest
-        from unskill.serve import build_server
 
         found = load_manifest(args.model).fingerprint
         if found != fingerprint:
@@ -40,8 +40,9 @@ class GuardedReplica:
         return self.guarded_app
 
 
-def deploy(args: argparse.Namespace) -> str:
-    """Starts (or updates) the deployment and returns its base URL; the replicas keep running after it returns."""
+def deploy(args: argparse.Namespace, build_server) -> str:
+    """Starts (or updates) the deployment and returns its base URL; the replicas keep running after it returns.
+    build_server(args, device, threads) -> (ASGI app, model name) runs in every replica."""
     import_ray()
     from ray import serve
 
@@ -57,17 +58,17 @@ def deploy(args: argparse.Namespace) -> str:
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
     )(serve.ingress()(GuardedReplica))
     try:
-        serve.run(deployment.bind(args, fingerprint), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(deployment.bind(args, fingerprint, build_server), name=APP_NAME, route_prefix="/", blocking=False)
     except Exception as exc:   # a replica's refusal arrives wrapped in Serve's deployment error
         from .pool import _worker_error
         raise UnskillError(_worker_error(exc)) from None
     return f"http://{args.host}:{args.port}/v1"
 
 
-def serve_on_ray(args: argparse.Namespace) -> int:
+def serve_on_ray(args: argparse.Namespace, build_server) -> int:
     from ray import serve
 
-    url = deploy(args)
+    url = deploy(args, build_server)
     print(f"unskill serve: {args.model} on {url} ({args.replicas} Ray Serve replicas, {len(args.stats)} stats "
           f"file(s), batch {args.max_batch} each, auth {'on' if args.api_key else 'off'}); Ctrl-C stops it")
     try:

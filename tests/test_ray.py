@@ -112,10 +112,11 @@ def test_a_serve_replica_with_another_model_is_refused(model_dir):
     pytest.importorskip("ray", reason="the `ray` extra is not installed (pip install 'unskill[ray]')")
     from unskill.cli import build_parser
     from unskill.cluster.serve import GuardedReplica
+    from unskill.serve import build_server
 
     args = build_parser().parse_args(["serve", "--model", str(model_dir), "--ray"])
     with pytest.raises(UnskillError, match=r"^replica on .*holds another model"):
-        GuardedReplica(args, "sha256:not-this-model")
+        GuardedReplica(args, "sha256:not-this-model", build_server)
 
 
 def test_calibration_on_ray_stores_the_same_rule(cluster, model_dir, prompt_files, single_stats, tmp_path):
@@ -180,7 +181,7 @@ def test_two_serve_replicas_answer_concurrent_requests_as_ksd_run(cluster, model
     from unskill.cluster.serve import APP_NAME, deploy
     from unskill.runtime import load
     from unskill.runtime.generator import GenerationParams
-    from unskill.serve import check_args
+    from unskill.serve import build_server, check_args
 
     prompts = [APPLES[i] if i % 2 else CODE[i % len(CODE)] for i in range(32)]
     generator = load(model_dir, stats=[llama_stats[1]], device="cpu")
@@ -190,7 +191,7 @@ def test_two_serve_replicas_answer_concurrent_requests_as_ksd_run(cluster, model
     args = build_parser().parse_args(["serve", "--model", str(model_dir), "--stats", str(llama_stats[1]), "--ray",
                                       "--replicas", "2", "--port", str(free_port()), "--model-name", "tiny"])
     check_args(args)
-    url = deploy(args)
+    url = deploy(args, build_server)
     try:
         assert serve.status().applications[APP_NAME].deployments["guarded"].replica_states.get("RUNNING") == 2
         api = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
