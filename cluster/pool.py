@@ -126,8 +126,8 @@ def imap_items(items: list, work, options: RayOptions, *, model_dir, fingerprint
     connect(options)
     from tqdm import tqdm
 
+    context = ray.data.DataContext.get_current()   # (importing ray.data sets its loggers up: quiet them after)
     logging.getLogger("ray.data").setLevel(logging.ERROR)   # its per-run INFO lines would bury the progress bar
-    context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False   # ours below, as the single-process path shows it
     context.enable_operator_progress_bars = False
     rows = [{"index": index, "payload": pickle.dumps(item, protocol=5)} for index, item in enumerate(items)]
