@@ -141,13 +141,21 @@ class BatchEngine:
                 while self._pending and len(self._rows) + len(joining) < self.max_batch:
                     joining.append(self._pending.popleft())
             try:
-                self._join([row for row in map(self._prefill, joining) if row is not None])
+                self._join([row for row in map(self._prefill_alone, joining) if row is not None])
                 self._drop_finished()
                 if self._rows:
                     self._decode_step()
                     self._drop_finished()
             except Exception as exc:   # an onnxruntime failure must not leave clients waiting forever
-                self._fail_all(f"generation failed: {str(exc).splitlines()[0][:200]}")
+                self._fail_all(_failure(exc))
+
+    def _prefill_alone(self, request: Request) -> tuple | None:
+        """_prefill, where a failure ends this request alone (the batch has not taken its row yet)."""
+        try:
+            return self._prefill(request)
+        except Exception as exc:
+            self._send(request, Event(_failure(exc), finish_reason="error"))
+            return None
 
     def _prefill(self, request: Request) -> tuple | None:
         """The prompt alone (batch 1): guard, first token; (row, its cache, its mask) if it goes on."""
@@ -199,10 +207,18 @@ class BatchEngine:
             self._advance(active, logits[i], hits[i])
 
     def _advance(self, active: _Active, logits: np.ndarray, hit) -> None:
+        """One row's step. A failure here (sampling, decoding) is this row's: it ends with an error event and
+        the other rows go on."""
         request = active.request
-        active.next_id = self.generator.step_row(active.row, logits, hit, active.step, active.budget,
-                                                 request.params, active.rng)
-        event = active.stream.update(active.row)
+        try:
+            active.next_id = self.generator.step_row(active.row, logits, hit, active.step, active.budget,
+                                                     request.params, active.rng)
+            event = active.stream.update(active.row)
+        except Exception as exc:
+            active.row.done = True
+            active.next_id = self.model.manifest.pad_token_id
+            self._send(request, Event(_failure(exc), finish_reason="error"))
+            return
         if event is not None:
             self._send(request, event)
 
@@ -251,6 +267,12 @@ class BatchEngine:
         for request in [a.request for a in self._rows] + waiting:
             self._send(request, Event(message, finish_reason="error"))
         self._rows, self._past, self._mask = [], {}, np.zeros((0, 0), dtype=np.int64)
+
+
+def _failure(exc: Exception) -> str:
+    """One line for the client: what failed, never a traceback."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return f"generation failed: {lines[0][:200]}"
 
 
 def _pad_left(array: np.ndarray, width: int, axis: int) -> np.ndarray:
