@@ -6,7 +6,8 @@ blow-ups, fork bombs, stray files, network calls) and the escapes a hostile prog
   - namespaces (util-linux `unshare`, installed everywhere util-linux is): its own mount, PID, network,
     IPC and UTS namespaces, and as root also a switch to the unprivileged user `nobody` (setpriv) inside
     its own user namespace. In the mount namespace the whole file system is read-only except the work
-    dir (seen as /tmp/work) and fresh scratch tmpfs on /tmp, /var/tmp and /dev/shm; /etc/passwd and
+    dir (seen as /tmp/work) and fresh scratch tmpfs on /tmp, /var/tmp, /dev/shm and /run (the host's Unix
+    sockets live there; abstract ones belong to the network namespace); /etc/passwd and
     /etc/group hold only root and nobody. The program's PID namespace dies with it, so children it
     leaves behind (setsid included) die too. No network device is up;
   - `python -I` (isolated: no user site, no PYTHON* variables) with an empty environment;
@@ -14,7 +15,10 @@ blow-ups, fork bombs, stray files, network calls) and the escapes a hostile prog
   - rlimits: address space, CPU seconds, file size, open files, processes;
   - a prelude that disables sockets, process spawning and signalling, and refuses writes and deletes
     outside the work dir, before the code runs (Python-level guards: they give clear messages, the
-    namespaces hold when C-level calls get past them).
+    namespaces hold when C-level calls get past them), and a seccomp filter: socket() of any family but
+    IPv4/IPv6 fails, so no Unix socket file anywhere on the host can be reached, even from C;
+  - a verdict from the program's end only: the harness writes a random per-run marker after its last line
+    (the asserts), so an exit before them (SystemExit, os._exit, atexit) scores as failed.
 Without namespaces (no `unshare`, or a kernel that refuses them) only the last four layers remain; see
 `isolation()`. This is not a VM.
 """
