@@ -29,6 +29,9 @@ import onnxruntime as ort
 
 from .errors import UnskillError
 from .generator import Event, GenerationParams, Generator, Prompt, TextStream, _Row
+from .session import release_freed_memory
+
+TRIM_EVERY_STEPS = 32
 
 
 class EngineBusy(UnskillError):
@@ -78,6 +81,7 @@ class BatchEngine:
         self.steps = 0        # decode steps run (each shared by every active row)
         self.row_steps = 0    # rows summed over decode steps: row_steps / steps = mean batch size
         self.prefills = 0
+        self._trimmed_at = 0   # decode step of the last release_freed_memory
         self.share_prefix = share_prefix
         self._prefixes: dict[bool, tuple[list[int], dict[str, ort.OrtValue]]] = {}   # chat flag -> ids, cache
 
@@ -252,11 +256,17 @@ class BatchEngine:
         self._rows = [self._rows[i] for i in keep]
         if not keep:
             self._past, self._mask = {}, np.zeros((0, 0), dtype=np.int64)
-            return
-        mask = self._mask[keep]
-        start = int(mask.any(axis=0).argmax())   # columns before it are padding in every row left
-        self._mask = np.ascontiguousarray(mask[:, start:])
-        self._past = {name: self._ort(value.numpy()[keep][:, :, start:]) for name, value in self._past.items()}
+        else:
+            mask = self._mask[keep]
+            start = int(mask.any(axis=0).argmax())   # columns before it are padding in every row left
+            self._mask = np.ascontiguousarray(mask[:, start:])
+            self._past = {name: self._ort(value.numpy()[keep][:, :, start:]) for name, value in self._past.items()}
+        # Every join and leave copies the batch's cache (NumPy arrays of tens of MB): glibc keeps the freed blocks,
+        # so RSS would stay at the largest batch ever served. Hand them back when the batch empties, and at most
+        # every TRIM_EVERY_STEPS decode steps while it runs (malloc_trim costs ~ms, a step ~10-100 ms).
+        if not keep or self.steps - self._trimmed_at >= TRIM_EVERY_STEPS:
+            release_freed_memory()
+            self._trimmed_at = self.steps
 
     def _ort(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.model.device)

@@ -173,6 +173,7 @@ def test_serve_cli_refuses_bad_options_before_loading(tmp_path, capsys):
         port = taken.getsockname()[1]
         cases = [(["--port", "70000"], "--port must be in 0..65535"), (["--max-batch", "0"], "--max-batch must be >= 1"),
                  (["--hold-tokens", "-2"], "--hold-tokens"), (["--port", str(port)], "Address already in use"),
+                 (["--alpha", "1e-300"], "refuse nothing"), (["--alpha", "1e300"], "refuse everything"),
                  (["--port", "0"], "no manifest")]
         for extra, message in cases:
             assert unskill(["serve", "--model", str(tmp_path), *extra]) == 2
