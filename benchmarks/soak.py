@@ -115,7 +115,7 @@ async def normal_stream(http, url: str, question: str, index: int, max_tokens: i
 async def hostile(http, url: str, name: str, make_body, expected: int) -> str | None:
     """None when the server answered as expected, else what went wrong."""
     try:
-        response = await http.post(url, content=make_body(), headers={"Content-Type": "application/json"})
+        response = await http.post(url, content=make_body())
     except httpx.HTTPError as exc:
         return f"{name}: {type(exc).__name__}"
     if response.status_code != expected:
@@ -141,7 +141,8 @@ async def disconnect(http, url: str) -> None:
 async def one_round(base: str, args, round_number: int) -> tuple[list[str], list[str]]:
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=args.streams + len(HOSTILE) + args.disconnects + 8)
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=args.request_timeout,
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    async with httpx.AsyncClient(headers=headers, timeout=args.request_timeout,
                                  limits=limits) as http:
         normal = [normal_stream(http, url, QUESTIONS[(i + round_number) % len(QUESTIONS)], i, args.max_tokens,
                                 args.request_timeout) for i in range(args.streams)]
@@ -185,7 +186,8 @@ def main() -> int:
             series.append({"round": round_number, "s": round(time.monotonic() - started),
                            "rss_mb": round(rss_mb(server.pid)), "active": health["active"],
                            "waiting": health["waiting"]})
-            print(json.dumps(series[-1] | {k: v for k, v in counts.items()}), flush=True)
+            print(json.dumps(series[-1] | counts | {"last_lost": lost[-1:], "hostile_wrong": round_problems}),
+                  flush=True)
             round_number += 1
     finally:
         server.terminate()
