@@ -12,6 +12,10 @@ in every remaining row are trimmed. The guard is checked per row at every forwar
 The tokens every chat prompt starts with (the template's system turn: 24 of a typical 39 tokens on
 SmolLM2) are run once; a prompt that starts with them is prefilled from that cache (share_prefix=True).
 
+A request's parameters are checked at submit (GenerationParams, SamplingParams.validate); a failure inside
+one row later (its prefill, its sampling) ends that row with an error event and the others go on. Only a
+failed batched forward ends every row.
+
 One thread runs the loop. onnxruntime releases the GIL while it runs, so an asyncio server on the main
 thread stays responsive. Each request gets its Events through its own callback, called on that thread.
 """
@@ -262,8 +266,8 @@ class BatchEngine:
             self._mask = np.ascontiguousarray(mask[:, start:])
             self._past = {name: self._ort(value.numpy()[keep][:, :, start:]) for name, value in self._past.items()}
         # Every join and leave copies the batch's cache (NumPy arrays of tens of MB): glibc keeps the freed blocks,
-        # so RSS would stay at the largest batch ever served. Hand them back when the batch empties, and at most
-        # every TRIM_EVERY_STEPS decode steps while it runs (malloc_trim costs ~ms, a step ~10-100 ms).
+        # so RSS would stay at the largest batch ever served. Hand them back when the batch empties, and when rows
+        # leave at most once every TRIM_EVERY_STEPS decode steps (malloc_trim costs ~ms, a step ~10-100 ms).
         if not keep or self.steps - self._trimmed_at >= TRIM_EVERY_STEPS:
             release_freed_memory()
             self._trimmed_at = self.steps

@@ -45,7 +45,7 @@ def _sandbox():
             numbers = [v for v in (left, right) if isinstance(v, (int, float)) and not isinstance(v, bool)]
             if operator == "*" and sizes and numbers and max(sizes) * abs(numbers[0]) > TEMPLATE_NUMBER:
                 raise TemplateLimit(f"a repetition of over {TEMPLATE_NUMBER} items")
-            if operator == "**" and any(abs(v) > 64 for v in numbers[1:]) or any(map(too_big, numbers)):
+            if (operator == "**" and any(abs(v) > 64 for v in numbers[1:])) or any(map(too_big, numbers)):
                 raise TemplateLimit(f"a number over {TEMPLATE_NUMBER}")
             if operator == "%" and isinstance(left, str) and re.search(r"%[-+ #0]*\d{5,}", left):
                 raise TemplateLimit("a format width over 9,999")
@@ -102,6 +102,7 @@ def _trace_template(frame, event, arg):
     (a loop over anything, a recursive macro) and leaves other code untraced."""
     if frame.f_code.co_filename != "<template>":
         return None
+
     def on_line(frame, event, arg):
         _Budget.step(0)
         return on_line
