@@ -46,14 +46,16 @@ def add_parser(subparsers) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     from unskill.runtime.errors import UnskillError
+    from unskill.runtime.statsfile import alpha_problem
 
     for name in ("max_batch", "max_queue", "max_tokens", "default_max_tokens", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise UnskillError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.context is not None and args.context < 2:
         raise UnskillError(f"--context must be >= 2, got {args.context}")
-    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):
-        raise UnskillError(f"--alpha must be a finite number > 0, got {args.alpha}")
+    problem = alpha_problem(args.alpha, args.alpha_mode) if args.alpha is not None else None
+    if problem:
+        raise UnskillError(f"--alpha {problem}")
     if args.ray is not None and (args.replicas < 1 or args.replica_cpus <= 0 or args.replica_gpus < 0):
         raise UnskillError(f"--replicas must be >= 1, --replica-cpus > 0, --replica-gpus >= 0, got "
                            f"{args.replicas}, {args.replica_cpus}, {args.replica_gpus}")
@@ -94,7 +96,7 @@ def build_server(args: argparse.Namespace, device: str | None = None, threads: i
     from unskill.runtime.server import ServeLimits, build_app
 
     # As in ksd-run: without --alpha and --layers each stats file's calibrated rule guards (`unskill calibrate`).
-    layers = parse_layers(args.layers, load_manifest(args.model).num_layers) if args.layers else None
+    layers = parse_layers(args.layers, load_manifest(args.model).num_layers) if args.layers is not None else None
     generator = load(args.model, args.stats, args.alpha, args.alpha_mode, layers, device or args.device,
                      threads or args.threads, args.abstain_message or ABSTAIN_MESSAGE)
     engine = BatchEngine(generator, args.max_batch, args.max_queue)
