@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.generator import GenerationParams, Generator
-from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, require_key_last, resolve_layers, shared_prefix_length
-from unskill.runtime.ksd import build_cubes
+from unskill.runtime.keys import (MIN_SHARED_PREFIX, KeyEntry, KeyReader, require_key_last, resolve_layers,
+                                  shared_prefix_length)
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
@@ -57,26 +57,6 @@ class EvalConfig:
 
 
 BYPASS_FORMATS = {"chat": ("chat",), "raw": ("raw",), "both": ("chat", "raw")}
-
-
-class KeyEntry:
-    """Entry alphas of key vectors for several stats files at one layer."""
-
-    def __init__(self, stats: dict[str, StatsFile], num_layers: int, key_outputs: list[str], layer: int,
-                 key_last_outputs: list[str] | None = None):
-        self.layer = resolve_layers([layer], num_layers)[0]   # out of range is an error, as in the guard
-        self.output = key_outputs[self.layer]                 # every position: token-level tasks
-        self.last_output = (key_last_outputs or key_outputs)[self.layer]   # the guard's: decode steps
-        self.cubes = {name: build_cubes(s, [self.layer], 1.0, "k")[0] for name, s in stats.items()}
-
-    def __call__(self, keys: np.ndarray) -> list[dict[str, float]]:
-        """keys (B, F) -> per row {stats name: entry alpha}."""
-        per_name = {name: np.max(np.abs(keys - c.center) / c.halfwidth, axis=-1) for name, c in self.cubes.items()}
-        return [{name: float(values[row]) for name, values in per_name.items()} for row in range(keys.shape[0])]
-
-    def digest(self) -> dict[str, str]:
-        return {name: hashlib.sha256(c.center.tobytes() + c.halfwidth.tobytes()).hexdigest()[:16]
-                for name, c in self.cubes.items()}
 
 
 class _StepRecorder:
@@ -152,6 +132,10 @@ class Harness:
         self.entry = (KeyEntry(stats, manifest.num_layers, manifest.key_outputs, config.layer,
                                manifest.key_last_outputs) if stats else None)
         self.templated = config.chat and tokenizer.has_chat_template
+        # Set by `unskill eval --ray` (cluster/jobs.py): runs a task's items elsewhere, (spec, dataset, todo) ->
+        # (index, record); and a KeyReader stand-in for the bypass benchmark's prefills.
+        self.distribute = None
+        self.reader = None
 
     # ----------------------------------------------------------------------------------------- driver
 
@@ -169,13 +153,17 @@ class Harness:
         cache = ItemCache(self.cache_dir, self._identity(spec))
         keys = [item_key(item) for item in dataset.items]
         todo = [i for i, key in enumerate(keys) if key not in cache]
-        runner = {"tokens": self._tokens, "mmlu": self._mmlu}.get(spec.kind, self._generation)
+        runner = self.distribute if self.distribute and todo else self.runner(spec)
         with tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"eval {spec.name}", unit="item",
                   disable=not self.config.progress) as bar:
             for index, record in runner(spec, dataset, todo):
                 cache.add(keys[index], record)
                 bar.update()
         return summarise(spec, dataset.name, [cache.records[key] for key in keys])
+
+    def runner(self, spec: T.TaskSpec):
+        """The function that scores a task's items: (spec, dataset, todo indices) -> (index, record) pairs."""
+        return {"tokens": self._tokens, "mmlu": self._mmlu}.get(spec.kind, self._generation)
 
     def _identity(self, spec: T.TaskSpec) -> dict:
         return {"harness": HARNESS_VERSION, "model": self.model.manifest.fingerprint, "task": spec.name,
@@ -227,11 +215,11 @@ class Harness:
 
     def _bypass_sets(self, spec: T.TaskSpec, parts: list, guards: dict, chat: bool) -> dict:
         layers = sorted({self.entry.layer} | {r.layer for g in guards.values() for r in g.cubes})
-        reader = KeyReader(self.model, self.config.batch_size * 2, self.config.progress)
+        reader = self.reader or KeyReader(self.model, self.config.batch_size * 2, self.config.progress)
         sets = {}
-        for part in parts:
-            sequences = [self.tokenizer.encode_turns(c, chat) for c in part.conversations]
-            keys = reader.last_keys(sequences, layers, desc=f"{spec.name} {part.name}{'' if chat else ' raw'}")
+        encoded = [[self.tokenizer.encode_turns(c, chat) for c in part.conversations] for part in parts]
+        desc = f"{spec.name}{'' if chat else ' raw'}"
+        for part, sequences, keys in zip(parts, encoded, reader.last_keys_each(encoded, layers, desc=desc)):
             by_output = {self.model.manifest.key_last_outputs[layer]: keys[:, i] for i, layer in enumerate(layers)}
             entries = self.entry(keys[:, layers.index(self.entry.layer)])
             sets[part.name] = {
@@ -486,10 +474,3 @@ def last_prompt_keys(model: OnnxLM, ids: np.ndarray, mask: np.ndarray, layer: in
     output = require_key_last(model.manifest, model.directory)[resolve_layers([layer], model.manifest.num_layers)[0]]
     out_logits, _, extras = model.forward(ids, mask, model.empty_past(ids.shape[0]), [output], logits=logits)
     return out_logits, extras[output]
-
-
-def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, layer: int, chat: bool = True,
-                batch_size: int = 8) -> np.ndarray:
-    """Key vectors at the last prompt token of one layer, (items, F), in dataset order (calibration)."""
-    sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
-    return KeyReader(model, batch_size).last_keys(sequences, [layer])[:, 0]

@@ -1,17 +1,23 @@
 """The one path for reading keys: prefill prompts and return the FFL key at the last prompt token of the
 requested layers (the `key_last.{i}` outputs). Probing (`unskill stats`), calibration, the bypass benchmark
-and the decode-time guard all read keys through these outputs, with layers numbered 0..L-1 (negative
+and the decode-time guard all read keys through these outputs (KeyEntry: their entry alphas into a stats file's
+cubes, for calibration and eval), with layers numbered 0..L-1 (negative
 indices count from the end, anything else is an error).
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from .ksd import build_cubes
 from .manifest import require_key_last, resolve_layers  # noqa: F401  (evals import them from here too)
 from .session import OnnxLM, left_pad
+from .statsfile import StatsFile
+from .tokenizer import TextTokenizer
 
 MIN_SHARED_PREFIX = 4   # shorter common prefixes are not worth a separate prefill
 
@@ -38,31 +44,48 @@ def shared_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
+def plan_batches(sequences: list[list[int]], batch_size: int, share_prefix: bool = True) -> tuple[int, list[list[int]]]:
+    """How a prompt pass runs: (tokens of the common prefix run once, 0 for none; the batches as lists of
+    sequence indices, longest first). A distributed pass (cluster/) runs the same plan, so its keys are the
+    same floats."""
+    shared = shared_prefix_length(sequences) if share_prefix else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    order = _order(sequences)
+    return shared, [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def prefix_cache(model: OnnxLM, prefix: list[int]) -> dict[str, np.ndarray]:
+    """The KV cache of a prefix every row of a pass starts with (one row, as NumPy); {} for no prefix."""
+    if not prefix:
+        return {}
+    ids = np.asarray([prefix], dtype=np.int64)
+    _, past, _ = model.forward(ids, np.ones_like(ids), model.empty_past(1), [], logits=False)
+    return {name: value.numpy() for name, value in past.items()}
+
+
+def prefill_rows(model: OnnxLM, suffixes: list[list[int]], shared: int, cache: dict[str, np.ndarray],
+                 outputs: list[str]) -> dict[str, np.ndarray]:
+    """One batch of a pass: rows are [prefix (its cache) | left padding | suffix]; positions from the mask."""
+    ids, mask = left_pad(suffixes, model.manifest.pad_token_id)
+    if shared:
+        mask = np.concatenate([np.ones((len(suffixes), shared), dtype=np.int64), mask], axis=1)
+        past = {name: ort.OrtValue.ortvalue_from_numpy(np.repeat(value, len(suffixes), axis=0))
+                for name, value in cache.items()}
+    else:
+        past = model.empty_past(len(suffixes))
+    _, _, values = model.forward(ids, mask, past, outputs, logits=False)
+    return values
+
+
 def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[str], batch_size: int,
                        progress: bool = False, desc: str = "keys", share_prefix: bool = True):
     """Yield (sequence indices, {output: value at each sequence's last token}) batch by batch. The common
     prefix of all sequences runs once; its KV cache is repeated for every batch, so a prompt pass costs
     the tokens after it only. Rows are [prefix | left padding | suffix]; positions come from the mask."""
-    shared = shared_prefix_length(sequences) if share_prefix else 0
-    shared = shared if shared >= MIN_SHARED_PREFIX else 0
-    prefix_cache = {}
-    if shared:
-        ids = np.asarray([sequences[0][:shared]], dtype=np.int64)
-        _, past, _ = model.forward(ids, np.ones_like(ids), model.empty_past(1), [], logits=False)
-        prefix_cache = {name: value.numpy() for name, value in past.items()}
-    order = _order(sequences)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-        rows = order[start:start + batch_size]
-        ids, mask = left_pad([sequences[i][shared:] for i in rows], model.manifest.pad_token_id)
-        if shared:
-            mask = np.concatenate([np.ones((len(rows), shared), dtype=np.int64), mask], axis=1)
-            past = {name: ort.OrtValue.ortvalue_from_numpy(np.repeat(value, len(rows), axis=0))
-                    for name, value in prefix_cache.items()}
-        else:
-            past = model.empty_past(len(rows))
-        _, _, values = model.forward(ids, mask, past, outputs, logits=False)
-        yield rows, values
+    shared, batches = plan_batches(sequences, batch_size, share_prefix)
+    cache = prefix_cache(model, sequences[0][:shared]) if shared else {}
+    for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        yield rows, prefill_rows(model, [sequences[i][shared:] for i in rows], shared, cache, outputs)
 
 
 class KeyReader:
@@ -80,3 +103,35 @@ class KeyReader:
                                                self.progress, desc):
             keys[rows] = np.stack([values[name] for name in outputs], axis=1)
         return keys
+
+    def last_keys_each(self, groups: list[list[list[int]]], layers=None, desc: str = "keys") -> list[np.ndarray]:
+        """last_keys of several groups of sequences, each planned on its own (its own shared prefix); a
+        distributed reader (cluster/jobs.py) runs them in one job."""
+        return [self.last_keys(sequences, layers, desc) for sequences in groups]
+
+class KeyEntry:
+    """Entry alphas of key vectors for several stats files at one layer."""
+
+    def __init__(self, stats: dict[str, StatsFile], num_layers: int, key_outputs: list[str], layer: int,
+                 key_last_outputs: list[str] | None = None):
+        self.layer = resolve_layers([layer], num_layers)[0]   # out of range is an error, as in the guard
+        self.output = key_outputs[self.layer]                 # every position: token-level tasks
+        self.last_output = (key_last_outputs or key_outputs)[self.layer]   # the guard's: decode steps
+        self.cubes = {name: build_cubes(s, [self.layer], 1.0, "k")[0] for name, s in stats.items()}
+
+    def __call__(self, keys: np.ndarray) -> list[dict[str, float]]:
+        """keys (B, F) -> per row {stats name: entry alpha}."""
+        per_name = {name: np.max(np.abs(keys - c.center) / c.halfwidth, axis=-1) for name, c in self.cubes.items()}
+        return [{name: float(values[row]) for name, values in per_name.items()} for row in range(keys.shape[0])]
+
+    def digest(self) -> dict[str, str]:
+        return {name: hashlib.sha256(c.center.tobytes() + c.halfwidth.tobytes()).hexdigest()[:16]
+                for name, c in self.cubes.items()}
+
+
+def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset, layer: int, chat: bool = True,
+                batch_size: int = 8) -> np.ndarray:
+    """Key vectors at the last prompt token of one layer, (items, F), in dataset order (calibration);
+    `dataset` is a stats Dataset (its `items` carry a `prompt`)."""
+    sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
+    return KeyReader(model, batch_size).last_keys(sequences, [layer])[:, 0]

@@ -17,7 +17,7 @@ from unskill.runtime.statsfile import GROUP_FIELDS, Moments, StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
 from .datasets import Dataset
-from unskill.evals.evaluate import KeyEntry, prompt_keys
+from unskill.runtime.keys import KeyEntry, prompt_keys
 
 
 @dataclass
@@ -100,13 +100,13 @@ WIDEN = 1.25        # retain prompts within this factor of a threshold count aga
 AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
 CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
 # What `unskill calibrate --rules` may search, and its default: calibration picks among both on validation data
-# (boxes lost in docs/runs/robustness-*); the decode check below keeps a rule that fires on decoded tokens of
-# ordinary answers (Gemma-3's ratio rule, session 12) out.
+# (boxes lost on the bypass benchmark); the decode check below keeps a rule that fires on decoded tokens of
+# ordinary answers (a Gemma-3 ratio rule did) out.
 RULE_KINDS = ("gauss", "ratio")
 DECODE_PROMPTS = 64   # retain prompts (evenly spaced over every retain set) decoded greedily by the decode check
 DECODE_TOKENS = 16    # tokens each of them decodes; the guard checks the key at every one of them
 # 32 prompts x 10 tokens passed a Gemma-3 ratio rule that then refused 0.10-0.15 of retain prompts within 16
-# decoded tokens (docs/runs/robustness-smollm2/decode-safe.md): the sample misses the tail of decoded keys. So
+# decoded tokens: the sample misses the tail of decoded keys. So
 # the check also keeps a margin: thresholds stay WIDEN x below the decoded keys, and a candidate is rejected
 # when WIDEN x its thresholds would already refuse more decoded prompts than the target.
 
@@ -277,19 +277,21 @@ class RuleCalibration:
 def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, retain: list[Dataset],
                    forget: Dataset, target: float = 0.01, chat: bool = True, kind: str | None = None,
                    batch_size: int = 8, progress: bool = False, rules=RULE_KINDS,
-                   decode_prompts: int = DECODE_PROMPTS, decode_tokens: int = DECODE_TOKENS) -> RuleCalibration:
+                   decode_prompts: int = DECODE_PROMPTS, decode_tokens: int = DECODE_TOKENS,
+                   reader=None) -> RuleCalibration:
     """One prefill per prompt reads every layer's key; rules and the paper's alpha are chosen from them.
     retain[0] is the user's --retain set (the paper's alpha is calibrated on it alone, as before); the
     others (built-in chat, general) join it for the stored rule. `kind` adds framed variants of the forget
     validation prompts (stats/augment.py, never the benchmark's frames). decode_prompts retain prompts (evenly
     spaced over all retain sets; 0: none) decode decode_tokens tokens greedily, and no stored rule may refuse
-    more of them at a decoded token than the target (the runtime guard checks every decoded token's key)."""
+    more of them at a decoded token than the target (the runtime guard checks every decoded token's key).
+    `reader` reads the prompt keys elsewhere (KeyReader's interface; cluster/jobs.RayKeyReader for --ray)."""
     from unskill.runtime.keys import KeyReader
 
     from .augment import augment
 
     _check_target(target)
-    reader = KeyReader(model, batch_size, progress)
+    reader = reader or KeyReader(model, batch_size, progress)
 
     def keys(dataset: Dataset) -> np.ndarray:
         return reader.last_keys([tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items],
