@@ -23,14 +23,30 @@ DEPLOY_MODEL_FILE = "onnx/model.onnx"
 DEPLOY_DATA_FILE = "model.onnx_data"   # beside the graph, as transformers.js names it
 
 
-def slim(model_dir: str | Path, out_dir: str | Path, guard: bool = True) -> Manifest:
-    """Write the deploy folder of `model_dir` into `out_dir`; guard=False drops key_last.* as well."""
+def slim(model_dir: str | Path, out_dir: str | Path, guard: bool = True, guard_stats: list = ()) -> Manifest:
+    """Write the deploy folder of `model_dir` into `out_dir`; guard=False drops key_last.* as well.
+    guard_stats: stats files of `model_dir` whose KSD rules go into the graph (guard.refuse; guard_graph.py).
+    For the ecosystem's onnxruntime builds GroupQueryAttention loses its query_seqlens input and the tied
+    embedding / LM head is stored once (exporter/tie.py)."""
+    from .gqa import drop_query_seqlens
+    from .tie import tie_embedding
+
     model, manifest = load_exported(model_dir)
     presents = [o.name for o in model.graph.output if o.name.startswith("present.")]
     key_last = list(manifest.key_last_outputs or []) if guard else []
-    slimmed = probe_graph(model, ["logits", *presents, *key_last])
+    carried = [o.name for o in model.graph.output if o.name.startswith("guard.")] if guard else []
+    slimmed = probe_graph(model, ["logits", *presents, *key_last, *carried])
     del model
-    edit = {"method": "slim", "target": "deploy", "key_last": bool(key_last), "ratio": 0.0}
+    dropped = drop_query_seqlens(slimmed)
+    slimmed, tied = tie_embedding(slimmed)
+    edit = {"method": "slim", "target": "deploy", "key_last": bool(key_last), "ratio": 0.0,
+            "gqa_query_seqlens": not dropped and manifest.gqa_query_seqlens, "tied_embedding": tied}
+    changes = {"guard": manifest.guard if carried else None}
+    if guard_stats:
+        from .guard_graph import guarded_model
+        slimmed, changes["guard"] = guarded_model(slimmed, manifest, guard_stats)
+        edit["guard"] = [s["skill"] for s in changes["guard"]["skills"]]
     return save_edited(slimmed, manifest, model_dir, out_dir, edit, model_file=DEPLOY_MODEL_FILE,
                        data_file=DEPLOY_DATA_FILE, probe=False, target="deploy",
-                       key_last_outputs=key_last or None, stats_compatible=stats_compatible_with(manifest))
+                       key_last_outputs=key_last or None, stats_compatible=stats_compatible_with(manifest),
+                       gqa_query_seqlens=edit["gqa_query_seqlens"], **changes)

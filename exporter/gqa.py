@@ -366,3 +366,20 @@ def remove_dead_nodes(model: onnx.ModelProto) -> None:
     unused = [t for t in model.graph.initializer if t.name not in needed]
     for tensor in unused:
         model.graph.initializer.remove(tensor)
+
+
+def drop_query_seqlens(model: onnx.ModelProto) -> int:
+    """GroupQueryAttention nodes without their 17th input (query_seqlens, onnxruntime >= 1.32): the schema that
+    onnxruntime-node/-web 1.30-1.31 and onnxruntime-genai 0.18 know has 16 at most. Without it a batch of several
+    rows cannot continue a past with several new tokens each (the runtime then prefills in one pass,
+    manifest.gqa_query_seqlens). Edits in place, drops the nodes that computed it; returns the nodes changed."""
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and node.domain == MS and len(node.input) > 16:
+            del node.input[16:]
+            while node.input and not node.input[-1]:
+                node.input.pop()
+            changed += 1
+    if changed:
+        remove_dead_nodes(model)
+    return changed
