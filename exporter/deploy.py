@@ -23,11 +23,12 @@ DEPLOY_MODEL_FILE = "onnx/model.onnx"
 DEPLOY_DATA_FILE = "model.onnx_data"   # beside the graph, as transformers.js names it
 
 
-def slim(model_dir: str | Path, out_dir: str | Path, guard: bool = True, guard_stats: list = ()) -> Manifest:
+def slim(model_dir: str | Path, out_dir: str | Path, guard: bool = True, guard_stats: list = (),
+         tie: bool = True) -> Manifest:
     """Write the deploy folder of `model_dir` into `out_dir`; guard=False drops key_last.* as well.
     guard_stats: stats files of `model_dir` whose KSD rules go into the graph (guard.refuse; guard_graph.py).
     For the ecosystem's onnxruntime builds GroupQueryAttention loses its query_seqlens input and the tied
-    embedding / LM head is stored once (exporter/tie.py)."""
+    embedding / LM head is stored once (exporter/tie.py; tie=False keeps both copies, for benchmarks/deploy.py)."""
     from .gqa import drop_query_seqlens
     from .tie import tie_embedding
 
@@ -38,7 +39,7 @@ def slim(model_dir: str | Path, out_dir: str | Path, guard: bool = True, guard_s
     slimmed = probe_graph(model, ["logits", *presents, *key_last, *carried])
     del model
     dropped = drop_query_seqlens(slimmed)
-    slimmed, tied = tie_embedding(slimmed)
+    slimmed, tied = tie_embedding(slimmed) if tie else (slimmed, False)
     edit = {"method": "slim", "target": "deploy", "key_last": bool(key_last), "ratio": 0.0,
             "gqa_query_seqlens": not dropped and manifest.gqa_query_seqlens, "tied_embedding": tied}
     changes = {"guard": manifest.guard if carried else None}
