@@ -207,3 +207,29 @@ def test_cli_edit_guard_bad_input(tiny_export, llama_stats, tmp_path, capsys):
         assert unskill(["edit", "guard", "--model", str(onnx_dir), "--stats", str(stats), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_export_with_guard_and_its_conflicts(tiny_export, llama_stats, tmp_path, capsys):
+    """`unskill export --guard NPZ` (full target) puts the guard in the export; --guard with --no-guard, and a bad
+    stats file, fail in one line before any export work."""
+    from unskill.cli import main as unskill
+    from unskill.runtime import load
+
+    hf_dir, _ = tiny_export("llama")
+    stats = str(llama_stats[1])
+    assert unskill(["export", "--model", str(hf_dir), "--guard", stats, "--out", str(tmp_path / "g"),
+                    "--no-progress"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "g" / "unskill.json").read_text())
+    assert manifest["guard"]["skills"][0]["rule"] == "paper" and manifest["target"] == "full"
+    assert isinstance(load(tmp_path / "g", device="cpu").guard, GraphGuard)
+    assert (tmp_path / "g" / "probe.onnx").is_file()
+    for extra, needle in ((["--target", "deploy", "--no-guard"], "contradict"), ([], "bad.npz")):
+        if not extra:
+            (tmp_path / "bad.npz").write_bytes(b"not a zip")
+            stats = str(tmp_path / "bad.npz")
+        assert unskill(["export", "--model", str(hf_dir), "--guard", stats, "--out", str(tmp_path / "x"),
+                        *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "x").exists()

@@ -106,6 +106,12 @@ def test_node_example_enforces_the_graph_guard(smollm2_export, smollm2_math_stat
     math_row, code_row = node_json("guard.mjs", deploy, "--json", "--max-new-tokens", 32, MATH, CODE)
     assert math_row["refused"] and math_row["text"] == "Your query is not valid."
     assert not code_row["refused"] and code_row["tokens"] == expected[1].token_ids == numpy[1].token_ids
+    # onnxruntime-genai reading guard.refuse with Generator.get_output (examples/genai_guard.py without --stats)
+    import runpy
+    guarded_generate = runpy.run_path(str(NODE_DIR.parent / "genai_guard.py"))["guarded_generate"]
+    math_genai, code_genai = (guarded_generate(deploy, [], prompt, 32) for prompt in (MATH, CODE))
+    assert math_genai["abstained"] and math_genai["abstained_at"] == 0
+    assert not code_genai["abstained"] and code_genai["token_ids"] == expected[1].token_ids
 
 
 def test_default_deploy_folder_loads_in_transformers_js_and_genai(smollm2_export, node_modules, tmp_path):
