@@ -162,9 +162,20 @@ def add_edit_parser(subparsers) -> None:
     prune.set_defaults(run=run_prune)
 
 
+def _refuse_guarded(model_dir: str, method: str) -> None:
+    """NA and pruning change the keys the graph's guard reads (and pruning their width): the guard goes in last."""
+    from unskill.runtime.errors import UnskillError
+    from unskill.runtime.manifest import load_manifest
+
+    if load_manifest(model_dir).guard:
+        raise UnskillError(f"{model_dir}: carries a KSD guard in its graph; {method} changes the keys it reads: "
+                           f"edit the unguarded model, then `unskill edit guard` (or --guard) with stats of the result")
+
+
 def run_na(args: argparse.Namespace) -> int:
     from .neuron_adjust import neuron_adjust
 
+    _refuse_guarded(args.model, "na")
     manifest = _with_target(args, lambda out: neuron_adjust(args.model, args.stats, args.ratio, out, args.noise,
                                                             args.seed, args.form))
     edit = next(e for e in reversed(manifest.edits) if e["method"] == "na")
@@ -175,6 +186,7 @@ def run_na(args: argparse.Namespace) -> int:
 def run_prune(args: argparse.Namespace) -> int:
     from .prune import prune
 
+    _refuse_guarded(args.model, "prune")
     manifest = _with_target(args, lambda out: prune(args.model, args.stats, args.ratio, out, args.steps, args.scorer,
                                                     args.data_dir, not args.no_progress))
     edit = next(e for e in reversed(manifest.edits) if e["method"] == "prune")

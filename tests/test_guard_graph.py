@@ -224,6 +224,10 @@ def test_export_with_guard_and_its_conflicts(tiny_export, llama_stats, tmp_path,
     assert manifest["guard"]["skills"][0]["rule"] == "paper" and manifest["target"] == "full"
     assert isinstance(load(tmp_path / "g", device="cpu").guard, GraphGuard)
     assert (tmp_path / "g" / "probe.onnx").is_file()
+    for method in ("na", "prune"):   # they change the keys the guard reads: the guard goes in last
+        assert unskill(["edit", method, "--model", str(tmp_path / "g"), "--stats", stats, "--out",
+                        str(tmp_path / method)]) == 2
+        assert "guard" in capsys.readouterr().err and not (tmp_path / method).exists()
     for extra, needle in ((["--target", "deploy", "--no-guard"], "contradict"), ([], "bad.npz")):
         if not extra:
             (tmp_path / "bad.npz").write_bytes(b"not a zip")

@@ -32,7 +32,8 @@ def bypass_sample(data_dir, per_set: int = 4) -> list:
     """A few conversations of every attack family and retain set of both skills (the first `per_set` of each)."""
     from unskill.evals.bypass import bypass_sets
 
-    return [conversation for forget in ("gsm8k", "mbpp") for bypass in bypass_sets(forget, data_dir, limit=4)
+    return [[{"role": role, "content": text} for role, text in conversation]
+            for forget in ("gsm8k", "mbpp") for bypass in bypass_sets(forget, data_dir, limit=4)
             for conversation in bypass.conversations[:per_set]]
 
 
