@@ -203,22 +203,3 @@ def guarded_model(model: onnx.ModelProto, manifest: Manifest, stats_paths: list)
     return add_guard(model, guard, manifest), guard_record(guard, stats_paths,
                                                             [stats_sha256(p) for p in stats_paths])
 
-
-def guard_edit(model_dir, stats_paths: list, out_dir) -> Manifest:
-    """`unskill edit guard`: DIR2 = DIR with the guard of `stats_paths` in its graph (a full or a deploy folder)."""
-    from pathlib import Path
-
-    from .deploy import DEPLOY_DATA_FILE
-    from .edit import load_exported, save_edited, stats_compatible_with
-    from .export import DATA_FILE, refuse_nonempty_out
-
-    refuse_nonempty_out(Path(out_dir))
-    model, manifest = load_exported(model_dir)
-    guarded, record = guarded_model(model, manifest, stats_paths)
-    del model
-    deploy = manifest.target == "deploy"
-    edit = {"method": "guard", "skills": [s["skill"] for s in record["skills"]], "ratio": 0.0}
-    # The keys are untouched: the parent's stats (and those it accepts) still apply.
-    return save_edited(guarded, manifest, model_dir, out_dir, edit, model_file=manifest.model_file,
-                       data_file=DEPLOY_DATA_FILE if deploy else DATA_FILE, probe=not deploy,
-                       guard=record, stats_compatible=stats_compatible_with(manifest))

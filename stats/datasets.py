@@ -22,6 +22,12 @@ Benchmark splits:
   mmlu     dev (alias train), test; all subjects, in sorted file-name order.
   xquad-LL train (first half of the articles), test (second half); splitting by article keeps
            the same context paragraph from landing in both splits.
+  instructions  calibration, heldout, all: the 252 user-oriented instructions (Self-Instruct), prompt =
+           instruction + the first instance's input. Split BY APP (within each label, apps in sha256 order go
+           alternately to heldout and calibration), so near-identical requests of one app never sit on both
+           sides. Each item's `group` is its label from the app (INSTRUCTION_SKILL_APPS): "math", "code" or
+           "other". A suffix keeps one label or drops one: `instructions:heldout-nocode` (everything a coding
+           guard must answer), `instructions:calibration-nomath`, `instructions:all-code`.
 
 Files (the text after the last ':' is FIELD only when the whole SPEC is not an existing file):
   .jsonl   one JSON object (or string) per line; FIELD defaults to the first of prompt/question/text
@@ -40,6 +46,7 @@ Every failure is an `UnskillError` whose one-line message starts with the file (
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -56,13 +63,20 @@ __all__ = ["Item", "Dataset", "load_dataset", "sample", "resolve_data_dir", "BEN
 
 BUILTINS = ("math", "code", "general")
 XQUAD_LANGUAGES = ("en", "es", "de", "ar", "hi", "vi", "zh")
-BENCHMARKS = ("gsm8k", "mbpp", "mmlu") + tuple(f"xquad-{lang}" for lang in XQUAD_LANGUAGES)
+BENCHMARKS = ("gsm8k", "mbpp", "mmlu", "instructions") + tuple(f"xquad-{lang}" for lang in XQUAD_LANGUAGES)
 
 BUILTIN_SIZE = 300
 GSM8K_VALIDATION_SIZE = 500
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 _SPLITS = {"gsm8k": ("train", "validation", "test"), "mbpp": tuple(MBPP_SPLITS), "mmlu": ("dev", "test"),
-           "xquad": ("train", "test")}
+           "xquad": ("train", "test"),
+           "instructions": tuple(f"{split}{suffix}" for split in ("calibration", "heldout", "all")
+                                 for suffix in ("", "-math", "-code", "-other", "-nomath", "-nocode"))}
+# The apps whose requests are the forget skills (SOURCES.md): every other app's request must be answered.
+INSTRUCTION_SKILL_APPS = {
+    "code": ("Leetcode", "GeeksforGeeks", "StackOverflow", "w3schools", "Github"),
+    "math": ("Wolfram alpha", "(Wolfram alpha)?", "Sudoku", "MS Excel"),
+}
 _SPLIT_ALIASES = {"mmlu": {"train": "dev"}}
 
 _PROMPT_FIELDS = ("prompt", "question", "text")
@@ -177,7 +191,7 @@ def _load_benchmark(spec: str, bench: str, split: str, data_dir, limit: int | No
         lang = bench.removeprefix("xquad-")
         raise UnskillError(f"{spec}: unknown xquad language {lang!r} (languages: {', '.join(XQUAD_LANGUAGES)})")
     family = "xquad" if bench.startswith("xquad-") else bench
-    split = split or ("dev" if family == "mmlu" else "train")
+    split = split or {"mmlu": "dev", "instructions": "all"}.get(family, "train")
     split = _SPLIT_ALIASES.get(family, {}).get(split, split)
     if split not in _SPLITS[family]:
         raise UnskillError(f"{spec}: unknown split {split!r} for {bench} (splits: {', '.join(_SPLITS[family])})")
@@ -188,7 +202,7 @@ def _load_benchmark(spec: str, bench: str, split: str, data_dir, limit: int | No
     if family == "xquad":
         where, items = _xquad(root, bench.removeprefix("xquad-"), split)
     else:
-        where, items = {"gsm8k": _gsm8k, "mbpp": _mbpp, "mmlu": _mmlu}[family](root, split)
+        where, items = {"gsm8k": _gsm8k, "mbpp": _mbpp, "mmlu": _mmlu, "instructions": _instructions}[family](root, split)
     dataset = _finish(f"{bench}:{split}", where, items, limit)
     dataset.grouped = family == "xquad"
     return dataset
@@ -222,6 +236,34 @@ def _mbpp(root: Path, split: str) -> tuple[Path, list[Item]]:
         setup = rec.get("test_setup_code") or ""
         items.append(Item(prompt, _lf(_field(path, loc, rec, "code")), tests=tuple(tests), setup=_lf(setup)))
     return path, items
+
+
+def instruction_label(app: str) -> str:
+    return next((skill for skill, apps in INSTRUCTION_SKILL_APPS.items() if app in apps), "other")
+
+
+def _instructions(root: Path, split: str) -> tuple[Path, list[Item]]:
+    path = root / "instructions" / "user_oriented_instructions.jsonl"
+    part, _, keep = split.partition("-")
+    records = []
+    for loc, rec in _objects(path, _jsonl_records(path)):
+        instances = rec.get("instances")
+        if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+            raise UnskillError(f"{path}: {loc}: 'instances' is missing or not a list of objects")
+        app = _field(path, loc, rec, "motivation_app")
+        text = _field(path, loc, rec, "instruction").strip()
+        given = str(instances[0].get("input") or "").strip()
+        prompt = f"{text}\n\n{given}" if given else text
+        records.append((app, Item(prompt, str(instances[0].get("output") or ""), group=instruction_label(app))))
+    held = set()
+    for label in ("math", "code", "other"):
+        apps = sorted({app for app, item in records if item.group == label},
+                      key=lambda name: hashlib.sha256(name.encode()).hexdigest())
+        held.update(apps[0::2])
+    items = [item for app, item in records if part == "all" or (app in held) == (part == "heldout")]
+    if keep.startswith("no"):
+        return path, [item for item in items if item.group != keep[2:]]
+    return path, [item for item in items if not keep or item.group == keep]
 
 
 def _lf(code: str) -> str:

@@ -350,3 +350,30 @@ def test_slices_joins_and_seeded_samples(data_dir):
     mbpp = load_dataset("mbpp:test", data_dir, limit=1).items[0]
     assert len(mbpp.tests) == 3 and "\r" not in mbpp.completion
     _raises(["nope", "no such file"], "nope[1:2]", data_dir)
+
+
+def test_instructions_split_by_app_and_labelled(data_dir):
+    """Calibration and held-out parts share no app, together give all 252 requests, and the skill labels
+    follow the app (SOURCES.md): Leetcode is code, Wolfram alpha is math, Grammarly is neither."""
+    import json
+
+    from unskill.stats.datasets import instruction_label
+
+    records = [json.loads(line) for line in (data_dir / "instructions" / "user_oriented_instructions.jsonl").open()]
+    app_of = {}
+    for rec in records:
+        given = rec["instances"][0]["input"].strip()
+        app_of[rec["instruction"].strip() + (f"\n\n{given}" if given else "")] = rec["motivation_app"]
+    calibration, heldout = load_dataset("instructions:calibration", data_dir), load_dataset("instructions:heldout", data_dir)
+    assert len(calibration) + len(heldout) == len(load_dataset("instructions", data_dir)) == 252
+    assert not {app_of[i.prompt] for i in calibration.items} & {app_of[i.prompt] for i in heldout.items}
+    assert min(len(calibration), len(heldout)) >= 90
+    for part in (calibration, heldout):
+        assert {i.group for i in part.items} == {"math", "code", "other"}   # each label on both sides
+    assert (instruction_label("Leetcode"), instruction_label("Wolfram alpha"), instruction_label("Grammarly")) == \
+        ("code", "math", "other")
+    no_code = load_dataset("instructions:heldout-nocode", data_dir)
+    assert len(no_code) == len(heldout) - len(load_dataset("instructions:heldout-code", data_dir))
+    assert all(i.group != "code" for i in no_code.items)
+    with pytest.raises(UnskillError, match="unknown split 'train' for instructions"):
+        load_dataset("instructions:train", data_dir)

@@ -113,7 +113,7 @@ def tiny_rules(tiny_export, llama_stats, tmp_path_factory):
 
 def test_every_rule_kind_in_the_graph_equals_numpy(tiny_rules, tmp_path):
     """One graph carrying five skills, one per rule kind; prompt and 6 decode steps, batch with left padding."""
-    from unskill.exporter.guard_graph import guard_edit
+    from unskill.exporter.deploy import guard_edit
 
     onnx_dir, paths = tiny_rules
     manifest = guard_edit(onnx_dir, paths, tmp_path / "guarded")
@@ -129,7 +129,7 @@ def test_runtime_uses_the_graph_guard(tiny_rules, tmp_path):
     """load() picks GraphGuard for a guarded folder (no stats, or the same stats) and its results equal the NumPy
     guard's; other stats or an alpha override fall back to NumPy. A deploy folder (slim) carries the guard."""
     from unskill.exporter.deploy import slim
-    from unskill.exporter.guard_graph import guard_edit
+    from unskill.exporter.deploy import guard_edit
     from unskill.runtime import load
 
     onnx_dir, paths = tiny_rules

@@ -65,7 +65,7 @@ def smollm2_rules(smollm2_export, smollm2_math_stats, data_dir, tmp_path_factory
 
 
 def test_graph_guard_equals_numpy_on_bypass_prompts(smollm2_export, smollm2_rules, tmp_path):
-    from unskill.exporter.guard_graph import guard_edit
+    from unskill.exporter.deploy import guard_edit
 
     prompts, paths = smollm2_rules
     guard_edit(smollm2_export, paths, tmp_path / "guarded")
