@@ -91,24 +91,25 @@ def rule_stats(stats, keys_of_layer: dict[int, np.ndarray], retain_group, out_di
     return paths
 
 
-@pytest.fixture(scope="module")
-def tiny_rules(tiny_export, llama_stats, tmp_path_factory):
-    """(export dir, [stats path per rule kind]) on the tiny llama."""
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny_rules(request, tiny_export, tmp_path_factory):
+    """(export dir, [stats path per rule kind]) on a tiny llama (chat template) and a tiny Gemma-3 (none)."""
     from unskill.runtime import load
     from unskill.stats.datasets import Dataset, Item
     from unskill.stats.probe import ProbeConfig, probe
 
-    _, onnx_dir = tiny_export("llama")
-    stats, _ = llama_stats
+    _, onnx_dir = tiny_export(request.param)
     generator = load(onnx_dir, device="cpu")
+    config = ProbeConfig(progress=False)
+    stats = probe(generator.model, generator.tokenizer, Dataset("apples", [Item(p) for p in APPLES]), config=config)
     retain = probe(generator.model, generator.tokenizer, Dataset("retain", [Item(p) for p in OTHERS]),
-                   config=ProbeConfig(progress=False)).groups["ksd"]
+                   config=config).groups["ksd"]
     encoded = generator.encode(APPLES + OTHERS, GenerationParams())
     input_ids, mask = left_pad(encoded, generator.model.manifest.pad_token_id)
     names = generator.model.manifest.key_last_outputs
     _, _, out = generator.model.forward(input_ids, mask, generator.model.empty_past(len(encoded)), names)
     keys = {i: out[name] for i, name in enumerate(names)}
-    return onnx_dir, rule_stats(stats, keys, retain, tmp_path_factory.mktemp("rules"))
+    return onnx_dir, rule_stats(stats, keys, retain, tmp_path_factory.mktemp(f"rules_{request.param}"))
 
 
 def test_every_rule_kind_in_the_graph_equals_numpy(tiny_rules, tmp_path):
