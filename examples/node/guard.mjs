@@ -70,9 +70,14 @@ function argmaxLast(logits) {
 }
 
 async function generate(session, tokenizer, config, eos, prompt, maxNewTokens) {
-  const rendered = tokenizer.apply_chat_template([{ role: "user", content: prompt }],
-                                                 { add_generation_prompt: true, tokenize: false });
-  let ids = tokenizer.encode(rendered, { add_special_tokens: false }).map(BigInt);
+  // The chat template writes its own special tokens; a model without one (Gemma-3's GGUF export) reads the raw
+  // prompt with the tokenizer's own BOS, as ksd-run does.
+  let ids = tokenizer.chat_template
+    ? tokenizer.encode(tokenizer.apply_chat_template([{ role: "user", content: prompt }],
+                                                     { add_generation_prompt: true, tokenize: false }),
+                       { add_special_tokens: false })
+    : tokenizer.encode(prompt);
+  ids = ids.map(BigInt);
   const promptLength = ids.length;
   let past = emptyPast(session, config, 1);
   const tokens = [];
