@@ -125,3 +125,38 @@ def test_default_deploy_folder_loads_in_transformers_js_and_genai(smollm2_export
     assert [t for t in row["tokens"] if t not in eos] == expected[0].token_ids
     assert [t for t in genai_greedy(tmp_path / "deploy", CODE, 24, tokens=True) if t not in eos] == \
         expected[0].token_ids
+
+
+def test_graph_guard_equals_numpy_on_gemma3(data_dir, tmp_path):
+    """The same parity on Gemma-3-270M (no chat template: keys at the user's last word). Exporting it takes
+    minutes and ~6 GB, so this runs on an export named by UNSKILL_GEMMA3_ONNX (as tests/test_ecosystem.py)."""
+    import numpy as np
+
+    from unskill.exporter.deploy import guard_edit
+    from unskill.stats.datasets import load_dataset
+    from unskill.stats.probe import ProbeConfig, probe
+
+    if not os.environ.get("UNSKILL_GEMMA3_ONNX"):
+        pytest.skip("set UNSKILL_GEMMA3_ONNX to a Gemma-3-270M folder written by `unskill export`")
+    directory = Path(os.environ["UNSKILL_GEMMA3_ONNX"])
+    generator = load(directory, device="cpu", threads=2)
+    config = ProbeConfig(progress=False)
+    stats = probe(generator.model, generator.tokenizer, load_dataset("builtin:math"), config=config)
+    retain = probe(generator.model, generator.tokenizer, load_dataset("builtin:code", limit=24), config=config)
+    prompts = bypass_sample(data_dir)
+    names, layers = generator.model.manifest.key_last_outputs, [6, 12, 17]
+    keys = {layer: [] for layer in layers}
+    for start in range(0, len(prompts), 8):
+        encoded = generator.encode(prompts[start:start + 8], GenerationParams())
+        input_ids, mask = left_pad(encoded, generator.model.manifest.pad_token_id)
+        _, _, out = generator.model.forward(input_ids, mask, generator.model.empty_past(len(encoded)),
+                                            [names[i] for i in layers])
+        for layer in layers:
+            keys[layer].append(out[names[layer]])
+    paths = rule_stats(stats, {layer: np.concatenate(parts) for layer, parts in keys.items()},
+                       retain.groups["ksd"], tmp_path)
+    del generator
+    guard_edit(directory, paths, tmp_path / "guarded")
+    summary = guard_parity(tmp_path / "guarded", paths, prompts, decode_steps=3)
+    for skill, refused in summary["skills"].items():
+        assert 0 < refused < summary["checks"], (skill, refused)
