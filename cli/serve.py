@@ -39,14 +39,16 @@ def add_parser(subparsers) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     from unskill.runtime.errors import UnskillError
+    from unskill.runtime.statsfile import alpha_problem
 
     for name in ("max_batch", "max_queue", "max_tokens", "default_max_tokens", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise UnskillError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.context is not None and args.context < 2:
         raise UnskillError(f"--context must be >= 2, got {args.context}")
-    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):
-        raise UnskillError(f"--alpha must be a finite number > 0, got {args.alpha}")
+    problem = alpha_problem(args.alpha, args.alpha_mode) if args.alpha is not None else None
+    if problem:
+        raise UnskillError(f"--alpha {problem}")
     if args.hold_tokens < -1:
         raise UnskillError(f"--hold-tokens must be >= -1, got {args.hold_tokens}")
     if not 0 <= args.port <= 65535:
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from unskill.runtime.server import ServeLimits, build_app
 
     # As in ksd-run: without --alpha and --layers each stats file's calibrated rule guards (`unskill calibrate`).
-    layers = parse_layers(args.layers, load_manifest(args.model).num_layers) if args.layers else None
+    layers = parse_layers(args.layers, load_manifest(args.model).num_layers) if args.layers is not None else None
     generator = load(args.model, args.stats, args.alpha, args.alpha_mode, layers, args.device, args.threads,
                      args.abstain_message or ABSTAIN_MESSAGE)
     engine = BatchEngine(generator, args.max_batch, args.max_queue)
