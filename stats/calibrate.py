@@ -277,19 +277,21 @@ class RuleCalibration:
 def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, retain: list[Dataset],
                    forget: Dataset, target: float = 0.01, chat: bool = True, kind: str | None = None,
                    batch_size: int = 8, progress: bool = False, rules=RULE_KINDS,
-                   decode_prompts: int = DECODE_PROMPTS, decode_tokens: int = DECODE_TOKENS) -> RuleCalibration:
+                   decode_prompts: int = DECODE_PROMPTS, decode_tokens: int = DECODE_TOKENS,
+                   reader=None) -> RuleCalibration:
     """One prefill per prompt reads every layer's key; rules and the paper's alpha are chosen from them.
     retain[0] is the user's --retain set (the paper's alpha is calibrated on it alone, as before); the
     others (built-in chat, general) join it for the stored rule. `kind` adds framed variants of the forget
     validation prompts (stats/augment.py, never the benchmark's frames). decode_prompts retain prompts (evenly
     spaced over all retain sets; 0: none) decode decode_tokens tokens greedily, and no stored rule may refuse
-    more of them at a decoded token than the target (the runtime guard checks every decoded token's key)."""
+    more of them at a decoded token than the target (the runtime guard checks every decoded token's key).
+    `reader` reads the prompt keys elsewhere (KeyReader's interface; cluster/jobs.RayKeyReader for --ray)."""
     from unskill.runtime.keys import KeyReader
 
     from .augment import augment
 
     _check_target(target)
-    reader = KeyReader(model, batch_size, progress)
+    reader = reader or KeyReader(model, batch_size, progress)
 
     def keys(dataset: Dataset) -> np.ndarray:
         return reader.last_keys([tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items],
