@@ -65,14 +65,18 @@ def guard_decision(guard, last_keys: dict[str, np.ndarray]) -> tuple[np.ndarray,
 
     The decision is `KSDGuard.check`'s (never re-derived here). The score is the attacker's feedback: per detector,
     the `votes`-th smallest region score over its threshold (a region holds the key when its score <= 1), the
-    smallest over detectors. This is the one place evals talks to the guard's rule: when runtime/ksd.py gains a
-    public score-then-fire API, switch this function to it."""
+    smallest over detectors. This is the one place evals talks to the guard's rule: it takes the region scores from
+    the rule's owner (runtime/ksd.py `Detector.scores`) where the runtime has it, else from each region."""
     refused = np.array([hit is not None for hit in guard.check(last_keys)])
     per_detector = []
     for detector in guard.detectors:
-        scores = np.stack([_region_score(region, last_keys[guard._output_of_layer[region.layer]])
-                           for region in detector.regions])                    # (regions, B)
-        per_detector.append(np.sort(scores, axis=0)[detector.votes - 1])
+        def keys_of(layer):
+            return last_keys[guard._output_of_layer[layer]]
+        if hasattr(detector, "scores"):                                   # (B, R) from the rule's owner
+            scores = (detector.scores(keys_of) / detector.thresholds).T
+        else:
+            scores = np.stack([_region_score(region, keys_of(region.layer)) for region in detector.regions])
+        per_detector.append(np.sort(scores, axis=0)[detector.votes - 1])   # (regions, B) -> (B,)
     return refused, np.min(per_detector, axis=0)
 
 
