@@ -255,13 +255,14 @@ def attack_sections(results: list[dict]) -> list[str]:
             if task.get("kind") != "attack":
                 continue
             for stats_name, formats in task["guards"].items():
-                table = tables.setdefault((source, task_name, stats_name), {"task": task, "commands": [], "formats": {}})
+                key = (source, task_name, stats_name, task["items"])   # runs of other sizes: a table each
+                table = tables.setdefault(key, {"task": task, "commands": [], "formats": {}})
                 for fmt, run in formats.items():   # one run's Best-of-N and another's search join one row
                     table["formats"].setdefault(fmt, {}).update(run)
                 if doc.get("command") and doc["command"] not in table["commands"]:
                     table["commands"].append(doc["command"])
     lines = []
-    for (source, task_name, stats_name), table in tables.items():
+    for (source, task_name, stats_name, _), table in tables.items():
         lines += _attack_table(source, task_name, stats_name, **table)
     if lines:
         lines = ["## Adaptive attackers", "",
@@ -277,7 +278,7 @@ def attack_sections(results: list[dict]) -> list[str]:
 
 def _attack_table(source: str, task_name: str, stats_name: str, task: dict, commands: list, formats: dict) -> list[str]:
     first = next(iter(formats.values()))
-    lines = [f"### {source}: forget {task['forget']} ({task_name}, stats {stats_name})", ""]
+    lines = [f"### {source}: forget {task['forget']} ({task_name}, stats {stats_name}, {task['items']} requests)", ""]
     lines += [f"`{command}`" + ("  " if i < len(commands) - 1 else "") for i, command in enumerate(commands)]
     lines += [""] if commands else []
     lines += [f"Guard: {first['rule']}. {task['items']} held-out requests, seed {task.get('seed', 0)}."
