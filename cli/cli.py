@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from unskill.evals import report
 
-    from . import calibrate_na, serve
+    from . import calibrate_na, guard, serve
 
     parser = argparse.ArgumentParser(prog="unskill", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats_cli.add_data_parser(subparsers)
     stats_cli.add_eval_parser(subparsers)
     stats_cli.add_calibrate_parser(subparsers)
+    guard.add_parser(subparsers)
     calibrate_na.add_parser(subparsers)
     report.add_parser(subparsers)
     serve.add_parser(subparsers)

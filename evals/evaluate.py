@@ -22,7 +22,7 @@ from tqdm import tqdm
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.generator import GenerationParams, Generator
 from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, require_key_last, resolve_layers, shared_prefix_length
-from unskill.runtime.ksd import build_cubes
+from unskill.runtime.ksd import build_cubes, vote
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
@@ -63,8 +63,8 @@ class KeyEntry:
         self.cubes = {name: build_cubes(s, [self.layer], 1.0, "k")[0] for name, s in stats.items()}
 
     def __call__(self, keys: np.ndarray) -> list[dict[str, float]]:
-        """keys (B, F) -> per row {stats name: entry alpha}."""
-        per_name = {name: np.max(np.abs(keys - c.center) / c.halfwidth, axis=-1) for name, c in self.cubes.items()}
+        """keys (B, F) -> per row {stats name: entry alpha}: the guard's own cube score (runtime/ksd.py)."""
+        per_name = {name: cube.score(keys) for name, cube in self.cubes.items()}
         return [{name: float(values[row]) for name, values in per_name.items()} for row in range(keys.shape[0])]
 
     def digest(self) -> dict[str, str]:
@@ -388,7 +388,7 @@ def ksd_view(task: dict, stats_name: str, alpha: float) -> dict:
     entries = task.get("entry", {}).get(stats_name)
     if entries is None:
         raise UnskillError(f"{task['dataset']}: no KSD entries recorded for {stats_name!r} (run eval with its --stats)")
-    abstained = np.asarray(entries) <= alpha
+    abstained = vote(np.asarray(entries, dtype=np.float64)[:, None], [alpha], 1)   # the guard's decision
     per_item = task["per_item"]
     if task["kind"] == "tokens":
         hits, tokens = np.asarray(per_item["hits"]), np.asarray(per_item["tokens"])

@@ -21,14 +21,15 @@ __all__ = ["ABSTAIN_MESSAGE", "GenerationParams", "Generator", "KSDGuard", "Mani
 
 
 def load(model_dir, stats=(), alpha: float | None = None, alpha_mode: str = "k", layers=None, device: str = "auto",
-         threads: int | None = None, abstain_message: str = ABSTAIN_MESSAGE) -> Generator:
+         threads: int | None = None, abstain_message: str = ABSTAIN_MESSAGE, rule: str | None = None) -> Generator:
     """A ready Generator for an exported directory, guarded by the given stats files (none: plain generation).
-    Without alpha and layers each stats file's calibrated rule is used where it has one, else the paper's
-    (last layer, alpha 1 x k)."""
+    Without alpha, layers and rule each stats file's calibrated rule guards (`unskill guard` stores it); a file
+    without one is an error. rule="paper" (or an alpha or layers) takes the paper's cube (last layer, alpha 1 x k)."""
     model = OnnxLM(model_dir, device=device, threads=threads)
     tokenizer = TextTokenizer(model_dir, model.manifest)
     stats_files = [load_stats(path, model.manifest) for path in stats]
-    guard = KSDGuard(stats_files, model.manifest, alpha, alpha_mode, layers) if stats_files else None
+    guard = (KSDGuard(stats_files, model.manifest, alpha, alpha_mode, layers, rule=rule,
+                      where=[str(path) for path in stats]) if stats_files else None)
     if guard and not set(guard.output_names) <= model.output_names:
         raise UnskillError(f"{model_dir}: the graph lacks the guard's key outputs {guard.output_names[:3]}; "
                            "slim it with key_last kept (no --no-guard)")

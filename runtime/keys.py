@@ -76,7 +76,22 @@ class KeyReader:
         layers = resolve_layers(range(len(self.names)) if layers is None else layers, len(self.names))
         outputs = [self.names[i] for i in layers]
         keys = np.empty((len(sequences), len(layers), self.model.manifest.key_width), dtype=np.float32)
-        for rows, values in last_position_keys(self.model.key_only(), sequences, outputs, self.batch_size,
-                                               self.progress, desc):
-            keys[rows] = np.stack([values[name] for name in outputs], axis=1)
+        for group in prefix_groups(sequences, self.batch_size):
+            for rows, values in last_position_keys(self.model.key_only(), [sequences[i] for i in group], outputs,
+                                                   self.batch_size, self.progress, desc):
+                keys[[group[row] for row in rows]] = np.stack([values[name] for name in outputs], axis=1)
         return keys
+
+
+def prefix_groups(sequences: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Sequence indices grouped by their first MIN_SHARED_PREFIX tokens, so prompts of several formats (chat
+    template with its system turn, raw text) each share their own prefix prefill; starts seen fewer than
+    batch_size times go together in one last group. Sequences that all share a prefix stay one group."""
+    if not sequences or shared_prefix_length(sequences) >= MIN_SHARED_PREFIX:
+        return [list(range(len(sequences)))]
+    by_start: dict[tuple, list[int]] = {}
+    for index, seq in enumerate(sequences):
+        by_start.setdefault(tuple(seq[:MIN_SHARED_PREFIX]), []).append(index)
+    groups = [members for members in by_start.values() if len(members) >= max(batch_size, 2)]
+    rest = sorted(i for members in by_start.values() if len(members) < max(batch_size, 2) for i in members)
+    return groups + ([rest] if rest else [])

@@ -253,7 +253,64 @@ def chat_dataset() -> Dataset:
     return Dataset("builtin:chat", [Item(text) for text in plain + framed])
 
 
+# ------------------------------------------------------------------------------------------ prompt formats
+# What users send besides one chat-templated turn: raw text (`ksd-run --no-chat`, /v1/completions, base models),
+# completion frames, a system prompt, a conversation. The key at the last prompt token moves with the format
+# (on SmolLM2 a raw "Question: ...\nAnswer:" walked past a chat-fitted guard), so `unskill guard` fits and
+# calibrates on every prompt in several formats, forget and retain side alike.
+COMPLETION_FRAMES = ["Question: {q}\nAnswer:", "Q: {q}\nA:", "{q}\n\nAnswer:", "Task: {q}\nResponse:",
+                     "Input: {q}\nOutput:"]
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a friendly AI that answers briefly and clearly.",
+                  "You are an expert assistant. Think carefully before you reply."]
+PRIOR_TURNS = [("Hi there!", "Hi! What would you like to talk about?"),
+               ("Can I ask you something?", "Of course, go ahead."),
+               ("Thanks for your help earlier.", "You're welcome! What else can I do for you?")]
+# Every prompt is read in each BASE format and in one ROTATED one (by its index), so formats cost 3x, not 6x.
+BASE_FORMATS = ("chat", "raw")
+ROTATED_FORMATS = ("frame-raw", "frame-chat", "system", "turns")
+FORMAT_SETS = {"chat": ("chat",), "raw": ("raw",), "all": BASE_FORMATS + ROTATED_FORMATS}
+
+
+def in_format(prompt: str, fmt: str, index: int):
+    """(prompt as the tokenizer takes it: text or chat messages, chat template on/off) of one format."""
+    if fmt in ("chat", "raw"):
+        return prompt, fmt == "chat"
+    if fmt.startswith("frame"):
+        return COMPLETION_FRAMES[index % len(COMPLETION_FRAMES)].format(q=prompt), fmt == "frame-chat"
+    if fmt == "system":
+        return [{"role": "system", "content": SYSTEM_PROMPTS[index % len(SYSTEM_PROMPTS)]},
+                {"role": "user", "content": prompt}], True
+    if fmt == "turns":
+        asked, answered = PRIOR_TURNS[index % len(PRIOR_TURNS)]
+        return [{"role": "user", "content": asked}, {"role": "assistant", "content": answered},
+                {"role": "user", "content": prompt}], True
+    raise ValueError(f"unknown prompt format {fmt!r}")
+
+
+def formats_of(prompt: str, index: int, formats) -> list:
+    """The renderings of one prompt: every base format asked for, and one rotated format when any is asked."""
+    base = [f for f in formats if f not in ROTATED_FORMATS]
+    rotated = [f for f in formats if f in ROTATED_FORMATS]
+    chosen = base + ([rotated[index % len(rotated)]] if rotated else [])
+    return [in_format(prompt, fmt, index) for fmt in chosen]
+
+
+def encode_formats(tokenizer, prompts: list[str], formats=("chat",)) -> list[list[int]]:
+    """Token ids of every prompt in every format (formats_of), distinct per prompt: a model without a chat
+    template renders chat as raw, and the same ids twice would only double-count."""
+    sequences = []
+    for index, prompt in enumerate(prompts):
+        seen = set()
+        for text, chat in formats_of(prompt, index, formats):
+            ids = tokenizer.encode_prompt(text, chat)
+            if tuple(ids) not in seen:
+                seen.add(tuple(ids))
+                sequences.append(ids)
+    return sequences
+
+
 def all_frames() -> list[str]:
     frames = WRAPPERS + PERSONAS + INSTRUCTIONS + CHAT + CHAT_REQUESTS + list(MATH_LANGUAGES.values())
+    frames += COMPLETION_FRAMES + SYSTEM_PROMPTS + [text for turn in PRIOR_TURNS for text in turn]
     frames += [t for ts in CODE_LANGUAGES.values() for t in ts]
     return frames + [t for ts in CODE_REQUESTS.values() for t in ts]

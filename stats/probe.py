@@ -29,6 +29,11 @@ class ProbeConfig:
     batch_size: int = 8
     max_text_tokens: int = 512      # text pass truncation; probes are about the skill, not long contexts
     progress: bool = True
+    formats: tuple[str, ...] | None = None   # prompt formats of the KSD probes (stats/augment.py; None: chat or raw)
+
+    @property
+    def prompt_formats(self) -> tuple[str, ...]:
+        return self.formats or (("chat",) if self.chat else ("raw",))
 
 
 AUGMENT_ITEMS = 100   # forget prompts that also get framed variants (x 6 families) with `augment`
@@ -62,13 +67,13 @@ class Prober:
             yield mask.astype(bool), values
 
     def prompt_pass(self, dataset: Dataset) -> Moments:
+        from .augment import encode_formats
+
         limit = self.manifest.max_context
-        sequences = []
-        for item in dataset.items:
-            ids = self.tokenizer.encode_prompt(item.prompt, self.config.chat)
+        sequences = encode_formats(self.tokenizer, dataset.prompts, self.config.prompt_formats)
+        for ids in sequences:
             if len(ids) > limit:
                 raise UnskillError(f"{dataset.name}: a prompt of {len(ids)} tokens exceeds the context of {limit}")
-            sequences.append(ids)
         moments = self._new("ksd")
         reader = KeyReader(self.model, self.config.batch_size, self.config.progress)
         for start in range(0, len(sequences), CHUNK):   # memory stays O(CHUNK * L * F)
@@ -118,7 +123,8 @@ def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Data
         "augment": augment,
         "retain": {"name": retain.name, "count": len(retain.items)} if retain else None,
         "prompt_template": {"chat": bool(config.chat and tokenizer.has_chat_template),
-                            "template": manifest.chat_template if config.chat else None},
+                            "template": manifest.chat_template if config.chat else None,
+                            **({"formats": list(config.formats)} if config.formats else {})},
         "max_text_tokens": config.max_text_tokens,
         "model_source": manifest.source,
     }
