@@ -39,7 +39,7 @@ def shared_prefix_length(sequences: list[list[int]]) -> int:
 
 
 def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[str], batch_size: int,
-                       progress: bool = False, desc: str = "keys", share_prefix: bool = True):
+                       progress: bool = False, desc: str = "keys", share_prefix: bool = True, bar=None):
     """Yield (sequence indices, {output: value at each sequence's last token}) batch by batch. The common
     prefix of all sequences runs once; its KV cache is repeated for every batch, so a prompt pass costs
     the tokens after it only. Rows are [prefix | left padding | suffix]; positions come from the mask."""
@@ -52,7 +52,7 @@ def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[
         prefix_cache = {name: value.numpy() for name, value in past.items()}
     order = _order(sequences)
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+    for start in (starts if bar is not None else tqdm(starts, desc=desc, unit="batch", disable=not progress)):
         rows = order[start:start + batch_size]
         ids, mask = left_pad([sequences[i][shared:] for i in rows], model.manifest.pad_token_id)
         if shared:
@@ -62,6 +62,8 @@ def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[
         else:
             past = model.empty_past(len(rows))
         _, _, values = model.forward(ids, mask, past, outputs, logits=False)
+        if bar is not None:
+            bar.update(len(rows))
         yield rows, values
 
 
@@ -72,14 +74,21 @@ class KeyReader:
         self.names = require_key_last(model.manifest, model.directory)
         self.model, self.batch_size, self.progress = model, batch_size, progress
 
-    def last_keys(self, sequences: list[list[int]], layers=None, desc: str = "keys") -> np.ndarray:
+    def last_keys(self, sequences: list[list[int]], layers=None, desc: str = "keys", bar=None) -> np.ndarray:
+        """bar: a tqdm (counting prompts) to advance instead of one of its own."""
         layers = resolve_layers(range(len(self.names)) if layers is None else layers, len(self.names))
         outputs = [self.names[i] for i in layers]
         keys = np.empty((len(sequences), len(layers), self.model.manifest.key_width), dtype=np.float32)
-        for group in prefix_groups(sequences, self.batch_size):
-            for rows, values in last_position_keys(self.model.key_only(), [sequences[i] for i in group], outputs,
-                                                   self.batch_size, self.progress, desc):
-                keys[[group[row] for row in rows]] = np.stack([values[name] for name in outputs], axis=1)
+        own = bar is None
+        bar = tqdm(total=len(sequences), desc=desc, unit="prompt", disable=not self.progress) if own else bar
+        try:
+            for group in prefix_groups(sequences, self.batch_size):
+                for rows, values in last_position_keys(self.model.key_only(), [sequences[i] for i in group], outputs,
+                                                       self.batch_size, bar=bar):
+                    keys[[group[row] for row in rows]] = np.stack([values[name] for name in outputs], axis=1)
+        finally:
+            if own:
+                bar.close()
         return keys
 
 

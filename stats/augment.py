@@ -287,21 +287,24 @@ def in_format(prompt: str, fmt: str, index: int):
     raise ValueError(f"unknown prompt format {fmt!r}")
 
 
-def formats_of(prompt: str, index: int, formats) -> list:
-    """The renderings of one prompt: every base format asked for, and one rotated format when any is asked."""
+def formats_of(prompt: str, index: int, formats, one: bool = False) -> list:
+    """The renderings of one prompt: every base format asked for, and one rotated format when any is asked
+    (one: a single format, rotating over all of them by index)."""
+    if one:
+        return [in_format(prompt, formats[index % len(formats)], index)]
     base = [f for f in formats if f not in ROTATED_FORMATS]
     rotated = [f for f in formats if f in ROTATED_FORMATS]
     chosen = base + ([rotated[index % len(rotated)]] if rotated else [])
     return [in_format(prompt, fmt, index) for fmt in chosen]
 
 
-def encode_formats(tokenizer, prompts: list[str], formats=("chat",)) -> list[list[int]]:
+def encode_formats(tokenizer, prompts: list[str], formats=("chat",), one: bool = False) -> list[list[int]]:
     """Token ids of every prompt in every format (formats_of), distinct per prompt: a model without a chat
     template renders chat as raw, and the same ids twice would only double-count."""
     sequences = []
     for index, prompt in enumerate(prompts):
         seen = set()
-        for text, chat in formats_of(prompt, index, formats):
+        for text, chat in formats_of(prompt, index, formats, one):
             ids = tokenizer.encode_prompt(text, chat)
             if tuple(ids) not in seen:
                 seen.add(tuple(ids))

@@ -308,13 +308,14 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     formats = tuple(formats or (("chat",) if chat else ("raw",)))
     reader = KeyReader(model, batch_size, progress)
 
-    def keys(dataset: Dataset) -> np.ndarray:
-        return reader.last_keys(encode_formats(tokenizer, dataset.prompts, formats), desc=f"calibrate {dataset.name}")
+    def keys(dataset: Dataset, one: bool = False) -> np.ndarray:
+        """every format (one: a single format per prompt, rotating: for framed variants)"""
+        return reader.last_keys(encode_formats(tokenizer, dataset.prompts, formats, one), desc=f"calibrate {dataset.name}")
 
     retain_keys = [keys(dataset) for dataset in retain]
     head = Dataset(forget.name, forget.items[:AUGMENT_ITEMS])
     forget_sets = [forget] + ([augment(head, kind, seed=1)] if kind else [])
-    forget_parts = [keys(dataset) for dataset in forget_sets]
+    forget_parts = [keys(dataset, one=index > 0) for index, dataset in enumerate(forget_sets)]
     forget_keys = np.concatenate(forget_parts)
     last = model.manifest.num_layers - 1
     plain = forget_parts[0].shape[0]

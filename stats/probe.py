@@ -66,20 +66,30 @@ class Prober:
             _, _, values = self.model.forward(ids, mask, self.model.empty_past(len(batch)), outputs, logits=False)
             yield mask.astype(bool), values
 
-    def prompt_pass(self, dataset: Dataset) -> Moments:
+    def prompt_pass(self, dataset: Dataset, framed: Dataset | None = None) -> Moments:
+        """Keys of `dataset`'s prompts in every configured format, and of `framed` (augmented variants) in one
+        format each, rotating over them (the frames already vary the prompt; every format x every frame would
+        triple the probes for little)."""
         from .augment import encode_formats
 
         limit = self.manifest.max_context
         sequences = encode_formats(self.tokenizer, dataset.prompts, self.config.prompt_formats)
+        if framed is not None:
+            sequences += encode_formats(self.tokenizer, framed.prompts, self.config.prompt_formats, one=True)
         for ids in sequences:
             if len(ids) > limit:
                 raise UnskillError(f"{dataset.name}: a prompt of {len(ids)} tokens exceeds the context of {limit}")
+        return self.key_moments(sequences, dataset.name)
+
+    def key_moments(self, sequences: list[list[int]], name: str) -> Moments:
+        """The `ksd` group of these token sequences (keys at their last token), one progress bar."""
         moments = self._new("ksd")
         reader = KeyReader(self.model, self.config.batch_size, self.config.progress)
-        for start in range(0, len(sequences), CHUNK):   # memory stays O(CHUNK * L * F)
-            keys = reader.last_keys(sequences[start:start + CHUNK], desc=f"KSD {dataset.name}")
-            for layer in range(self.manifest.num_layers):
-                moments.add(layer, keys[:, layer])
+        with tqdm(total=len(sequences), desc=f"KSD {name}", unit="prompt", disable=not self.config.progress) as bar:
+            for start in range(0, len(sequences), CHUNK):   # memory stays O(CHUNK * L * F)
+                keys = reader.last_keys(sequences[start:start + CHUNK], bar=bar)
+                for layer in range(self.manifest.num_layers):
+                    moments.add(layer, keys[:, layer])
         return moments
 
     def text_pass(self, dataset: Dataset, side: str) -> dict[str, Moments]:
@@ -110,8 +120,7 @@ def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Data
     config = config or ProbeConfig()
     prober = Prober(model, tokenizer, config)
     head = Dataset(forget.name, forget.items[:AUGMENT_ITEMS])
-    probes = Dataset(forget.name, forget.items + framed(head, augment).items) if augment else forget
-    groups = {"ksd": prober.prompt_pass(probes)}
+    groups = {"ksd": prober.prompt_pass(forget, framed(head, augment) if augment else None)}
     if retain is not None or text:
         groups.update(prober.text_pass(forget, "forget"))
     if retain is not None:
