@@ -290,8 +290,12 @@ def in_format(prompt: str, fmt: str, index: int):
 def formats_of(prompt: str, index: int, formats, one: bool = False) -> list:
     """The renderings of one prompt: every base format asked for, and one rotated format when any is asked
     (one: a single format, rotating over all of them by index)."""
-    if one:
-        return [in_format(prompt, formats[index % len(formats)], index)]
+    if one:   # a third each in the base formats (chat, raw) where asked, the rest rotating over the others
+        base = [f for f in formats if f not in ROTATED_FORMATS]
+        rotated = [f for f in formats if f in ROTATED_FORMATS]
+        slots = base + ([None] if rotated else [])
+        slot = slots[index % len(slots)]
+        return [in_format(prompt, slot or rotated[(index // len(slots)) % len(rotated)], index)]
     base = [f for f in formats if f not in ROTATED_FORMATS]
     rotated = [f for f in formats if f in ROTATED_FORMATS]
     chosen = base + ([rotated[index % len(rotated)]] if rotated else [])

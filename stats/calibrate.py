@@ -312,7 +312,9 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
         """every format (one: a single format per prompt, rotating: for framed variants)"""
         return reader.last_keys(encode_formats(tokenizer, dataset.prompts, formats, one), desc=f"calibrate {dataset.name}")
 
-    retain_keys = [keys(dataset) for dataset in retain]
+    # retain prompts in one format each (a third chat, a third raw, a third the others): they are the bulk of
+    # the prompts, and each format still gets hundreds of them
+    retain_keys = [keys(dataset, one=True) for dataset in retain]
     head = Dataset(forget.name, forget.items[:AUGMENT_ITEMS])
     forget_sets = [forget] + ([augment(head, kind, seed=1)] if kind else [])
     forget_parts = [keys(dataset, one=index > 0) for index, dataset in enumerate(forget_sets)]

@@ -125,3 +125,26 @@ def store_rule(stats: StatsFile, result) -> None:
     stats.groups.pop("ksd_retain", None)   # a ratio rule's retain side; any older one belongs to an older rule
     if result.setting.rule == "ratio":
         stats.groups["ksd_retain"] = result.retain_moments
+
+
+def refusal_rates(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, datasets: list[Dataset],
+                  modes=("chat", "raw"), batch_size: int = 8, progress: bool = False) -> dict:
+    """The stored rule's refusal rate at the prompt (prefill check only, no decoding) on every dataset in every
+    mode: {dataset name: {mode: rate}}. The keys come from the guard's own tap and the decision from the
+    guard's own Detector, so these are the rates `ksd-run` gives at the prompt's last token."""
+    from unskill.runtime.keys import KeyReader
+    from unskill.runtime.ksd import KSDGuard
+
+    guard = KSDGuard([stats], model.manifest)
+    detector = guard.detectors[0]
+    layers = sorted({region.layer for region in detector.regions})
+    reader = KeyReader(model, batch_size, progress)
+    rates = {}
+    for dataset in datasets:
+        rates[dataset.name] = {}
+        for mode in modes:
+            sequences = [tokenizer.encode_prompt(prompt, mode == "chat") for prompt in dataset.prompts]
+            keys = reader.last_keys(sequences, layers, desc=f"{dataset.name} {mode}")
+            fired = detector.fires(lambda layer: keys[:, layers.index(layer)])
+            rates[dataset.name][mode] = float(fired.mean())
+    return rates

@@ -22,8 +22,9 @@ def test_formats_render_every_prompt_in_chat_raw_and_one_rotated_format():
     rotated = [augment.formats_of("Q?", i, augment.FORMAT_SETS["all"])[2] for i in range(4)]
     assert rotated[0] == ("Question: Q?\nAnswer:", False) and rotated[1][1] is True          # frame raw, frame chat
     assert rotated[2][0][0]["role"] == "system" and [m["role"] for m in rotated[3][0]] == ["user", "assistant", "user"]
-    one = [augment.formats_of("Q?", i, augment.FORMAT_SETS["all"], one=True) for i in range(6)]
-    assert all(len(r) == 1 for r in one) and {r[0][1] for r in one} == {True, False}
+    one = [augment.formats_of("Q?", i, augment.FORMAT_SETS["all"], one=True)[0] for i in range(12)]
+    assert one[0::3] == [("Q?", True)] * 4 and one[1::3] == [("Q?", False)] * 4   # a third chat, a third raw
+    assert len({json.dumps(r) for r in one[2::3]}) == 4                          # the rest: every other format
 
 
 def test_unskill_guard_stores_a_rule_that_refuses_raw_and_chat_prompts(tiny_export, tmp_path, capsys):
