@@ -1,15 +1,15 @@
 """Thread placement and spinning of onnxruntime's intra-op pool on decode: every run's tok/s, so speed modes show.
 
-    python benchmarks/placement.py /work/exp/s13/sm-gqa --new-tokens 64 --rounds 10 --threads 2
+    python benchmarks/placement.py out/smollm2 --new-tokens 64 --rounds 10 --threads 2
 
 One session per setting in one process, decode runs interleaved (A B C, B C A, ...: each round starts one
 setting later), a bandwidth probe and the CPU steal time after each round (the bound is the best probe, as in
-fused.py). Settings: the runtime's default; a second session of it (the control: in session 13 two identical
-sessions ran 5-10 % apart, in either load order); the worker pinned to the other core
+fused.py). Settings: the runtime's default; a second session of it (the control: two identical
+sessions have run 5-10 % apart, in either load order); the worker pinned to the other core
 (session.intra_op_thread_affinities, as onnxruntime does when it picks the thread count itself); the calling
 thread pinned (os.sched_setaffinity, applied around that setting's runs only); spinning off / longer /
 stopped after each run; dynamic block sizing; onnxruntime's own thread count; the IO binding made anew every
-step (the runtime before session 13). --profile adds one row per setting: the share of a decode step spent
+step (how the runtime once bound them). --profile adds one row per setting: the share of a decode step spent
 outside session.run (Python: feeds, IO binding, sampling, KV bookkeeping), median of 3.
 """
 
@@ -64,7 +64,7 @@ def settings(threads: int) -> dict[str, tuple[dict | None, set | None]]:
 
 
 class FreshBinding(OnnxLM):
-    """The runtime before session 13: every run binds all past and present tensors anew."""
+    """The control for IO binding reuse: every run binds all past and present tensors anew."""
 
     def _binding_for(self, feeds, present_names, fetched, past):
         return super()._binding_for(feeds, present_names, fetched, None)   # not kept on the buffer

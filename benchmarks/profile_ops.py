@@ -4,8 +4,8 @@
 
 A 51-token prompt (random ids), then greedy decode steps with the KV cache; steps after the 6th are summed.
 Prints wall ms per step, kernel us per step, nodes per step and the top operator types; --by-shape also splits
-MatMulNBits by (K, N, bits, block) with us per node and the weight bytes it streams per second (how session 14
-found the thin k/v projections costing as much per node as the wide ones). The profiler adds a few us per
+MatMulNBits by (K, N, bits, block) with us per node and the weight bytes it streams per second (how the thin
+k/v projections were found costing as much per node as the wide ones). The profiler adds a few us per
 node, so compare shares, not absolute times.
 """
 

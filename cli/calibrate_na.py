@@ -47,7 +47,7 @@ def _scores(model_dir: Path, args, tasks: list[str]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     from unskill.exporter.neuron_adjust import neuron_adjust
-    from unskill.runtime.cli import write_json
+    from unskill.runtime.io import write_json
     from unskill.runtime.errors import UnskillError
 
     try:

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unskill.runtime.cli import check_output_path
+    from unskill.runtime.io import check_output_path
     from unskill.runtime.errors import UnskillError
     from unskill.runtime.session import OnnxLM
     from unskill.runtime.tokenizer import TextTokenizer

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from unskill.runtime import ABSTAIN_MESSAGE, load
-    from unskill.runtime.cli import parse_layers
+    from .ksd_run import parse_layers
     from unskill.runtime.engine import BatchEngine
     from unskill.runtime.manifest import load_manifest
     from unskill.runtime.server import ServeLimits, build_app

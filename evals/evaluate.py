@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.generator import GenerationParams, Generator
-from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, require_key_last, resolve_layers, shared_prefix_length
-from unskill.runtime.ksd import build_cubes, vote
+from unskill.runtime.keys import (MIN_SHARED_PREFIX, KeyEntry, KeyReader, require_key_last, resolve_layers,
+                                  shared_prefix_length)
+from unskill.runtime.ksd import vote
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
@@ -50,26 +51,6 @@ class EvalConfig:
     timeout_s: float = 10.0       # per MBPP program
     progress: bool = True
     bypass_decode: int = 0        # bypass: also generate this many tokens per prompt, checking each (0: prefill only)
-
-
-class KeyEntry:
-    """Entry alphas of key vectors for several stats files at one layer."""
-
-    def __init__(self, stats: dict[str, StatsFile], num_layers: int, key_outputs: list[str], layer: int,
-                 key_last_outputs: list[str] | None = None):
-        self.layer = resolve_layers([layer], num_layers)[0]   # out of range is an error, as in the guard
-        self.output = key_outputs[self.layer]                 # every position: token-level tasks
-        self.last_output = (key_last_outputs or key_outputs)[self.layer]   # the guard's: decode steps
-        self.cubes = {name: build_cubes(s, [self.layer], 1.0, "k")[0] for name, s in stats.items()}
-
-    def __call__(self, keys: np.ndarray) -> list[dict[str, float]]:
-        """keys (B, F) -> per row {stats name: entry alpha}: the guard's own cube score (runtime/ksd.py)."""
-        per_name = {name: cube.score(keys) for name, cube in self.cubes.items()}
-        return [{name: float(values[row]) for name, values in per_name.items()} for row in range(keys.shape[0])]
-
-    def digest(self) -> dict[str, str]:
-        return {name: hashlib.sha256(c.center.tobytes() + c.halfwidth.tobytes()).hexdigest()[:16]
-                for name, c in self.cubes.items()}
 
 
 class _StepRecorder:
@@ -404,10 +385,3 @@ def last_prompt_keys(model: OnnxLM, ids: np.ndarray, mask: np.ndarray, layer: in
     output = require_key_last(model.manifest, model.directory)[resolve_layers([layer], model.manifest.num_layers)[0]]
     out_logits, _, extras = model.forward(ids, mask, model.empty_past(ids.shape[0]), [output], logits=logits)
     return out_logits, extras[output]
-
-
-def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset: Dataset, layer: int, chat: bool = True,
-                batch_size: int = 8) -> np.ndarray:
-    """Key vectors at the last prompt token of one layer, (items, F), in dataset order (calibration)."""
-    sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
-    return KeyReader(model, batch_size).last_keys(sequences, [layer])[:, 0]

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from unskill.runtime.manifest import Manifest
 
-from .edit import load_exported, save_edited, stats_compatible_with
-from .graph import probe_graph
+from .folder import load_exported, probe_graph, save_edited, stats_compatible_with
 
 DEPLOY_MODEL_FILE = "onnx/model.onnx"
 DEPLOY_DATA_FILE = "model.onnx_data"   # beside the graph, as transformers.js names it

@@ -1,11 +1,12 @@
-"""HF model / GGUF -> DIR/model.onnx (+ external data) with per-layer key and pre-activation outputs."""
+"""HF model / GGUF -> DIR/model.onnx (+ external data) with per-layer key and pre-activation outputs.
+
+optimum exports the graph; the passes (FFL outputs, logits_to_keep, fusion) run on it in memory and the
+folder is written once (exporter/folder.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -13,14 +14,13 @@ from tqdm import tqdm
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
-from .graph import add_ffl_outputs, add_logits_to_keep, find_ffl_tensors, probe_graph
+from .folder import DATA_FILE, MODEL_FILE, refuse_nonempty_out, save_model, sha256_file, write_probe_graph
+from .fuse import fuse_graph, fusion_table
+from .graph import add_ffl_outputs, add_logits_to_keep, find_ffl_tensors
 from .metadata import hf_config, publish_permissions, write_metadata
 from .sources import ModelSource, resolve_model
 from .tokenizer_fix import fix_tokenizer, save_tokenizer, token_id
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-PROBE_FILE = "probe.onnx"   # key_last.* only, sharing DATA_FILE: the fast graph for KSD prompt passes
 TASK = "text-generation-with-past"
 
 
@@ -74,34 +74,6 @@ def _adds_bos(hf_tokenizer) -> bool:
     return bos is not None and hf_tokenizer("a")["input_ids"][:1] == [bos]
 
 
-def refuse_nonempty_out(out_dir: Path) -> None:
-    """Every writer checks its --out before the work (minutes of it, for an export or a fusion): a directory
-    that exists and holds anything is never written into."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
-def write_probe_graph(directory: Path, manifest: Manifest) -> None:
-    """DIR/probe.onnx beside DIR/model.onnx, its weights read from the same data file; records it in the
-    manifest (the caller saves it). No-op for models without key_last outputs."""
-    import onnx
-
-    if not manifest.key_last_outputs:
-        return
-    model = onnx.load(str(directory / manifest.model_file), load_external_data=False)
-    presents = [o.name for o in model.graph.output if o.name.startswith("present.")]
-    onnx.save(probe_graph(model, manifest.key_last_outputs + presents), str(directory / PROBE_FILE))
-    manifest.probe_file = PROBE_FILE
-
-
 def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progress: bool = True,
                  fused: bool = True, pack: bool = True) -> Manifest:
     """Export `spec` into `out_dir`; the directory appears only once everything in it is written.
@@ -131,44 +103,41 @@ def export_model(spec: str, out_dir: str | Path, opset: int | None = None, progr
             raise UnskillError(f"{spec}: found {len(ffl)} FFL layers in the graph, config says {layers_n}")
         key_names, preact_names, last_names = add_ffl_outputs(graph, ffl, ffn)
         add_logits_to_keep(graph)
-        final = staging / "final"
-        final.mkdir()
-        onnx.save(graph, str(final / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=DATA_FILE, size_threshold=1024)
-        (final / DATA_FILE).chmod(0o644)   # onnx writes it 0600 from a temp file
-        del graph
+        shutil.rmtree(raw_dir)
         steps.update()
 
         add_bos = source.add_bos if source.add_bos is not None else _adds_bos(hf_tokenizer)
         tokenizer = fix_tokenizer(_backend_tokenizer(source, model, hf_tokenizer), add_bos)
-        save_tokenizer(tokenizer, final)
         eos_ids = _eos_ids(source, model, hf_tokenizer, tokenizer)
         pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else eos_ids[0]
-        steps.update()
-
-        manifest = Manifest(
-            arch=model.config.model_type, num_layers=layers_n, hidden_size=hidden, key_width=ffn,
+        config = hf_config(model)
+        arch = model.config.model_type
+        manifest_fields = dict(
+            arch=arch, num_layers=layers_n, hidden_size=hidden, key_width=ffn,
             activation=str(act), gated=ffl[0].up is not None, key_outputs=key_names, key_last_outputs=last_names,
-            preact_outputs=preact_names, fingerprint=sha256_file(final / DATA_FILE),
+            preact_outputs=preact_names,
             max_context=int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 2048)),
             eos_token_ids=eos_ids, pad_token_id=int(pad_id), bos_token_id=hf_tokenizer.bos_token_id,
             add_bos=add_bos, chat_template=getattr(hf_tokenizer, "chat_template", None), source=spec,
         )
+        steps.update()
+        if fused:
+            del model   # the torch weights are not needed any more: fusion holds the graph twice
+            graph, edit = fuse_graph(graph, config, layers_n, hidden, fusion_table(arch), pack=pack, where=spec)
+            if edit["attention_layers_fused"]:
+                manifest_fields["attention"] = "gqa"
+            steps.update()
+
+        final = staging / "final"
+        save_model(graph, final / MODEL_FILE)
+        del graph
+        save_tokenizer(tokenizer, final)
+        # The fused graph is the export, not an edit of one: no history, its own weights' fingerprint.
+        manifest = Manifest(fingerprint=sha256_file(final / DATA_FILE), **manifest_fields)
         write_probe_graph(final, manifest)
         manifest.save(final)
-        write_metadata(final, manifest, hf_config(model))
+        write_metadata(final, manifest, config)
         publish_permissions(final)
-        if fused:
-            from .fuse import fuse, fusion_table
-
-            del model   # the torch weights are not needed any more: fusion holds the graph twice
-            fused_manifest = fuse(final, staging / "fused", fusion_table(manifest.arch), pack=pack)
-            final = staging / "fused"
-            # The fused graph is the export, not an edit of one: no history, its own weights' fingerprint.
-            manifest = replace(fused_manifest, edits=[], stats_compatible=None,
-                               fingerprint=sha256_file(final / DATA_FILE))
-            manifest.save(final)
-            steps.update()
         if out_dir.exists():
             out_dir.rmdir()
         final.rename(out_dir)

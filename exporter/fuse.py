@@ -1,10 +1,11 @@
 """The fused decoder graph (`unskill export`'s default; `unskill edit fuse` on a --no-fuse export), every key
-output and input name kept.
+output and input name kept. `fuse_graph` is the pass (a graph in, the fused graph out, in memory); `fuse` is
+the command (load the folder, the pass, save the copy).
 
 Four steps:
 1. onnxruntime.transformers' optimizer with the `qwen3` fusion table (llama-shaped decoders: RMSNorm +
-   residual -> SkipSimplifiedLayerNormalization, the rotary subgraph -> RotaryEmbedding). `--model_type llama`
-   is refused by the optimizer (../shared/REFERENCE.md); `gpt2` is the fallback for other architectures.
+   residual -> SkipSimplifiedLayerNormalization, the rotary subgraph -> RotaryEmbedding). Its `llama` table
+   does not fit optimum's llama export, hence qwen3's; `gpt2` is the fallback for other architectures.
    Its attention fusion does not match optimum's SDPA export, hence step 1b.
 1b. Own pass (exporter/gqa.py, why there): each layer's attention -> onnxruntime's GroupQueryAttention
    contrib op, for the qwen3 table (llama, Gemma-3); GPT-2-style graphs keep their attention.
@@ -36,8 +37,7 @@ import onnx
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
-from .edit import load_exported, save_edited, stats_compatible_with
-from .export import refuse_nonempty_out
+from .folder import load_exported, refuse_nonempty_out, save_edited, stats_compatible_with
 from .gqa import fuse_attention
 from .pack import pack_projections
 
@@ -154,28 +154,27 @@ def source_config(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", attention: bool = True,
-         rotary_in_op: bool = False, pack: bool = True) -> Manifest:
-    """rotary_in_op: packed q/k/v and GroupQueryAttention's own rotary (exporter/gqa.py says when and why not
-    by default). pack: the projections that read one input (q/k/v, gate/up) as one MatMul + Split each
-    (exporter/pack.py; exact)."""
+def fuse_graph(model: onnx.ModelProto, config: dict, num_layers: int, hidden_size: int, model_type: str = "qwen3",
+               attention: bool = True, rotary_in_op: bool = False, pack: bool = True,
+               where: str = "model") -> tuple[onnx.ModelProto, dict]:
+    """The fused graph of `model` (consumed: onnxruntime's fusions edit it in place) and its edit record.
+    config: the source model's config (head counts, Gemma-3's window and query scale). rotary_in_op: packed
+    q/k/v and GroupQueryAttention's own rotary (exporter/gqa.py says when and why not by default). pack: the
+    projections that read one input (q/k/v, gate/up) as one MatMul + Split each (exporter/pack.py; exact).
+    where: the folder or model named in errors."""
     if model_type not in MODEL_TYPES:
         raise UnskillError(f"fusion table {model_type!r}: use one of {MODEL_TYPES}")
-    out_dir = Path(out_dir)
-    refuse_nonempty_out(out_dir)
-    config = source_config(model_dir) if attention and model_type == "qwen3" else {}   # before minutes of work
-    model, manifest = load_exported(model_dir)
     if any(node.op_type == "GroupQueryAttention" for node in model.graph.node):
-        raise UnskillError(f"{model_dir}: already fused (`unskill export` fuses by default; --no-fuse keeps "
+        raise UnskillError(f"{where}: already fused (`unskill export` fuses by default; --no-fuse keeps "
                            "the plain graph)")
     before = len(model.graph.node)
     names_in = [i.name for i in model.graph.input]
     names_out = [o.name for o in model.graph.output]
     # Fusions first: re-pointed Shape nodes no longer match the qwen3 table's rotary pattern.
-    fused = transformers_fusions(model, model_type, manifest.hidden_size)
+    fused = transformers_fusions(model, model_type, hidden_size)
     attention_layers = 0
     if attention and model_type == "qwen3":   # GPT-2-style graphs keep their attention (no GQA heads, biases)
-        attention_layers = fuse_attention(fused, config, manifest.num_layers, rotary_in_op=rotary_in_op)
+        attention_layers = fuse_attention(fused, config, num_layers, rotary_in_op=rotary_in_op)
     repointed = unify_shape_sources(fused)
     with tempfile.TemporaryDirectory() as scratch:
         fused = offline_optimize(fused, Path(scratch))   # onnx.load reads the weights in before scratch goes
@@ -185,16 +184,30 @@ def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", 
     missing = sorted(set(names_in) - {i.name for i in fused.graph.input}
                      | set(names_out) - {o.name for o in fused.graph.output})
     if missing:
-        raise UnskillError(f"{model_dir}: fusion dropped inputs/outputs {missing[:4]}; keep the unfused export")
+        raise UnskillError(f"{where}: fusion dropped inputs/outputs {missing[:4]}; keep the unfused export")
     ops = node_counts(fused)
     edit = {"method": "fuse", "model_type": model_type, "ratio": 0.0, "nodes_before": before,
             "nodes_after": len(fused.graph.node), "shape_nodes_repointed": repointed,
             "attention_layers_fused": attention_layers, **({"rotary_in_op": True} if rotary_in_op else {}),
             "packed_projections": packed,
             "fused_ops": {op: n for op, n in ops.items() if op in FUSED_OPS}}
+    return fused, edit
+
+
+def fuse(model_dir: str | Path, out_dir: str | Path, model_type: str = "qwen3", attention: bool = True,
+         rotary_in_op: bool = False, pack: bool = True) -> Manifest:
+    """`unskill edit fuse`: the fused copy of an unfused export folder, written beside it."""
+    if model_type not in MODEL_TYPES:
+        raise UnskillError(f"fusion table {model_type!r}: use one of {MODEL_TYPES}")
+    out_dir = Path(out_dir)
+    refuse_nonempty_out(out_dir)
+    config = source_config(model_dir) if attention and model_type == "qwen3" else {}   # before minutes of work
+    model, manifest = load_exported(model_dir)
+    fused, edit = fuse_graph(model, config, manifest.num_layers, manifest.hidden_size, model_type, attention,
+                             rotary_in_op, pack, where=str(model_dir))
     # Same weights, same keys: stats taken on the unfused export load on the fused one.
     return save_edited(fused, manifest, model_dir, out_dir, edit, stats_compatible=stats_compatible_with(manifest),
-                       attention="gqa" if attention_layers else manifest.attention)
+                       attention="gqa" if edit["attention_layers_fused"] else manifest.attention)
 
 
 FUSED_OPS = ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "RotaryEmbedding",

@@ -18,7 +18,7 @@ CUDA/WebGPU only).
 `rotary_in_op` (`unskill edit fuse --rotary-in-op`): where q and k are full-width RotaryEmbedding nodes over
 plain MatMuls of one input (SmolLM2/llama), q/k/v become one MatMul (GroupQueryAttention's packed-QKV input)
 and the rotary moves into the op (do_rotary=1, the same cos/sin caches): 120 fewer nodes a step on SmolLM2,
-fp32 decode 1.11-1.15x in two loaded runs, 0.97x in a third (benchmarks/README.md, session 13). Not the default: the op rotates a row at its
+fp32 decode 1.11-1.15x in two loaded runs, 0.97x in a third. Not the default: the op rotates a row at its
 buffer position (past length + s; a prompt's position_ids are read at their first element only), so a
 left-padded row is rotated `padding` positions further, queries and keys alike. Rotary scores depend on
 position differences only, so that is exact in exact arithmetic and the token ids stay identical (tests);
@@ -41,37 +41,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from unskill.runtime.errors import UnskillError
 
+from .index import GraphIndex, remove_dead_nodes, topological
+
 MS = "com.microsoft"
 BIAS, SEQLENS, TOTAL = "gqa/attention_bias", "gqa/seqlens_k", "gqa/total_sequence_length"
 QUERY_SEQLENS = "gqa/query_seqlens"
-
-
-class Graph:
-    """Producer/consumer look-ups over a graph that is edited in place."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model, self.graph = model, model.graph
-        self.init = {t.name: t for t in self.graph.initializer}
-        self.refresh()
-
-    def refresh(self):
-        self.producer = {o: n for n in self.graph.node for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-
-    def constant(self, name: str) -> np.ndarray | None:
-        if name in self.init:
-            return numpy_helper.to_array(self.init[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
-
-    def only_consumer(self, name: str, op_type: str) -> onnx.NodeProto | None:
-        users = self.consumers.get(name, [])
-        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
 
 
 def attention_heads(config: dict) -> tuple[int, int, int]:
@@ -129,7 +103,7 @@ def add_mask_inputs(nodes: list) -> None:
     add("Expand", ["gqa/bias_4d", "gqa/bias_shape"], BIAS)           # [B, 1, S, T]
 
 
-def past_shape_from_mask(g: Graph, kv_heads: int, head_dim: int, nodes: list) -> int:
+def past_shape_from_mask(g: GraphIndex, kv_heads: int, head_dim: int, nodes: list) -> int:
     """Re-point Shape(past_key_values.*) (Gemma-3's export takes its rotary positions from the past length)
     at [B, kv_heads, total - new, head_dim] computed from attention_mask and input_ids: with past and present
     sharing one preallocated buffer the past tensor is longer than the cache (runtime/session.py), the mask
@@ -156,7 +130,7 @@ def past_shape_from_mask(g: Graph, kv_heads: int, head_dim: int, nodes: list) ->
     return len(shapes)
 
 
-def strip_scale(g: Graph, name: str) -> str:
+def strip_scale(g: GraphIndex, name: str) -> str:
     """The tensor under an optional Mul by a constant (optimum's SDPA export scales q and k by sqrt(scale))."""
     node = g.producer.get(name)
     if node is not None and node.op_type == "Mul":
@@ -166,7 +140,7 @@ def strip_scale(g: Graph, name: str) -> str:
     return name
 
 
-def heads_to_3d(g: Graph, bnsh: str, heads: int, nodes: list, tag: str) -> str:
+def heads_to_3d(g: GraphIndex, bnsh: str, heads: int, nodes: list, tag: str) -> str:
     """A [B, N, S, H] tensor as [B, S, N*H]: the projection output it was made from where the chain is
     Reshape -> Transpose (v), the RotaryEmbedding re-pointed at that output (q, k with fused rotary), else a
     Transpose + Reshape (unfused rotary, Gemma-3's q/k norm)."""
@@ -187,7 +161,7 @@ def heads_to_3d(g: Graph, bnsh: str, heads: int, nodes: list, tag: str) -> str:
     return f"{tag}/bsd"
 
 
-def projection_3d(g: Graph, bnsh: str) -> str | None:
+def projection_3d(g: GraphIndex, bnsh: str) -> str | None:
     """X where bnsh = Transpose(Reshape(X), perm 0,2,1,3) and X is 3-D, else None."""
     transpose = g.producer.get(bnsh)
     if transpose is None or transpose.op_type != "Transpose":
@@ -199,7 +173,7 @@ def projection_3d(g: Graph, bnsh: str) -> str | None:
     return reshape.input[0]
 
 
-def in_op_rotary(g: Graph, q_bnsh: str, k_bnsh: str, head_dim: int) -> tuple | None:
+def in_op_rotary(g: GraphIndex, q_bnsh: str, k_bnsh: str, head_dim: int) -> tuple | None:
     """(q, k, [cos, sin], attributes) for GroupQueryAttention's own rotary (do_rotary=1) where q and k are
     full-width RotaryEmbedding nodes over 3-D projections with the same caches, else None (Gemma-3's q/k norm
     and unfused rotary stay outside). The op then rotates each row at its buffer position P + s (P = past
@@ -218,7 +192,7 @@ def in_op_rotary(g: Graph, q_bnsh: str, k_bnsh: str, head_dim: int) -> tuple | N
     return sources[0], sources[1], caches[0], {"do_rotary": 1, "rotary_interleaved": attrs[0].get("interleaved", 0)}
 
 
-def pack_qkv(g: Graph, outputs: list[str], nodes: list, tag: str) -> str | None:
+def pack_qkv(g: GraphIndex, outputs: list[str], nodes: list, tag: str) -> str | None:
     """One MatMul for q, k and v (GroupQueryAttention's packed-QKV query input) where each is MatMul(x, W)
     of the same x with a constant W: one node instead of three. Not pack.py's pack_projections: the op reads
     the packed product itself, so there is no Split back to q/k/v (and quantize cannot unpack it, hence
@@ -249,7 +223,7 @@ def same_grid(weights: list[np.ndarray]) -> bool:
     return len({None if grid is None else (grid.bits, grid.block) for grid in grids}) == 1
 
 
-def find_layer(g: Graph, layer: int) -> dict:
+def find_layer(g: GraphIndex, layer: int) -> dict:
     """The tensors around layer `layer`'s attention: new k/v (before the present Concat), rotated q,
     and the attention output (the o_proj input)."""
     concat_k, concat_v = (g.producer.get(f"present.{layer}.{kind}") for kind in ("key", "value"))
@@ -289,7 +263,7 @@ def find_layer(g: Graph, layer: int) -> dict:
 def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int, rotary_in_op: bool = False) -> int:
     """Replace each layer's attention (see the module docstring). Returns the number of layers fused.
     rotary_in_op: GroupQueryAttention's own rotary where it applies (in_op_rotary; off by default)."""
-    g = Graph(model)
+    g = GraphIndex(model)
     heads, kv_heads, head_dim = attention_heads(config)
     scale = attention_scale(config, head_dim)
     layers = [find_layer(g, layer) for layer in range(num_layers)]   # all or nothing: check before editing
@@ -310,7 +284,7 @@ def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int, rotary
         v = heads_to_3d(g, found["v"], kv_heads, new_nodes, f"{tag}/v")
         projections = [q, k, v]
         # Packed only with the rotary in the op: a Split back to q/k/v for outside rotary nodes measured
-        # nothing (SmolLM2 int4 109 vs 111 tok/s, fp32 +1 %; benchmarks/README.md, session 13).
+        # nothing (SmolLM2 int4 109 vs 111 tok/s, fp32 +1 %).
         packed = pack_qkv(g, projections, new_nodes, f"{tag}/qkv") if rotary else None
         out = f"{tag}/output"
         new_nodes.append(helper.make_node(
@@ -328,41 +302,8 @@ def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int, rotary
             if name in rename:
                 node.input[i] = rename[name]
     del model.graph.node[:]
-    model.graph.node.extend(topological([*new_nodes, *kept], model))
+    model.graph.node.extend(topological([*new_nodes, *kept], model.graph))
     remove_dead_nodes(model)
     if not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
     return len(layers)
-
-
-def topological(nodes: list, model: onnx.ModelProto) -> list:
-    """Nodes ordered so each comes after the producers of its inputs (ONNX requires it)."""
-    ready = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-    pending, ordered = list(nodes), []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(name in ready for name in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise UnskillError(f"attention fusion left a cycle or a missing input at {rest[0].name or rest[0].op_type}")
-        pending = rest
-    return ordered
-
-
-def remove_dead_nodes(model: onnx.ModelProto) -> None:
-    """Drop nodes (and initializers) nothing reachable from the graph outputs reads: the old attention."""
-    needed = {o.name for o in model.graph.output}
-    alive = []
-    for node in reversed(model.graph.node):
-        if any(name in needed for name in node.output):
-            alive.append(node)
-            needed.update(node.input)
-    del model.graph.node[:]
-    model.graph.node.extend(reversed(alive))
-    unused = [t for t in model.graph.initializer if t.name not in needed]
-    for tensor in unused:
-        model.graph.initializer.remove(tensor)

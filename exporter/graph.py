@@ -17,6 +17,8 @@ from onnx import TensorProto, helper
 
 from unskill.runtime.errors import UnskillError
 
+from .index import GraphIndex
+
 PROJECTIONS = ("MatMul", "Gemm")
 SHAPE_ONLY = ("Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
 MAX_ACTIVATION_NODES = 64   # the activation is a short chain (SiLU: 2 ops, GELU-tanh: ~8)
@@ -29,11 +31,14 @@ class FFLTensors:
     up: str | None     # up_proj output in a gated FFL
 
 
-class _GraphIndex:
+class _FFLIndex:
+    """The graph index with the FFL shapes: which projections are up (hidden -> ffn) and down (ffn -> hidden)."""
+
     def __init__(self, graph: onnx.GraphProto, hidden: int, ffn: int):
         self.hidden, self.ffn = hidden, ffn
-        self.initializers = {init.name: tuple(init.dims) for init in graph.initializer}
-        self.producer = {out: node for node in graph.node for out in node.output}
+        index = GraphIndex(graph)
+        self.initializers = {name: tuple(init.dims) for name, init in index.init.items()}
+        self.producer = index.producer
         self.constants = set(self.initializers) | {
             out for node in graph.node if node.op_type == "Constant" for out in node.output}
 
@@ -94,7 +99,7 @@ def find_ffl_tensors(model: onnx.ModelProto, hidden: int, ffn: int) -> list[FFLT
     """One FFLTensors per layer, in graph order (which is layer order for every exporter we use)."""
     if hidden == ffn:
         raise UnskillError(f"hidden size {hidden} equals the FFL width: the structural match needs them to differ")
-    index = _GraphIndex(model.graph, hidden, ffn)
+    index = _FFLIndex(model.graph, hidden, ffn)
     layers = []
     for node in model.graph.node:
         if not index.is_down_projection(node):
@@ -163,13 +168,8 @@ def output_sources(model: onnx.ModelProto, output_names: list[str]) -> list[str]
 
 
 def locate_ffl_weights(model: onnx.ModelProto, manifest) -> list[FFLWeights]:
-    graph = model.graph
-    initializers = {init.name for init in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = GraphIndex(model)
+    initializers, producer, consumers = set(index.init), index.producer, index.consumers
 
     def projection_behind(tensor: str) -> tuple[str, list[str]]:
         """(weight, biases) of the projection that produced tensor, through bias adds."""
@@ -209,33 +209,6 @@ def _is_projection_chain(producer, tensor, initializers) -> bool:
     return node is not None and node.op_type in PROJECTIONS and len(node.input) > 1 and node.input[1] in initializers
 
 
-def probe_graph(model: onnx.ModelProto, keep_outputs: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that computes only `keep_outputs` (key_last.* and present.*): no LM head, no final
-    norm, no full-sequence key/pre-activation outputs. onnxruntime runs every node of a graph whatever the
-    caller fetches, so a prompt pass that wants keys alone needs a graph that holds nothing else. Load
-    `model` with load_external_data=False: the copy's weights then still point into the model's data file."""
-    graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    live, pending = set(), list(keep_outputs)
-    while pending:
-        node = producer.get(pending.pop())
-        if node is not None and id(node) not in live:
-            live.add(id(node))
-            pending.extend(name for name in node.input if name)
-    nodes = [node for node in graph.node if id(node) in live]
-    used = {name for node in nodes for name in node.input} | set(keep_outputs)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    kept = probe.graph
-    for field, items in (("node", nodes), ("initializer", [i for i in graph.initializer if i.name in used]),
-                         ("input", [i for i in graph.input if i.name in used]),
-                         ("output", [o for o in graph.output if o.name in keep_outputs]),
-                         ("value_info", [v for v in graph.value_info if v.name in used])):
-        kept.ClearField(field)
-        getattr(kept, field).extend(items)
-    return probe
-
-
 LOGITS_TO_KEEP = "logits_to_keep"   # transformers' / onnxruntime-genai's name for the same knob
 
 
@@ -252,7 +225,7 @@ def add_logits_to_keep(model: onnx.ModelProto, logits_output: str = "logits") ->
     graph = model.graph
     if any(i.name == LOGITS_TO_KEEP for i in graph.input):
         return LOGITS_TO_KEEP
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = GraphIndex(graph).producer
     node = producer.get(logits_output)
     while node is not None and node.op_type not in PROJECTIONS:
         computed = [name for name in node.input if name in producer]

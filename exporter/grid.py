@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .index import drop_unused_initializers
+
 # Tried in order: the first (bits, block) whose grid every block of a tensor fits wins. Q4_1/Q4_K fit 4-bit
 # 32-blocks; Q5_0/Q8_0 need 8 bits; Q6_K has a scale per 16 weights.
 CANDIDATES = ((4, 32), (8, 32), (8, 16))
@@ -162,8 +164,8 @@ def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_b
     of its block means appended, x' = [x, M, M, ...] (per input tensor one AveragePool and one Concat), and
     each MatMulNBits reads those extra rows with R as two signed 4-bit digits (scales 16u and u times 32,
     u = max |R| of 32 blocks / 119): the residual to 1/238 of its largest value in 32 blocks, well under
-    the int8 activation rounding of accuracy level 4. (Until session 13 the block sums came from a
-    MatMulNBits with a 0/1 matrix: 3x the cost of the AveragePool, 10 % of an int4 SmolLM2 step.)"""
+    the int8 activation rounding of accuracy level 4. (Block sums from a MatMulNBits with a 0/1 matrix
+    instead cost 3x the AveragePool, 10 % of an int4 SmolLM2 step.)"""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     candidates = tuple(c for c in CANDIDATES if c[0] <= max_bits)
@@ -193,9 +195,7 @@ def replace_with_grid_matmuls(model: onnx.ModelProto, accuracy_level: int, max_b
         used.add(init.name)
     del graph.node[:]
     graph.node.extend(nodes)
-    still_used = {name for node in graph.node for name in node.input}
-    for name in used - still_used:
-        graph.initializer.remove(initializers[name])
+    drop_unused_initializers(graph, only=used)
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return report

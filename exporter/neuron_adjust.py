@@ -324,7 +324,7 @@ def neuron_adjust(model_dir, stats_path, ratio: float, out_dir, noise: str = "ha
     """`unskill edit na`: write a copy of the exported model with NA nodes on the selected neurons."""
     from unskill.runtime.statsfile import load_stats
 
-    from .edit import load_exported, save_edited
+    from .folder import load_exported, save_edited
     from .graph import output_sources
 
     model, manifest = load_exported(model_dir)

@@ -4,8 +4,8 @@ A decode step multiplies one token's vector by every weight, so each projection 
 and, at 2 threads, a thread-pool dispatch for little work: SmolLM2's k/v projections (192 columns) took as
 long per column as the 1,536-column gate. Concatenating the weights along the output dimension and splitting
 the product gives the same numbers (every output column is computed from the same input and its own weight
-column) with one launch. Measured (benchmarks/README.md, "Session 14: packed projections"): int4 SmolLM2
-+7.5 % decode at 2 threads, fp32 +4 %.
+column) with one launch. Measured (benchmarks/README.md): int4 SmolLM2 +7.5 % decode at 2 threads,
+fp32 +4 %.
 
 Works on plain MatMul with a 2-D weight initializer and on MatMulNBits (B, scales, zero points and bias are
 all per output column: concatenated along N; nodes with g_idx are left alone). The Split keeps the original
@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from .index import GraphIndex, drop_unused_initializers
 
 PACKED = "/packed"   # node-name suffix of a packed projection; its Split is PACKED + "/split"
 
@@ -122,9 +124,7 @@ def _rewrite(graph, replacement: dict, dropped: set) -> None:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    for init in [init for init in graph.initializer if init.name not in used]:
-        graph.initializer.remove(init)
+    drop_unused_initializers(graph)
 
 
 def unpack_projections(model: onnx.ModelProto) -> int:
@@ -134,8 +134,8 @@ def unpack_projections(model: onnx.ModelProto) -> int:
     from unskill.runtime.errors import UnskillError
 
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
+    index = GraphIndex(model)
+    initializers, producer = index.init, index.producer
     splits = [node for node in graph.node if node.name.endswith(PACKED + "/split")]
     replacement, dropped = {}, set()
     for split in splits:
@@ -159,11 +159,10 @@ def unpack_projections(model: onnx.ModelProto) -> int:
 
 def pack(model_dir, out_dir):
     """`unskill edit pack`: an exported (or edited) fp32 model with its projections packed, written beside it
-    (exports made with --no-pack or before session 14). Same outputs: the KSD stats of the parent load on it."""
+    (exports made with --no-pack or before packing was the default). Same outputs: the KSD stats of the parent load on it."""
     from unskill.runtime.errors import UnskillError
 
-    from .edit import load_exported, save_edited, stats_compatible_with
-    from .export import refuse_nonempty_out
+    from .folder import load_exported, refuse_nonempty_out, save_edited, stats_compatible_with
 
     refuse_nonempty_out(Path(out_dir))
     model, manifest = load_exported(model_dir)

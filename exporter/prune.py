@@ -19,7 +19,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 from unskill.runtime.statsfile import StatsFile, load_stats
 
-from .edit import load_exported, save_edited
+from .folder import load_exported, save_edited
 from .graph import locate_ffl_weights
 
 EPS = 1e-3

@@ -34,8 +34,9 @@ import onnx
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.manifest import Manifest
 
-from .edit import load_exported, save_edited, stats_compatible_with
+from .folder import load_exported, save_edited, stats_compatible_with
 from .grid import REBLOCK
+from .index import GraphIndex, remove_dead_nodes
 
 MODES = ("int8", "int4", "fp16")
 GRIDS = ("source", "exact", "rtn")
@@ -51,8 +52,8 @@ def fold_transposed_weights(model: onnx.ModelProto) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
+    index = GraphIndex(model)
+    initializers, producer = index.init, index.producer
     folded = 0
     for node in graph.node:
         source = producer.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
@@ -68,10 +69,8 @@ def fold_transposed_weights(model: onnx.ModelProto) -> int:
             graph.initializer.append(initializers[name])
         node.input[1] = name
         folded += 1
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    dead = [node for node in graph.node if node.op_type == "Transpose" and node.output[0] not in used]
-    for node in dead:
-        graph.node.remove(node)
+    if folded:
+        remove_dead_nodes(model)   # the Transposes nothing reads any more
     return folded
 
 

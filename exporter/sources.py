@@ -15,7 +15,7 @@ class ModelSource:
     name: str                      # what the user typed
     directory: Path                # HF directory, or the folder holding the .gguf
     gguf_file: str | None = None   # file name inside `directory` when loading from GGUF
-    # Tokenizer facts GGUF conversion gets wrong in transformers 4.57 (see REFERENCE.md):
+    # Tokenizer facts GGUF conversion gets wrong in transformers 4.57:
     add_bos: bool | None = None
     eos_tokens: list[str] = field(default_factory=list)
 

@@ -1,17 +1,23 @@
 """The one path for reading keys: prefill prompts and return the FFL key at the last prompt token of the
 requested layers (the `key_last.{i}` outputs). Probing (`unskill stats`), calibration, the bypass benchmark
-and the decode-time guard all read keys through these outputs, with layers numbered 0..L-1 (negative
+and the decode-time guard all read keys through these outputs (KeyEntry: their entry alphas into a stats file's
+cubes, for calibration and eval), with layers numbered 0..L-1 (negative
 indices count from the end, anything else is an error).
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from .ksd import build_cubes
 from .manifest import require_key_last, resolve_layers  # noqa: F401  (evals import them from here too)
 from .session import OnnxLM, left_pad
+from .statsfile import StatsFile
+from .tokenizer import TextTokenizer
 
 MIN_SHARED_PREFIX = 4   # shorter common prefixes are not worth a separate prefill
 
@@ -104,3 +110,31 @@ def prefix_groups(sequences: list[list[int]], batch_size: int) -> list[list[int]
     groups = [members for members in by_start.values() if len(members) >= max(batch_size, 2)]
     rest = sorted(i for members in by_start.values() if len(members) < max(batch_size, 2) for i in members)
     return groups + ([rest] if rest else [])
+
+
+class KeyEntry:
+    """Entry alphas of key vectors for several stats files at one layer."""
+
+    def __init__(self, stats: dict[str, StatsFile], num_layers: int, key_outputs: list[str], layer: int,
+                 key_last_outputs: list[str] | None = None):
+        self.layer = resolve_layers([layer], num_layers)[0]   # out of range is an error, as in the guard
+        self.output = key_outputs[self.layer]                 # every position: token-level tasks
+        self.last_output = (key_last_outputs or key_outputs)[self.layer]   # the guard's: decode steps
+        self.cubes = {name: build_cubes(s, [self.layer], 1.0, "k")[0] for name, s in stats.items()}
+
+    def __call__(self, keys: np.ndarray) -> list[dict[str, float]]:
+        """keys (B, F) -> per row {stats name: entry alpha}."""
+        per_name = {name: cube.score(keys) for name, cube in self.cubes.items()}   # the guard's own cube score
+        return [{name: float(values[row]) for name, values in per_name.items()} for row in range(keys.shape[0])]
+
+    def digest(self) -> dict[str, str]:
+        return {name: hashlib.sha256(c.center.tobytes() + c.halfwidth.tobytes()).hexdigest()[:16]
+                for name, c in self.cubes.items()}
+
+
+def prompt_keys(model: OnnxLM, tokenizer: TextTokenizer, dataset, layer: int, chat: bool = True,
+                batch_size: int = 8) -> np.ndarray:
+    """Key vectors at the last prompt token of one layer, (items, F), in dataset order (calibration);
+    `dataset` is a stats Dataset (its `items` carry a `prompt`)."""
+    sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
+    return KeyReader(model, batch_size).last_keys(sequences, [layer])[:, 0]

@@ -261,7 +261,7 @@ class OnnxLM:
         """The IO binding of the previous run on the same KVBuffer fetching the same outputs (the prompt and
         decode steps of one generation), else a new one with past and present bound to the buffer. Binding
         the 2 x layers past/present tensors anew every step cost 1-3 % of a SmolLM2 step (0.1-0.5 ms of
-        13-16 ms; benchmarks/placement.py --profile, session 13). The binding lives on the buffer, so it goes
+        13-16 ms; benchmarks/placement.py --profile). The binding lives on the buffer, so it goes
         with it (it holds the KV cache's OrtValues)."""
         if isinstance(past, KVBuffer) and past.binding is not None and past.fetched == fetched:
             return past.binding

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     for name, by_mode in rates.items():
         print(f"{name:32s} " + "  ".join(f"{mode} {rate:.3f}" for mode, rate in by_mode.items()))
     if args.out:
-        from unskill.runtime.cli import write_json
+        from unskill.runtime.io import write_json
         write_json(args.out, {"model": args.model, "stats": args.stats, "rule": stats.guard.name,
                               "calibration": stats.guard.calibration, "rates": rates})
     return 0

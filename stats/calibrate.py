@@ -115,13 +115,13 @@ WIDEN = 1.25        # retain prompts within this factor of a threshold count aga
 AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
 CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
 # What `unskill calibrate --rules` may search, and its default: calibration picks among both on validation data
-# (boxes lost in docs/runs/robustness-*); the decode check below keeps a rule that fires on decoded tokens of
-# ordinary answers (Gemma-3's ratio rule, session 12) out.
+# (boxes lost on the bypass benchmark); the decode check below keeps a rule that fires on decoded tokens of
+# ordinary answers (a Gemma-3 ratio rule did) out.
 RULE_KINDS = ("gauss", "ratio")
 DECODE_PROMPTS = 64   # retain prompts (evenly spaced over every retain set) decoded greedily by the decode check
 DECODE_TOKENS = 16    # tokens each of them decodes; the guard checks the key at every one of them
 # 32 prompts x 10 tokens passed a Gemma-3 ratio rule that then refused 0.10-0.15 of retain prompts within 16
-# decoded tokens (docs/runs/robustness-smollm2/decode-safe.md): the sample misses the tail of decoded keys. So
+# decoded tokens: the sample misses the tail of decoded keys. So
 # the check also keeps a margin: thresholds stay WIDEN x below the decoded keys, and a candidate is rejected
 # when WIDEN x its thresholds would already refuse more decoded prompts than the target.
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from unskill.runtime import GenerationParams, SamplingParams, UnskillError, load, load_manifest
-from unskill.runtime.cli import main as ksd_run
+from unskill.ksd_run import main as ksd_run
 from unskill.runtime.ksd import KSDGuard
 from unskill.runtime.statsfile import load_stats
 
@@ -216,7 +216,7 @@ def test_stats_cli_refuses_bad_options_and_duplicate_shards(llama_stats, tmp_pat
 def test_ctrl_c_is_one_line_and_exit_130(llama):
     # A shell starts background jobs with SIGINT ignored, and Python then installs no Ctrl-C handler: the child
     # gets the default disposition back, as at a terminal, whatever ran this test.
-    proc = subprocess.Popen([sys.executable, "-m", "unskill.runtime.cli", "--onnx", str(llama), "--device", "cpu"],
+    proc = subprocess.Popen([sys.executable, "-m", "unskill.ksd_run", "--onnx", str(llama), "--device", "cpu"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "type a prompt" in proc.stderr.readline()   # loaded and waiting at the interactive prompt

@@ -310,7 +310,7 @@ def test_cli_calibrate_stores_the_rule_ksd_run_uses_it_and_robustness_report(lla
     atomically; ksd-run without --alpha uses it and names it; eval bypass:gsm8k records it; report --robustness
     renders both rules."""
     from unskill.cli import main
-    from unskill.runtime.cli import main as ksd_run
+    from unskill.ksd_run import main as ksd_run
     from unskill.stats.datasets import Dataset, Item
     from unskill.stats.probe import ProbeConfig, probe
 

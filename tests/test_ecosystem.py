@@ -134,7 +134,7 @@ SMOL_PROMPT = "Natalia sold clips to 48 of her friends in April, and then she so
 
 
 def ksd_run_text(directory, prompt, tmp_path, max_new_tokens) -> str:
-    from unskill.runtime.cli import main as ksd_run
+    from unskill.ksd_run import main as ksd_run
 
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
     assert ksd_run(["--onnx", str(directory), "--prompts", str(tmp_path / "p.jsonl"), "--output",
@@ -205,7 +205,7 @@ def run_genai_guard(directory, stats, prompts, max_new_tokens, alpha=1.0) -> lis
 
 
 def ksd_run_records(directory, stats, prompts, tmp_path, max_new_tokens, alpha=1.0) -> list[dict]:
-    from unskill.runtime.cli import main as ksd_run
+    from unskill.ksd_run import main as ksd_run
 
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     assert ksd_run(["--onnx", str(directory), "--stats", str(stats), "--alpha", str(alpha), "--prompts",
@@ -256,8 +256,7 @@ def test_smollm2_genai_guard_example_matches_ksd_run(smollm2_edits, tmp_path):
 def test_gemma3_tokenizer_round_trips_and_optimum_genai_match(tmp_path):
     """Gemma-3-270M: its tokenizer (built from the GGUF vocabulary) through AutoTokenizer, and optimum and genai
     greedy text equal to ksd-run's (raw prompt: the base model has no chat template). Exporting Gemma takes
-    minutes and ~6 GB, so this runs on an export named by UNSKILL_GEMMA3_ONNX (one-off run recorded in
-    docs/runs/ecosystem-gemma3)."""
+    minutes and ~6 GB, so this runs on an export named by UNSKILL_GEMMA3_ONNX."""
     import os
     from pathlib import Path
 
@@ -275,7 +274,7 @@ def test_gemma3_tokenizer_round_trips_and_optimum_genai_match(tmp_path):
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
     prompt = "The capital of France is"
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
-    from unskill.runtime.cli import main as ksd_run
+    from unskill.ksd_run import main as ksd_run
 
     assert ksd_run(["--onnx", str(directory), "--prompts", str(tmp_path / "p.jsonl"), "--output",
                     str(tmp_path / "r.jsonl"), "--max-new-tokens", "24", "--no-chat", "--device", "cpu"]) == 0

@@ -658,7 +658,7 @@ def test_fp16_keeps_fp32_inputs_outputs_and_runs_on_cpu(tiny_export, edit_stats,
 def test_edited_fingerprint_tells_graphs_apart_with_the_same_weights_and_edits(tmp_path):
     """Two edits with one record and one weights file but different graphs (e.g. attributes only) must not
     share a fingerprint: the eval cache is keyed by it."""
-    from unskill.exporter.edit import edited_fingerprint
+    from unskill.exporter.folder import edited_fingerprint
     data = tmp_path / "model.onnx.data"
     data.write_bytes(b"\x00" * 64)
     graph_a, graph_b = tmp_path / "a.onnx", tmp_path / "b.onnx"

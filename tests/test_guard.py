@@ -29,7 +29,7 @@ def test_formats_render_every_prompt_in_chat_raw_and_one_rotated_format():
 
 def test_unskill_guard_stores_a_rule_that_refuses_raw_and_chat_prompts(tiny_export, tmp_path, capsys):
     from unskill.cli import main as unskill
-    from unskill.runtime.cli import main as ksd_run
+    from unskill.ksd_run import main as ksd_run
 
     _, onnx_dir = tiny_export("llama")
     forget, retain = tmp_path / "apples.jsonl", tmp_path / "other.jsonl"

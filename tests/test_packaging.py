@@ -6,8 +6,8 @@ import zipfile
 
 
 def test_runtime_and_stats_import_without_torch_or_exporter():
-    code = ("import sys, unskill.runtime, unskill.runtime.cli, unskill.runtime.engine, unskill.runtime.server, "
-            "unskill.stats.probe, unskill.stats.cli, unskill.evals.sandbox, unskill.evals.evaluate; "
+    code = ("import sys, unskill.runtime, unskill.runtime.io, unskill.runtime.engine, unskill.runtime.server, "
+            "unskill.ksd_run, unskill.stats_eval, unskill.stats.probe, unskill.evals.sandbox, unskill.evals.evaluate; "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('unskill.exporter', 'transformers'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

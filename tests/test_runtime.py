@@ -189,7 +189,7 @@ def test_bad_input_is_one_clear_error(tiny_export, llama_stats, tmp_path):
 
 
 def test_ksd_run_cli_writes_jsonl_and_fails_cleanly(tiny_export, llama_stats, tmp_path, capsys):
-    from unskill.runtime.cli import main
+    from unskill.ksd_run import main
 
     _, onnx_dir = tiny_export("llama")
     prompts = tmp_path / "prompts.jsonl"
