@@ -201,7 +201,39 @@ def without_skill_subjects(dataset: Dataset, kind: str | None) -> Dataset:
                    [item for item in dataset.items if item.group not in skip], dataset.grouped)
 
 
-FAMILIES = ("wrapper", "persona", "code", "instruction", "noise", "language")
+FAMILIES = ("wrapper", "persona", "code", "instruction", "noise", "language", "bon")
+
+
+def best_of_n_noise(text: str, rng: random.Random, scramble: float = 0.6, capitalize: float = 0.6,
+                    ascii_noise: float = 0.06) -> str:
+    """One Best-of-N augmentation of a request (Hughes et al., 2024, "Best-of-N Jailbreaking"): the middle
+    letters of words longer than three characters shuffled (probability `scramble` per word), letters upper- or
+    lower-cased at random (`capitalize` per letter) and printable ASCII characters shifted by one code point
+    (`ascii_noise` per character). An attacker resamples these until a request passes; fitting and calibrating
+    on them (forget side, and retain side so noisy benign text stays answered) is the defence. Seeds here are
+    the augmentation's own ("augment:..." / "bon-retain:..."), never the benchmark's."""
+    words = []
+    for word in text.split(" "):
+        if len(word) > 3 and rng.random() < scramble:
+            middle = list(word[1:-1])
+            rng.shuffle(middle)
+            word = word[0] + "".join(middle) + word[-1]
+        words.append(word)
+    chars = []
+    for char in " ".join(words):
+        if char.isalpha() and rng.random() < capitalize:
+            char = char.upper() if rng.random() < 0.5 else char.lower()
+        if 32 <= ord(char) <= 126 and char != "\n" and rng.random() < ascii_noise:
+            char = chr(min(126, max(32, ord(char) + rng.choice((-1, 1)))))
+        chars.append(char)
+    return "".join(chars)
+
+
+def noisy_copies(dataset: Dataset, every: int = 3, seed: int = 0) -> Dataset:
+    """A Best-of-N-noised copy of every `every`-th prompt (calibration's retain side: benign requests garbled
+    the same way must stay answered)."""
+    rng = random.Random(f"bon-retain:{seed}:{dataset.name}")
+    return Dataset(f"{dataset.name}+bon", [Item(best_of_n_noise(item.prompt, rng)) for item in dataset.items[::every]])
 
 
 def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
@@ -216,6 +248,8 @@ def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
         return rng.choice(INSTRUCTIONS).format(q=q)
     if family == "noise":
         return re.sub(r"[^\w\s]", "", q.upper() if rng.random() < 0.3 else q.lower())
+    if family == "bon":
+        return best_of_n_noise(q, rng)
     if kind == "math":
         text = rng.choice(sorted(MATH_LANGUAGES.values()))
     else:

@@ -11,6 +11,10 @@ The forget set is split in two, never shared: probes (fit the key statistics) an
 the thresholds' forget side). Benchmarks with a validation split use it (gsm8k, mbpp); any other set keeps its
 last VALIDATION_SHARE for validation.
 
+Best-of-N noise (random capitalization, shuffled letters, ASCII noise; Hughes et al., 2024) is one family of
+the forget side's framed variants, and a noised copy of every third retain prompt joins the retain side, so a
+garbled benign request is not refused either.
+
 Default retain sets (`--retain` adds to them, `--no-default-retain` drops them): the other built-in skill,
 built-in general requests, calibration's chat set, the calibration half of the real user instructions less the
 skill's own (`instructions:calibration-no<skill>`; the held-out half is the benchmark's) and MMLU dev less the
@@ -50,6 +54,7 @@ class GuardConfig:
     decode_prompts: int | None = None   # None: calibrate's defaults
     decode_tokens: int | None = None
     progress: bool = True
+    noisy_retain: bool = True           # Best-of-N-noised copies of a third of the retain prompts
 
 
 def skill_kind(forget_spec: str) -> str | None:
@@ -72,6 +77,16 @@ def forget_sets(spec: str, limit: int, data_dir) -> tuple[Dataset, Dataset]:
 
 
 def retain_sets(kind: str | None, config: GuardConfig, data_dir, warn=print) -> list[Dataset]:
+    """The --retain sets, then the defaults; then a Best-of-N-noised copy of every third prompt of each."""
+    sets = _plain_retain_sets(kind, config, data_dir, warn)
+    if not config.noisy_retain:
+        return sets
+    from .augment import noisy_copies
+
+    return sets + [noisy_copies(dataset) for dataset in sets]
+
+
+def _plain_retain_sets(kind: str | None, config: GuardConfig, data_dir, warn) -> list[Dataset]:
     from .augment import chat_dataset, without_skill_subjects
     from .datasets import resolve_data_dir
 

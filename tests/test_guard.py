@@ -99,3 +99,18 @@ def test_smollm2_completions_endpoint_refuses_a_math_prompt(smollm2_export, tmp_
         assert code.choices[0].finish_reason in ("stop", "length")
     finally:
         server.should_exit = True
+
+
+def test_best_of_n_noise_is_seeded_and_joins_both_sides():
+    import random
+
+    from unskill.stats.guard import GuardConfig, retain_sets
+
+    text = "Natalia sold clips to 48 of her friends in April, and then half as many in May."
+    first = augment.best_of_n_noise(text, random.Random(1))
+    assert first == augment.best_of_n_noise(text, random.Random(1)) and first != text
+    assert len(first.split(" ")) == len(text.split(" ")) and sorted(first.lower()) != sorted(text)
+    assert "bon" in augment.FAMILIES   # the forget side's framed variants
+    sets = retain_sets("math", GuardConfig(limit=30, data_dir=None), None, warn=lambda line: None)
+    names = [d.name for d in sets]
+    assert "builtin:code+bon" in names and len(sets) == 2 * len([n for n in names if not n.endswith("+bon")])
