@@ -109,7 +109,7 @@ def test_best_of_n_noise_is_seeded_and_joins_both_sides():
     text = "Natalia sold clips to 48 of her friends in April, and then half as many in May."
     first = augment.best_of_n_noise(text, random.Random(1))
     assert first == augment.best_of_n_noise(text, random.Random(1)) and first != text
-    assert len(first.split(" ")) == len(text.split(" ")) and sorted(first.lower()) != sorted(text)
+    assert len(first) == len(text) and first.lower() != text.lower()   # same length: letters moved, not lost
     assert "bon" in augment.FAMILIES   # the forget side's framed variants
     sets = retain_sets("math", GuardConfig(limit=30, data_dir=None), None, warn=lambda line: None)
     names = [d.name for d in sets]
