@@ -349,10 +349,8 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
         print(f"  decoded: {cal['decode_refused']:.1%} of {cal['decode_prompts']} retain prompts refused at one of "
               f"{cal['decode_tokens']} decoded tokens")
     if not args.no_store:
-        stats.guard = setting
-        stats.groups.pop("ksd_retain", None)   # a ratio rule's retain side; any older one belongs to an older rule
-        if setting.rule == "ratio":
-            stats.groups["ksd_retain"] = result.retain_moments
+        from unskill.stats.guard import store_rule
+        store_rule(stats, result)
         stats.save(stats_path)
         print(f"  stored in {stats_path}: `ksd-run --stats {stats_path}` uses it (give --alpha/--layers to override)")
     if args.out:

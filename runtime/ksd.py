@@ -1,4 +1,12 @@
-"""Key Space Detection: abstain when the key vector falls inside a skill's hypercube.
+"""Key Space Detection: abstain when the key vector falls inside a skill's region. This module owns the rule.
+
+Every region kind scores a key, then fires: `score(keys (..., F)) -> (...,)` and inside when score <= threshold.
+    Hypercube     max_d |v - center| / halfwidth          (threshold 1.0: the paper's cube, alpha in halfwidth)
+    Ellipsoid     mean_d ((v - center) * inverse_sigma)^2  (diagonal Gaussian)
+    RatioRegion   Ellipsoid's score over the same under the retain prompts' Gaussian, +inf beyond `bound`
+A Detector (one skill) fires on a row when at least `votes` of its regions (one per layer) hold that row's key
+of their layer (`vote`). Calibration (stats/calibrate.py) and evaluation (evals/, runtime/keys.py KeyEntry) score
+keys with these regions and decide with `vote`; they never re-derive a score or a threshold.
 
 A stats file's `ksd` group gives, per layer, the mean mu and sample std sigma (ddof=1) of the key vector
 at the last prompt token over the forget probes. The cube is |v - mu| <= r * sigma in every dimension:
