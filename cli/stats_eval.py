@@ -335,7 +335,8 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
         retain_sets.append(without_skill_subjects(load_dataset("mmlu:dev", args.data_dir), kind))
     result = calibrate_rule(model, tokenizer, stats, retain_sets, forget, args.target, not args.no_chat, kind,
                             progress=not args.no_progress, rules=tuple(args.rules),
-                            decode_prompts=args.decode_prompts, decode_tokens=args.decode_check)
+                            decode_prompts=args.decode_prompts, decode_tokens=args.decode_check,
+                            formats=stats.meta.get("prompt_template", {}).get("formats"))   # as the probes were read
     setting, paper = result.setting, result.paper
     print(f"{stats.skill}: the paper's rule (layer {paper.layer}, one cube): alpha {paper.alpha:.4g} x k refuses "
           f"{paper.retain_abstain:.1%} of {paper.retain_items} retain, {paper.forget_abstain:.1%} of "
