@@ -111,7 +111,7 @@ def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config
     """Probe, calibrate, store: (the stats file with its rule, calibrate's RuleCalibration)."""
     from .augment import FORMAT_SETS
     from .calibrate import DECODE_PROMPTS, DECODE_TOKENS, calibrate_rule
-    from .probe import ProbeConfig, probe
+    from .probe import AUGMENT_ITEMS, ProbeConfig, probe
 
     warn = warn or (lambda line: print(line, file=sys.stderr))
     if config.formats not in FORMAT_SETS:
@@ -124,7 +124,8 @@ def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config
         raise UnskillError("unskill guard: no retain set (give --retain SPEC, or keep the default ones)")
     formats = FORMAT_SETS[config.formats]
     probe_config = ProbeConfig(True, config.batch_size, progress=config.progress, formats=formats)
-    stats = probe(model, tokenizer, probes, None, probe_config, skill or forget_spec, augment=augment_kind)
+    stats = probe(model, tokenizer, probes, None, probe_config, skill or forget_spec, augment=augment_kind,
+                  augment_items=min(AUGMENT_ITEMS, len(probes.items) // 2))   # framed variants of half, at most 100
     result = calibrate_rule(model, tokenizer, stats, retain, validation, config.target, True, augment_kind,
                             config.batch_size, config.progress,
                             decode_prompts=DECODE_PROMPTS if config.decode_prompts is None else config.decode_prompts,

@@ -110,7 +110,7 @@ class Prober:
 
 def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Dataset | None = None,
           config: ProbeConfig | None = None, skill: str | None = None, text: bool = False,
-          augment: str | None = None) -> StatsFile:
+          augment: str | None = None, augment_items: int = AUGMENT_ITEMS) -> StatsFile:
     """KSD stats from the forget prompts; with a retain set, NA and SP stats from both sides as well.
     `text` adds the forget side's NA/SP stats without a retain set (a shard for `compose_stats`).
     `augment` (math | code) adds framed variants of the first AUGMENT_ITEMS forget prompts to the KSD probes
@@ -119,7 +119,7 @@ def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Data
 
     config = config or ProbeConfig()
     prober = Prober(model, tokenizer, config)
-    head = Dataset(forget.name, forget.items[:AUGMENT_ITEMS])
+    head = Dataset(forget.name, forget.items[:augment_items])
     groups = {"ksd": prober.prompt_pass(forget, framed(head, augment) if augment else None)}
     if retain is not None or text:
         groups.update(prober.text_pass(forget, "forget"))

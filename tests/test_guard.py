@@ -83,7 +83,7 @@ def test_smollm2_completions_endpoint_refuses_a_math_prompt(smollm2_export, tmp_
 
     model = OnnxLM(smollm2_export, device="cpu")
     stats, _ = make_guard(model, TextTokenizer(smollm2_export, model.manifest), "builtin:math",
-                          GuardConfig(limit=100, progress=False))
+                          GuardConfig(limit=40, decode_prompts=16, decode_tokens=8, progress=False))
     path = stats.save(tmp_path / "math.npz")
     engine = BatchEngine(load(smollm2_export, stats=[path], device="cpu"), max_batch=4)
     server, port = serve_in_thread(build_app(engine, "smollm2", "k"))
