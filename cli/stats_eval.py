@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     stats.save(Path(args.out))
     groups = ", ".join(f"{g} ({int(m.count[0])} rows/layer)" for g, m in stats.groups.items())
     print(f"wrote {args.out}: {groups}")
+    print(f"  not a guard yet (no calibrated rule): `unskill calibrate --model {args.model} --stats {args.out} ...` "
+          f"stores one, or make the guard in one run with `unskill guard --model {args.model} --forget {args.forget}`")
     return 0
 
 
