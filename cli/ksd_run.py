@@ -12,6 +12,7 @@ from unskill.runtime.generator import ABSTAIN_MESSAGE, GenerationParams, Result
 from unskill.runtime.io import check_output_path, write_jsonl
 from unskill.runtime.ksd import ALPHA_MODES
 from unskill.runtime.sampling import SamplingParams
+from unskill.runtime.statsfile import alpha_problem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,12 +72,15 @@ def read_prompts(path: str) -> list[str]:
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
-    if text == "all":
+    if text.strip() == "all":
         return list(range(num_layers))
     try:
-        return [int(part) for part in text.split(",")]
+        layers = [int(part) for part in text.split(",")]
     except ValueError:
         raise UnskillError(f"--layers {text!r}: expected comma-separated integers or 'all'") from None
+    if len(set(layers)) != len(layers):
+        raise UnskillError(f"--layers {text!r}: a layer is named twice")
+    return layers
 
 
 def result_record(result: Result) -> dict:
@@ -86,15 +90,14 @@ def result_record(result: Result) -> dict:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without the model, before it loads."""
-    import math
-
     for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             raise UnskillError(f"{flag} must be >= 1, got {value}")
     if args.threads is not None and args.threads < 1:
         raise UnskillError(f"--threads must be >= 1, got {args.threads}")
-    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):   # None: the stored choice
-        raise UnskillError(f"--alpha must be a finite number > 0, got {args.alpha}")
+    problem = alpha_problem(args.alpha, args.alpha_mode) if args.alpha is not None else None   # None: stored rule
+    if problem:
+        raise UnskillError(f"--alpha {problem}")
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
     if args.output:
         check_output_path(args.output)
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         model_dir = model_dir.parent
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     from unskill.runtime.manifest import load_manifest
-    layers = parse_layers(args.layers, load_manifest(model_dir).num_layers) if args.layers else None
+    layers = parse_layers(args.layers, load_manifest(model_dir).num_layers) if args.layers is not None else None
     generator = load(model_dir, args.stats, args.alpha, args.alpha_mode, layers, args.device, args.threads,
                      args.abstain_message, rule=args.rule)
     if generator.guard and not args.quiet:

@@ -31,7 +31,21 @@ def add_parser(subparsers) -> None:
                    help="FORGET.npz RETAIN.npz...: forget's stats, retain side from the others' forget-side "
                         "text stats (each probed with --text), e.g. one XQuAD language against the rest")
     p.add_argument("--no-progress", action="store_true")
+    _add_ray_arguments(p)
     p.set_defaults(run=run)
+
+
+def _add_ray_arguments(parser) -> None:
+    from unskill.cluster.pool import add_ray_arguments   # imports no ray
+
+    add_ray_arguments(parser)
+
+
+def _ray(args: argparse.Namespace):
+    """--ray's options (cluster/pool.py), or None for a run in this process."""
+    from unskill.cluster.pool import ray_options
+
+    return ray_options(args)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -87,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         raise UnskillError("unskill stats needs --model and --forget (or --merge)")
     if args.limit is not None and args.limit < 1:
         raise UnskillError(f"--limit must be >= 1, got {args.limit}")
+    options = _ray(args)
 
     from unskill.runtime.session import OnnxLM
     from unskill.runtime.tokenizer import TextTokenizer
@@ -96,13 +111,20 @@ def run(args: argparse.Namespace) -> int:
 
     forget = load_dataset(args.forget, args.data_dir, args.limit)
     retain = load_dataset(args.retain, args.data_dir, args.limit) if args.retain else None
-    model = OnnxLM(args.model)
-    tokenizer = TextTokenizer(args.model, model.manifest)
+    prober = None
     config = ProbeConfig(not args.no_chat, args.batch_size, args.max_text_tokens, not args.no_progress)
+    if options:   # the actors load the weights; here only the manifest and the tokenizer
+        from unskill.cluster.jobs import DriverModel, ray_prober
+        model = DriverModel(args.model)
+        tokenizer = TextTokenizer(args.model, model.manifest)
+        prober = ray_prober(model, tokenizer, config, options)
+    else:
+        model = OnnxLM(args.model)
+        tokenizer = TextTokenizer(args.model, model.manifest)
     from unskill.stats.augment import chosen_kind
 
     stats = probe(model, tokenizer, forget, retain, config, args.skill, text=args.text,
-                  augment=chosen_kind(args.augment, args.forget))
+                  augment=chosen_kind(args.augment, args.forget), prober=prober)
     stats.save(Path(args.out))
     groups = ", ".join(f"{g} ({int(m.count[0])} rows/layer)" for g, m in stats.groups.items())
     print(f"wrote {args.out}: {groups}")
@@ -158,6 +180,7 @@ def add_eval_parser(subparsers) -> None:
                         "(reported beside the prefill rate; default 0: prefill only)")
     p.add_argument("--out", help="write the results as JSON here (input of `unskill report`)")
     p.add_argument("--no-progress", action="store_true")
+    _add_ray_arguments(p)
     p.set_defaults(run=run_eval)
 
 
@@ -195,7 +218,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from unskill.evals.evaluate import EvalConfig, Harness, ksd_view
 
-    model = OnnxLM(args.model)
+    options = _ray(args)
+    if options and not args.bypass_decode:   # the actors load the weights; here only the manifest and tokenizer
+        from unskill.cluster.jobs import DriverModel
+        model = DriverModel(args.model)
+    else:
+        model = OnnxLM(args.model)
     tokenizer = TextTokenizer(args.model, model.manifest)
     stats = _named_stats(args.stats, model.manifest)
     config = EvalConfig(args.data_dir, args.limit, args.gen_limit, args.seed, not args.no_chat,
@@ -203,6 +231,11 @@ def run_eval(args: argparse.Namespace) -> int:
                         progress=not args.no_progress, bypass_decode=args.bypass_decode)
     cache = None if args.no_cache else Path(args.cache) if args.cache else cache_dir() / "eval"
     harness = Harness(model, tokenizer, config, stats, cache)
+    if options:
+        from unskill.cluster.jobs import RayKeyReader, eval_runner
+        paths = {name: _split_named(value)[1] for name, value in zip(stats, args.stats)}
+        harness.distribute = eval_runner(args.model, model.manifest.fingerprint, config, paths, options)
+        harness.reader = RayKeyReader(model, options, config.batch_size * 2)
     results = harness.run([t for t in args.tasks.split(",") if t])
     for name, task in results.items():
         if task["kind"] == "bypass":
@@ -272,6 +305,7 @@ def add_calibrate_parser(subparsers) -> None:
     p.add_argument("--out", help="write the choice as JSON here (input of `unskill report --calibration`)")
     p.add_argument("--out-dir", help="several skills: write ksd-NAME.json for each here")
     p.add_argument("--no-progress", action="store_true")
+    _add_ray_arguments(p)
     p.set_defaults(run=run_calibrate)
 
 
@@ -284,6 +318,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from unskill.stats.calibrate import calibrate
     from unskill.stats.datasets import load_dataset
 
+    if _ray(args) and (len(args.stats) > 1 or args.out_dir or args.layer is not None):
+        raise UnskillError("unskill calibrate: --ray runs the default rule search of one skill; "
+                           "--layer and several skills run in one process (drop --ray)")
     if len(args.stats) > 1 or args.out_dir:
         return _run_calibrate_skills(args)
     if not args.retain:
@@ -335,10 +372,15 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
                               [chat_dataset(), load_dataset("builtin:general", None, min(args.limit, 100))])
     if not args.no_mmlu_retain:   # general knowledge, less the skill's own subjects (MMLU dev holds math)
         retain_sets.append(without_skill_subjects(load_dataset("mmlu:dev", args.data_dir), kind))
+    options, reader = _ray(args), None
+    if options:   # prompt keys from the actors; the decode check's few greedy decodes stay in this process
+        from unskill.cluster.jobs import RayKeyReader
+        reader = RayKeyReader(model, options)
     result = calibrate_rule(model, tokenizer, stats, retain_sets, forget, args.target, not args.no_chat, kind,
                             progress=not args.no_progress, rules=tuple(args.rules),
                             decode_prompts=args.decode_prompts, decode_tokens=args.decode_check,
-                            formats=stats.meta.get("prompt_template", {}).get("formats"))   # as the probes were read
+                            formats=stats.meta.get("prompt_template", {}).get("formats"),   # as probed
+                            reader=reader)
     setting, paper = result.setting, result.paper
     print(f"{stats.skill}: the paper's rule (layer {paper.layer}, one cube): alpha {paper.alpha:.4g} x k refuses "
           f"{paper.retain_abstain:.1%} of {paper.retain_items} retain, {paper.forget_abstain:.1%} of "

@@ -126,6 +126,10 @@ class Harness:
         self.entry = (KeyEntry(stats, manifest.num_layers, manifest.key_outputs, config.layer,
                                manifest.key_last_outputs) if stats else None)
         self.templated = config.chat and tokenizer.has_chat_template
+        # Set by `unskill eval --ray` (cluster/jobs.py): runs a task's items elsewhere, (spec, dataset, todo) ->
+        # (index, record); and a KeyReader stand-in for the bypass benchmark's prefills.
+        self.distribute = None
+        self.reader = None
 
     # ----------------------------------------------------------------------------------------- driver
 
@@ -141,13 +145,17 @@ class Harness:
         cache = ItemCache(self.cache_dir, self._identity(spec))
         keys = [item_key(item) for item in dataset.items]
         todo = [i for i, key in enumerate(keys) if key not in cache]
-        runner = {"tokens": self._tokens, "mmlu": self._mmlu}.get(spec.kind, self._generation)
+        runner = self.distribute if self.distribute and todo else self.runner(spec)
         with tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"eval {spec.name}", unit="item",
                   disable=not self.config.progress) as bar:
             for index, record in runner(spec, dataset, todo):
                 cache.add(keys[index], record)
                 bar.update()
         return summarise(spec, dataset.name, [cache.records[key] for key in keys])
+
+    def runner(self, spec: T.TaskSpec):
+        """The function that scores a task's items: (spec, dataset, todo indices) -> (index, record) pairs."""
+        return {"tokens": self._tokens, "mmlu": self._mmlu}.get(spec.kind, self._generation)
 
     def _identity(self, spec: T.TaskSpec) -> dict:
         return {"harness": HARNESS_VERSION, "model": self.model.manifest.fingerprint, "task": spec.name,
@@ -171,11 +179,11 @@ class Harness:
             raise UnskillError(f"{spec.name}: the bypass benchmark scores a guard; give --stats")
         guards = {name: KSDGuard([s], self.model.manifest) for name, s in self.stats.items() if s.guard}
         layers = sorted({self.entry.layer} | {r.layer for g in guards.values() for r in g.cubes})
-        reader = KeyReader(self.model, self.config.batch_size * 2, self.config.progress)
+        reader = self.reader or KeyReader(self.model, self.config.batch_size * 2, self.config.progress)
         sets = {}
-        for part in bypass_sets(spec.source, self.config.data_dir, self.config.gen_limit, self.config.seed):
-            sequences = [self.tokenizer.encode_turns(c, self.config.chat) for c in part.conversations]
-            keys = reader.last_keys(sequences, layers, desc=f"{spec.name} {part.name}")
+        parts = bypass_sets(spec.source, self.config.data_dir, self.config.gen_limit, self.config.seed)
+        encoded = [[self.tokenizer.encode_turns(c, self.config.chat) for c in part.conversations] for part in parts]
+        for part, sequences, keys in zip(parts, encoded, reader.last_keys_each(encoded, layers, desc=spec.name)):
             by_output = {self.model.manifest.key_last_outputs[layer]: keys[:, i] for i, layer in enumerate(layers)}
             entries = self.entry(keys[:, layers.index(self.entry.layer)])
             sets[part.name] = {

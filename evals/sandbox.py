@@ -6,7 +6,8 @@ blow-ups, fork bombs, stray files, network calls) and the escapes a hostile prog
   - namespaces (util-linux `unshare`, installed everywhere util-linux is): its own mount, PID, network,
     IPC and UTS namespaces, and as root also a switch to the unprivileged user `nobody` (setpriv) inside
     its own user namespace. In the mount namespace the whole file system is read-only except the work
-    dir (seen as /tmp/work) and fresh scratch tmpfs on /tmp, /var/tmp and /dev/shm; /etc/passwd and
+    dir (seen as /tmp/work) and fresh scratch tmpfs on /tmp, /var/tmp, /dev/shm and /run (the host's Unix
+    sockets live there; abstract ones belong to the network namespace); /etc/passwd and
     /etc/group hold only root and nobody. The program's PID namespace dies with it, so children it
     leaves behind (setsid included) die too. No network device is up;
   - `python -I` (isolated: no user site, no PYTHON* variables) with an empty environment;
@@ -14,7 +15,10 @@ blow-ups, fork bombs, stray files, network calls) and the escapes a hostile prog
   - rlimits: address space, CPU seconds, file size, open files, processes;
   - a prelude that disables sockets, process spawning and signalling, and refuses writes and deletes
     outside the work dir, before the code runs (Python-level guards: they give clear messages, the
-    namespaces hold when C-level calls get past them).
+    namespaces hold when C-level calls get past them), and a seccomp filter: socket() of any family but
+    IPv4/IPv6 fails, so no Unix socket file anywhere on the host can be reached, even from C;
+  - a verdict from the program's end only: the harness writes a random per-run marker after its last line
+    (the asserts), so an exit before them (SystemExit, os._exit, atexit) scores as failed.
 Without namespaces (no `unshare`, or a kernel that refuses them) only the last four layers remain; see
 `isolation()`. This is not a VM.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
@@ -66,6 +71,57 @@ for _name in ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "r
         setattr(_os, _name, _guard_path(getattr(_os, _name)))
 _shutil.rmtree = _guard_path(_shutil.rmtree)
 del _name
+def _no_local_sockets():
+    """seccomp: socket() of any family but IPv4/IPv6 fails with EPERM (IPv4/IPv6 meet a network namespace with
+    no device up); so does io_uring, and any syscall of another ABI. A Unix socket file anywhere on the host,
+    or an abstract one, cannot be reached even from C. Best effort: a kernel without seccomp keeps the rest."""
+    import ctypes, struct
+    arch, socket_nr = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}.get(_os.uname().machine, (0, 0))
+    if not arch:
+        return
+    deny, allow = 0x00050001, 0x7FFF0000   # SECCOMP_RET_ERRNO | EPERM, SECCOMP_RET_ALLOW
+    program = [(0x20, 0, 0, 4), (0x15, 0, 7, arch), (0x20, 0, 0, 0), (0x35, 5, 0, 0x40000000),
+               (0x15, 4, 0, 425), (0x15, 0, 4, socket_nr), (0x20, 0, 0, 16), (0x15, 2, 0, 2), (0x15, 1, 0, 10),
+               (0x06, 0, 0, deny), (0x06, 0, 0, allow)]
+    code = b"".join(struct.pack("HBBI", *instruction) for instruction in program)
+    buffer = ctypes.create_string_buffer(code)
+    fprog = struct.pack("HxxxxxxP", len(program), ctypes.addressof(buffer))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(38, 1, 0, 0, 0)                    # PR_SET_NO_NEW_PRIVS
+    libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0)   # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+try:
+    _no_local_sockets()
+except Exception:
+    pass
+del _no_local_sockets
+'''
+
+# Runs the program under test and says "passed" only when it reached its end: the runner sends a random marker on
+# stdin, this reads it before the program starts (stdin is then closed) and writes it after the program's last
+# line. An exit before the asserts (SystemExit, os._exit, an atexit hook) never writes it. The marker lives in
+# this frame only; a program that searches the interpreter's frames for it is out of scope (this is a harness
+# for generated answers, not a jail for an adversary with a debugger).
+HARNESS = '''
+def _unskill_run():
+    import builtins, os, sys
+    write, leave, marker = os.write, os._exit, os.read(0, 64)
+    os.close(0)
+    with open("candidate.py", encoding="utf-8") as handle:
+        program = compile(handle.read(), "candidate.py", "exec")
+    try:
+        exec(program, {"__name__": "__main__", "__builtins__": builtins})
+    except SystemExit as exc:
+        sys.stderr.write(f"SystemExit: the program exited ({exc.code!r}) before its tests finished\\n")
+        sys.stderr.flush()
+        leave(1)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    write(1, b"\\n" + marker + b"\\n")
+    leave(0)
+_unskill_run()
 '''
 
 
@@ -101,8 +157,8 @@ for point in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
   case "$point" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*|/tmp|/tmp/*) continue;; esac
   mount -o remount,bind,ro "$point" 2>/dev/null || true
 done
-for scratch in /var/tmp /dev/shm; do
-  [ -d "$scratch" ] && mount -t tmpfs -o size=16m unskill-scratch "$scratch" || true
+for scratch in /var/tmp /dev/shm /run /var/run; do   # /run: the host's Unix sockets (docker, dbus, /run/lock)
+  [ -d "$scratch" ] && [ ! -L "$scratch" ] && mount -t tmpfs -o size=16m unskill-scratch "$scratch" || true
 done
 cd /tmp/work
 if [ "$4" = drop ]; then
@@ -193,12 +249,16 @@ def _set_limits(limits: Limits) -> None:
 
 
 def run_python(code: str, limits: Limits = Limits()) -> Outcome:
-    """Runs PRELUDE + code; passed means exit status 0 within the limits."""
+    """Runs code after PRELUDE (in HARNESS); passed means it ran to its last line (the marker came back) and
+    exited 0 within the limits."""
     workdir = tempfile.mkdtemp(prefix="unskill-sandbox-")
+    marker = secrets.token_hex(24).encode()
     try:
         script = os.path.join(workdir, "program.py")
         with open(script, "w", encoding="utf-8") as handle:
-            handle.write(PRELUDE + code + "\n")
+            handle.write(PRELUDE + HARNESS)
+        with open(os.path.join(workdir, "candidate.py"), "w", encoding="utf-8") as handle:
+            handle.write(code + "\n")
         mode = isolation()
         home = workdir
         if mode.startswith("namespaces"):
@@ -207,13 +267,18 @@ def run_python(code: str, limits: Limits = Limits()) -> Outcome:
             command = _namespace_command(workdir, "program.py", _interpreter(), as_root)
         else:
             command = [*_net_namespace_prefix(), sys.executable, "-I", "-B", script]
-        # stderr goes to a file outside the work dir (the program cannot rewrite it), not a pipe: a pipe
-        # held open by a left-behind child would keep us waiting.
-        with tempfile.TemporaryFile() as stderr:
+        # stdout and stderr go to files outside the work dir (the program cannot rewrite them), not pipes: a
+        # pipe held open by a left-behind child would keep us waiting. The marker goes in through a pipe.
+        with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
             proc = subprocess.Popen(command, cwd=workdir, env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
                                                                "HOME": home, "TMPDIR": home},
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                                    stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
                                     start_new_session=True, preexec_fn=lambda: _set_limits(limits))
+            try:
+                proc.stdin.write(marker)
+                proc.stdin.close()
+            except OSError:   # it died before reading it
+                pass
             try:
                 proc.wait(timeout=limits.timeout_s)
             except subprocess.TimeoutExpired:
@@ -222,11 +287,21 @@ def run_python(code: str, limits: Limits = Limits()) -> Outcome:
                 _kill_group(proc)   # on timeout, and anything it left running in its session
             stderr.seek(0)
             lines = stderr.read().decode("utf-8", "replace").strip().splitlines()
-        if proc.returncode == 0:
+            reached_end = _tail(stdout).endswith(b"\n" + marker + b"\n")
+        if proc.returncode == 0 and reached_end:
             return Outcome(True, "passed")
+        if proc.returncode == 0:
+            return Outcome(False, "failed", "the program exited before its tests finished")
         return Outcome(False, "failed", lines[-1][:200] if lines else f"exit status {proc.returncode}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _tail(handle, size: int = 4096) -> bytes:
+    """The last bytes the program wrote (the marker is its last write)."""
+    handle.seek(0, os.SEEK_END)
+    handle.seek(max(0, handle.tell() - size))
+    return handle.read()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -12,6 +12,10 @@ in every remaining row are trimmed. The guard is checked per row at every forwar
 The tokens every chat prompt starts with (the template's system turn: 24 of a typical 39 tokens on
 SmolLM2) are run once; a prompt that starts with them is prefilled from that cache (share_prefix=True).
 
+A request's parameters are checked at submit (GenerationParams, SamplingParams.validate); a failure inside
+one row later (its prefill, its sampling) ends that row with an error event and the others go on. Only a
+failed batched forward ends every row.
+
 One thread runs the loop. onnxruntime releases the GIL while it runs, so an asyncio server on the main
 thread stays responsive. Each request gets its Events through its own callback, called on that thread.
 """
@@ -29,6 +33,9 @@ import onnxruntime as ort
 
 from .errors import UnskillError
 from .generator import Event, GenerationParams, Generator, Prompt, TextStream, _Row
+from .session import release_freed_memory
+
+TRIM_EVERY_STEPS = 32
 
 
 class EngineBusy(UnskillError):
@@ -78,6 +85,7 @@ class BatchEngine:
         self.steps = 0        # decode steps run (each shared by every active row)
         self.row_steps = 0    # rows summed over decode steps: row_steps / steps = mean batch size
         self.prefills = 0
+        self._trimmed_at = 0   # decode step of the last release_freed_memory
         self.share_prefix = share_prefix
         self._prefixes: dict[bool, tuple[list[int], dict[str, ort.OrtValue]]] = {}   # chat flag -> ids, cache
 
@@ -141,13 +149,21 @@ class BatchEngine:
                 while self._pending and len(self._rows) + len(joining) < self.max_batch:
                     joining.append(self._pending.popleft())
             try:
-                self._join([row for row in map(self._prefill, joining) if row is not None])
+                self._join([row for row in map(self._prefill_alone, joining) if row is not None])
                 self._drop_finished()
                 if self._rows:
                     self._decode_step()
                     self._drop_finished()
             except Exception as exc:   # an onnxruntime failure must not leave clients waiting forever
-                self._fail_all(f"generation failed: {str(exc).splitlines()[0][:200]}")
+                self._fail_all(_failure(exc))
+
+    def _prefill_alone(self, request: Request) -> tuple | None:
+        """_prefill, where a failure ends this request alone (the batch has not taken its row yet)."""
+        try:
+            return self._prefill(request)
+        except Exception as exc:
+            self._send(request, Event(_failure(exc), finish_reason="error"))
+            return None
 
     def _prefill(self, request: Request) -> tuple | None:
         """The prompt alone (batch 1): guard, first token; (row, its cache, its mask) if it goes on."""
@@ -199,10 +215,18 @@ class BatchEngine:
             self._advance(active, logits[i], hits[i])
 
     def _advance(self, active: _Active, logits: np.ndarray, hit) -> None:
+        """One row's step. A failure here (sampling, decoding) is this row's: it ends with an error event and
+        the other rows go on."""
         request = active.request
-        active.next_id = self.generator.step_row(active.row, logits, hit, active.step, active.budget,
-                                                 request.params, active.rng)
-        event = active.stream.update(active.row)
+        try:
+            active.next_id = self.generator.step_row(active.row, logits, hit, active.step, active.budget,
+                                                     request.params, active.rng)
+            event = active.stream.update(active.row)
+        except Exception as exc:
+            active.row.done = True
+            active.next_id = self.model.manifest.pad_token_id
+            self._send(request, Event(_failure(exc), finish_reason="error"))
+            return
         if event is not None:
             self._send(request, event)
 
@@ -236,11 +260,17 @@ class BatchEngine:
         self._rows = [self._rows[i] for i in keep]
         if not keep:
             self._past, self._mask = {}, np.zeros((0, 0), dtype=np.int64)
-            return
-        mask = self._mask[keep]
-        start = int(mask.any(axis=0).argmax())   # columns before it are padding in every row left
-        self._mask = np.ascontiguousarray(mask[:, start:])
-        self._past = {name: self._ort(value.numpy()[keep][:, :, start:]) for name, value in self._past.items()}
+        else:
+            mask = self._mask[keep]
+            start = int(mask.any(axis=0).argmax())   # columns before it are padding in every row left
+            self._mask = np.ascontiguousarray(mask[:, start:])
+            self._past = {name: self._ort(value.numpy()[keep][:, :, start:]) for name, value in self._past.items()}
+        # Every join and leave copies the batch's cache (NumPy arrays of tens of MB): glibc keeps the freed blocks,
+        # so RSS would stay at the largest batch ever served. Hand them back when the batch empties, and when rows
+        # leave at most once every TRIM_EVERY_STEPS decode steps (malloc_trim costs ~ms, a step ~10-100 ms).
+        if not keep or self.steps - self._trimmed_at >= TRIM_EVERY_STEPS:
+            release_freed_memory()
+            self._trimmed_at = self.steps
 
     def _ort(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.model.device)
@@ -251,6 +281,12 @@ class BatchEngine:
         for request in [a.request for a in self._rows] + waiting:
             self._send(request, Event(message, finish_reason="error"))
         self._rows, self._past, self._mask = [], {}, np.zeros((0, 0), dtype=np.int64)
+
+
+def _failure(exc: Exception) -> str:
+    """One line for the client: what failed, never a traceback."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return f"generation failed: {lines[0][:200]}"
 
 
 def _pad_left(array: np.ndarray, width: int, axis: int) -> np.ndarray:

@@ -23,6 +23,10 @@ def check_output_path(path: str, flag: str = "--output") -> None:
         raise UnskillError(f"{flag} {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UnskillError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+    try:   # os.access says yes to root everywhere (/sys, /proc, read-only mounts): try a nameless file there
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise UnskillError(f"{flag} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -44,30 +44,48 @@ def shared_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
+def plan_batches(sequences: list[list[int]], batch_size: int, share_prefix: bool = True) -> tuple[int, list[list[int]]]:
+    """How a prompt pass runs: (tokens of the common prefix run once, 0 for none; the batches as lists of
+    sequence indices, longest first). A distributed pass (cluster/) runs the same plan, so its keys are the
+    same floats."""
+    shared = shared_prefix_length(sequences) if share_prefix else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    order = _order(sequences)
+    return shared, [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def prefix_cache(model: OnnxLM, prefix: list[int]) -> dict[str, np.ndarray]:
+    """The KV cache of a prefix every row of a pass starts with (one row, as NumPy); {} for no prefix."""
+    if not prefix:
+        return {}
+    ids = np.asarray([prefix], dtype=np.int64)
+    _, past, _ = model.forward(ids, np.ones_like(ids), model.empty_past(1), [], logits=False)
+    return {name: value.numpy() for name, value in past.items()}
+
+
+def prefill_rows(model: OnnxLM, suffixes: list[list[int]], shared: int, cache: dict[str, np.ndarray],
+                 outputs: list[str]) -> dict[str, np.ndarray]:
+    """One batch of a pass: rows are [prefix (its cache) | left padding | suffix]; positions from the mask."""
+    ids, mask = left_pad(suffixes, model.manifest.pad_token_id)
+    if shared:
+        mask = np.concatenate([np.ones((len(suffixes), shared), dtype=np.int64), mask], axis=1)
+        past = {name: ort.OrtValue.ortvalue_from_numpy(np.repeat(value, len(suffixes), axis=0))
+                for name, value in cache.items()}
+    else:
+        past = model.empty_past(len(suffixes))
+    _, _, values = model.forward(ids, mask, past, outputs, logits=False)
+    return values
+
+
 def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[str], batch_size: int,
                        progress: bool = False, desc: str = "keys", share_prefix: bool = True, bar=None):
     """Yield (sequence indices, {output: value at each sequence's last token}) batch by batch. The common
     prefix of all sequences runs once; its KV cache is repeated for every batch, so a prompt pass costs
     the tokens after it only. Rows are [prefix | left padding | suffix]; positions come from the mask."""
-    shared = shared_prefix_length(sequences) if share_prefix else 0
-    shared = shared if shared >= MIN_SHARED_PREFIX else 0
-    prefix_cache = {}
-    if shared:
-        ids = np.asarray([sequences[0][:shared]], dtype=np.int64)
-        _, past, _ = model.forward(ids, np.ones_like(ids), model.empty_past(1), [], logits=False)
-        prefix_cache = {name: value.numpy() for name, value in past.items()}
-    order = _order(sequences)
-    starts = range(0, len(order), batch_size)
-    for start in (starts if bar is not None else tqdm(starts, desc=desc, unit="batch", disable=not progress)):
-        rows = order[start:start + batch_size]
-        ids, mask = left_pad([sequences[i][shared:] for i in rows], model.manifest.pad_token_id)
-        if shared:
-            mask = np.concatenate([np.ones((len(rows), shared), dtype=np.int64), mask], axis=1)
-            past = {name: ort.OrtValue.ortvalue_from_numpy(np.repeat(value, len(rows), axis=0))
-                    for name, value in prefix_cache.items()}
-        else:
-            past = model.empty_past(len(rows))
-        _, _, values = model.forward(ids, mask, past, outputs, logits=False)
+    shared, batches = plan_batches(sequences, batch_size, share_prefix)
+    cache = prefix_cache(model, sequences[0][:shared]) if shared else {}
+    for rows in (batches if bar is not None else tqdm(batches, desc=desc, unit="batch", disable=not progress)):
+        values = prefill_rows(model, [sequences[i][shared:] for i in rows], shared, cache, outputs)
         if bar is not None:
             bar.update(len(rows))
         yield rows, values
@@ -96,6 +114,11 @@ class KeyReader:
             if own:
                 bar.close()
         return keys
+
+    def last_keys_each(self, groups: list[list[list[int]]], layers=None, desc: str = "keys") -> list[np.ndarray]:
+        """last_keys of several groups of sequences, each planned on its own (its own shared prefix); a
+        distributed reader (cluster/jobs.py) runs them in one job."""
+        return [self.last_keys(sequences, layers, desc) for sequences in groups]
 
 
 def prefix_groups(sequences: list[list[int]], batch_size: int) -> list[list[int]]:

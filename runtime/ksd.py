@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import UnskillError
 from .manifest import Manifest, require_key_last, resolve_layers
-from .statsfile import GuardSetting, StatsFile
+from .statsfile import GuardSetting, StatsFile, alpha_problem
 
 SIGMA_FLOOR = 1e-6   # a dimension constant over all probes still admits float noise around it
 ALPHA_MODES = ("k", "sigma")
@@ -139,8 +139,9 @@ def fitted_k(mean: np.ndarray, std: np.ndarray, low: np.ndarray, high: np.ndarra
 def build_cubes(stats: StatsFile, layers: list[int], alpha: float, alpha_mode: str) -> list[Hypercube]:
     if alpha_mode not in ALPHA_MODES:
         raise UnskillError(f"alpha mode {alpha_mode!r}: use one of {ALPHA_MODES}")
-    if not (alpha > 0 and math.isfinite(alpha)):
-        raise UnskillError(f"alpha must be positive and finite, got {alpha}")
+    problem = alpha_problem(alpha, alpha_mode)
+    if problem:
+        raise UnskillError(f"alpha {problem}")
     moments = stats.groups.get("ksd")
     if moments is None:
         raise UnskillError(f"stats for {stats.skill!r} have no KSD group; rebuild them with `unskill stats`")

@@ -128,4 +128,19 @@ def load_manifest(directory: str | Path) -> Manifest:
     manifest = Manifest(**{k: v for k, v in raw.items() if k in known})
     if len(manifest.key_outputs) != manifest.num_layers or len(manifest.preact_outputs) != manifest.num_layers:
         raise UnskillError(f"{path}: {manifest.num_layers} layers but {len(manifest.key_outputs)} key outputs")
+    problem = _kept_neurons_problem(manifest.kept_neurons, manifest.num_layers, manifest.key_width)
+    if problem:
+        raise UnskillError(f"{path}: kept_neurons {problem}")
     return manifest
+
+
+def _kept_neurons_problem(kept, num_layers: int, key_width: int) -> str | None:
+    """Pruning's record must name, per layer, increasing neuron indices inside the key width."""
+    if kept is None:
+        return None
+    if len(kept) != num_layers:
+        return f"has {len(kept)} layers, the model {num_layers}"
+    for layer, indices in enumerate(kept):
+        if not indices or indices[-1] >= key_width or any(b <= a for a, b in zip(indices, indices[1:])):
+            return f"of layer {layer}: needs increasing indices in 0..{key_width - 1}"
+    return None

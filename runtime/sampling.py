@@ -9,6 +9,10 @@ import numpy as np
 
 from .errors import UnskillError
 
+MAX_SEED = 2 ** 63 - 1        # OpenAI's seed is an int64; numpy's generator takes any non-negative int
+GREEDY_BELOW = 1e-5           # temperatures this small pick the top token anyway: sample greedily (no
+                              # division that overflows: 5e-324 would turn every logit into inf, then NaN)
+
 
 @dataclass
 class SamplingParams:
@@ -22,15 +26,20 @@ class SamplingParams:
             raise UnskillError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise UnskillError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise UnskillError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed}")
         if self.top_k < 0 or (vocab_size and self.top_k > vocab_size):
             limit = f" and <= the vocabulary size {vocab_size}" if vocab_size else ""
             raise UnskillError(f"top_k must be >= 0{limit}, got {self.top_k}")
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / params.temperature
+    logits = logits.astype(np.float64)
+    # Shift before dividing: every value is then <= 0 and finite, so no temperature overflows it to inf.
+    scaled = (logits - logits.max()) / params.temperature
     if params.top_k:
         kth = np.partition(scaled, -params.top_k)[-params.top_k]
         scaled = np.where(scaled < kth, -np.inf, scaled)

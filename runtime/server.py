@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import BatchEngine, EngineBusy
 from .errors import UnskillError
@@ -109,26 +110,35 @@ class _Gate:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return await self._too_large(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+        # The whole body is read here, whatever its framing (chunked bodies have no content-length), so the
+        # limit and the UTF-8 check answer in OpenAI's error shape before FastAPI sees a byte.
+        body = bytearray()
+        while True:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise _BodyTooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
         try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._too_large(scope, receive, send)
+            bytes(body).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return await error_response(400, f"the request body is not valid UTF-8 (byte {exc.start})")(
+                scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()   # after the body: the disconnect a streaming response waits for
+        await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send):
         await error_response(413, f"request body over {self.max_body_bytes} bytes")(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 def build_app(engine: BatchEngine, model_name: str, api_key: str | None = None,
@@ -142,6 +152,11 @@ def build_app(engine: BatchEngine, model_name: str, api_key: str | None = None,
         await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="unskill", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):   # 404, 405, body errors: OpenAI's shape
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
+                              else "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

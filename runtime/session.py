@@ -105,6 +105,7 @@ class OnnxLM:
         self.kv_heads, self.head_dim = past_input.shape[1], past_input.shape[3]
         logits = [o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"]
         self.vocab_size = (logits[0] if isinstance(logits[0], int) else 1 << 18) if logits else None
+        self._check_token_ids(path)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._kept = self._kept_by_output(self.manifest)
         # Prompt passes hand the arena's growth back after the run: a long prompt's transient buffers would
@@ -116,6 +117,18 @@ class OnnxLM:
             self.prompt_run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                                          "cpu:0" if self.device == "cpu" else "cpu:0;gpu:0")
         self._key_only: OnnxLM | None = None
+
+    def _check_token_ids(self, path: Path) -> None:
+        """pad/eos/bos ids the embedding can look up (a bad pad id fails in onnxruntime's Gather otherwise)."""
+        if not (self.vocab_size and self.vocab_size != 1 << 18):
+            return
+        m = self.manifest
+        named = [("pad_token_id", m.pad_token_id), ("bos_token_id", m.bos_token_id)] + [
+            ("eos_token_ids", i) for i in m.eos_token_ids]
+        bad = [(name, i) for name, i in named if i is not None and i >= self.vocab_size]
+        if bad:
+            raise UnskillError(f"{self.directory / 'unskill.json'}: {bad[0][0]} {bad[0][1]} is outside the "
+                               f"vocabulary of {self.vocab_size}")
 
     def key_only(self) -> "OnnxLM":
         """The same model on its keys-only probe graph where the export has one, else self."""
@@ -139,6 +152,9 @@ class OnnxLM:
         kept = self._kept.get(name)
         if kept is None:
             return value
+        if value.shape[-1] != len(kept):   # a manifest edited apart from its graph
+            raise UnskillError(f"{self.directory}: {name} has {value.shape[-1]} neurons but unskill.json's "
+                               f"kept_neurons lists {len(kept)}; re-export or restore the manifest")
         full = np.zeros(value.shape[:-1] + (self.manifest.key_width,), dtype=value.dtype)
         full[..., kept] = value
         return full

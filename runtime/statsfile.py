@@ -18,6 +18,7 @@ with guard None.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -91,6 +92,35 @@ class Moments:
 
 GUARD_RULES = ("box", "gauss", "ratio")
 
+# Where a region's size may lie, per rule (the threshold's unit), so that it can refuse something and does not
+# refuse everything. Calibrated settings sit near 1 (box 1-9 x k, gauss and ratio 1-5): a forget probe's own mean
+# squared z-score is about 1, and the k-cube holds every probe. A region a thousand times smaller holds no
+# real key (1e-300 underflows to a cube of width 0); one a thousand times larger holds every key.
+REGION_LIMITS = {
+    "box": (1e-3, 1e3),      # x the fitted k (also --alpha with --alpha-mode k)
+    "sigma": (1e-3, 1e4),    # x sigma (--alpha with --alpha-mode sigma)
+    "gauss": (1e-3, 1e4),    # mean squared z-score under the forget probes' Gaussian
+    "ratio": (1e-4, 1e4),    # forget score / retain score
+    "bound": (1e-3, 1e6),    # ratio's forget-side cap: a gauss score
+}
+
+
+def region_problem(kind: str, value: float) -> str | None:
+    """Why a threshold (or alpha) of this kind cannot work as a guard, or None when it can."""
+    low, high = REGION_LIMITS[kind]
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        return f"must be a finite number > 0, got {value}"
+    if value < low:
+        return f"{value:g} is below {low:g}: the region would hold no real key and refuse nothing"
+    if value > high:
+        return f"{value:g} is above {high:g}: the region would hold every key and refuse everything"
+    return None
+
+
+def alpha_problem(alpha, alpha_mode: str = "k") -> str | None:
+    """Why this --alpha cannot guard (in units of the fitted k, or of sigma), or None."""
+    return region_problem("box" if alpha_mode == "k" else "sigma", alpha)
+
 
 @dataclass
 class GuardSetting:
@@ -122,6 +152,15 @@ class GuardSetting:
                           None if raw.get("bounds") is None else [float(b) for b in raw["bounds"]])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UnskillError(f"{where}: guard setting is not valid ({type(exc).__name__}: {exc})") from None
+        problem = setting.problem(num_layers)
+        if problem:
+            raise UnskillError(f"{where}: guard setting {problem}")
+        return setting
+
+    def problem(self, num_layers: int) -> str | None:
+        """What makes this setting unusable as a whole (shape, layers, votes, thresholds that refuse nothing or
+        everything), or None."""
+        setting = self
         problem = (f"rule {setting.rule!r} is not one of {GUARD_RULES}" if setting.rule not in GUARD_RULES else
                    "needs as many thresholds as layers" if len(setting.layers) != len(setting.thresholds)
                    or not setting.layers else
@@ -132,8 +171,16 @@ class GuardSetting:
                        len(setting.bounds) != len(setting.layers) or not all(b > 0 for b in setting.bounds))
                    else None)
         if problem:
-            raise UnskillError(f"{where}: guard setting {problem}")
-        return setting
+            return problem
+        for layer, threshold in zip(setting.layers, setting.thresholds):
+            reason = region_problem(setting.rule, threshold)
+            if reason:
+                return f"threshold of layer {layer}: {reason}"
+        for layer, bound in zip(setting.layers, setting.bounds or []):
+            reason = region_problem("bound", bound)
+            if reason:
+                return f"bound of layer {layer}: {reason}"
+        return None
 
 
 @dataclass
@@ -279,6 +326,9 @@ def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
     guard = None
     if "guard" in arrays:
         guard = GuardSetting.from_json(_scalar(path, arrays, "guard", "U"), str(path), layers)
+        if "ksd" not in groups:
+            raise UnskillError(f"{path}: has a stored guard rule but no KSD key statistics (ksd group); "
+                               f"rebuild it with `unskill stats` and `unskill calibrate`")
         if guard.rule == "ratio" and not ("ksd_retain" in groups and (groups["ksd_retain"].count >= 2).all()):
             raise UnskillError(f"{path}: the stored ratio rule needs the retain key statistics (ksd_retain); "
                                f"run `unskill calibrate` again")

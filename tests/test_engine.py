@@ -112,3 +112,46 @@ def test_smollm2_batched_equals_single(smollm2_export):
         engine.close()
     assert ["".join(e.text for e in events) for events in batched] == [r.text for r in single]
     assert len(engine._prefixes[True][0]) == 24   # the system turn ran once; the first two prompts reused it
+
+
+def test_a_row_that_fails_ends_alone_and_the_others_finish(tiny_export):
+    """A failure inside one row (here its sampling: a temperature turned NaN after the checks at submit) ends
+    that row with an error event; the rows decoding beside it finish with the tokens they get alone."""
+    import math
+
+    from unskill.runtime import SamplingParams, UnskillError
+
+    _, onnx_dir = tiny_export("llama")
+    generator = load(onnx_dir, device="cpu")
+    lengths = [12, 9]
+    single = [generator.generate([p], greedy(n))[0] for p, n in zip(PROMPTS[:2], lengths)]
+    engine = BatchEngine(generator, max_batch=4).start()
+    try:
+        with pytest.raises(UnskillError, match="seed must be"):
+            engine.submit(PROMPTS[2], GenerationParams(sampling=SamplingParams(0.7, seed=-1)), print)
+        outs = [queue.Queue() for _ in range(3)]
+        first_seen = threading.Event()
+
+        def on_first(event):   # holds the engine until the failing row is queued, so all three share the batch
+            outs[0].put(event)
+            first_seen.set()
+            assert bad_queued.wait(timeout=60)
+        bad_queued = threading.Event()
+        engine.submit(PROMPTS[0], greedy(lengths[0]), on_first)
+        assert first_seen.wait(timeout=60)
+        engine.submit(PROMPTS[1], greedy(lengths[1]), outs[1].put)
+        bad = GenerationParams(max_new_tokens=40, chat=False, ignore_eos=True, sampling=SamplingParams(0.7, seed=3))
+        engine.submit(PROMPTS[2], bad, outs[2].put)
+        bad.sampling.temperature = math.nan
+        bad_queued.set()
+        events = []
+        for out in outs:
+            got = [out.get(timeout=120)]
+            while got[-1].finish_reason is None:
+                got.append(out.get(timeout=120))
+            events.append(got)
+    finally:
+        engine.close()
+    assert events[2][-1].finish_reason == "error" and "generation failed" in events[2][-1].text
+    assert ["".join(e.text for e in got) for got in events[:2]] == [r.text for r in single]
+    assert [got[-1].finish_reason for got in events[:2]] == [r.finish_reason for r in single]

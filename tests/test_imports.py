@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"cli": "unskill", "exporter": "unskill.exporter", "stats": "unskill.stats", "evals": "unskill.evals",
-            "runtime": "unskill.runtime"}   # source folder -> import name (pyproject.toml's package-dir)
+            "runtime": "unskill.runtime", "cluster": "unskill.cluster"}   # folder -> import name (pyproject's package-dir)
 
 
 def module_name(path: Path) -> str:
@@ -53,7 +53,8 @@ def import_graph() -> dict[str, set[str]]:
 def package_of(module: str) -> str:
     """unskill.stats.probe -> unskill.stats; the top package and its command modules (cli/) -> unskill."""
     parts = module.split(".")
-    return ".".join(parts[:2]) if len(parts) > 1 and parts[1] in ("exporter", "stats", "evals", "runtime") else "unskill"
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1] in ("exporter", "stats", "evals", "runtime", "cluster") \
+        else "unskill"
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -115,6 +116,8 @@ def test_no_import_cycle_between_packages():
     assert find_cycle(between) is None, between
     assert "unskill.evals" not in between["unskill.stats"] and "unskill.stats" in between["unskill.evals"]
     assert between["unskill.runtime"] == set(), between["unskill.runtime"]
+    # cluster/ (Ray) sits beside the commands: only cli/ imports it, so the library works without ray
+    assert [p for p, targets in between.items() if "unskill.cluster" in targets] == ["unskill"], between
 
 
 def test_the_runtime_imports_neither_torch_nor_the_exporter():

@@ -154,3 +154,72 @@ def test_runs_as_nobody_and_sees_a_minimal_etc():
             "try:\n    open('/etc/shadow').read()\nexcept PermissionError:\n    pass\nelse:\n    raise SystemExit('read shadow')\n")
     outcome = run_python(code, FAST)
     assert outcome.passed, outcome.detail
+
+
+def _unix_server(path):
+    """A Unix socket server anyone may connect to (mode 777), as /run/lock/x.sock was."""
+    import socket
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    if not path.startswith("\0"):
+        os.chmod(path, 0o777)
+    server.listen(1)
+    server.settimeout(0.3)
+    return server
+
+
+@namespaces
+def test_no_unix_socket_on_the_host_is_reachable():
+    """Socket files in a folder of the host's file system, in /run/lock (world-writable on most systems) and an
+    abstract socket: the program connects to none of them, even from C (`_socket`), and the servers see nothing."""
+    import socket
+
+    home = Path(__file__).parent
+    if str(home).startswith(("/tmp/", "/var/tmp/", "/dev/shm/", "/run/")):
+        home = Path("/")
+    folder = home / f".unskill-sandbox-sockets-{os.getpid()}"
+    folder.mkdir(mode=0o755)
+    paths = [str(folder / "x.sock"), f"\0unskill-sandbox-{os.getpid()}"]
+    if os.access("/run/lock", os.W_OK):
+        paths.append(f"/run/lock/unskill-sandbox-{os.getpid()}.sock")
+    servers = []
+    try:
+        servers = [_unix_server(path) for path in paths]
+        for path in paths:
+            code = (f"import _socket\ns = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)\n"
+                    f"s.connect({path!r})\ns.send(b'escaped')\n")
+            outcome = run_python(code, FAST)
+            assert not outcome.passed, path
+        for server in servers:
+            with pytest.raises(socket.timeout):
+                server.accept()
+        # the check is not vacuous: from the host the same code connects
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(paths[0])
+    finally:
+        for server in servers:
+            server.close()
+        for path in paths:
+            if not path.startswith("\0") and os.path.exists(path):
+                os.unlink(path)
+        folder.rmdir()
+
+
+@pytest.mark.parametrize("code", [
+    "raise SystemExit(0)\nassert 1 == 2",
+    "import sys\nsys.exit()\nassert 1 == 2",
+    "import os\nos._exit(0)\nassert 1 == 2",
+    "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit(0)\nassert 1 == 2",
+    "import atexit, posix\natexit.register(posix._exit, 0)\nassert 1 == 2",
+    "import threading, os, time\nthreading.Thread(target=lambda: os._exit(0)).start()\ntime.sleep(5)\nassert 1 == 2",
+    "import sys\nprint('\\n' * 3)\nsys.stdout.flush()\nimport os\nos._exit(0)",
+])
+def test_exits_before_the_asserts_score_as_failed(code):
+    outcome = run_python(code, FAST)
+    assert not outcome.passed and outcome.status == "failed", outcome
+
+
+def test_a_program_that_reaches_its_end_passes_whatever_it_prints():
+    code = "import sys, atexit\natexit.register(print, 'bye')\nprint('x' * 100000)\nsys.stderr.write('warn\\n')\nassert 1 + 1 == 2"
+    assert run_python(code, FAST).passed

@@ -173,8 +173,61 @@ def test_serve_cli_refuses_bad_options_before_loading(tmp_path, capsys):
         port = taken.getsockname()[1]
         cases = [(["--port", "70000"], "--port must be in 0..65535"), (["--max-batch", "0"], "--max-batch must be >= 1"),
                  (["--hold-tokens", "-2"], "--hold-tokens"), (["--port", str(port)], "Address already in use"),
+                 (["--alpha", "1e-300"], "refuse nothing"), (["--alpha", "1e300"], "refuse everything"),
                  (["--port", "0"], "no manifest")]
         for extra, message in cases:
             assert unskill(["serve", "--model", str(tmp_path), *extra]) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def _post(base_url, body: bytes, path="/chat/completions", **headers):
+    return httpx.post(base_url + path, content=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **headers})
+
+
+def _openai_error(response) -> str:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]["message"]
+
+
+def _chat(content, **fields):
+    return json.dumps({"messages": [{"role": "user", "content": content}], **fields}).encode()
+
+
+@pytest.mark.parametrize("seed", [-1, -(2 ** 63), 2 ** 63, 2 ** 64])
+def test_a_bad_seed_is_400_and_breaks_no_stream_beside_it(tiny_server, seed):
+    base_url, _ = tiny_server
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Write a python function"}],
+            "max_tokens": 40, "stream": True, "stop": ["never appears"]}
+    with httpx.stream("POST", base_url + "/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as stream:
+        lines = stream.iter_lines()
+        first = next(lines)
+        response = _post(base_url, _chat("Write a python function", temperature=0.7, seed=seed))
+        assert response.status_code == 400 and "seed must be" in _openai_error(response)
+        events = [first] + [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and not any('"error"' in line for line in events)
+
+
+def test_an_underflowing_temperature_is_answered(tiny_server):
+    base_url, _ = tiny_server
+    for temperature in (5e-324, 1e-300):
+        response = _post(base_url, _chat("Write a python function", temperature=temperature, seed=1, max_tokens=4))
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_body_edges_get_openai_errors(tiny_server):
+    base_url, _ = tiny_server
+
+    def chunked():   # no content-length: only counting the bytes can stop it
+        for _ in range(32):
+            yield b" " * (64 << 10)
+    response = _post(base_url, chunked())
+    assert response.status_code == 413 and "over 4096 bytes" in _openai_error(response)
+    response = _post(base_url, b'{"messages": [{"role": "user", "content": "caf\xe9 \xff"}]}')
+    assert response.status_code == 400 and "not valid UTF-8" in _openai_error(response)
+    response = _post(base_url, _chat("x"), path="/no/such/route")
+    assert response.status_code == 404 and _openai_error(response)
