@@ -106,10 +106,8 @@ class KeyReader:
         own = bar is None
         bar = tqdm(total=len(sequences), desc=desc, unit="prompt", disable=not self.progress) if own else bar
         try:
-            for group in prefix_groups(sequences, self.batch_size):
-                for rows, values in last_position_keys(self.model.key_only(), [sequences[i] for i in group], outputs,
-                                                       self.batch_size, bar=bar):
-                    keys[[group[row] for row in rows]] = np.stack([values[name] for name in outputs], axis=1)
+            for rows, values in last_position_keys(self.model.key_only(), sequences, outputs, self.batch_size, bar=bar):
+                keys[rows] = np.stack([values[name] for name in outputs], axis=1)
         finally:
             if own:
                 bar.close()
@@ -119,6 +117,23 @@ class KeyReader:
         """last_keys of several groups of sequences, each planned on its own (its own shared prefix); a
         distributed reader (cluster/jobs.py) runs them in one job."""
         return [self.last_keys(sequences, layers, desc) for sequences in groups]
+
+
+def grouped_last_keys(reader, sequences: list[list[int]], layers=None, desc: str = "keys", bar=None) -> np.ndarray:
+    """reader.last_keys with the sequences split by prefix_groups, each group planned on its own (its own shared
+    prefix: prompts in several formats), through last_keys_each so a distributed reader plans them alike; bar
+    (a local KeyReader only): one progress bar over all groups."""
+    groups = prefix_groups(sequences, reader.batch_size)
+    if len(groups) == 1:
+        return reader.last_keys(sequences, layers, desc, bar=bar) if bar is not None else \
+            reader.last_keys(sequences, layers, desc)
+    members = [[sequences[i] for i in group] for group in groups]
+    parts = ([reader.last_keys(part, layers, desc, bar=bar) for part in members] if bar is not None
+             else reader.last_keys_each(members, layers, desc))
+    keys = np.empty((len(sequences),) + parts[0].shape[1:], dtype=np.float32)
+    for group, part in zip(groups, parts):
+        keys[group] = part
+    return keys
 
 
 def prefix_groups(sequences: list[list[int]], batch_size: int) -> list[list[int]]:

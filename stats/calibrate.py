@@ -301,7 +301,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     formats: the prompt formats every prompt is read in (stats/augment.py FORMAT_SETS; None: chat or raw as
     `chat` says), forget and retain side alike; the decode check alternates chat and raw where both are asked.
     `reader` reads the prompt keys elsewhere (KeyReader's interface; cluster/jobs.RayKeyReader for --ray)."""
-    from unskill.runtime.keys import KeyReader
+    from unskill.runtime.keys import KeyReader, grouped_last_keys
 
     from .augment import augment, encode_formats
 
@@ -311,7 +311,8 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
 
     def keys(dataset: Dataset, one: bool = False) -> np.ndarray:
         """every format (one: a single format per prompt, rotating: for framed variants)"""
-        return reader.last_keys(encode_formats(tokenizer, dataset.prompts, formats, one), desc=f"calibrate {dataset.name}")
+        return grouped_last_keys(reader, encode_formats(tokenizer, dataset.prompts, formats, one),
+                                 desc=f"calibrate {dataset.name}")
 
     # retain prompts in one format each (a third chat, a third raw, a third the others): they are the bulk of
     # the prompts, and each format still gets hundreds of them

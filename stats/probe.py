@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
 # last_position_keys and shared_prefix_length live in runtime/keys.py now; re-exported for older imports
-from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, _batches, last_position_keys, shared_prefix_length  # noqa: F401
+from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, grouped_last_keys, _batches, last_position_keys, shared_prefix_length  # noqa: F401
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import CALIBRATION_GROUPS, GROUP_FIELDS, Moments, StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
@@ -88,7 +88,7 @@ class Prober:
         with tqdm(total=len(sequences), desc=f"KSD {dataset.name}", unit="prompt",
                   disable=not self.config.progress) as bar:
             for start in range(0, len(sequences), CHUNK):   # memory stays O(CHUNK * L * F)
-                keys = reader.last_keys(sequences[start:start + CHUNK], bar=bar)
+                keys = grouped_last_keys(reader, sequences[start:start + CHUNK], bar=bar)
                 for layer in range(self.manifest.num_layers):
                     moments.add(layer, keys[:, layer])
         return moments
