@@ -4,6 +4,10 @@ interleaved (full, deploy, full, deploy, ...) so drift in machine load hits both
 EOS masked, token ids compared.
 
     python benchmarks/deploy.py out/smollm2 out/smollm2-deploy --new-tokens 128 --runs 3 --out deploy.json
+    python benchmarks/deploy.py out/deploy-untied out/deploy --labels untied,tied --engines unskill   # any two folders
+
+A folder that carries its guard in the graph runs unguarded here (graph_guard=False: no refusal on the prompt), but
+onnxruntime still computes its guard nodes every step, so their cost is in the figure.
 
 optimum fetches every graph output at every step on CPU (no IO binding), so the full export's 90
 `key.*`/`preact.*` [B, S, ffn] outputs cost it copies the deploy folder does not have; the runtime fetches
@@ -27,7 +31,7 @@ from unskill.runtime import GenerationParams, load
 
 
 def engine(name: str, folder: Path):
-    generator = load(folder, device="cpu")
+    generator = load(folder, device="cpu", graph_guard=False)
     prompt_ids = generator.tokenizer.encode_prompt(PROMPT)
     if name == "unskill":
         return lambda n: generator.generate([PROMPT], GenerationParams(max_new_tokens=n, ignore_eos=True))[0].token_ids
@@ -43,6 +47,11 @@ def engine(name: str, folder: Path):
         return out[0, len(prompt_ids):].tolist()
 
     return generate
+
+
+def data_mb(folder: Path) -> float:
+    """Size of the folder's external weight files (model.onnx.data, onnx/model.onnx_data)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.name.endswith(("onnx.data", "onnx_data"))) / 1e6
 
 
 def interleaved(generators: dict, new_tokens: int, runs: int) -> dict:
@@ -73,6 +82,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--engines", default="unskill,optimum")
+    parser.add_argument("--labels", default="full,deploy", help="names of the two folders in the table")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -96,18 +106,22 @@ def main() -> int:
             print(f"{name} {label}: {child[label]['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     base = results.get("unskill full")
     print(f"\n{args.new_tokens} new tokens, greedy, median of {args.runs} interleaved runs\n")
-    print("| engine | folder | decode tok/s | vs same engine, full | vs unskill full | TTFT s | ids match |")
+    labels = dict(zip(("full", "deploy"), args.labels.split(",")))
+    print(f"| engine | folder | decode tok/s | vs same engine, {labels['full']} | vs unskill {labels['full']} | TTFT s "
+          "| ids match |")
     print("|---|---|---|---|---|---|---|")
     for key, r in results.items():
         name, label = key.split()
         own = results.get(f"{name} full")
         same = base is not None and r["ids"] == base["ids"]
-        print(f"| {name} | {label} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / own['decode_tok_s']:.2f}x | "
+        print(f"| {name} | {labels[label]} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / own['decode_tok_s']:.2f}x | "
               f"{r['decode_tok_s'] / base['decode_tok_s'] if base else float('nan'):.2f}x | {r['ttft_s']:.3f} | {same} |")
     if args.out:
         summary = {"results": {k: {kk: vv for kk, vv in v.items() if kk != "ids"} for k, v in results.items()},
                    "new_tokens": args.new_tokens, "runs": args.runs, "full": str(args.full),
-                   "deploy": str(args.deploy), "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
+                   "deploy": str(args.deploy), "labels": args.labels, "date": time.strftime("%Y-%m-%d"),
+                   "cpu_count": os.cpu_count(), "data_mb": {label: data_mb(folder) for label, folder in
+                                                            zip(args.labels.split(","), (args.full, args.deploy))}}
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

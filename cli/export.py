@@ -24,28 +24,43 @@ def _add_target(parser) -> None:
                         help="full: graph with key/pre-activation outputs for stats and edits; deploy: a serving "
                              "folder (logits, present.*, key_last.*; onnx/model.onnx), as `unskill edit slim`")
     parser.add_argument("--no-guard", action="store_true", help="with --target deploy: drop key_last.* too")
+    parser.add_argument("--guard", action="append", default=[], metavar="NPZ",
+                        help="stats file whose KSD rule goes into the graph as guard.refuse / guard.score.* outputs "
+                             "(repeatable; as `unskill edit guard`)")
 
 
 def _with_target(args: argparse.Namespace, build):
-    """Run build(out) for --target full; for deploy build the full model in a hidden sibling, then slim it."""
+    """Run build(out) for --target full without --guard; else build the full model in a hidden sibling, then
+    slim it (deploy) and/or put the guard of --guard's stats files into its graph."""
     import shutil
     import tempfile
     from pathlib import Path
 
     from unskill.exporter.folder import refuse_nonempty_out
+    from unskill.runtime.errors import UnskillError
+    from unskill.runtime.statsfile import load_stats
 
     out = Path(args.out)
-    if getattr(args, "target", "full") == "full":
+    guard_stats = list(getattr(args, "guard", None) or [])
+    deploy = getattr(args, "target", "full") == "deploy"
+    if not deploy and not guard_stats:
         return build(out)
     refuse_nonempty_out(out)
-    from unskill.exporter.deploy import slim
+    if guard_stats and getattr(args, "no_guard", False):
+        raise UnskillError("--guard and --no-guard contradict each other: a guard reads key_last.*")
+    for path in guard_stats:   # a bad stats file fails now, not after minutes of export
+        load_stats(path)
+    from unskill.exporter.deploy import guard_edit, slim
 
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".unskill-full-", dir=out.resolve().parent) as scratch:
         build(Path(scratch) / "full")
-        deployed = slim(Path(scratch) / "full", out, guard=not args.no_guard)
+        if deploy:
+            done = slim(Path(scratch) / "full", out, guard=not args.no_guard, guard_stats=guard_stats)
+        else:
+            done = guard_edit(Path(scratch) / "full", guard_stats, out)
         shutil.rmtree(Path(scratch) / "full")
-    return deployed
+    return done
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,6 +126,8 @@ def add_edit_parser(subparsers) -> None:
     slim.add_argument("--model", required=True, help="directory written by `unskill export` (or an edited one)")
     slim.add_argument("--out", required=True, help="new directory for the deploy folder")
     slim.add_argument("--no-guard", action="store_true", help="drop key_last.* too (no KSD guard will run)")
+    slim.add_argument("--guard", action="append", default=[], metavar="NPZ",
+                      help="stats file whose KSD rule goes into the graph (guard.refuse; repeatable)")
     slim.set_defaults(run=run_slim)
     fuse = methods.add_parser("fuse", help="fuse a --no-fuse export: GroupQueryAttention, onnxruntime's fusions, key outputs kept")
     fuse.add_argument("--model", required=True)
@@ -129,6 +146,13 @@ def add_edit_parser(subparsers) -> None:
     packer.add_argument("--out", required=True)
     _add_target(packer)
     packer.set_defaults(run=run_pack)
+    guard = methods.add_parser("guard", help="the KSD guard of stats files as graph outputs guard.refuse / "
+                                             "guard.score.SKILL, enforced by any onnxruntime stack")
+    guard.add_argument("--model", required=True, help="directory written by `unskill export` (full or deploy)")
+    guard.add_argument("--stats", action="append", required=True, metavar="NPZ",
+                       help="stats file of this model (repeatable): its stored rule, else the paper's last-layer cube")
+    guard.add_argument("--out", required=True, help="new directory for the guarded model")
+    guard.set_defaults(run=run_guard)
     probe = methods.add_parser("probe-graph", help="add probe.onnx (keys only, no LM head) to an older export, in place")
     probe.add_argument("--model", required=True)
     probe.set_defaults(run=run_probe_graph)
@@ -136,9 +160,20 @@ def add_edit_parser(subparsers) -> None:
     prune.set_defaults(run=run_prune)
 
 
+def _refuse_guarded(model_dir: str, method: str) -> None:
+    """NA and pruning change the keys the graph's guard reads (and pruning their width): the guard goes in last."""
+    from unskill.runtime.errors import UnskillError
+    from unskill.runtime.manifest import load_manifest
+
+    if load_manifest(model_dir).guard:
+        raise UnskillError(f"{model_dir}: carries a KSD guard in its graph; {method} changes the keys it reads: "
+                           f"edit the unguarded model, then `unskill edit guard` (or --guard) with stats of the result")
+
+
 def run_na(args: argparse.Namespace) -> int:
     from unskill.exporter.neuron_adjust import neuron_adjust
 
+    _refuse_guarded(args.model, "na")
     manifest = _with_target(args, lambda out: neuron_adjust(args.model, args.stats, args.ratio, out, args.noise,
                                                             args.seed, args.form))
     edit = next(e for e in reversed(manifest.edits) if e["method"] == "na")
@@ -149,6 +184,7 @@ def run_na(args: argparse.Namespace) -> int:
 def run_prune(args: argparse.Namespace) -> int:
     from unskill.exporter.prune import prune
 
+    _refuse_guarded(args.model, "prune")
     manifest = _with_target(args, lambda out: prune(args.model, args.stats, args.ratio, out, args.steps, args.scorer,
                                                     args.data_dir, not args.no_progress))
     edit = next(e for e in reversed(manifest.edits) if e["method"] == "prune")
@@ -181,9 +217,18 @@ def run_pack(args: argparse.Namespace) -> int:
 def run_slim(args: argparse.Namespace) -> int:
     from unskill.exporter.deploy import slim
 
-    manifest = slim(args.model, args.out, guard=not args.no_guard)
+    manifest = slim(args.model, args.out, guard=not args.no_guard, guard_stats=args.guard)
     kept = "logits, present.*" + (", key_last.*" if manifest.key_last_outputs else "")
     print(f"deploy folder ({kept}) -> {args.out}/{manifest.model_file}")
+    return 0
+
+
+def run_guard(args: argparse.Namespace) -> int:
+    from unskill.exporter.deploy import guard_edit
+
+    manifest = guard_edit(args.model, args.stats, args.out)
+    rules = "; ".join(f"{s['skill']}: {s['rule']}" for s in manifest.guard["skills"])
+    print(f"guard in the graph ({rules}) -> {args.out}")
     return 0
 
 

@@ -1,6 +1,10 @@
-"""A KSD-guarded decode loop on onnxruntime-genai: genai runs the model, unskill's NumPy guard checks the key.
+"""A KSD-guarded decode loop on onnxruntime-genai: genai runs the model, the guard is the graph's or unskill's NumPy one.
 
     python examples/genai_guard.py out/smollm2 --stats out/gsm8k.npz "Tom has 3 apples..." [--alpha 1.5]
+    python examples/genai_guard.py out/smollm2-deploy "Tom has 3 apples..."   # a folder made with --guard NPZ
+
+Without --stats the folder must carry its guard (`unskill edit guard`, `--guard` on export): the loop then reads
+the graph's `guard.refuse` output (Generator.get_output), the same call a C, C# or Java genai app makes.
 
 genai loads the folder as written by `unskill export` / `unskill edit` (genai_config.json, tokenizer.json,
 tokenizer_config.json with the chat template). After every forward call (the prompt, then each new token)
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 
-from unskill.runtime.ksd import KSDGuard
+from unskill.runtime.ksd import Hit, KSDGuard
 from unskill.runtime.manifest import load_manifest
 from unskill.runtime.statsfile import load_stats
 
@@ -38,7 +42,10 @@ def full_width(key: np.ndarray, kept: list[int] | None, width: int) -> np.ndarra
 def guarded_generate(model_dir: str | Path, stats: list[str], prompt: str, max_new_tokens: int = 256,
                      alpha: float = 1.0, layers: list[int] | None = None, chat: bool = True) -> dict:
     manifest = load_manifest(model_dir)
-    guard = KSDGuard([load_stats(path, manifest) for path in stats], manifest, alpha=alpha, layers=layers)
+    if not stats and not manifest.guard:
+        raise SystemExit(f"{model_dir}: the graph carries no guard; give --stats or make it with --guard NPZ")
+    guard = KSDGuard([load_stats(path, manifest) for path in stats], manifest, alpha=alpha, layers=layers) \
+        if stats else None
     model = og.Model(str(model_dir))
     tokenizer = og.Tokenizer(model)
     if chat and manifest.chat_template:   # the template writes its own special tokens
@@ -54,6 +61,11 @@ def guarded_generate(model_dir: str | Path, stats: list[str], prompt: str, max_n
     kept = manifest.kept_neurons or [None] * manifest.num_layers
 
     def hit_now():
+        if guard is None:   # the graph's own decision, bool [batch]
+            if not generator.get_output(manifest.guard["refuse_output"])[0]:
+                return None
+            skill = next(s for s in manifest.guard["skills"] if generator.get_output(s["refuse_output"])[0])
+            return Hit(skill["skill"], None, skill["rule"])
         keys = {name: full_width(generator.get_output(name), kept[int(name.split(".")[-1])], manifest.key_width)
                 for name in guard.output_names}
         return guard.check(keys)[0]
@@ -79,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="folder written by `unskill export` / `unskill edit` (deploy folders too)")
     parser.add_argument("prompt")
-    parser.add_argument("--stats", action="append", required=True, help="stats .npz of a skill to refuse")
+    parser.add_argument("--stats", action="append", default=[],
+                        help="stats .npz of a skill to refuse (none: the guard in the graph)")
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--layers", type=int, nargs="*", default=None, help="FFL layers to check (default: last)")
     parser.add_argument("--max-new-tokens", type=int, default=256)

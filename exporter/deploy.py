@@ -16,20 +16,50 @@ from pathlib import Path
 
 from unskill.runtime.manifest import Manifest
 
-from .folder import load_exported, probe_graph, save_edited, stats_compatible_with
+from .folder import DATA_FILE, load_exported, probe_graph, refuse_nonempty_out, save_edited, stats_compatible_with
+from .gqa import drop_query_seqlens
+from .guard_graph import guarded_model
+from .tie import tie_embedding
 
 DEPLOY_MODEL_FILE = "onnx/model.onnx"
 DEPLOY_DATA_FILE = "model.onnx_data"   # beside the graph, as transformers.js names it
 
 
-def slim(model_dir: str | Path, out_dir: str | Path, guard: bool = True) -> Manifest:
-    """Write the deploy folder of `model_dir` into `out_dir`; guard=False drops key_last.* as well."""
+def slim(model_dir: str | Path, out_dir: str | Path, guard: bool = True, guard_stats: list = (),
+         tie: bool = True) -> Manifest:
+    """Write the deploy folder of `model_dir` into `out_dir`; guard=False drops key_last.* as well.
+    guard_stats: stats files of `model_dir` whose KSD rules go into the graph (guard.refuse; guard_graph.py).
+    For the ecosystem's onnxruntime builds GroupQueryAttention loses its query_seqlens input and the tied
+    embedding / LM head is stored once (exporter/tie.py; tie=False keeps both copies, for benchmarks/deploy.py)."""
     model, manifest = load_exported(model_dir)
     presents = [o.name for o in model.graph.output if o.name.startswith("present.")]
     key_last = list(manifest.key_last_outputs or []) if guard else []
-    slimmed = probe_graph(model, ["logits", *presents, *key_last])
+    carried = [o.name for o in model.graph.output if o.name.startswith("guard.")] if guard else []
+    slimmed = probe_graph(model, ["logits", *presents, *key_last, *carried])
     del model
-    edit = {"method": "slim", "target": "deploy", "key_last": bool(key_last), "ratio": 0.0}
+    dropped = drop_query_seqlens(slimmed)
+    slimmed, tied = tie_embedding(slimmed) if tie else (slimmed, False)
+    edit = {"method": "slim", "target": "deploy", "key_last": bool(key_last), "ratio": 0.0,
+            "gqa_query_seqlens": not dropped and manifest.gqa_query_seqlens, "tied_embedding": tied}
+    changes = {"guard": manifest.guard if carried else None}
+    if guard_stats:
+        slimmed, changes["guard"] = guarded_model(slimmed, manifest, guard_stats)
+        edit["guard"] = [s["skill"] for s in changes["guard"]["skills"]]
     return save_edited(slimmed, manifest, model_dir, out_dir, edit, model_file=DEPLOY_MODEL_FILE,
                        data_file=DEPLOY_DATA_FILE, probe=False, target="deploy",
-                       key_last_outputs=key_last or None, stats_compatible=stats_compatible_with(manifest))
+                       key_last_outputs=key_last or None, stats_compatible=stats_compatible_with(manifest),
+                       gqa_query_seqlens=edit["gqa_query_seqlens"], **changes)
+
+
+def guard_edit(model_dir: str | Path, stats_paths: list, out_dir: str | Path) -> Manifest:
+    """`unskill edit guard`: DIR2 = DIR (a full or a deploy folder) with the guard of `stats_paths` in its graph
+    (exporter/guard_graph.py). The keys are untouched: the parent's stats, and those it accepts, still apply."""
+    refuse_nonempty_out(Path(out_dir))
+    model, manifest = load_exported(model_dir)
+    guarded, record = guarded_model(model, manifest, stats_paths)
+    del model
+    deploy = manifest.target == "deploy"
+    edit = {"method": "guard", "skills": [s["skill"] for s in record["skills"]], "ratio": 0.0}
+    return save_edited(guarded, manifest, model_dir, out_dir, edit, model_file=manifest.model_file,
+                       data_file=DEPLOY_DATA_FILE if deploy else DATA_FILE, probe=not deploy,
+                       guard=record, stats_compatible=stats_compatible_with(manifest))

@@ -307,3 +307,20 @@ def fuse_attention(model: onnx.ModelProto, config: dict, num_layers: int, rotary
     if not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
     return len(layers)
+
+
+def drop_query_seqlens(model: onnx.ModelProto) -> int:
+    """GroupQueryAttention nodes without their 17th input (query_seqlens, onnxruntime >= 1.32): the schema that
+    onnxruntime-node/-web 1.30-1.31 and onnxruntime-genai 0.18 know has 16 at most. Without it a batch of several
+    rows cannot continue a past with several new tokens each (the runtime then prefills in one pass,
+    manifest.gqa_query_seqlens). Edits in place, drops the nodes that computed it; returns the nodes changed."""
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and node.domain == MS and len(node.input) > 16:
+            del node.input[16:]
+            while node.input and not node.input[-1]:
+                node.input.pop()
+            changed += 1
+    if changed:
+        remove_dead_nodes(model)
+    return changed

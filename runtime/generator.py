@@ -182,7 +182,7 @@ class Generator:
         """The guard's verdict per row on the keys of the last position (key_last.* are already 2-D)."""
         if not self.guard:
             return [None] * batch
-        return self.guard.check({n: k if k.ndim == 2 else k[:, -1, :] for n, k in keys.items()})
+        return self.guard.check({n: k if k.ndim <= 2 else k[:, -1, :] for n, k in keys.items()})
 
     def step_row(self, row: _Row, logits: np.ndarray, hit: Hit | None, step: int, budget: int,
                  params: GenerationParams, rng) -> int:

@@ -47,6 +47,14 @@ class Manifest:
     # "gqa": attention is onnxruntime's GroupQueryAttention (the fused graph, exporter/gqa.py), so past and
     # present may be one preallocated buffer (runtime/session.py); "unfused": optimum's Concat of past and new.
     attention: str = "unfused"
+    # GroupQueryAttention graphs: whether the op gets its 17th input, query_seqlens (onnxruntime >= 1.32; lets a
+    # batch of several rows continue a past with several new tokens each). The deploy target leaves it out, so
+    # onnxruntime-node/-web 1.30-1.31 and onnxruntime-genai load it; the runtime then prefills such a batch in one
+    # pass instead of chunks.
+    gqa_query_seqlens: bool = True
+    # The KSD guard baked into the graph (`unskill edit guard`, exporter/guard_graph.py): its outputs and, per
+    # skill, the rule, layers and the stats file's sha256. None: the graph has no guard outputs.
+    guard: dict | None = None
     format: str = FORMAT
 
     def save(self, directory: str | Path) -> Path:
@@ -102,6 +110,9 @@ FIELD_TYPES = {
     "chat_template": lambda v: v is None or _str(v), "probe_file": lambda v: v is None or _str(v),
     "edits": _list_of(lambda v: isinstance(v, dict)), "kept_neurons": _list_of(_list_of(_int), allow_none=True),
     "stats_compatible": _list_of(_str, allow_none=True), "attention": lambda v: v in ("unfused", "gqa"),
+    "gqa_query_seqlens": lambda v: isinstance(v, bool),
+    "guard": lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("skills"), list)
+                                     and all(isinstance(s, dict) for s in v["skills"])),
 }
 
 

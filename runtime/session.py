@@ -186,7 +186,10 @@ class OnnxLM:
         width = input_ids.shape[1]
         done = attention_mask.shape[1] - width   # tokens already in the cache
         per_position = all_logits or any(not self._is_last_only(n) for n in extra_outputs)
-        if per_position or width <= PREFILL_CHUNK:
+        # Without query_seqlens (the deploy target's GroupQueryAttention) onnxruntime refuses several rows
+        # continuing a past with several new tokens each: such a batch is prefilled in one pass.
+        one_pass = input_ids.shape[0] > 1 and not self.manifest.gqa_query_seqlens
+        if per_position or width <= PREFILL_CHUNK or one_pass:
             buffered = reserve > 0 or self._is_buffer(past, done)
             shared = self.kv_buffer(past, done, attention_mask.shape[1] + reserve) if buffered else None
             return self._forward(input_ids, attention_mask, shared or past, extra_outputs, all_logits, logits,
@@ -232,7 +235,7 @@ class OnnxLM:
         return self.manifest.attention == "gqa" and past[self.past_names[0]].shape()[2] > done
 
     def _is_last_only(self, name: str) -> bool:
-        return name in (self.manifest.key_last_outputs or [])
+        return name in (self.manifest.key_last_outputs or []) or name.startswith("guard.")
 
     def _forward(self, input_ids, attention_mask, past, extra_outputs, all_logits, logits, shared=False):
         """One run. shared: `past` is a preallocated buffer (kv_buffer) bound as both past and present."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from unskill.runtime.errors import UnskillError
-from unskill.stats.datasets import Item
+from unskill.stats.items import Item
 
 __all__ = ["math_items", "code_items", "general_items"]
 

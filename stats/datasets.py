@@ -51,13 +51,14 @@ import io
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from unskill.runtime.errors import UnskillError
+
+from .items import Dataset, Item
 
 __all__ = ["Item", "Dataset", "load_dataset", "sample", "resolve_data_dir", "BENCHMARKS", "BUILTINS"]
 
@@ -84,35 +85,6 @@ _COMPLETION_FIELDS = ("completion", "answer")
 _JSON_LIST_KEYS = ("data", "items")
 _MMLU_CHOICES = "ABCD"
 _SLICE = re.compile(r"(?P<base>.+)\[(?P<lo>-?\d*):(?P<hi>-?\d*)\]")
-
-
-@dataclass(frozen=True)
-class Item:
-    prompt: str
-    completion: str = ""
-    group: str = ""                  # MMLU subject (few-shot examples come from it); XQuAD paragraph
-    tests: tuple[str, ...] = ()      # MBPP asserts, run by the pass@1 metric
-    setup: str = ""                  # MBPP test_setup_code, run before the asserts
-
-    @property
-    def context(self) -> str:
-        """The text the completion follows: a completion starting with a space (MMLU " A", XQuAD answers)
-        continues the prompt's line; any other starts on a new line."""
-        return self.prompt if self.completion[:1].isspace() else self.prompt + "\n"
-
-
-@dataclass
-class Dataset:
-    name: str
-    items: list[Item]
-    grouped: bool = False            # items of a group share their prompt's start: sample whole groups
-
-    @property
-    def prompts(self) -> list[str]:
-        return [item.prompt for item in self.items]
-
-    def __len__(self) -> int:
-        return len(self.items)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:

@@ -1,0 +1,206 @@
+"""The KSD guard as graph nodes: `guard.refuse` (bool [batch]) and `guard.score.<SKILL>` (float [batch]) outputs
+that any onnxruntime stack (Node, C, C#, Java, onnxruntime-genai) reads with no unskill code.
+
+A pure pass, `add_guard(model, guard, manifest) -> new model`: the rule is not re-derived here; the regions come
+from the runtime's own `KSDGuard(...).detectors` (runtime/ksd.py), so the graph holds exactly the NumPy guard's
+centres, widths and thresholds, as initializers. Per region (one layer's `key_last.{i}`, [B, F]):
+
+    box    (Hypercube)    inside: |v - mu| <= halfwidth in every dimension (ReduceMax of |v - mu| - halfwidth <= 0:
+                          a float difference is <= 0 exactly when a <= b, so the decision is NumPy's bit for bit)
+                          margin: max over dimensions of |v - mu| / halfwidth
+    gauss  (Ellipsoid)    inside: mean((v - mu) * inv_sigma)^2 <= threshold;          margin: score / threshold
+    ratio  (RatioRegion)  inside: forget <= bound and forget <= threshold * max(retain, tiny)
+                          margin: max(forget / (threshold * max(retain, tiny)), forget / bound)
+
+A skill (one detector) fires when at least `votes` of its regions hold their key; `guard.refuse.<SKILL>` is that
+decision and `guard.score.<SKILL>` the votes-th smallest region margin (min over regions for one vote): the skill
+fires where its score <= 1, up to float rounding exactly at the boundary (the decision itself is made with the
+comparisons above, not from the score). `guard.refuse` is the OR over skills. runtime/graph_guard.py computes
+the same scores in NumPy (`skill_scores`), the twin the tests hold the graph to.
+
+A pruned layer's key output is narrower (manifest.kept_neurons): the pass scatters it back to full width with
+zeros (Pad + Gather), as the runtime does before the NumPy guard reads it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from unskill.runtime.errors import UnskillError
+from unskill.runtime.ksd import Ellipsoid, Hypercube, KSDGuard, RatioRegion
+from unskill.runtime.manifest import Manifest
+
+REFUSE = "guard.refuse"
+SCORE_PREFIX = "guard.score."
+FIRE_PREFIX = "guard.refuse."
+TINY = float(np.finfo(np.float32).tiny)
+
+
+class _Builder:
+    """Nodes and initializers of the guard subgraph, every name under `guard/`."""
+
+    def __init__(self, opset: int):
+        self.opset, self.nodes, self.initializers, self.count = opset, [], [], 0
+
+    def name(self, tag: str) -> str:
+        self.count += 1
+        return f"guard/{tag}_{self.count}"
+
+    def const(self, tag: str, value) -> str:
+        name = self.name(tag)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], tag: str | None = None, output: str | None = None, **attrs) -> str:
+        output = output or self.name(tag or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=output + "/node", **attrs))
+        return output
+
+    def reduce(self, op_type: str, x: str, axis: int) -> str:
+        """Reduce* over one axis, keepdims=0: axes as an input from opset 18 (ReduceSum from 13), else attribute."""
+        takes_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if takes_input:
+            return self.op(op_type, [x, self.const("axis", np.array([axis], np.int64))], keepdims=0)
+        return self.op(op_type, [x], axes=[axis], keepdims=0)
+
+    def unsqueeze0(self, x: str) -> str:
+        if self.opset >= 13:
+            return self.op("Unsqueeze", [x, self.const("axis0", np.array([0], np.int64))])
+        return self.op("Unsqueeze", [x], axes=[0])
+
+
+def _gauss(b: _Builder, keys: str, center: np.ndarray, inverse_sigma: np.ndarray) -> str:
+    """mean over dimensions of ((v - mu) * inv_sigma)^2, [B]."""
+    z = b.op("Mul", [b.op("Sub", [keys, b.const("mu", center.astype(np.float32))]),
+                     b.const("inv_sigma", inverse_sigma.astype(np.float32))])
+    return b.reduce("ReduceMean", b.op("Mul", [z, z]), 1)
+
+
+def _region(b: _Builder, keys: str, region) -> tuple[str, str]:
+    """(inside bool [B], margin float [B]) of one region over its layer's keys."""
+    if isinstance(region, Hypercube):
+        distance = b.op("Abs", [b.op("Sub", [keys, b.const("mu", region.center.astype(np.float32))])])
+        halfwidth = b.const("halfwidth", region.halfwidth.astype(np.float32))
+        excess = b.reduce("ReduceMax", b.op("Sub", [distance, halfwidth]), 1)
+        inside = b.op("LessOrEqual", [excess, b.const("zero", np.float32(0))])
+        return inside, b.reduce("ReduceMax", b.op("Div", [distance, halfwidth]), 1)
+    if isinstance(region, RatioRegion):
+        forget = _gauss(b, keys, region.center, region.inverse_sigma)
+        retain = _gauss(b, keys, region.retain_center, region.retain_inverse_sigma)
+        limit = b.op("Mul", [b.const("threshold", np.float32(region.threshold)),
+                             b.op("Max", [retain, b.const("tiny", np.float32(TINY))])])
+        bound = b.const("bound", np.float32(region.bound))
+        inside = b.op("And", [b.op("LessOrEqual", [forget, bound]), b.op("LessOrEqual", [forget, limit])])
+        margin = b.op("Max", [b.op("Div", [forget, limit]), b.op("Div", [forget, bound])])
+        return inside, margin
+    if isinstance(region, Ellipsoid):
+        score = _gauss(b, keys, region.center, region.inverse_sigma)
+        threshold = b.const("threshold", np.float32(region.threshold))
+        return b.op("LessOrEqual", [score, threshold]), b.op("Div", [score, threshold])
+    raise UnskillError(f"no graph form for the guard region kind {type(region).__name__} "
+                       f"(skill {getattr(region, 'skill', '?')!r}, layer {getattr(region, 'layer', '?')})")
+
+
+def _full_width_keys(b: _Builder, name: str, kept: list[int] | None, width: int) -> str:
+    """key_last of a pruned layer put back to `width` columns, zeros where neurons were removed."""
+    if kept is None or len(kept) == width:
+        return name
+    padded = b.op("Pad", [name, b.const("pads", np.array([0, 0, 0, 1], np.int64))], mode="constant")
+    index = np.full(width, len(kept), np.int64)   # the zero column appended by Pad
+    index[np.asarray(kept, np.int64)] = np.arange(len(kept))
+    return b.op("Gather", [padded, b.const("scatter", index)], axis=1)
+
+
+def output_names(skills: list[str]) -> dict[str, str]:
+    """Skill -> its score output name; a skill named twice gets a #2, #3 ... suffix."""
+    names, seen = {}, {}
+    for skill in skills:
+        seen[skill] = seen.get(skill, 0) + 1
+        key = skill if seen[skill] == 1 else f"{skill}#{seen[skill]}"
+        names[key] = SCORE_PREFIX + key
+    return names
+
+
+def add_guard(model: onnx.ModelProto, guard: KSDGuard, manifest: Manifest) -> onnx.ModelProto:
+    """A copy of `model` whose graph also computes the guard: outputs guard.refuse, guard.refuse.<SKILL> and
+    guard.score.<SKILL> (see the module docstring). The model's key_last.* outputs stay as they are."""
+    if any(o.name.startswith("guard.") for o in model.graph.output):
+        raise UnskillError("the model already carries a guard; add all stats files in one `unskill edit guard`")
+    keys = {o.name: o for o in model.graph.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+    b = _Builder(opset)
+    skill_names = list(output_names([d.skill for d in guard.detectors]))
+    layer_keys: dict[int, str] = {}
+    fired_outputs, batch_dim = [], None
+    for skill, detector in zip(skill_names, guard.detectors):
+        insides, margins = [], []
+        for region in detector.regions:
+            if region.layer not in layer_keys:
+                name = manifest.key_last_outputs[region.layer]
+                if name not in keys:
+                    raise UnskillError(f"the graph has no output {name!r}: the guard reads key_last.* "
+                                       "(a deploy folder made with --no-guard cannot carry one)")
+                batch_dim = batch_dim or keys[name].type.tensor_type.shape.dim[0]
+                kept = manifest.kept_neurons[region.layer] if manifest.kept_neurons else None
+                layer_keys[region.layer] = _full_width_keys(b, name, kept, manifest.key_width)
+            inside, margin = _region(b, layer_keys[region.layer], region)
+            insides.append(b.unsqueeze0(b.op("Cast", [inside], to=TensorProto.FLOAT)))
+            margins.append(b.unsqueeze0(margin))
+        stacked = b.op("Concat", insides, axis=0) if len(insides) > 1 else insides[0]
+        votes = b.reduce("ReduceSum", stacked, 0)
+        fired = b.op("GreaterOrEqual", [votes, b.const("votes", np.float32(detector.votes))],
+                     output=FIRE_PREFIX + skill)
+        all_margins = b.op("Concat", margins, axis=0) if len(margins) > 1 else margins[0]
+        smallest = b.op("TopK", [all_margins, b.const("k", np.array([detector.votes], np.int64))],
+                        tag="topk", axis=0, largest=0, sorted=1)
+        b.nodes[-1].output.append(b.name("topk_index"))
+        b.op("Gather", [smallest, b.const("last", np.int64(detector.votes - 1))], output=SCORE_PREFIX + skill,
+             axis=0)
+        fired_outputs.append(fired)
+    refuse = fired_outputs[0]
+    for other in fired_outputs[1:]:
+        refuse = b.op("Or", [refuse, other])
+    b.op("Identity", [refuse], output=REFUSE)
+
+    guarded = onnx.ModelProto()
+    guarded.CopyFrom(model)
+    guarded.graph.node.extend(b.nodes)
+    guarded.graph.initializer.extend(b.initializers)
+    batch = [batch_dim.dim_param or batch_dim.dim_value] if batch_dim is not None else ["batch_size"]
+    guarded.graph.output.append(helper.make_tensor_value_info(REFUSE, TensorProto.BOOL, batch))
+    for skill in skill_names:
+        guarded.graph.output.append(helper.make_tensor_value_info(FIRE_PREFIX + skill, TensorProto.BOOL, batch))
+        guarded.graph.output.append(helper.make_tensor_value_info(SCORE_PREFIX + skill, TensorProto.FLOAT, batch))
+    return guarded
+
+
+def guard_record(guard: KSDGuard, stats_paths: list, stats_fingerprints: list[str]) -> dict:
+    """What unskill.json says about the guard in the graph: its outputs, and per skill the rule, the layers
+    and which stats file made it (sha256 of the file), so the runtime knows which stats the graph enforces."""
+    skills = list(output_names([d.skill for d in guard.detectors]))
+    return {
+        "refuse_output": REFUSE,
+        "skills": [{"skill": skill, "rule": detector.rule, "votes": detector.votes,
+                    "layers": [region.layer for region in detector.regions],
+                    "score_output": SCORE_PREFIX + skill, "refuse_output": FIRE_PREFIX + skill,
+                    "stats": str(path), "stats_sha256": sha}
+                   for skill, detector, path, sha in zip(skills, guard.detectors, stats_paths, stats_fingerprints)],
+    }
+
+
+
+def guarded_model(model: onnx.ModelProto, manifest: Manifest, stats_paths: list) -> tuple[onnx.ModelProto, dict]:
+    """(model with the guard of these stats files, the manifest's `guard` record). Each stats file's stored rule,
+    else the paper's default (one cube at the last layer, alpha 1 x k): what `ksd-run --stats` applies."""
+    from unskill.runtime.graph_guard import stats_sha256
+    from unskill.runtime.statsfile import load_stats
+
+    if not stats_paths:
+        raise UnskillError("the guard needs at least one stats file (--stats / --guard NPZ)")
+    # plain `unskill stats` files: the paper's cube, asked for explicitly (KSDGuard refuses them otherwise)
+    guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest, rule="fallback")
+    return add_guard(model, guard, manifest), guard_record(guard, stats_paths,
+                                                            [stats_sha256(p) for p in stats_paths])
+

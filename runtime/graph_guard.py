@@ -1,0 +1,91 @@
+"""The KSD guard computed inside the graph (`unskill edit guard`, exporter/guard_graph.py), read by the decode loop.
+
+`GraphGuard` implements the Guard contract of runtime/ksd.py: the decode loop fetches its `output_names`
+(`guard.refuse` and `guard.refuse.<SKILL>`) with every forward and `check` turns them into hits. The NumPy
+KSDGuard stays the reference and the fallback: the runtime uses the graph's decision only where the manifest
+says the graph carries a guard (`guard` in unskill.json) and the caller gave no stats files of its own, or the
+same ones (by sha256) with no alpha/layer overrides.
+
+`skill_scores` is the NumPy twin of the graph's `guard.score.<SKILL>` outputs (the tests hold the graph to it):
+per region a margin (<= 1 inside): box max |v - mu| / halfwidth; gauss score / threshold; ratio
+max(forget / (threshold * max(retain, tiny)), forget / bound); per skill the votes-th smallest margin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UnskillError
+from .ksd import Ellipsoid, Hit, Hypercube, KSDGuard, RatioRegion, gauss_score
+from .manifest import Manifest
+
+TINY = np.finfo(np.float32).tiny
+
+
+def region_margin(region, keys: np.ndarray) -> np.ndarray:
+    """keys (B, F) -> (B,) float32: the region's score over its threshold (<= 1 inside)."""
+    if isinstance(region, Hypercube):
+        return (np.abs(keys - region.center) / region.halfwidth).max(axis=-1)
+    if isinstance(region, RatioRegion):
+        forget = gauss_score(keys, region.center, region.inverse_sigma)
+        retain = gauss_score(keys, region.retain_center, region.retain_inverse_sigma)
+        limit = np.float32(region.threshold) * np.maximum(retain, TINY)
+        return np.maximum(forget / limit, forget / np.float32(region.bound))
+    if isinstance(region, Ellipsoid):
+        return region.score(keys) / np.float32(region.threshold)
+    raise UnskillError(f"no graph form for the guard region kind {type(region).__name__}")
+
+
+def skill_scores(guard: KSDGuard, keys_of_layer: dict[int, np.ndarray]) -> list[np.ndarray]:
+    """Per detector (in order) the (B,) score the graph writes to guard.score.<SKILL>: the votes-th smallest
+    region margin. keys_of_layer: layer -> (B, F) full-width key at the last position."""
+    scores = []
+    for detector in guard.detectors:
+        margins = np.stack([region_margin(region, keys_of_layer[region.layer]) for region in detector.regions])
+        scores.append(np.sort(margins, axis=0)[detector.votes - 1])
+    return scores
+
+
+def stats_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+class GraphGuard:
+    """The guard baked into the graph: per row the first skill whose guard.refuse.<SKILL> is set."""
+
+    def __init__(self, manifest: Manifest, graph_outputs: set[str]):
+        record = manifest.guard or {}
+        self.skills = [(s["skill"], s["rule"], s["refuse_output"]) for s in record.get("skills", [])]
+        self.output_names = [record.get("refuse_output", "guard.refuse"), *(out for _, _, out in self.skills)]
+        missing = [name for name in self.output_names if name not in graph_outputs]
+        if not self.skills or missing:
+            raise UnskillError(f"unskill.json records a guard in the graph, but the graph lacks {missing[:3]}; "
+                               "re-run `unskill edit guard`")
+
+    def describe(self) -> list[str]:
+        return [f"{skill}: {rule} (in the graph)" for skill, rule, _ in self.skills]
+
+    def check(self, outputs: dict[str, np.ndarray]) -> list[Hit | None]:
+        hits: list[Hit | None] = [None] * len(outputs[self.output_names[0]])
+        for row in np.flatnonzero(outputs[self.output_names[0]]):
+            skill, rule = next(((s, r) for s, r, out in self.skills if outputs[out][row]), self.skills[0][:2])
+            hits[row] = Hit(skill, None, f"{rule} (in the graph)")
+        return hits
+
+
+def graph_guard_applies(manifest: Manifest, stats_paths, explicit: bool) -> bool:
+    """Whether the graph's own guard is the one asked for: the graph carries one and the caller named no stats
+    (the model's guard), or exactly its stats files with no alpha/layer override."""
+    if not manifest.guard:
+        return False
+    if not stats_paths:
+        return True
+    recorded = sorted(s["stats_sha256"] for s in manifest.guard["skills"])
+    return not explicit and sorted(stats_sha256(p) for p in stats_paths) == recorded

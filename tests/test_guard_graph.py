@@ -1,0 +1,240 @@
+"""The KSD guard as graph outputs (exporter/guard_graph.py) against the NumPy guard (runtime/ksd.py), the reference:
+decisions identical and scores within 1e-5 relative, for every rule kind (box, gauss, ratio with its cap, k-of-n
+votes, the paper's default), at the prompt and at decode steps; the runtime's use of guard.refuse; bad input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unskill.runtime.generator import GenerationParams
+from unskill.runtime.graph_guard import GraphGuard, skill_scores
+from unskill.runtime.ksd import KSDGuard
+from unskill.runtime.session import left_pad
+from unskill.runtime.statsfile import GuardSetting, load_stats
+
+APPLES = [f"How many apples are left if Tom eats {i} of his {i + 9} apples?" for i in range(12)]
+OTHERS = ["Write a haiku about the sea.", "def add(a, b): return a + b  # explain", "Bonjour, comment vas-tu ?",
+          "What is the capital of Peru?", "Sort a list in Python.", "Tom has 3 apples and eats 1. How many?",
+          "apples apples apples", "Tell me a story about a dragon."]
+
+
+def guard_parity(model_dir: Path, stats_paths: list[Path], prompts: list, decode_steps: int = 0,
+                 chat: bool = True, batch_size: int = 8) -> dict:
+    """Run `prompts` greedily through the guarded graph for 1 + decode_steps forwards; at every forward assert that
+    guard.refuse, guard.refuse.<SKILL> and guard.score.<SKILL> equal the NumPy guard's on the same key_last
+    outputs. Returns {"checks": rows checked, "refused": rows refused, "skills": {skill: refused rows}}."""
+    from unskill.runtime import load
+
+    generator = load(model_dir, device="cpu", threads=2, graph_guard=False)
+    model, manifest = generator.model, generator.model.manifest
+    guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest, rule="fallback")
+    skills = manifest.guard["skills"]
+    key_names = list(manifest.key_last_outputs)
+    fetch = [*key_names, manifest.guard["refuse_output"], *(s["score_output"] for s in skills),
+             *(s["refuse_output"] for s in skills)]
+    summary = {"checks": 0, "refused": 0, "skills": {s["skill"]: 0 for s in skills}}
+    for start in range(0, len(prompts), batch_size):
+        encoded = generator.encode(prompts[start:start + batch_size], GenerationParams(chat=chat))
+        input_ids, mask = left_pad(encoded, manifest.pad_token_id)
+        past = model.empty_past(len(encoded))
+        for _ in range(1 + decode_steps):
+            logits, past, out = model.forward(input_ids, mask, past, fetch)
+            keys = {name: out[name] for name in key_names}
+            expected = [hit is not None for hit in guard.check(keys)]
+            assert out["guard.refuse"].tolist() == expected
+            by_layer = {layer: keys[name] for layer, name in enumerate(key_names)}
+            for skill, detector, score in zip(skills, guard.detectors, skill_scores(guard, by_layer)):
+                inside = np.stack([region.contains(by_layer[region.layer]) for region in detector.regions])
+                fired = inside.sum(axis=0) >= detector.votes
+                assert out[skill["refuse_output"]].tolist() == fired.tolist(), skill["skill"]
+                np.testing.assert_allclose(out[skill["score_output"]], score, rtol=1e-5, err_msg=skill["skill"])
+                summary["skills"][skill["skill"]] += int(fired.sum())
+            summary["checks"] += len(expected)
+            summary["refused"] += sum(expected)
+            input_ids = logits.argmax(axis=-1)[:, None].astype(np.int64)
+            mask = np.concatenate([mask, np.ones((len(encoded), 1), np.int64)], axis=1)
+    return summary
+
+
+def rule_stats(stats, keys_of_layer: dict[int, np.ndarray], retain_group, out_dir: Path) -> list[Path]:
+    """One stats file per rule kind (box, gauss, ratio with a cap, 2-of-3 votes, the paper's default), thresholds
+    at the median score of `keys_of_layer` so that each rule refuses some rows and passes others."""
+    from unskill.runtime.ksd import build_cubes, gauss_score, gaussian, ratio_score
+
+    mean, inverse_sigma = gaussian(stats.groups["ksd"])
+    retain_mean, retain_inverse_sigma = gaussian(retain_group)
+    layers = sorted(keys_of_layer)
+    median = lambda values: float(np.median(values))  # noqa: E731
+    gauss = {i: gauss_score(keys_of_layer[i], mean[i], inverse_sigma[i]) for i in layers}
+    box_alpha = {i: median((np.abs(keys_of_layer[i] - c.center) / c.halfwidth).max(axis=-1))
+                 for i in layers for c in build_cubes(stats, [i], 1.0, "k")}
+    ratio = {i: ratio_score(keys_of_layer[i], mean[i], inverse_sigma[i], retain_mean[i], retain_inverse_sigma[i])
+             for i in layers}
+    settings = {
+        "box": GuardSetting("box", layers[-2:], [box_alpha[i] for i in layers[-2:]]),
+        "gauss": GuardSetting("gauss", layers, [median(gauss[i]) for i in layers]),
+        "ratio": GuardSetting("ratio", layers[-2:], [median(ratio[i]) for i in layers[-2:]],
+                              bounds=[float(np.quantile(gauss[i], 0.7)) for i in layers[-2:]]),
+        "votes": GuardSetting("gauss", layers, [median(gauss[i]) * 1.2 for i in layers], votes=2),
+        "paper": None,
+    }
+    paths = []
+    for name, setting in settings.items():
+        groups = {**stats.groups, "ksd_retain": retain_group} if name == "ratio" else dict(stats.groups)
+        variant = replace(stats, guard=setting, groups=groups, meta={**stats.meta, "skill": name})
+        paths.append(variant.save(out_dir / f"{name}.npz"))
+    return paths
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny_rules(request, tiny_export, tmp_path_factory):
+    """(export dir, [stats path per rule kind]) on a tiny llama (chat template) and a tiny Gemma-3 (none)."""
+    from unskill.runtime import load
+    from unskill.stats.datasets import Dataset, Item
+    from unskill.stats.probe import ProbeConfig, probe
+
+    _, onnx_dir = tiny_export(request.param)
+    generator = load(onnx_dir, device="cpu")
+    config = ProbeConfig(progress=False)
+    stats = probe(generator.model, generator.tokenizer, Dataset("apples", [Item(p) for p in APPLES]), config=config)
+    retain = probe(generator.model, generator.tokenizer, Dataset("retain", [Item(p) for p in OTHERS]),
+                   config=config).groups["ksd"]
+    encoded = generator.encode(APPLES + OTHERS, GenerationParams())
+    input_ids, mask = left_pad(encoded, generator.model.manifest.pad_token_id)
+    names = generator.model.manifest.key_last_outputs
+    _, _, out = generator.model.forward(input_ids, mask, generator.model.empty_past(len(encoded)), names)
+    keys = {i: out[name] for i, name in enumerate(names)}
+    return onnx_dir, rule_stats(stats, keys, retain, tmp_path_factory.mktemp(f"rules_{request.param}"))
+
+
+def test_every_rule_kind_in_the_graph_equals_numpy(tiny_rules, tmp_path):
+    """One graph carrying five skills, one per rule kind; prompt and 6 decode steps, batch with left padding."""
+    from unskill.exporter.deploy import guard_edit
+
+    onnx_dir, paths = tiny_rules
+    manifest = guard_edit(onnx_dir, paths, tmp_path / "guarded")
+    assert [s["skill"] for s in manifest.guard["skills"]] == ["box", "gauss", "ratio", "votes", "paper"]
+    assert manifest.guard["skills"][3]["votes"] == 2 and manifest.guard["skills"][4]["rule"] == "paper"
+    summary = guard_parity(tmp_path / "guarded", paths, APPLES + OTHERS, decode_steps=6)
+    assert summary["checks"] == 7 * len(APPLES + OTHERS)
+    for skill, refused in summary["skills"].items():   # every rule decides both ways somewhere
+        assert 0 < refused < summary["checks"], (skill, refused)
+
+
+def test_runtime_uses_the_graph_guard(tiny_rules, tmp_path):
+    """load() picks GraphGuard for a guarded folder (no stats, or the same stats) and its results equal the NumPy
+    guard's; other stats or an alpha override fall back to NumPy. A deploy folder (slim) carries the guard."""
+    from unskill.exporter.deploy import slim
+    from unskill.exporter.deploy import guard_edit
+    from unskill.runtime import load
+
+    onnx_dir, paths = tiny_rules
+    chosen = [paths[1], paths[3]]   # gauss and 2-of-3 votes
+    guard_edit(onnx_dir, chosen, tmp_path / "guarded")
+    deploy = slim(tmp_path / "guarded", tmp_path / "deploy")
+    assert deploy.guard and deploy.model_file == "onnx/model.onnx" and deploy.gqa_query_seqlens is False
+    for directory in (tmp_path / "guarded", tmp_path / "deploy"):
+        assert isinstance(load(directory, device="cpu").guard, GraphGuard)
+        assert isinstance(load(directory, chosen, device="cpu").guard, GraphGuard)
+        assert isinstance(load(directory, chosen[:1], device="cpu").guard, KSDGuard)
+        assert isinstance(load(directory, chosen, alpha=1.0, device="cpu").guard, KSDGuard)
+        params = GenerationParams(max_new_tokens=5)
+        in_graph = load(directory, device="cpu").generate(APPLES[:4] + OTHERS[:4], params)
+        numpy = load(directory, chosen, device="cpu", graph_guard=False).generate(APPLES[:4] + OTHERS[:4], params)
+        assert [(r.abstained, r.skill, r.abstained_at, r.token_ids) for r in in_graph] == \
+               [(r.abstained, r.skill, r.abstained_at, r.token_ids) for r in numpy]
+        assert any(r.abstained for r in numpy) and not all(r.abstained for r in numpy)
+
+
+def test_deploy_drops_query_seqlens_and_stores_the_tied_weight_once(tiny_export, tmp_path):
+    """The deploy graph's GroupQueryAttention has at most 16 inputs (onnxruntime-node 1.30/1.31) and, where the
+    embedding and LM head are tied, one copy of the weight; greedy tokens as the full export."""
+    import onnx
+
+    from unskill.exporter.deploy import slim
+    from unskill.runtime import load
+
+    from tiny_models import VOCAB
+
+    _, onnx_dir = tiny_export("gemma3")
+    manifest = slim(onnx_dir, tmp_path / "deploy")
+    graph = onnx.load(str(tmp_path / "deploy" / "onnx" / "model.onnx"), load_external_data=False).graph
+    assert all(len(n.input) <= 16 for n in graph.node if n.op_type == "GroupQueryAttention")
+    assert manifest.gqa_query_seqlens is False and json.loads((tmp_path / "deploy" / "unskill.json").read_text())[
+        "edits"][-1]["tied_embedding"] is True
+    vocab = [t for t in graph.initializer if len(t.dims) == 2 and VOCAB in t.dims]
+    assert len(vocab) == 1, [(t.name, list(t.dims)) for t in vocab]
+    params = GenerationParams(max_new_tokens=8)
+    prompts = ["Hello there, how are you?", "One two three four five six seven"]
+    full = load(onnx_dir, device="cpu").generate(prompts, params)
+    deployed = load(tmp_path / "deploy", device="cpu").generate(prompts, params)
+    assert [r.token_ids for r in full] == [r.token_ids for r in deployed]
+
+
+def test_unknown_region_kind_is_one_clear_error(tiny_export, llama_stats):
+    import onnx
+
+    from unskill.exporter.guard_graph import add_guard
+    from unskill.runtime.errors import UnskillError
+    from unskill.runtime.manifest import load_manifest
+
+    _, onnx_dir = tiny_export("llama")
+    manifest = load_manifest(onnx_dir)
+    guard = KSDGuard([llama_stats[0]], manifest, rule="paper")
+    class Window:   # a region kind the graph pass does not know
+        skill, layer = "probe", 0
+
+    guard.detectors[0].regions.append(Window())
+    model = onnx.load(str(onnx_dir / manifest.model_file), load_external_data=False)
+    with pytest.raises(UnskillError, match="no graph form for the guard region kind Window"):
+        add_guard(model, guard, manifest)
+
+
+def test_cli_edit_guard_bad_input(tiny_export, llama_stats, tmp_path, capsys):
+    """`unskill edit guard`: a non-empty --out and a file that is not a stats file exit 2 with one line."""
+    from unskill.cli import main as unskill
+
+    _, onnx_dir = tiny_export("llama")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    for stats, out, needle in ((llama_stats[1], tmp_path / "taken", "not empty"),
+                               (tmp_path / "bad.npz", tmp_path / "new", "bad.npz")):
+        assert unskill(["edit", "guard", "--model", str(onnx_dir), "--stats", str(stats), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
+
+def test_export_with_guard_and_its_conflicts(tiny_export, llama_stats, tmp_path, capsys):
+    """`unskill export --guard NPZ` (full target) puts the guard in the export; --guard with --no-guard, and a bad
+    stats file, fail in one line before any export work."""
+    from unskill.cli import main as unskill
+    from unskill.runtime import load
+
+    hf_dir, _ = tiny_export("llama")
+    stats = str(llama_stats[1])
+    assert unskill(["export", "--model", str(hf_dir), "--guard", stats, "--out", str(tmp_path / "g"),
+                    "--no-progress"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "g" / "unskill.json").read_text())
+    assert manifest["guard"]["skills"][0]["rule"] == "paper" and manifest["target"] == "full"
+    assert isinstance(load(tmp_path / "g", device="cpu").guard, GraphGuard)
+    assert (tmp_path / "g" / "probe.onnx").is_file()
+    for method in ("na", "prune"):   # they change the keys the guard reads: the guard goes in last
+        assert unskill(["edit", method, "--model", str(tmp_path / "g"), "--stats", stats, "--out",
+                        str(tmp_path / method)]) == 2
+        assert "guard" in capsys.readouterr().err and not (tmp_path / method).exists()
+    for extra, needle in ((["--target", "deploy", "--no-guard"], "contradict"), ([], "bad.npz")):
+        if not extra:
+            (tmp_path / "bad.npz").write_bytes(b"not a zip")
+            stats = str(tmp_path / "bad.npz")
+        assert unskill(["export", "--model", str(hf_dir), "--guard", stats, "--out", str(tmp_path / "x"),
+                        *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "x").exists()
