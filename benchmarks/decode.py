@@ -58,9 +58,11 @@ def measure(generate, new_tokens: int, runs: int) -> dict:
 
 
 def engine_unskill(args, stats):
-    from unskill.runtime import load
+    from unskill.runtime import load, load_stats
 
-    generator = load(args.model_dir, stats=stats, device="cpu", threads=args.threads)
+    # each file's stored rule where all have one, else the paper's cube (plain `unskill stats` files)
+    rule = None if all(load_stats(path).guard for path in stats) else "paper"
+    generator = load(args.model_dir, stats=stats, device="cpu", threads=args.threads, rule=rule)
     prompt_ids = generator.tokenizer.encode_prompt(PROMPT)
 
     def generate(n):

@@ -10,12 +10,12 @@ from unskill.runtime.errors import UnskillError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import calibrate_na, export, report, serve, stats_eval
+    from . import calibrate_na, export, guard, report, serve, stats_eval
 
     parser = argparse.ArgumentParser(prog="unskill", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add_parser in (export.add_parser, export.add_edit_parser, stats_eval.add_parser, stats_eval.add_data_parser,
-                       stats_eval.add_eval_parser, stats_eval.add_calibrate_parser, calibrate_na.add_parser,
+                       stats_eval.add_eval_parser, stats_eval.add_calibrate_parser, guard.add_parser, calibrate_na.add_parser,
                        report.add_parser, serve.add_parser):
         add_parser(subparsers)
     return parser

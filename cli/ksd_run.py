@@ -20,7 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, help="DIR/model.onnx written by `unskill export` (or DIR)")
     p.add_argument("--stats", action="append", default=[], help="stats .npz, one hypercube set per file (repeatable)")
     p.add_argument("--alpha", type=float, help="cube half-width: multiple of the fitted k or of sigma (default: each stats "
-                   "file's calibrated rule where `unskill calibrate` stored one, else 1.0 at the last layer)")
+                   "file's calibrated rule, stored by `unskill guard`; a file without one is refused)")
+    p.add_argument("--rule", choices=("stored", "paper"), default=None,
+                   help="stored: each stats file's calibrated rule (the default); paper: the paper's cube at "
+                        "--alpha (default 1.0 x k) on --layers (default the last), for stats without a rule")
     p.add_argument("--alpha-mode", choices=ALPHA_MODES, default="k", help="k: alpha*k*sigma (fitted k, default); sigma: alpha*sigma")
     p.add_argument("--layers", help="comma-separated FFL layers to check, or 'all' (default: the stored rule's, else -1)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from unskill.runtime.manifest import load_manifest
     layers = parse_layers(args.layers, load_manifest(model_dir).num_layers) if args.layers is not None else None
     generator = load(model_dir, args.stats, args.alpha, args.alpha_mode, layers, args.device, args.threads,
-                     args.abstain_message)
+                     args.abstain_message, rule=args.rule)
     if generator.guard and not args.quiet:
         print("\n".join(f"guard: {line}" for line in generator.guard.describe()), file=sys.stderr)
     params = GenerationParams(args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),

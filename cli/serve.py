@@ -15,7 +15,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with the KSD guard and batching")
     p.add_argument("--model", required=True, help="directory written by `unskill export`")
     p.add_argument("--stats", action="append", default=[], help="stats .npz of a skill to refuse (repeatable)")
-    p.add_argument("--alpha", type=float, help="cube half-width (default: each stats file's stored rule, else 1.0)")
+    p.add_argument("--alpha", type=float, help="cube half-width (default: each stats file's stored rule; a file "
+                   "without one is refused: make it with `unskill guard`)")
+    p.add_argument("--rule", choices=("stored", "paper"), default=None,
+                   help="paper: the paper's cube at --alpha (default 1.0 x k), for stats without a stored rule")
     p.add_argument("--alpha-mode", choices=ALPHA_MODES, default="k")
     p.add_argument("--layers", help="FFL layers to check: comma-separated, or 'all' (default: the stored rule's, else -1)")
     p.add_argument("--host", default="127.0.0.1")
@@ -98,7 +101,7 @@ def build_server(args: argparse.Namespace, device: str | None = None, threads: i
     # As in ksd-run: without --alpha and --layers each stats file's calibrated rule guards (`unskill calibrate`).
     layers = parse_layers(args.layers, load_manifest(args.model).num_layers) if args.layers is not None else None
     generator = load(args.model, args.stats, args.alpha, args.alpha_mode, layers, device or args.device,
-                     threads or args.threads, args.abstain_message or ABSTAIN_MESSAGE)
+                     threads or args.threads, args.abstain_message or ABSTAIN_MESSAGE, rule=args.rule)
     engine = BatchEngine(generator, args.max_batch, args.max_queue)
     limits = ServeLimits(args.max_body_bytes, args.max_tokens, args.default_max_tokens, args.context, args.hold_tokens)
     name = args.model_name or Path(args.model).resolve().name

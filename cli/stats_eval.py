@@ -128,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     stats.save(Path(args.out))
     groups = ", ".join(f"{g} ({int(m.count[0])} rows/layer)" for g, m in stats.groups.items())
     print(f"wrote {args.out}: {groups}")
+    print(f"  not a guard yet (no calibrated rule): `unskill calibrate --model {args.model} --stats {args.out} ...` "
+          f"stores one, or make the guard in one run with `unskill guard --model {args.model} --forget {args.forget}`")
     return 0
 
 
@@ -403,6 +405,7 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
     result = calibrate_rule(model, tokenizer, stats, retain_sets, forget, args.target, not args.no_chat, kind,
                             progress=not args.no_progress, rules=tuple(args.rules),
                             decode_prompts=args.decode_prompts, decode_tokens=args.decode_check,
+                            formats=stats.meta.get("prompt_template", {}).get("formats"),   # as probed
                             reader=reader)
     setting, paper = result.setting, result.paper
     print(f"{stats.skill}: the paper's rule (layer {paper.layer}, one cube): alpha {paper.alpha:.4g} x k refuses "
@@ -417,10 +420,8 @@ def _calibrate_rule(args, model, tokenizer, stats, stats_path, retain, forget) -
         print(f"  decoded: {cal['decode_refused']:.1%} of {cal['decode_prompts']} retain prompts refused at one of "
               f"{cal['decode_tokens']} decoded tokens")
     if not args.no_store:
-        stats.guard = setting
-        stats.groups.pop("ksd_retain", None)   # a ratio rule's retain side; any older one belongs to an older rule
-        if setting.rule == "ratio":
-            stats.groups["ksd_retain"] = result.retain_moments
+        from unskill.stats.guard import store_rule
+        store_rule(stats, result)
         stats.save(stats_path)
         print(f"  stored in {stats_path}: `ksd-run --stats {stats_path}` uses it (give --alpha/--layers to override)")
     if args.out:

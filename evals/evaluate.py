@@ -23,6 +23,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.generator import GenerationParams, Generator
 from unskill.runtime.keys import (MIN_SHARED_PREFIX, KeyEntry, KeyReader, require_key_last, resolve_layers,
                                   shared_prefix_length)
+from unskill.runtime.ksd import vote
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
@@ -458,7 +459,7 @@ def ksd_view(task: dict, stats_name: str, alpha: float) -> dict:
     entries = task.get("entry", {}).get(stats_name)
     if entries is None:
         raise UnskillError(f"{task['dataset']}: no KSD entries recorded for {stats_name!r} (run eval with its --stats)")
-    abstained = np.asarray(entries) <= alpha
+    abstained = vote(np.asarray(entries, dtype=np.float64)[:, None], [alpha], 1)   # the guard's decision
     per_item = task["per_item"]
     if task["kind"] == "tokens":
         hits, tokens = np.asarray(per_item["hits"]), np.asarray(per_item["tokens"])

@@ -199,7 +199,8 @@ def guarded_model(model: onnx.ModelProto, manifest: Manifest, stats_paths: list)
 
     if not stats_paths:
         raise UnskillError("the guard needs at least one stats file (--stats / --guard NPZ)")
-    guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest)
+    # plain `unskill stats` files: the paper's cube, asked for explicitly (KSDGuard refuses them otherwise)
+    guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest, rule="fallback")
     return add_guard(model, guard, manifest), guard_record(guard, stats_paths,
                                                             [stats_sha256(p) for p in stats_paths])
 

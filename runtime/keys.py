@@ -78,14 +78,17 @@ def prefill_rows(model: OnnxLM, suffixes: list[list[int]], shared: int, cache: d
 
 
 def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[str], batch_size: int,
-                       progress: bool = False, desc: str = "keys", share_prefix: bool = True):
+                       progress: bool = False, desc: str = "keys", share_prefix: bool = True, bar=None):
     """Yield (sequence indices, {output: value at each sequence's last token}) batch by batch. The common
     prefix of all sequences runs once; its KV cache is repeated for every batch, so a prompt pass costs
     the tokens after it only. Rows are [prefix | left padding | suffix]; positions come from the mask."""
     shared, batches = plan_batches(sequences, batch_size, share_prefix)
     cache = prefix_cache(model, sequences[0][:shared]) if shared else {}
-    for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        yield rows, prefill_rows(model, [sequences[i][shared:] for i in rows], shared, cache, outputs)
+    for rows in (batches if bar is not None else tqdm(batches, desc=desc, unit="batch", disable=not progress)):
+        values = prefill_rows(model, [sequences[i][shared:] for i in rows], shared, cache, outputs)
+        if bar is not None:
+            bar.update(len(rows))
+        yield rows, values
 
 
 class KeyReader:
@@ -95,19 +98,57 @@ class KeyReader:
         self.names = require_key_last(model.manifest, model.directory)
         self.model, self.batch_size, self.progress = model, batch_size, progress
 
-    def last_keys(self, sequences: list[list[int]], layers=None, desc: str = "keys") -> np.ndarray:
+    def last_keys(self, sequences: list[list[int]], layers=None, desc: str = "keys", bar=None) -> np.ndarray:
+        """bar: a tqdm (counting prompts) to advance instead of one of its own."""
         layers = resolve_layers(range(len(self.names)) if layers is None else layers, len(self.names))
         outputs = [self.names[i] for i in layers]
         keys = np.empty((len(sequences), len(layers), self.model.manifest.key_width), dtype=np.float32)
-        for rows, values in last_position_keys(self.model.key_only(), sequences, outputs, self.batch_size,
-                                               self.progress, desc):
-            keys[rows] = np.stack([values[name] for name in outputs], axis=1)
+        own = bar is None
+        bar = tqdm(total=len(sequences), desc=desc, unit="prompt", disable=not self.progress) if own else bar
+        try:
+            for rows, values in last_position_keys(self.model.key_only(), sequences, outputs, self.batch_size, bar=bar):
+                keys[rows] = np.stack([values[name] for name in outputs], axis=1)
+        finally:
+            if own:
+                bar.close()
         return keys
 
     def last_keys_each(self, groups: list[list[list[int]]], layers=None, desc: str = "keys") -> list[np.ndarray]:
         """last_keys of several groups of sequences, each planned on its own (its own shared prefix); a
         distributed reader (cluster/jobs.py) runs them in one job."""
         return [self.last_keys(sequences, layers, desc) for sequences in groups]
+
+
+def grouped_last_keys(reader, sequences: list[list[int]], layers=None, desc: str = "keys", bar=None) -> np.ndarray:
+    """reader.last_keys with the sequences split by prefix_groups, each group planned on its own (its own shared
+    prefix: prompts in several formats), through last_keys_each so a distributed reader plans them alike; bar
+    (a local KeyReader only): one progress bar over all groups."""
+    groups = prefix_groups(sequences, reader.batch_size)
+    if len(groups) == 1:
+        return reader.last_keys(sequences, layers, desc, bar=bar) if bar is not None else \
+            reader.last_keys(sequences, layers, desc)
+    members = [[sequences[i] for i in group] for group in groups]
+    parts = ([reader.last_keys(part, layers, desc, bar=bar) for part in members] if bar is not None
+             else reader.last_keys_each(members, layers, desc))
+    keys = np.empty((len(sequences),) + parts[0].shape[1:], dtype=np.float32)
+    for group, part in zip(groups, parts):
+        keys[group] = part
+    return keys
+
+
+def prefix_groups(sequences: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Sequence indices grouped by their first MIN_SHARED_PREFIX tokens, so prompts of several formats (chat
+    template with its system turn, raw text) each share their own prefix prefill; starts seen fewer than
+    batch_size times go together in one last group. Sequences that all share a prefix stay one group."""
+    if not sequences or shared_prefix_length(sequences) >= MIN_SHARED_PREFIX:
+        return [list(range(len(sequences)))]
+    by_start: dict[tuple, list[int]] = {}
+    for index, seq in enumerate(sequences):
+        by_start.setdefault(tuple(seq[:MIN_SHARED_PREFIX]), []).append(index)
+    groups = [members for members in by_start.values() if len(members) >= max(batch_size, 2)]
+    rest = sorted(i for members in by_start.values() if len(members) < max(batch_size, 2) for i in members)
+    return groups + ([rest] if rest else [])
+
 
 class KeyEntry:
     """Entry alphas of key vectors for several stats files at one layer."""
@@ -121,7 +162,7 @@ class KeyEntry:
 
     def __call__(self, keys: np.ndarray) -> list[dict[str, float]]:
         """keys (B, F) -> per row {stats name: entry alpha}."""
-        per_name = {name: np.max(np.abs(keys - c.center) / c.halfwidth, axis=-1) for name, c in self.cubes.items()}
+        per_name = {name: cube.score(keys) for name, cube in self.cubes.items()}   # the guard's own cube score
         return [{name: float(values[row]) for name, values in per_name.items()} for row in range(keys.shape[0])]
 
     def digest(self) -> dict[str, str]:

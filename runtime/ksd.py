@@ -1,4 +1,12 @@
-"""Key Space Detection: abstain when the key vector falls inside a skill's hypercube.
+"""Key Space Detection: abstain when the key vector falls inside a skill's region. This module owns the rule.
+
+Every region kind scores a key, then fires: `score(keys (..., F)) -> (...,)` and inside when score <= threshold.
+    Hypercube     max_d |v - center| / halfwidth          (threshold 1.0: the paper's cube, alpha in halfwidth)
+    Ellipsoid     mean_d ((v - center) * inverse_sigma)^2  (diagonal Gaussian)
+    RatioRegion   Ellipsoid's score over the same under the retain prompts' Gaussian, +inf beyond `bound`
+A Detector (one skill) fires on a row when at least `votes` of its regions (one per layer) hold that row's key
+of their layer (`vote`). Calibration (stats/calibrate.py) and evaluation (evals/, runtime/keys.py KeyEntry) score
+keys with these regions and decide with `vote`; they never re-derive a score or a threshold.
 
 A stats file's `ksd` group gives, per layer, the mean mu and sample std sigma (ddof=1) of the key vector
 at the last prompt token over the forget probes. The cube is |v - mu| <= r * sigma in every dimension:
@@ -27,15 +35,24 @@ RULES = ("box", "gauss", "ratio")
 
 @dataclass
 class Hypercube:
+    """The box region: the key is inside when |v - center| <= halfwidth in every dimension.
+    score(keys) = max_d |v_d - center_d| / halfwidth_d; inside when score <= threshold (1.0 for every cube the
+    guard builds: the stored alpha is folded into halfwidth = alpha * k * sigma). With alpha 1 the score is the
+    key's *entry alpha*, the smallest alpha (x k) whose cube holds it: what calibration and evals rank."""
     skill: str
     layer: int
     center: np.ndarray      # (F,) float32
     halfwidth: np.ndarray   # (F,) float32
     k: float                # fitted factor, reported for context
+    threshold: float = 1.0
+
+    def score(self, keys: np.ndarray) -> np.ndarray:
+        """keys (..., F) -> (...,) the largest |v - center| / halfwidth over dimensions."""
+        return np.max(np.abs(keys - self.center) / self.halfwidth, axis=-1)
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """keys (B, F) -> (B,) bool: inside in every dimension."""
-        return (np.abs(keys - self.center) <= self.halfwidth).all(axis=-1)
+        return self.score(keys) <= self.threshold
 
 
 def gauss_score(keys: np.ndarray, center: np.ndarray, inverse_sigma: np.ndarray) -> np.ndarray:
@@ -53,7 +70,8 @@ def gaussian(moments) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class Ellipsoid:
-    """The diagonal-Gaussian region: mean over dimensions of ((v - mu) / sigma)^2 <= threshold."""
+    """The diagonal-Gaussian region. score(keys) = mean over dimensions of ((v - center) * inverse_sigma)^2
+    (gauss_score); inside when score <= threshold."""
     skill: str
     layer: int
     center: np.ndarray      # (F,) float32
@@ -72,7 +90,10 @@ class RatioRegion:
     """Forget against retain: the key's mean squared z-score under the forget probes' Gaussian divided by the
     same under the retain prompts' Gaussian (both diagonal, from key statistics only) <= threshold. A prompt
     far from the forget probes but farther still from everything the model must keep answering (a coding
-    request told as a story) falls inside; one near both (chat with numbers) does not."""
+    request told as a story) falls inside; one near both (chat with numbers) does not.
+    score(keys) = f / max(r, tiny) where f = gauss_score under (center, inverse_sigma) and r = gauss_score under
+    (retain_center, retain_inverse_sigma), tiny = float32's smallest normal; +inf where f > bound (the cap);
+    inside when score <= threshold."""
     skill: str
     layer: int
     center: np.ndarray             # (F,) forget mean
@@ -83,19 +104,23 @@ class RatioRegion:
     bound: float = math.inf        # forget-side score cap: a key far from BOTH Gaussians is no forget request
 
     def score(self, keys: np.ndarray) -> np.ndarray:
-        return ratio_score(keys, self.center, self.inverse_sigma, self.retain_center, self.retain_inverse_sigma)
-
-    def contains(self, keys: np.ndarray) -> np.ndarray:
         # Keys at decoded tokens lie far from both prompt-token Gaussians; their quotient says nothing, and
         # without the cap it fires on every answer (measured: docs/robustness.md).
         forget = gauss_score(keys, self.center, self.inverse_sigma)
-        retain = gauss_score(keys, self.retain_center, self.retain_inverse_sigma)
-        return (forget <= self.bound) & (forget <= self.threshold * np.maximum(retain, np.finfo(np.float32).tiny))
+        ratio = forget / np.maximum(gauss_score(keys, self.retain_center, self.retain_inverse_sigma), TINY)
+        return np.where(forget <= self.bound, ratio, np.inf)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        return self.score(keys) <= self.threshold
+
+
+TINY = np.finfo(np.float32).tiny
 
 
 def ratio_score(keys, center, inverse_sigma, retain_center, retain_inverse_sigma) -> np.ndarray:
+    """The uncapped ratio score (RatioRegion.score with bound inf)."""
     forget = gauss_score(keys, center, inverse_sigma)
-    return forget / np.maximum(gauss_score(keys, retain_center, retain_inverse_sigma), np.finfo(np.float32).tiny)
+    return forget / np.maximum(gauss_score(keys, retain_center, retain_inverse_sigma), TINY)
 
 
 @dataclass
@@ -144,47 +169,119 @@ class Guard(Protocol):
     def check(self, last_keys: dict[str, np.ndarray]) -> list["Hit | None"]: ...
 
 
+# ------------------------------------------------------------------------------------------------ the rule
+# Every region kind scores a key (lower = deeper inside) and holds it when score <= its threshold; a Detector
+# fires on a row when at least `votes` of its regions hold that row's key of their layer. Calibration
+# (stats/calibrate.py) scores keys with these same regions and decides with `vote`, so the thresholds it picks
+# mean the same thing here, bit for bit (tests/test_rule.py).
+
+def vote(scores: np.ndarray, thresholds, votes: int) -> np.ndarray:
+    """scores (B, R) of R regions, thresholds (R,) -> (B,) bool: at least `votes` regions hold the row."""
+    return (scores <= np.asarray(thresholds, dtype=np.float64)).sum(axis=-1) >= votes
+
+
+def rule_regions(stats: StatsFile, rule: str, layers, thresholds=None, retain=None, bounds=None) -> list:
+    """One region of kind `rule` per layer of `stats`: box (a Hypercube at alpha = threshold x k), gauss
+    (Ellipsoid) or ratio (RatioRegion against `retain`, the retain prompts' key Moments; default the stats
+    file's `ksd_retain`). thresholds None: 1.0 for box (score = entry alpha) and inf otherwise, i.e. regions
+    to score keys with. bounds: the ratio rule's per-layer forget-side caps (None: no cap)."""
+    if rule not in RULES:
+        raise UnskillError(f"rule {rule!r}: use one of {RULES}")
+    layers = list(layers)
+    if thresholds is None:
+        thresholds = [1.0 if rule == "box" else math.inf] * len(layers)
+    if rule == "box":
+        return [build_cubes(stats, [layer], float(threshold), "k")[0] for layer, threshold in zip(layers, thresholds)]
+    if "ksd" not in stats.groups:
+        raise UnskillError(f"stats for {stats.skill!r} have no KSD group; rebuild them with `unskill stats`")
+    mean, inverse_sigma = gaussian(stats.groups["ksd"])
+    if rule == "gauss":
+        return [Ellipsoid(stats.skill, layer, mean[layer], inverse_sigma[layer], float(threshold))
+                for layer, threshold in zip(layers, thresholds)]
+    retain = stats.groups.get("ksd_retain") if retain is None else retain
+    if retain is None:
+        raise UnskillError(f"stats for {stats.skill!r}: a ratio rule needs the retain prompts' key moments "
+                           f"(ksd_retain); make the guard again with `unskill guard`")
+    retain_mean, retain_inverse_sigma = gaussian(retain)
+    bounds = [math.inf] * len(layers) if bounds is None else bounds
+    return [RatioRegion(stats.skill, layer, mean[layer], inverse_sigma[layer], retain_mean[layer],
+                        retain_inverse_sigma[layer], float(threshold), float(bound))
+            for layer, threshold, bound in zip(layers, thresholds, bounds)]
+
+
+def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str, retain=None, bounds=None) -> np.ndarray:
+    """keys (n, L, F) at every layer -> (n, L): each layer's region score (rule_regions with no thresholds).
+    box: the entry alpha max_d |v - mu| / (k sigma); gauss: mean_d ((v - mu) / sigma)^2; ratio: gauss under
+    the forget probes over gauss under `retain`, +inf beyond `bounds` (per layer, when given)."""
+    regions = rule_regions(stats, rule, range(keys.shape[1]), retain=retain, bounds=bounds)
+    return np.stack([region.score(keys[:, region.layer]) for region in regions], axis=1)
+
+
 def build_regions(stats: StatsFile, setting: GuardSetting) -> list:
     """A stored rule's regions, one per layer: cubes (thresholds in units of the fitted k), ellipsoids
     (thresholds on the mean squared z-score) or forget/retain ratios (thresholds on the quotient)."""
-    if setting.rule == "box":
-        return [build_cubes(stats, [layer], alpha, "k")[0] for layer, alpha in zip(setting.layers, setting.thresholds)]
-    mean, inverse_sigma = gaussian(stats.groups["ksd"])
-    if setting.rule == "gauss":
-        return [Ellipsoid(stats.skill, layer, mean[layer], inverse_sigma[layer], float(threshold))
-                for layer, threshold in zip(setting.layers, setting.thresholds)]
-    retain_mean, retain_inverse_sigma = gaussian(stats.groups["ksd_retain"])   # load_stats checked it is there
-    bounds = setting.bounds or [math.inf] * len(setting.layers)
-    return [RatioRegion(stats.skill, layer, mean[layer], inverse_sigma[layer], retain_mean[layer],
-                        retain_inverse_sigma[layer], float(threshold), float(bound))
-            for layer, threshold, bound in zip(setting.layers, setting.thresholds, bounds)]
+    return rule_regions(stats, setting.rule, setting.layers, setting.thresholds, bounds=setting.bounds)
 
 
 @dataclass
 class Detector:
-    """One skill's rule: a row is refused when at least `votes` of its regions hold the key of their layer."""
+    """One skill's rule: a row is refused when at least `votes` of its regions hold the key of their layer
+    (region.score(key) <= region.threshold)."""
     skill: str
     rule: str
     regions: list
     votes: int = 1
 
+    @property
+    def thresholds(self) -> np.ndarray:
+        return np.array([region.threshold for region in self.regions], dtype=np.float64)
+
+    def scores(self, keys_of_layer) -> np.ndarray:
+        """keys_of_layer: layer -> (B, F) keys (a dict, or a callable) -> (B, R) region scores."""
+        get = keys_of_layer if callable(keys_of_layer) else keys_of_layer.__getitem__
+        return np.stack([region.score(get(region.layer)) for region in self.regions], axis=-1)
+
+    def fires(self, keys_of_layer) -> np.ndarray:
+        """(B,) bool: the rule refuses the row."""
+        return vote(self.scores(keys_of_layer), self.thresholds, self.votes)
+
+
+def detector(stats: StatsFile, setting: GuardSetting) -> Detector:
+    """The stored rule of a stats file as a Detector."""
+    return Detector(stats.skill, setting.name, build_regions(stats, setting), setting.votes)
+
+
+NO_RULE_HINT = ("has no calibrated rule: make the guard with `unskill guard --model DIR --forget SPEC --out "
+                "FILE.npz`, or pass --alpha/--rule paper to use the paper's cube")
+
 
 class KSDGuard:
-    """Several skills, several layers. Per stats file either the rule stored by `unskill calibrate` (when no
-    alpha and no layers are given) or the paper's: one cube per checked layer, any cube refuses."""
+    """Several skills, several layers. Per stats file either the rule stored by `unskill guard` / `unskill
+    calibrate` (when no alpha, no layers and no rule are given) or the paper's (rule="paper", or an explicit
+    alpha or layers): one cube per checked layer, any cube refuses. A stats file with no stored rule is an error
+    unless the paper's rule is asked for: its cube at alpha 1 refuses much of what the model must keep
+    (100 % of MBPP for an augmented GSM8K probe set on SmolLM2), so it is never a silent default.
+    rule="fallback": each file's stored rule, the paper's cube for a file without one (the in-graph guard's
+    documented choice, `unskill edit guard`)."""
 
     def __init__(self, stats_files: list[StatsFile], manifest: Manifest, alpha: float | None = None,
-                 alpha_mode: str = "k", layers: list[int] | None = None, use_stored: bool = True):
+                 alpha_mode: str = "k", layers: list[int] | None = None, use_stored: bool = True,
+                 rule: str | None = None, where: list[str] | None = None):
         if not stats_files:
             raise UnskillError("KSD guard needs at least one stats file")
-        explicit = alpha is not None or layers is not None or alpha_mode != "k"
+        if rule not in (None, "stored", "paper", "fallback"):
+            raise UnskillError(f"rule {rule!r}: use 'stored', 'paper' or 'fallback'")
+        paper = rule == "paper" or not use_stored or alpha is not None or layers is not None or alpha_mode != "k"
         layers = [manifest.num_layers - 1] if layers is None else resolve_layers(layers, manifest.num_layers)
         self.detectors = []
-        for stats in stats_files:
-            setting = stats.guard if use_stored and not explicit else None
+        for index, stats in enumerate(stats_files):
+            setting = None if paper else stats.guard
             if setting is not None:
                 resolve_layers(setting.layers, manifest.num_layers)   # a stored rule of another model: one clear error
-                self.detectors.append(Detector(stats.skill, setting.name, build_regions(stats, setting), setting.votes))
+                self.detectors.append(detector(stats, setting))
+            elif not paper and rule != "fallback":   # fallback: the paper's cube for a file without a rule
+                name = where[index] if where else f"stats for {stats.skill!r}"
+                raise UnskillError(f"{name} {NO_RULE_HINT}")
             else:
                 cubes = build_cubes(stats, layers, 1.0 if alpha is None else alpha, alpha_mode)
                 self.detectors.append(Detector(stats.skill, "paper", cubes, 1))
@@ -205,10 +302,9 @@ class KSDGuard:
         batch = next(iter(last_keys.values())).shape[0]
         hits: list[Hit | None] = [None] * batch
         for detector in self.detectors:
-            inside = np.stack([region.contains(last_keys[self._output_of_layer[region.layer]])
-                               for region in detector.regions])          # (regions, B)
-            fired = inside.sum(axis=0) >= detector.votes
+            inside = detector.scores(lambda layer: last_keys[self._output_of_layer[layer]]) <= detector.thresholds
+            fired = inside.sum(axis=-1) >= detector.votes      # = vote(scores, thresholds, votes)
             for row in np.flatnonzero(fired):
-                layer = detector.regions[int(np.argmax(inside[:, row]))].layer
+                layer = detector.regions[int(np.argmax(inside[row]))].layer
                 hits[row] = hits[row] or Hit(detector.skill, layer, detector.rule)
         return hits

@@ -201,7 +201,40 @@ def without_skill_subjects(dataset: Dataset, kind: str | None) -> Dataset:
                    [item for item in dataset.items if item.group not in skip], dataset.grouped)
 
 
-FAMILIES = ("wrapper", "persona", "code", "instruction", "noise", "language")
+FAMILIES = ("wrapper", "persona", "code", "instruction", "noise", "language", "bon")
+FRAMED = "augment"   # the group of framed variants: a prompt pass reads them in one format each
+
+
+def best_of_n_noise(text: str, rng: random.Random, scramble: float = 0.6, capitalize: float = 0.6,
+                    ascii_noise: float = 0.06) -> str:
+    """One Best-of-N augmentation of a request (Hughes et al., 2024, "Best-of-N Jailbreaking"): the middle
+    letters of words longer than three characters shuffled (probability `scramble` per word), letters upper- or
+    lower-cased at random (`capitalize` per letter) and printable ASCII characters shifted by one code point
+    (`ascii_noise` per character). An attacker resamples these until a request passes; fitting and calibrating
+    on them (forget side, and retain side so noisy benign text stays answered) is the defence. Seeds here are
+    the augmentation's own ("augment:..." / "bon-retain:..."), never the benchmark's."""
+    words = []
+    for word in text.split(" "):
+        if len(word) > 3 and rng.random() < scramble:
+            middle = list(word[1:-1])
+            rng.shuffle(middle)
+            word = word[0] + "".join(middle) + word[-1]
+        words.append(word)
+    chars = []
+    for char in " ".join(words):
+        if char.isalpha() and rng.random() < capitalize:
+            char = char.upper() if rng.random() < 0.5 else char.lower()
+        if 32 <= ord(char) <= 126 and char != "\n" and rng.random() < ascii_noise:
+            char = chr(min(126, max(32, ord(char) + rng.choice((-1, 1)))))
+        chars.append(char)
+    return "".join(chars)
+
+
+def noisy_copies(dataset: Dataset, every: int = 3, seed: int = 0) -> Dataset:
+    """A Best-of-N-noised copy of every `every`-th prompt (calibration's retain side: benign requests garbled
+    the same way must stay answered)."""
+    rng = random.Random(f"bon-retain:{seed}:{dataset.name}")
+    return Dataset(f"{dataset.name}+bon", [Item(best_of_n_noise(item.prompt, rng)) for item in dataset.items[::every]])
 
 
 def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
@@ -216,6 +249,8 @@ def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
         return rng.choice(INSTRUCTIONS).format(q=q)
     if family == "noise":
         return re.sub(r"[^\w\s]", "", q.upper() if rng.random() < 0.3 else q.lower())
+    if family == "bon":
+        return best_of_n_noise(q, rng)
     if kind == "math":
         text = rng.choice(sorted(MATH_LANGUAGES.values()))
     else:
@@ -240,7 +275,7 @@ def chosen_kind(option: str, forget_spec: str | None) -> str | None:
 def augment(dataset: Dataset, kind: str, seed: int = 0, families=FAMILIES) -> Dataset:
     """One framed variant of every item per family (kind: math | code), in a fixed seeded order."""
     rng = random.Random(f"augment:{seed}:{kind}")
-    items = [Item(_frame(family, item, kind, rng)) for family in families for item in dataset.items]
+    items = [Item(_frame(family, item, kind, rng), group=FRAMED) for family in families for item in dataset.items]
     return Dataset(f"{dataset.name}+augment", items)
 
 
@@ -253,7 +288,71 @@ def chat_dataset() -> Dataset:
     return Dataset("builtin:chat", [Item(text) for text in plain + framed])
 
 
+# ------------------------------------------------------------------------------------------ prompt formats
+# What users send besides one chat-templated turn: raw text (`ksd-run --no-chat`, /v1/completions, base models),
+# completion frames, a system prompt, a conversation. The key at the last prompt token moves with the format
+# (on SmolLM2 a raw "Question: ...\nAnswer:" walked past a chat-fitted guard), so `unskill guard` fits and
+# calibrates on every prompt in several formats, forget and retain side alike.
+COMPLETION_FRAMES = ["Question: {q}\nAnswer:", "Q: {q}\nA:", "{q}\n\nAnswer:", "Task: {q}\nResponse:",
+                     "Input: {q}\nOutput:"]
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a friendly AI that answers briefly and clearly.",
+                  "You are an expert assistant. Think carefully before you reply."]
+PRIOR_TURNS = [("Hi there!", "Hi! What would you like to talk about?"),
+               ("Can I ask you something?", "Of course, go ahead."),
+               ("Thanks for your help earlier.", "You're welcome! What else can I do for you?")]
+# Every prompt is read in each BASE format and in one ROTATED one (by its index), so formats cost 3x, not 6x.
+BASE_FORMATS = ("chat", "raw")
+ROTATED_FORMATS = ("frame-raw", "frame-chat", "system", "turns")
+FORMAT_SETS = {"chat": ("chat",), "raw": ("raw",), "all": BASE_FORMATS + ROTATED_FORMATS}
+
+
+def in_format(prompt: str, fmt: str, index: int):
+    """(prompt as the tokenizer takes it: text or chat messages, chat template on/off) of one format."""
+    if fmt in ("chat", "raw"):
+        return prompt, fmt == "chat"
+    if fmt.startswith("frame"):
+        return COMPLETION_FRAMES[index % len(COMPLETION_FRAMES)].format(q=prompt), fmt == "frame-chat"
+    if fmt == "system":
+        return [{"role": "system", "content": SYSTEM_PROMPTS[index % len(SYSTEM_PROMPTS)]},
+                {"role": "user", "content": prompt}], True
+    if fmt == "turns":
+        asked, answered = PRIOR_TURNS[index % len(PRIOR_TURNS)]
+        return [{"role": "user", "content": asked}, {"role": "assistant", "content": answered},
+                {"role": "user", "content": prompt}], True
+    raise ValueError(f"unknown prompt format {fmt!r}")
+
+
+def formats_of(prompt: str, index: int, formats, one: bool = False) -> list:
+    """The renderings of one prompt: every base format asked for, and one rotated format when any is asked
+    (one: a single format, rotating over all of them by index)."""
+    if one:   # a third each in the base formats (chat, raw) where asked, the rest rotating over the others
+        base = [f for f in formats if f not in ROTATED_FORMATS]
+        rotated = [f for f in formats if f in ROTATED_FORMATS]
+        slots = base + ([None] if rotated else [])
+        slot = slots[index % len(slots)]
+        return [in_format(prompt, slot or rotated[(index // len(slots)) % len(rotated)], index)]
+    base = [f for f in formats if f not in ROTATED_FORMATS]
+    rotated = [f for f in formats if f in ROTATED_FORMATS]
+    chosen = base + ([rotated[index % len(rotated)]] if rotated else [])
+    return [in_format(prompt, fmt, index) for fmt in chosen]
+
+
+def encode_formats(tokenizer, prompts: list[str], formats=("chat",), one: bool = False) -> list[list[int]]:
+    """Token ids of every prompt in every format (formats_of), distinct per prompt: a model without a chat
+    template renders chat as raw, and the same ids twice would only double-count."""
+    sequences = []
+    for index, prompt in enumerate(prompts):
+        seen = set()
+        for text, chat in formats_of(prompt, index, formats, one):
+            ids = tokenizer.encode_prompt(text, chat)
+            if tuple(ids) not in seen:
+                seen.add(tuple(ids))
+                sequences.append(ids)
+    return sequences
+
+
 def all_frames() -> list[str]:
     frames = WRAPPERS + PERSONAS + INSTRUCTIONS + CHAT + CHAT_REQUESTS + list(MATH_LANGUAGES.values())
+    frames += COMPLETION_FRAMES + SYSTEM_PROMPTS + [text for turn in PRIOR_TURNS for text in turn]
     frames += [t for ts in CODE_LANGUAGES.values() for t in ts]
     return frames + [t for ts in CODE_REQUESTS.values() for t in ts]

@@ -16,8 +16,9 @@ from unskill.runtime.session import OnnxLM
 from unskill.runtime.statsfile import GROUP_FIELDS, Moments, StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
+from unskill.runtime.ksd import build_cubes, layer_scores, vote  # noqa: F401  (layer_scores: older imports)
+
 from .datasets import Dataset
-from unskill.runtime.keys import KeyEntry, prompt_keys
 
 
 @dataclass
@@ -36,10 +37,10 @@ class Calibration:
 def calibrate(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, retain: Dataset,
               forget: Dataset | None = None, target: float = 0.01, layer: int = -1, chat: bool = True) -> Calibration:
     _check_target(target)
-    entry = KeyEntry({"skill": stats}, model.manifest.num_layers, model.manifest.key_outputs, layer)
-    retain_alphas = _entry_alphas(model, tokenizer, entry, retain, chat)["skill"]
-    forget_alphas = _entry_alphas(model, tokenizer, entry, forget, chat)["skill"] if forget is not None else None
-    return _choose(retain_alphas, forget_alphas, target, entry.layer)
+    cubes = _unit_cubes({"skill": stats}, model.manifest.num_layers, layer)
+    retain_alphas = _entry_alphas(model, tokenizer, cubes, retain, chat)["skill"]
+    forget_alphas = _entry_alphas(model, tokenizer, cubes, forget, chat)["skill"] if forget is not None else None
+    return _choose(retain_alphas, forget_alphas, target, cubes["skill"].layer)
 
 
 def calibrate_skills(model: OnnxLM, tokenizer: TextTokenizer, stats: dict[str, StatsFile],
@@ -55,15 +56,15 @@ def calibrate_skills(model: OnnxLM, tokenizer: TextTokenizer, stats: dict[str, S
     if set(forget) != set(stats):
         raise UnskillError(f"calibrate: every --stats NAME needs a --forget NAME=SPEC and back "
                            f"(stats {sorted(stats)}, forget {sorted(forget)})")
-    entry = KeyEntry(stats, model.manifest.num_layers, model.manifest.key_outputs, layer)
-    per_forget = {name: _entry_alphas(model, tokenizer, entry, dataset, chat) for name, dataset in forget.items()}
-    shared = _entry_alphas(model, tokenizer, entry, retain, chat) if retain is not None else None
+    cubes = _unit_cubes(stats, model.manifest.num_layers, layer)
+    per_forget = {name: _entry_alphas(model, tokenizer, cubes, dataset, chat) for name, dataset in forget.items()}
+    shared = _entry_alphas(model, tokenizer, cubes, retain, chat) if retain is not None else None
     results = {}
     for name in stats:
         parts = [per_forget[other][name] for other in forget if other != name]
         if shared is not None:
             parts.append(shared[name])
-        results[name] = _choose(np.concatenate(parts), per_forget[name][name], target, entry.layer)
+        results[name] = _choose(np.concatenate(parts), per_forget[name][name], target, cubes[name].layer)
     return results
 
 
@@ -72,9 +73,23 @@ def _check_target(target: float) -> None:
         raise UnskillError(f"--target must be in [0, 1), got {target}")
 
 
-def _entry_alphas(model, tokenizer, entry: KeyEntry, dataset: Dataset, chat: bool) -> dict[str, np.ndarray]:
-    rows = entry(prompt_keys(model, tokenizer, dataset, entry.layer, chat))
-    return {name: np.array([row[name] for row in rows]) for name in entry.cubes}
+def _unit_cubes(stats: dict[str, StatsFile], num_layers: int, layer: int) -> dict:
+    """Per stats name the paper's cube at alpha 1 (x k) on `layer`: its score is a key's entry alpha."""
+    from unskill.runtime.keys import resolve_layers
+
+    layer = resolve_layers([layer], num_layers)[0]
+    return {name: build_cubes(s, [layer], 1.0, "k")[0] for name, s in stats.items()}
+
+
+def _entry_alphas(model, tokenizer, cubes: dict, dataset: Dataset, chat: bool,
+                  batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Per stats name the entry alpha of every prompt of `dataset` (one prefill each, the guard's key tap)."""
+    from unskill.runtime.keys import KeyReader
+
+    layer = next(iter(cubes.values())).layer
+    sequences = [tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items]
+    keys = KeyReader(model, batch_size).last_keys(sequences, [layer])[:, 0]
+    return {name: cube.score(keys).astype(np.float64) for name, cube in cubes.items()}
 
 
 def _choose(retain_alphas: np.ndarray, forget_alphas: np.ndarray | None, target: float, layer: int) -> Calibration:
@@ -111,26 +126,6 @@ DECODE_TOKENS = 16    # tokens each of them decodes; the guard checks the key at
 # when WIDEN x its thresholds would already refuse more decoded prompts than the target.
 
 
-def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str, retain: Moments | None = None) -> np.ndarray:
-    """keys (n, L, F) at every layer -> (n, L) scores; a prompt is inside a layer's region when its score is
-    <= the threshold. box: the entry alpha max_d |v - mu| / (k sigma); gauss: mean_d ((v - mu) / sigma)^2;
-    ratio: gauss under the forget probes over gauss under `retain` (the retain prompts' key moments). The
-    Gaussian scores are the guard's own functions (runtime/ksd.py), so calibration and the guard agree."""
-    from unskill.runtime.ksd import SIGMA_FLOOR, fitted_k, gauss_score, gaussian, ratio_score
-
-    moments = stats.groups["ksd"]
-    if rule in ("gauss", "ratio"):
-        center, inverse_sigma = gaussian(moments)
-        if rule == "gauss":
-            return gauss_score(keys, center, inverse_sigma)
-        return ratio_score(keys, center, inverse_sigma, *gaussian(retain))
-    mean, std = moments.mean(), np.maximum(moments.std(ddof=1), SIGMA_FLOOR)
-    z = np.abs(keys - mean[None].astype(np.float32)) / std[None].astype(np.float32)
-    k = np.array([fitted_k(mean[i], std[i], moments.values["min"][i], moments.values["max"][i])
-                  for i in range(keys.shape[1])])
-    return z.max(axis=2) / k[None]
-
-
 def ratio_bounds(forget_gauss: np.ndarray) -> np.ndarray:
     """Per layer, the ratio rule's cap on the forget-side score: WIDEN x the farthest forget validation prompt
     (plain and framed). A key beyond it is far from the forget probes whatever the quotient says; keys at
@@ -139,7 +134,8 @@ def ratio_bounds(forget_gauss: np.ndarray) -> np.ndarray:
 
 
 def capped(ratio: np.ndarray, forget_gauss: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """Ratio scores with the cap applied: inf (never inside) where the forget-side score exceeds the bound."""
+    """Ratio scores with the cap applied: inf (never inside) where the forget-side score exceeds the bound
+    (RatioRegion.score does the same; kept for scores computed without bounds)."""
     return np.where(forget_gauss <= bounds[None], ratio, np.inf)
 
 
@@ -151,7 +147,8 @@ def key_moments(keys: np.ndarray) -> Moments:
     return moments
 
 
-def retain_ratio_scores(retain_keys: np.ndarray, stats: StatsFile, folds: int = 2, seed: int = 0) -> np.ndarray:
+def retain_ratio_scores(retain_keys: np.ndarray, stats: StatsFile, folds: int = 2, seed: int = 0,
+                        bounds=None) -> np.ndarray:
     """Ratio scores of the retain prompts, each scored against retain moments fitted WITHOUT it (cross-fitting):
     in-sample a prompt pulls the retain Gaussian towards itself and its score would be optimistic, so the
     thresholds set on these scores would refuse more unseen retain prompts than the target."""
@@ -159,7 +156,7 @@ def retain_ratio_scores(retain_keys: np.ndarray, stats: StatsFile, folds: int = 
     scores = np.empty(retain_keys.shape[:2], np.float32)
     for part in range(folds):
         scores[fold == part] = layer_scores(retain_keys[fold == part], stats, "ratio",
-                                            key_moments(retain_keys[fold != part]))
+                                            key_moments(retain_keys[fold != part]), bounds)
     return scores
 
 
@@ -171,7 +168,8 @@ def retain_threshold(scores: np.ndarray, target: float) -> float:
 
 
 def fires(scores: np.ndarray, layers: list[int], thresholds: list[float], votes: int) -> np.ndarray:
-    return (scores[:, layers] <= np.asarray(thresholds)).sum(axis=1) >= votes
+    """(n, L) layer scores -> (n,) bool: the rule on `layers` refuses the row (the guard's own vote)."""
+    return vote(scores[:, layers], thresholds, votes)
 
 
 class _KeyRecorder:
@@ -206,6 +204,21 @@ def decoded_keys(model: OnnxLM, tokenizer: TextTokenizer, prompts: list, tokens:
             keys.append(steps[row, 1:result.forwards])
             owners.append(np.full(keys[-1].shape[0], start + row))
     return np.concatenate(keys), np.concatenate(owners)
+
+
+def _decoded_in_formats(model, tokenizer, prompts: list, tokens: int, formats, batch_size: int):
+    """decoded_keys with the prompts split over the chat and raw formats asked for (alternating), owners kept
+    as indices into `prompts`."""
+    modes = [fmt == "chat" for fmt in ("chat", "raw") if fmt in formats] or [True]
+    parts, owners = [], []
+    for offset, chat in enumerate(modes):
+        chosen = list(range(offset, len(prompts), len(modes)))
+        if not chosen:
+            continue
+        keys, owner = decoded_keys(model, tokenizer, [prompts[i] for i in chosen], tokens, chat, batch_size)
+        parts.append(keys)
+        owners.append(np.asarray(chosen)[owner])
+    return np.concatenate(parts), np.concatenate(owners)
 
 
 def per_prompt(scores: np.ndarray, owner: np.ndarray, prompts: int) -> np.ndarray:
@@ -278,59 +291,59 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
                    forget: Dataset, target: float = 0.01, chat: bool = True, kind: str | None = None,
                    batch_size: int = 8, progress: bool = False, rules=RULE_KINDS,
                    decode_prompts: int = DECODE_PROMPTS, decode_tokens: int = DECODE_TOKENS,
-                   reader=None) -> RuleCalibration:
+                   formats=None, reader=None) -> RuleCalibration:
     """One prefill per prompt reads every layer's key; rules and the paper's alpha are chosen from them.
     retain[0] is the user's --retain set (the paper's alpha is calibrated on it alone, as before); the
     others (built-in chat, general) join it for the stored rule. `kind` adds framed variants of the forget
     validation prompts (stats/augment.py, never the benchmark's frames). decode_prompts retain prompts (evenly
     spaced over all retain sets; 0: none) decode decode_tokens tokens greedily, and no stored rule may refuse
     more of them at a decoded token than the target (the runtime guard checks every decoded token's key).
+    formats: the prompt formats every prompt is read in (stats/augment.py FORMAT_SETS; None: chat or raw as
+    `chat` says), forget and retain side alike; the decode check alternates chat and raw where both are asked.
     `reader` reads the prompt keys elsewhere (KeyReader's interface; cluster/jobs.RayKeyReader for --ray)."""
-    from unskill.runtime.keys import KeyReader
+    from unskill.runtime.keys import KeyReader, grouped_last_keys
 
-    from .augment import augment
+    from .augment import augment, encode_formats
 
     _check_target(target)
+    formats = tuple(formats or (("chat",) if chat else ("raw",)))
     reader = reader or KeyReader(model, batch_size, progress)
 
-    def keys(dataset: Dataset) -> np.ndarray:
-        return reader.last_keys([tokenizer.encode_prompt(item.prompt, chat) for item in dataset.items],
-                                desc=f"calibrate {dataset.name}")
+    def keys(dataset: Dataset, one: bool = False) -> np.ndarray:
+        """every format (one: a single format per prompt, rotating: for framed variants)"""
+        return grouped_last_keys(reader, encode_formats(tokenizer, dataset.prompts, formats, one),
+                                 desc=f"calibrate {dataset.name}")
 
-    retain_keys = [keys(dataset) for dataset in retain]
+    # retain prompts in one format each (a third chat, a third raw, a third the others): they are the bulk of
+    # the prompts, and each format still gets hundreds of them
+    retain_keys = [keys(dataset, one=True) for dataset in retain]
     head = Dataset(forget.name, forget.items[:AUGMENT_ITEMS])
     forget_sets = [forget] + ([augment(head, kind, seed=1)] if kind else [])
-    forget_keys = np.concatenate([keys(dataset) for dataset in forget_sets])
+    forget_parts = [keys(dataset, one=index > 0) for index, dataset in enumerate(forget_sets)]
+    forget_keys = np.concatenate(forget_parts)
     last = model.manifest.num_layers - 1
-    plain = len(forget.items)
+    plain = forget_parts[0].shape[0]
     paper = _choose(layer_scores(retain_keys[0], stats, "box")[:, last],
                     layer_scores(forget_keys[:plain], stats, "box")[:, last], target, last)
     all_retain = np.concatenate(retain_keys)
     # scores of the searched region kinds only: the paper's box above needs its last layer alone
     retain_moments = key_moments(all_retain)
-    retain_scores = {rule: retain_ratio_scores(all_retain, stats) if rule == "ratio" else
-                     layer_scores(all_retain, stats, rule) for rule in rules}
-    forget_scores = {rule: layer_scores(forget_keys, stats, rule, retain_moments) for rule in rules}
+    retain_scores = {rule: layer_scores(all_retain, stats, rule) for rule in rules if rule != "ratio"}
+    forget_scores = {rule: layer_scores(forget_keys, stats, rule) for rule in rules if rule != "ratio"}
 
-    def gauss_of(scores: dict, keys: np.ndarray) -> np.ndarray:
-        """The gauss scores of these keys: the searched ones where gauss is searched too."""
-        return scores["gauss"] if "gauss" in scores else layer_scores(keys, stats, "gauss")
-
-    def with_cap(scores: dict, keys: np.ndarray) -> dict:
-        """The ratio rule's scores with its forget-side cap applied (retain, forget and decoded keys alike)."""
-        if "ratio" in scores:
-            scores["ratio"] = capped(scores["ratio"], gauss_of(scores, keys), bounds)
-        return scores
-
-    bounds = ratio_bounds(gauss_of(forget_scores, forget_keys)) if "ratio" in rules else None
-    with_cap(retain_scores, all_retain)
-    with_cap(forget_scores, forget_keys)
+    bounds = None
+    if "ratio" in rules:   # the ratio rule's cap: WIDEN x the farthest forget validation prompt, per layer
+        bounds = ratio_bounds(forget_scores["gauss"] if "gauss" in rules else layer_scores(forget_keys, stats, "gauss"))
+        retain_scores["ratio"] = retain_ratio_scores(all_retain, stats, bounds=bounds)
+        forget_scores["ratio"] = layer_scores(forget_keys, stats, "ratio", retain_moments, bounds)
     decoded, owner, picked = None, None, []
     if decode_prompts > 0 and decode_tokens > 0:
         items = [item.prompt for dataset in retain for item in dataset.items]
         picked = sorted({int(i) for i in np.linspace(0, len(items) - 1, min(decode_prompts, len(items)))})
-        decode_keys, owner = decoded_keys(model, tokenizer, [items[i] for i in picked], decode_tokens, chat, batch_size)
-        decoded = with_cap({rule: layer_scores(decode_keys, stats, rule, retain_moments) for rule in rules}, decode_keys)
+        decode_keys, owner = _decoded_in_formats(model, tokenizer, [items[i] for i in picked], decode_tokens,
+                                                 formats, batch_size)
+        decoded = {rule: layer_scores(decode_keys, stats, rule, retain_moments, bounds if rule == "ratio" else None)
+                   for rule in rules}
     setting, forget_rate, retain_rate = search_rule(retain_scores, forget_scores, target, decoded=decoded, owner=owner)
     if setting.rule == "ratio":
         setting.bounds = [float(bounds[i]) for i in setting.layers]
@@ -339,7 +352,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     setting.calibration = {"retain": [d.name for d in retain], "forget": [d.name for d in forget_sets],
                            "target": target, "retain_refused": retain_rate, "forget_refused": forget_rate,
                            "forget_plain_refused": plain_rate, "retain_items": int(all_retain.shape[0]),
-                           "forget_items": int(forget_keys.shape[0])}
+                           "forget_items": int(forget_keys.shape[0]), "formats": list(formats)}
     if decoded is not None:
         setting.calibration.update(decode_prompts=len(picked), decode_tokens=decode_tokens, decode_refused=decode_refused(
             decoded[setting.rule], owner, len(picked), setting.layers, setting.thresholds, setting.votes))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
 # last_position_keys and shared_prefix_length live in runtime/keys.py now; re-exported for older imports
-from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, _batches, last_position_keys, shared_prefix_length  # noqa: F401
+from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, grouped_last_keys, _batches, last_position_keys, shared_prefix_length  # noqa: F401
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import CALIBRATION_GROUPS, GROUP_FIELDS, Moments, StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
@@ -29,6 +29,11 @@ class ProbeConfig:
     batch_size: int = 8
     max_text_tokens: int = 512      # text pass truncation; probes are about the skill, not long contexts
     progress: bool = True
+    formats: tuple[str, ...] | None = None   # prompt formats of the KSD probes (stats/augment.py; None: chat or raw)
+
+    @property
+    def prompt_formats(self) -> tuple[str, ...]:
+        return self.formats or (("chat",) if self.chat else ("raw",))
 
 
 AUGMENT_ITEMS = 100   # forget prompts that also get framed variants (x 6 families) with `augment`
@@ -60,23 +65,32 @@ class Prober:
             yield mask.astype(bool), values
 
     def prompt_sequences(self, dataset: Dataset) -> list[list[int]]:
+        """Token ids of the probes: every prompt in every configured format, framed variants (stats/augment.py,
+        group FRAMED) in one format each, rotating over them (the frames already vary the prompt; every
+        format x every frame would triple the probes for little)."""
+        from .augment import FRAMED, encode_formats
+
+        formats = self.config.prompt_formats
+        plain = [item.prompt for item in dataset.items if item.group != FRAMED]
+        framed = [item.prompt for item in dataset.items if item.group == FRAMED]
+        sequences = (encode_formats(self.tokenizer, plain, formats)
+                     + encode_formats(self.tokenizer, framed, formats, one=True))
         limit = self.manifest.max_context
-        sequences = []
-        for item in dataset.items:
-            ids = self.tokenizer.encode_prompt(item.prompt, self.config.chat)
+        for ids in sequences:
             if len(ids) > limit:
                 raise UnskillError(f"{dataset.name}: a prompt of {len(ids)} tokens exceeds the context of {limit}")
-            sequences.append(ids)
         return sequences
 
     def prompt_pass(self, dataset: Dataset) -> Moments:
         sequences = self.prompt_sequences(dataset)
         moments = self._new("ksd")
         reader = KeyReader(self.model, self.config.batch_size, self.config.progress)
-        for start in range(0, len(sequences), CHUNK):   # memory stays O(CHUNK * L * F)
-            keys = reader.last_keys(sequences[start:start + CHUNK], desc=f"KSD {dataset.name}")
-            for layer in range(self.manifest.num_layers):
-                moments.add(layer, keys[:, layer])
+        with tqdm(total=len(sequences), desc=f"KSD {dataset.name}", unit="prompt",
+                  disable=not self.config.progress) as bar:
+            for start in range(0, len(sequences), CHUNK):   # memory stays O(CHUNK * L * F)
+                keys = grouped_last_keys(reader, sequences[start:start + CHUNK], bar=bar)
+                for layer in range(self.manifest.num_layers):
+                    moments.add(layer, keys[:, layer])
         return moments
 
     def text_sequences(self, dataset: Dataset) -> list[list[int]]:
@@ -113,7 +127,7 @@ class Prober:
 
 def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Dataset | None = None,
           config: ProbeConfig | None = None, skill: str | None = None, text: bool = False,
-          augment: str | None = None, prober: Prober | None = None) -> StatsFile:
+          augment: str | None = None, prober: Prober | None = None, augment_items: int = AUGMENT_ITEMS) -> StatsFile:
     """KSD stats from the forget prompts; with a retain set, NA and SP stats from both sides as well.
     `text` adds the forget side's NA/SP stats without a retain set (a shard for `compose_stats`).
     `augment` (math | code) adds framed variants of the first AUGMENT_ITEMS forget prompts to the KSD probes
@@ -122,7 +136,7 @@ def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Data
 
     config = config or ProbeConfig()
     prober = prober or Prober(model, tokenizer, config)
-    head = Dataset(forget.name, forget.items[:AUGMENT_ITEMS])
+    head = Dataset(forget.name, forget.items[:augment_items])
     probes = Dataset(forget.name, forget.items + framed(head, augment).items) if augment else forget
     sides = ([(forget, "forget")] if retain is not None or text else []) + ([(retain, "retain")] if retain else [])
     groups = prober.passes(probes, sides)
@@ -133,7 +147,8 @@ def probe(model: OnnxLM, tokenizer: TextTokenizer, forget: Dataset, retain: Data
         "augment": augment,
         "retain": {"name": retain.name, "count": len(retain.items)} if retain else None,
         "prompt_template": {"chat": bool(config.chat and tokenizer.has_chat_template),
-                            "template": manifest.chat_template if config.chat else None},
+                            "template": manifest.chat_template if config.chat else None,
+                            **({"formats": list(config.formats)} if config.formats else {})},
         "max_text_tokens": config.max_text_tokens,
         "model_source": manifest.source,
     }

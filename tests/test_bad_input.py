@@ -162,7 +162,7 @@ def test_random_stats_damage_is_refused_or_harmless(llama, llama_stats, tmp_path
     path = _save_arrays(tmp_path_factory.mktemp("stats") / "s.npz", arrays)
     manifest = load_manifest(llama)
     try:
-        guard = KSDGuard([load_stats(path, manifest)], manifest)
+        guard = KSDGuard([load_stats(path, manifest)], manifest, rule="paper")
     except UnskillError as exc:
         assert "\n" not in str(exc)
         return
@@ -184,7 +184,7 @@ def test_stats_that_would_disable_the_guard_are_refused(llama, llama_stats, tmp_
     mean = arrays["ksd.sum"] / count
     flat = dict(arrays, **{"ksd.min": mean, "ksd.max": mean, "ksd.sumsq": mean ** 2 * count})
     with pytest.raises(UnskillError, match="no spread"):
-        KSDGuard([load_stats(_save_arrays(tmp_path / "flat.npz", flat), manifest)], manifest)
+        KSDGuard([load_stats(_save_arrays(tmp_path / "flat.npz", flat), manifest)], manifest, rule="paper")
     with pytest.raises(UnskillError, match="finite"):
         KSDGuard([load_stats(llama_stats[1], manifest)], manifest, alpha=math.inf)
     with pytest.raises(UnskillError):

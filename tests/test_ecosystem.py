@@ -93,8 +93,8 @@ def test_deploy_folder_keeps_only_serving_outputs(tiny_family, tmp_path, capsys)
         load(parent, device="cpu").generate([PROMPT], params)[0].token_ids
     assert main(["stats", "--model", str(parent), "--forget", "builtin:math", "--limit", "8", "--out",
                  str(tmp_path / "k.npz"), "--no-progress"]) == 0
-    guarded = load(deploy, stats=[tmp_path / "k.npz"], device="cpu")
-    reference = load(parent, stats=[tmp_path / "k.npz"], device="cpu")
+    guarded = load(deploy, stats=[tmp_path / "k.npz"], rule="paper", device="cpu")
+    reference = load(parent, stats=[tmp_path / "k.npz"], rule="paper", device="cpu")
     prompts = ["What is 12 * 7?", "Write a python function to add two numbers."]
     assert [r.abstained for r in guarded.generate(prompts, params)] == \
         [r.abstained for r in reference.generate(prompts, params)]
@@ -102,7 +102,7 @@ def test_deploy_folder_keeps_only_serving_outputs(tiny_family, tmp_path, capsys)
     assert main(["edit", "slim", "--model", str(parent), "--out", str(tmp_path / "bare"), "--no-guard"]) == 0
     capsys.readouterr()
     with pytest.raises(UnskillError, match="key_last outputs"):
-        load(tmp_path / "bare", stats=[tmp_path / "k.npz"], device="cpu")
+        load(tmp_path / "bare", stats=[tmp_path / "k.npz"], rule="paper", device="cpu")
 
 
 def test_target_deploy_from_an_edit(tiny_family, tmp_path):
@@ -178,7 +178,7 @@ def test_smollm2_deploy_folder_matches_and_is_guarded(smollm2_edits, tmp_path):
     na = load(smollm2_edits["na"], device="cpu")
     forget = load_dataset("builtin:math", limit=64)   # a probe prompt lies in the cube by construction
     stats = probe(na.model, na.tokenizer, forget, config=ProbeConfig(progress=False))
-    guarded = load(deploy, stats=[stats.save(tmp_path / "math.npz")], device="cpu")
+    guarded = load(deploy, stats=[stats.save(tmp_path / "math.npz")], rule="paper", device="cpu")
     math, code = guarded.generate([forget.prompts[5], "Write a python function to reverse a string."],
                                   GenerationParams(max_new_tokens=8))
     assert math.abstained and not code.abstained

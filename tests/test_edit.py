@@ -215,7 +215,7 @@ def test_iterative_prune_then_na_then_ksd(tiny_export, edit_stats, tmp_path, mon
     assert [e["method"] for e in final["edits"]] == ["prune", "na"]
     assert main(["stats", "--model", str(tmp_path / "pn"), "--forget", str(forget), "--out", str(tmp_path / "k.npz"),
                  "--no-progress"]) == 0
-    guarded = load(tmp_path / "pn", stats=[tmp_path / "k.npz"], device="cpu")
+    guarded = load(tmp_path / "pn", stats=[tmp_path / "k.npz"], rule="paper", device="cpu")
     assert guarded.generate([FORGET[0].prompt])[0].abstained
 
 
@@ -248,7 +248,7 @@ def test_pack_and_unpack_keep_every_output_and_edits_apply(tiny_export, edit_sta
         for name, expected in plain.items():
             assert np.abs(values[name] - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1e-6), name
     stats = edit_stats(kind)
-    load(tmp_path / "repacked", stats=[edit_stats(kind, plain_dir)], device="cpu")   # the parent's stats
+    load(tmp_path / "repacked", stats=[edit_stats(kind, plain_dir)], rule="paper", device="cpu")   # the parent's stats
     for method, extra in (("na", ["--ratio", "0.05"]), ("prune", ["--ratio", "0.1", "--no-progress"])):
         for model_dir, name in ((onnx_dir, "packed"), (plain_dir, "plain")):
             model_stats = edit_stats(kind, model_dir)   # the exports' fingerprints differ, their keys agree
@@ -345,7 +345,7 @@ def test_quantized_model_keeps_outputs_and_accepts_fp32_stats(tiny_export, edit_
     if mode == "int4":
         assert np.abs(diff).max() / np.abs(plain["logits"]).max() < 0.2
     assert quantized["key.2"].shape == plain["key.2"].shape
-    load(out, stats=[edit_stats("llama")], device="cpu")   # fp32 stats are accepted on the quantized model
+    load(out, stats=[edit_stats("llama")], rule="paper", device="cpu")   # fp32 stats are accepted on the quantized model
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
@@ -381,7 +381,7 @@ def test_int4_options_quantize_lm_head_and_embeddings(tiny_export, edit_stats, t
     # state, scaled by sqrt(hidden) at the input); a broken graph is off by ~1.
     rel_rms = np.linalg.norm(quantized["logits"] - plain["logits"]) / np.linalg.norm(plain["logits"])
     assert rel_rms < (0.2 if kind == "llama" else 0.35), rel_rms
-    load(out, stats=[edit_stats(kind)], device="cpu")
+    load(out, stats=[edit_stats(kind)], rule="paper", device="cpu")
 
 
 def test_quantize_refuses_unknown_block_size(tiny_export, tmp_path):
@@ -652,7 +652,7 @@ def test_fp16_keeps_fp32_inputs_outputs_and_runs_on_cpu(tiny_export, edit_stats,
     plain, _, _ = run_plain_ort(onnx_dir, ids)
     for name in ("logits", "key.0", "key.2", "preact.1", "present.2.key"):
         assert np.abs(half[name] - plain[name]).max() <= 2e-3 * np.abs(plain[name]).max(), name
-    load(out, stats=[edit_stats("llama")], device="cpu")
+    load(out, stats=[edit_stats("llama")], rule="paper", device="cpu")
 
 
 def test_edited_fingerprint_tells_graphs_apart_with_the_same_weights_and_edits(tmp_path):

@@ -66,7 +66,7 @@ def test_rows_joining_and_leaving_match_one_at_a_time(tiny_export, kind):
 
 def test_guard_fires_per_row_and_hold_back_sends_no_partial_text(tiny_export, llama_stats):
     _, onnx_dir = tiny_export("llama")
-    guarded = load(onnx_dir, stats=[llama_stats[1]], device="cpu")
+    guarded = load(onnx_dir, stats=[llama_stats[1]], rule="paper", device="cpu")
     prompts = ["How many apples are left if Tom eats 3 of his 12 apples?", "Write a python function"]
     expected = guarded.generate(prompts, greedy(6, chat=True))
     assert [r.abstained for r in expected] == [True, False]

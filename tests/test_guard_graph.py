@@ -32,7 +32,7 @@ def guard_parity(model_dir: Path, stats_paths: list[Path], prompts: list, decode
 
     generator = load(model_dir, device="cpu", threads=2, graph_guard=False)
     model, manifest = generator.model, generator.model.manifest
-    guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest)
+    guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest, rule="fallback")
     skills = manifest.guard["skills"]
     key_names = list(manifest.key_last_outputs)
     fetch = [*key_names, manifest.guard["refuse_output"], *(s["score_output"] for s in skills),
@@ -185,7 +185,7 @@ def test_unknown_region_kind_is_one_clear_error(tiny_export, llama_stats):
 
     _, onnx_dir = tiny_export("llama")
     manifest = load_manifest(onnx_dir)
-    guard = KSDGuard([llama_stats[0]], manifest)
+    guard = KSDGuard([llama_stats[0]], manifest, rule="paper")
     class Window:   # a region kind the graph pass does not know
         skill, layer = "probe", 0
 

@@ -184,11 +184,11 @@ def test_two_serve_replicas_answer_concurrent_requests_as_ksd_run(cluster, model
     from unskill.serve import build_server, check_args
 
     prompts = [APPLES[i] if i % 2 else CODE[i % len(CODE)] for i in range(32)]
-    generator = load(model_dir, stats=[llama_stats[1]], device="cpu")
+    generator = load(model_dir, stats=[llama_stats[1]], rule="paper", device="cpu")
     expected = [generator.generate([p], GenerationParams(max_new_tokens=8))[0] for p in prompts]
     assert any(r.abstained for r in expected) and not all(r.abstained for r in expected)
 
-    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--stats", str(llama_stats[1]), "--ray",
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--stats", str(llama_stats[1]), "--rule", "paper", "--ray",
                                       "--replicas", "2", "--port", str(free_port()), "--model-name", "tiny"])
     check_args(args)
     url = deploy(args, build_server)

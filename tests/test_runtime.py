@@ -63,7 +63,7 @@ def test_stream_events_hold_back_and_refuse_without_partial_text(tiny_export, ll
                                    hold_tokens=5))
     assert events[0].completion_tokens >= 6 and events[-1].finish_reason == "length"   # nothing before 5 passed
     assert events[-1].completion_tokens == 8 and all(e.finish_reason is None for e in events[:-1])
-    guarded = load(onnx_dir, stats=[llama_stats[1]], device="cpu")
+    guarded = load(onnx_dir, stats=[llama_stats[1]], rule="paper", device="cpu")
     refused = list(guarded.stream("How many apples are left if Tom eats 3 of his 12 apples?", greedy(8, chat=True),
                                   hold_tokens=4))
     assert [(e.text, e.finish_reason, e.abstained, e.skill) for e in refused] == [
@@ -160,7 +160,7 @@ def test_several_skills_report_which_fired(tiny_export, llama_stats, tmp_path):
     generator = load(onnx_dir, device="cpu")
     code = Dataset("code", [Item(f"Write a python function number {i}") for i in range(6)])
     code_path = probe(generator.model, generator.tokenizer, code, config=ProbeConfig(progress=False)).save(tmp_path / "c.npz")
-    guarded = load(onnx_dir, stats=[llama_stats[1], code_path], device="cpu")
+    guarded = load(onnx_dir, stats=[llama_stats[1], code_path], rule="paper", device="cpu")
     apples, write = guarded.generate(["How many apples are left if Tom eats 3 of his 12 apples?",
                                       "Write a python function number 4"], greedy(3, chat=True))
     assert (apples.skill, write.skill) == ("probe", "code")
@@ -196,8 +196,15 @@ def test_ksd_run_cli_writes_jsonl_and_fails_cleanly(tiny_export, llama_stats, tm
     prompts.write_text(json.dumps({"prompt": "How many apples are left if Tom eats 3 of his 12 apples?"}) + "\n"
                        + json.dumps({"prompt": "Write a python function"}) + "\n")
     out = tmp_path / "out.jsonl"
+    # stats without a stored rule are no silent guard: one line saying how to make one, nothing written
     code = main(["--onnx", str(onnx_dir / "model.onnx"), "--stats", str(llama_stats[1]), "--prompts", str(prompts),
                  "--max-new-tokens", "4", "--output", str(out), "--device", "cpu", "--quiet"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists() and len(error) == 1
+    assert error[0] == f"error: {llama_stats[1]} has no calibrated rule: make the guard with `unskill guard --model " \
+                       "DIR --forget SPEC --out FILE.npz`, or pass --alpha/--rule paper to use the paper's cube"
+    code = main(["--onnx", str(onnx_dir / "model.onnx"), "--stats", str(llama_stats[1]), "--prompts", str(prompts),
+                 "--max-new-tokens", "4", "--output", str(out), "--device", "cpu", "--quiet", "--rule", "paper"])
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["abstained"] for r in rows] == [True, False]

@@ -22,7 +22,7 @@ APPLES = "How many apples are left if Tom eats 3 of his 12 apples?"
 def tiny_server(tiny_export, llama_stats):
     """The tiny llama guarded by the apple stats, batch of 4, an API key; (base_url, engine)."""
     _, onnx_dir = tiny_export("llama")
-    engine = BatchEngine(load(onnx_dir, stats=[llama_stats[1]], device="cpu"), max_batch=4)
+    engine = BatchEngine(load(onnx_dir, stats=[llama_stats[1]], rule="paper", device="cpu"), max_batch=4)
     app = build_app(engine, "tiny", KEY, ServeLimits(max_body_bytes=4096, max_tokens=64, context=96, hold_tokens=4))
     server, port = serve_in_thread(app)
     yield f"http://127.0.0.1:{port}/v1", engine
@@ -144,7 +144,7 @@ def test_concurrent_clients_share_the_batch(tiny_server):
 
 @pytest.mark.model
 def test_smollm2_server_refuses_math_and_answers_code(smollm2_export, smollm2_math_stats):
-    engine = BatchEngine(load(smollm2_export, stats=[smollm2_math_stats], device="cpu"), max_batch=4)
+    engine = BatchEngine(load(smollm2_export, stats=[smollm2_math_stats], rule="paper", device="cpu"), max_batch=4)
     server, port = serve_in_thread(build_app(engine, "smollm2", KEY))
     try:
         api = client(f"http://127.0.0.1:{port}/v1")

@@ -45,7 +45,7 @@ def test_builtin_math_stats_refuse_math_and_answer_code(smollm2_export, tmp_path
     forget = load_dataset("builtin:math")
     stats = probe(generator.model, generator.tokenizer, forget, config=ProbeConfig(progress=False))
     path = stats.save(tmp_path / "math.npz")
-    guarded = load(smollm2_export, stats=[path], device="cpu")
+    guarded = load(smollm2_export, stats=[path], rule="paper", device="cpu")
     math, code = guarded.generate(["A baker makes 24 muffins and sells 3/4 of them. How many muffins are left?",
                                    "Write a python function to reverse a string."], GenerationParams(max_new_tokens=24))
     assert math.abstained and math.text == "Your query is not valid."
@@ -144,6 +144,6 @@ def test_int4_source_grid_finds_the_gguf_blocks(smollm2_export, smollm2_math_sta
     params = GenerationParams(max_new_tokens=6)
     prompt = "Write a Python function that reverses a string."
     expected = load(smollm2_export, device="cpu").generate([prompt], params)[0].text
-    guarded = load(tmp_path / "q4", stats=[smollm2_math_stats], device="cpu")
+    guarded = load(tmp_path / "q4", stats=[smollm2_math_stats], rule="paper", device="cpu")
     assert guarded.generate([prompt], params)[0].text[:12] == expected[:12]
     assert guarded.generate(["Tom has 3 apples and buys 5 more. How many apples does he have?"], params)[0].abstained

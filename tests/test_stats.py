@@ -503,6 +503,6 @@ def test_cli_errors_exit_2_with_one_line_and_no_output(llama, files, gpt2_stats_
 def test_runtime_refuses_stats_of_another_model(tiny_export, gpt2_stats_path, llama_stats):
     llama_dir = tiny_export("llama")[1]
     with pytest.raises(UnskillError, match="another model") as info:
-        load(llama_dir, stats=[gpt2_stats_path], device="cpu")
+        load(llama_dir, stats=[gpt2_stats_path], rule="paper", device="cpu")
     assert str(gpt2_stats_path) in str(info.value)
-    assert load(llama_dir, stats=[llama_stats[1]], device="cpu").guard is not None
+    assert load(llama_dir, stats=[llama_stats[1]], rule="paper", device="cpu").guard is not None
