@@ -45,14 +45,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args, port: int) -> subprocess.Popen:
+def start_server(args, port: int, api_key: str = "bench", extra: tuple[str, ...] = (),
+                 wait_s: float = 120) -> subprocess.Popen:
+    """`unskill serve` on loopback with args.model, args.stats and args.max_batch (plus `extra` options); returns
+    once /health answers, or exits when it does not within `wait_s`."""
     unskill = Path(sys.executable).with_name("unskill")
-    command = [str(unskill), "serve", "--model", args.model, "--port", str(port), "--api-key", "bench",
-               "--max-batch", str(args.max_batch), "--max-queue", "1024", "--model-name", "bench"]
+    command = [str(unskill), "serve", "--model", args.model, "--port", str(port), "--api-key", api_key,
+               "--max-batch", str(args.max_batch), "--max-queue", "1024", "--model-name", api_key, *extra]
     for stats in args.stats:
         command += ["--stats", stats]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:

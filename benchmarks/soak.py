@@ -25,32 +25,15 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve_load  # noqa: E402
 from serve_load import QUESTIONS, free_port  # noqa: E402
 
 KEY = "soak"
 
 
 def start_server(args, port: int):
-    import subprocess
-
-    unskill = Path(sys.executable).with_name("unskill")
-    command = [str(unskill), "serve", "--model", args.model, "--port", str(port), "--api-key", KEY,
-               "--max-batch", str(args.max_batch), "--max-queue", "1024", "--model-name", "soak",
-               "--max-tokens", "256"]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    for stats in args.stats:
-        command += ["--stats", stats]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    server.kill()
-    raise SystemExit("server did not start")
+    extra = ("--max-tokens", "256") + (("--threads", str(args.threads)) if args.threads else ())
+    return serve_load.start_server(args, port, api_key=KEY, extra=extra, wait_s=180)
 
 
 def rss_mb(pid: int) -> float:

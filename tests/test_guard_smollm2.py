@@ -37,6 +37,22 @@ def bypass_sample(data_dir, per_set: int = 4) -> list:
             for conversation in bypass.conversations[:per_set]]
 
 
+def prompt_keys(generator, prompts: list, layers: list[int], batch_size: int = 8) -> dict:
+    """layer -> (len(prompts), F) key_last at each prompt's last token (chat template, left-padded batches)."""
+    import numpy as np
+
+    names = generator.model.manifest.key_last_outputs
+    keys = {layer: [] for layer in layers}
+    for start in range(0, len(prompts), batch_size):
+        encoded = generator.encode(prompts[start:start + batch_size], GenerationParams())
+        input_ids, mask = left_pad(encoded, generator.model.manifest.pad_token_id)
+        _, _, out = generator.model.forward(input_ids, mask, generator.model.empty_past(len(encoded)),
+                                            [names[i] for i in layers])
+        for layer in layers:
+            keys[layer].append(out[names[layer]])
+    return {layer: np.concatenate(parts) for layer, parts in keys.items()}
+
+
 @pytest.fixture(scope="module")
 def smollm2_rules(smollm2_export, smollm2_math_stats, data_dir, tmp_path_factory):
     """(prompts, [stats path per rule kind]) on SmolLM2: math stats, code prompts' keys as the retain side."""
@@ -48,18 +64,7 @@ def smollm2_rules(smollm2_export, smollm2_math_stats, data_dir, tmp_path_factory
     retain = probe(generator.model, generator.tokenizer, load_dataset("builtin:code", limit=24),
                    config=ProbeConfig(progress=False)).groups["ksd"]
     prompts = bypass_sample(data_dir)
-    names = generator.model.manifest.key_last_outputs
-    layers = [10, 20, 29]
-    keys = {layer: [] for layer in layers}
-    for start in range(0, len(prompts), 8):
-        encoded = generator.encode(prompts[start:start + 8], GenerationParams())
-        input_ids, mask = left_pad(encoded, generator.model.manifest.pad_token_id)
-        _, _, out = generator.model.forward(input_ids, mask, generator.model.empty_past(len(encoded)),
-                                            [names[i] for i in layers])
-        for layer in layers:
-            keys[layer].append(out[names[layer]])
-    import numpy as np
-    keys = {layer: np.concatenate(parts) for layer, parts in keys.items()}
+    keys = prompt_keys(generator, prompts, layers=[10, 20, 29])
     stats = load_stats(smollm2_math_stats, generator.model.manifest)
     return prompts, rule_stats(stats, keys, retain, tmp_path_factory.mktemp("smollm2_rules"))
 
@@ -130,8 +135,6 @@ def test_default_deploy_folder_loads_in_transformers_js_and_genai(smollm2_export
 def test_graph_guard_equals_numpy_on_gemma3(data_dir, tmp_path):
     """The same parity on Gemma-3-270M (no chat template: keys at the user's last word). Exporting it takes
     minutes and ~6 GB, so this runs on an export named by UNSKILL_GEMMA3_ONNX (as tests/test_ecosystem.py)."""
-    import numpy as np
-
     from unskill.exporter.deploy import guard_edit
     from unskill.stats.datasets import load_dataset
     from unskill.stats.probe import ProbeConfig, probe
@@ -144,17 +147,7 @@ def test_graph_guard_equals_numpy_on_gemma3(data_dir, tmp_path):
     stats = probe(generator.model, generator.tokenizer, load_dataset("builtin:math"), config=config)
     retain = probe(generator.model, generator.tokenizer, load_dataset("builtin:code", limit=24), config=config)
     prompts = bypass_sample(data_dir)
-    names, layers = generator.model.manifest.key_last_outputs, [6, 12, 17]
-    keys = {layer: [] for layer in layers}
-    for start in range(0, len(prompts), 8):
-        encoded = generator.encode(prompts[start:start + 8], GenerationParams())
-        input_ids, mask = left_pad(encoded, generator.model.manifest.pad_token_id)
-        _, _, out = generator.model.forward(input_ids, mask, generator.model.empty_past(len(encoded)),
-                                            [names[i] for i in layers])
-        for layer in layers:
-            keys[layer].append(out[names[layer]])
-    paths = rule_stats(stats, {layer: np.concatenate(parts) for layer, parts in keys.items()},
-                       retain.groups["ksd"], tmp_path)
+    paths = rule_stats(stats, prompt_keys(generator, prompts, layers=[6, 12, 17]), retain.groups["ksd"], tmp_path)
     del generator
     guard_edit(directory, paths, tmp_path / "guarded")
     summary = guard_parity(tmp_path / "guarded", paths, prompts, decode_steps=3)
