@@ -107,7 +107,8 @@ def test_node_example_enforces_the_graph_guard(smollm2_export, smollm2_math_stat
     assert manifest["guard"]["skills"][0]["rule"] == "paper" and manifest["gqa_query_seqlens"] is False
     params = GenerationParams(max_new_tokens=32)
     expected = load(deploy, device="cpu", threads=2).generate([MATH, CODE], params)   # ksd-run's decode loop
-    numpy = load(deploy, [smollm2_math_stats], device="cpu", threads=2, graph_guard=False).generate([MATH, CODE], params)
+    numpy = load(deploy, [smollm2_math_stats], device="cpu", threads=2, graph_guard=False, rule="paper").generate(
+        [MATH, CODE], params)
     assert [r.abstained for r in expected] == [r.abstained for r in numpy] == [True, False]
     math_row, code_row = node_json("guard.mjs", deploy, "--json", "--max-new-tokens", 32, MATH, CODE)
     assert math_row["refused"] and math_row["text"] == "Your query is not valid."
