@@ -34,18 +34,29 @@ def setting_tasks(setting: str) -> tuple[list[str], list[str]]:
 
 
 def load_documents(paths: list[str]) -> list[dict]:
-    """`unskill eval --out` and calibration JSON files, each with its path under `_path`."""
+    """`unskill eval --out` and calibration JSON files, each with its path under `_path`. A bundle file
+    ({"bundle": {NAME: document, ...}}, written by `bundle_documents`) stands for the files it holds, each with
+    its NAME as path: a published table keeps one compact file instead of a folder of runs."""
     docs = []
     for path in paths:
         try:
             doc = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise UnskillError(f"{path}: cannot read results ({exc})") from None
-        if not isinstance(doc, dict) or "tasks" not in doc and "method" not in doc:
-            raise UnskillError(f"{path}: not an `unskill eval --out` or calibration file")
-        doc["_path"] = path
-        docs.append(doc)
+        members = doc["bundle"].items() if isinstance(doc, dict) and isinstance(doc.get("bundle"), dict) \
+            else [(path, doc)]
+        for name, member in members:
+            if not isinstance(member, dict) or "tasks" not in member and "method" not in member:
+                raise UnskillError(f"{path}: {'' if name == path else name + ': '}"
+                                   f"not an `unskill eval --out` or calibration file")
+            member["_path"] = name
+            docs.append(member)
     return docs
+
+
+def bundle_documents(paths: list[str]) -> dict:
+    """The bundle of these result files (read back by `load_documents`), keyed by their paths as given."""
+    return {"bundle": {path: json.loads(Path(path).read_text(encoding="utf-8")) for path in paths}}
 
 
 class Model:

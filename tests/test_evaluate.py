@@ -314,3 +314,22 @@ def test_report_merges_ksd_entries_of_two_original_runs():
     assert heatmap_methods(model) == ["ksd"]   # no NA / SP runs: their panels are not drawn
     with pytest.raises(UnskillError, match=r"c\.json: mmlu:test of the original was run on 8 items"):
         model.add({"method": "original", "tasks": {"mmlu:test": mmlu(8, {})}, "_path": "c.json"})
+
+
+def test_a_bundle_reads_back_as_the_files_it_holds(tmp_path):
+    """`bundle_documents` of two result files, read by `load_documents`, gives the same documents with the same
+    paths as the two files; a member that is no result names the bundle and the member in one line."""
+    import json
+
+    from unskill.evals.report import bundle_documents, load_documents
+    from unskill.runtime.errors import UnskillError
+
+    files = []
+    for name, doc in (("a.json", {"tasks": {"gsm8k:test": {"accuracy": 0.5}}}), ("b.json", {"method": "ksd"})):
+        (tmp_path / name).write_text(json.dumps(doc))
+        files.append(str(tmp_path / name))
+    (tmp_path / "bundle.json").write_text(json.dumps(bundle_documents(files)))
+    assert load_documents([str(tmp_path / "bundle.json")]) == load_documents(files)
+    (tmp_path / "bad.json").write_text(json.dumps({"bundle": {"x.json": {"neither": 1}}}))
+    with pytest.raises(UnskillError, match=r"bad\.json: x\.json: not an `unskill eval --out`"):
+        load_documents([str(tmp_path / "bad.json")])
