@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 
 from unskill.runtime.errors import UnskillError
+from unskill.runtime.io import sha256_file
 from unskill.runtime.manifest import Manifest, load_manifest
 
 from .index import cut_to_outputs
@@ -30,14 +31,6 @@ def refuse_nonempty_out(out_dir: Path) -> None:
     that exists and holds anything is never written into."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UnskillError(f"{out_dir}: exists and is not empty; choose a new --out")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
 
 
 def probe_graph(model: onnx.ModelProto, keep_outputs: list[str]) -> onnx.ModelProto:

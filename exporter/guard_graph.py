@@ -194,7 +194,7 @@ def guard_record(guard: KSDGuard, stats_paths: list, stats_fingerprints: list[st
 def guarded_model(model: onnx.ModelProto, manifest: Manifest, stats_paths: list) -> tuple[onnx.ModelProto, dict]:
     """(model with the guard of these stats files, the manifest's `guard` record). Each stats file's stored rule,
     else the paper's default (one cube at the last layer, alpha 1 x k): what `ksd-run --stats` applies."""
-    from unskill.runtime.graph_guard import stats_sha256
+    from unskill.runtime.io import sha256_file
     from unskill.runtime.statsfile import load_stats
 
     if not stats_paths:
@@ -202,5 +202,5 @@ def guarded_model(model: onnx.ModelProto, manifest: Manifest, stats_paths: list)
     # plain `unskill stats` files: the paper's cube, asked for explicitly (KSDGuard refuses them otherwise)
     guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest, rule="fallback")
     return add_guard(model, guard, manifest), guard_record(guard, stats_paths,
-                                                            [stats_sha256(p) for p in stats_paths])
+                                                            [sha256_file(p) for p in stats_paths])
 

@@ -13,12 +13,10 @@ max(forget / (threshold * max(retain, tiny)), forget / bound); per skill the vot
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import numpy as np
 
 from .errors import UnskillError
+from .io import sha256_file
 from .ksd import Ellipsoid, Hit, Hypercube, KSDGuard, RatioRegion, gauss_score
 from .manifest import Manifest
 
@@ -47,14 +45,6 @@ def skill_scores(guard: KSDGuard, keys_of_layer: dict[int, np.ndarray]) -> list[
         margins = np.stack([region_margin(region, keys_of_layer[region.layer]) for region in detector.regions])
         scores.append(np.sort(margins, axis=0)[detector.votes - 1])
     return scores
-
-
-def stats_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
 
 
 class GraphGuard:
@@ -88,4 +78,4 @@ def graph_guard_applies(manifest: Manifest, stats_paths, explicit: bool) -> bool
     if not stats_paths:
         return True
     recorded = sorted(s["stats_sha256"] for s in manifest.guard["skills"])
-    return not explicit and sorted(stats_sha256(p) for p in stats_paths) == recorded
+    return not explicit and sorted(sha256_file(p) for p in stats_paths) == recorded

@@ -3,12 +3,23 @@ text), so an interrupted or failed command leaves the old file or none, never ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 from .errors import UnskillError
+
+
+def sha256_file(path: str | Path) -> str:
+    """"sha256:<hex>" of a file's bytes, read in 4 MiB blocks: model fingerprints and the stats files a guarded
+    graph records."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def check_output_path(path: str, flag: str = "--output") -> None:
