@@ -8,7 +8,7 @@ same ones (by sha256) with no alpha/layer overrides.
 
 `skill_scores` is the NumPy twin of the graph's `guard.score.<SKILL>` outputs (the tests hold the graph to it):
 per region a margin (<= 1 inside): box max |v - mu| / halfwidth; gauss score / threshold; ratio
-max(forget / (threshold * max(retain, tiny)), forget / bound); per skill the votes-th smallest margin.
+max(forget / (threshold * max(retain, tiny)), forget / bound); linear 1 + score - threshold; per skill the votes-th smallest margin.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import UnskillError
 from .io import sha256_file
-from .ksd import Ellipsoid, Hit, Hypercube, KSDGuard, RatioRegion, gauss_score
+from .ksd import Ellipsoid, Hit, Hypercube, KSDGuard, LinearRegion, RatioRegion, gauss_score
 from .manifest import Manifest
 
 TINY = np.finfo(np.float32).tiny
@@ -25,6 +25,8 @@ TINY = np.finfo(np.float32).tiny
 
 def region_margin(region, keys: np.ndarray) -> np.ndarray:
     """keys (B, F) -> (B,) float32: the region's score over its threshold (<= 1 inside)."""
+    if isinstance(region, LinearRegion):   # its threshold has either sign: 1 + score - threshold
+        return region.margin(keys)
     if isinstance(region, Hypercube):
         return (np.abs(keys - region.center) / region.halfwidth).max(axis=-1)
     if isinstance(region, RatioRegion):
