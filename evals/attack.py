@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from unskill.runtime.graph_guard import region_margin
+from unskill.runtime.ksd import region_keys
 
 ATTACKERS = ("bon", "search")
 BON_N = (1, 2, 5, 10, 20, 50, 100)          # the reported N; the last is the budget
@@ -74,7 +75,7 @@ def guard_decision(guard, last_keys: dict[str, np.ndarray]) -> tuple[np.ndarray,
     for detector in guard.detectors:
         def keys_of(layer):
             return last_keys[guard._output_of_layer[layer]]
-        scores = np.stack([region_margin(region, keys_of(region.layer)) for region in detector.regions])
+        scores = np.stack([region_margin(region, region_keys(region, keys_of)) for region in detector.regions])
         per_detector.append(np.sort(scores, axis=0)[detector.votes - 1])   # (regions, B) -> (B,)
     return refused, np.min(per_detector, axis=0)
 

@@ -23,7 +23,7 @@ from unskill.runtime.errors import UnskillError
 from unskill.runtime.generator import GenerationParams, Generator
 from unskill.runtime.keys import (MIN_SHARED_PREFIX, KeyEntry, KeyReader, require_key_last, resolve_layers,
                                   shared_prefix_length)
-from unskill.runtime.ksd import vote
+from unskill.runtime.ksd import region_layers, vote
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
@@ -216,7 +216,7 @@ class Harness:
         return result
 
     def _bypass_sets(self, spec: T.TaskSpec, parts: list, guards: dict, chat: bool) -> dict:
-        layers = sorted({self.entry.layer} | {r.layer for g in guards.values() for r in g.cubes})
+        layers = sorted({self.entry.layer} | {i for g in guards.values() for r in g.cubes for i in region_layers(r)})
         reader = self.reader or KeyReader(self.model, self.config.batch_size * 2, self.config.progress)
         sets = {}
         encoded = [[self.tokenizer.encode_turns(c, chat) for c in part.conversations] for part in parts]
@@ -272,7 +272,7 @@ class Harness:
         from .attack import guard_decision
 
         reader = KeyReader(self.model, self.config.batch_size * 2, False)
-        layers = sorted({region.layer for region in guard.cubes})
+        layers = sorted({layer for region in guard.cubes for layer in region_layers(region)})
         outputs = [self.model.manifest.key_last_outputs[layer] for layer in layers]
 
         def decide(conversations):

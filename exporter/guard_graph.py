@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from unskill.runtime.errors import UnskillError
-from unskill.runtime.ksd import Ellipsoid, Hypercube, KSDGuard, LinearRegion, RatioRegion
+from unskill.runtime.ksd import Ellipsoid, Hypercube, KSDGuard, LinearRegion, RatioRegion, region_layers
 from unskill.runtime.manifest import Manifest
 
 REFUSE = "guard.refuse"
@@ -79,8 +79,11 @@ def _gauss(b: _Builder, keys: str, center: np.ndarray, inverse_sigma: np.ndarray
     return b.reduce("ReduceMean", b.op("Mul", [z, z]), 1)
 
 
-def _region(b: _Builder, keys: str, region) -> tuple[str, str]:
-    """(inside bool [B], margin float [B]) of one region over its layer's keys."""
+def _region(b: _Builder, layer_keys: list[str], region) -> tuple[str, str]:
+    """(inside bool [B], margin float [B]) of one region over its layers' keys (one, except LinearRegion)."""
+    if isinstance(region, LinearRegion):
+        return _linear(b, layer_keys, region)
+    keys = layer_keys[0]
     if isinstance(region, Hypercube):
         distance = b.op("Abs", [b.op("Sub", [keys, b.const("mu", region.center.astype(np.float32))])])
         halfwidth = b.const("halfwidth", region.halfwidth.astype(np.float32))
@@ -96,20 +99,25 @@ def _region(b: _Builder, keys: str, region) -> tuple[str, str]:
         inside = b.op("And", [b.op("LessOrEqual", [forget, bound]), b.op("LessOrEqual", [forget, limit])])
         margin = b.op("Max", [b.op("Div", [forget, limit]), b.op("Div", [forget, bound])])
         return inside, margin
-    if isinstance(region, LinearRegion):
-        # score = -(v . w + b); the MatMul sums in another order than NumPy, so a key within float rounding of
-        # the threshold may be decided the other way (tests/test_guard_graph.py holds both within 1e-4)
-        projected = b.op("MatMul", [keys, b.const("weight", region.weight.astype(np.float32))])
-        score = b.op("Neg", [b.op("Add", [projected, b.const("bias", np.float32(region.bias))])])
-        threshold = b.const("threshold", np.float32(region.threshold))
-        margin = b.op("Add", [b.op("Sub", [score, threshold]), b.const("one", np.float32(1))])
-        return b.op("LessOrEqual", [score, threshold]), margin
     if isinstance(region, Ellipsoid):
         score = _gauss(b, keys, region.center, region.inverse_sigma)
         threshold = b.const("threshold", np.float32(region.threshold))
         return b.op("LessOrEqual", [score, threshold]), b.op("Div", [score, threshold])
     raise UnskillError(f"no graph form for the guard region kind {type(region).__name__} "
                        f"(skill {getattr(region, 'skill', '?')!r}, layer {getattr(region, 'layer', '?')})")
+
+
+def _linear(b: _Builder, layer_keys: list[str], region: LinearRegion) -> tuple[str, str]:
+    """score = -(sum_l v_l . w_l + bias): one MatMul per layer. The MatMul sums in another order than NumPy, so a
+    key within float rounding of the threshold may be decided the other way (tests/test_guard_graph.py)."""
+    projected = None
+    for keys, weight in zip(layer_keys, region.weight):
+        term = b.op("MatMul", [keys, b.const("weight", weight.astype(np.float32))])
+        projected = term if projected is None else b.op("Add", [projected, term])
+    score = b.op("Neg", [b.op("Add", [projected, b.const("bias", np.float32(region.bias))])])
+    threshold = b.const("threshold", np.float32(region.threshold))
+    margin = b.op("Add", [b.op("Sub", [score, threshold]), b.const("one", np.float32(1))])
+    return b.op("LessOrEqual", [score, threshold]), margin
 
 
 def _full_width_keys(b: _Builder, name: str, kept: list[int] | None, width: int) -> str:
@@ -146,15 +154,16 @@ def add_guard(model: onnx.ModelProto, guard: KSDGuard, manifest: Manifest) -> on
     for skill, detector in zip(skill_names, guard.detectors):
         insides, margins = [], []
         for region in detector.regions:
-            if region.layer not in layer_keys:
-                name = manifest.key_last_outputs[region.layer]
-                if name not in keys:
-                    raise UnskillError(f"the graph has no output {name!r}: the guard reads key_last.* "
-                                       "(a deploy folder made with --no-guard cannot carry one)")
-                batch_dim = batch_dim or keys[name].type.tensor_type.shape.dim[0]
-                kept = manifest.kept_neurons[region.layer] if manifest.kept_neurons else None
-                layer_keys[region.layer] = _full_width_keys(b, name, kept, manifest.key_width)
-            inside, margin = _region(b, layer_keys[region.layer], region)
+            for layer in region_layers(region):
+                if layer not in layer_keys:
+                    name = manifest.key_last_outputs[layer]
+                    if name not in keys:
+                        raise UnskillError(f"the graph has no output {name!r}: the guard reads key_last.* "
+                                           "(a deploy folder made with --no-guard cannot carry one)")
+                    batch_dim = batch_dim or keys[name].type.tensor_type.shape.dim[0]
+                    kept = manifest.kept_neurons[layer] if manifest.kept_neurons else None
+                    layer_keys[layer] = _full_width_keys(b, name, kept, manifest.key_width)
+            inside, margin = _region(b, [layer_keys[layer] for layer in region_layers(region)], region)
             insides.append(b.unsqueeze0(b.op("Cast", [inside], to=TensorProto.FLOAT)))
             margins.append(b.unsqueeze0(margin))
         stacked = b.op("Concat", insides, axis=0) if len(insides) > 1 else insides[0]
@@ -192,7 +201,7 @@ def guard_record(guard: KSDGuard, stats_paths: list, stats_fingerprints: list[st
     return {
         "refuse_output": REFUSE,
         "skills": [{"skill": skill, "rule": detector.rule, "votes": detector.votes,
-                    "layers": [region.layer for region in detector.regions],
+                    "layers": [layer for region in detector.regions for layer in region_layers(region)],
                     "score_output": SCORE_PREFIX + skill, "refuse_output": FIRE_PREFIX + skill,
                     "stats": str(path), "stats_sha256": sha}
                    for skill, detector, path, sha in zip(skills, guard.detectors, stats_paths, stats_fingerprints)],

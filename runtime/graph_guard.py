@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import UnskillError
 from .io import sha256_file
-from .ksd import Ellipsoid, Hit, Hypercube, KSDGuard, LinearRegion, RatioRegion, gauss_score
+from .ksd import Ellipsoid, Hit, Hypercube, KSDGuard, LinearRegion, RatioRegion, gauss_score, region_keys
 from .manifest import Manifest
 
 TINY = np.finfo(np.float32).tiny
@@ -44,7 +44,8 @@ def skill_scores(guard: KSDGuard, keys_of_layer: dict[int, np.ndarray]) -> list[
     region margin. keys_of_layer: layer -> (B, F) full-width key at the last position."""
     scores = []
     for detector in guard.detectors:
-        margins = np.stack([region_margin(region, keys_of_layer[region.layer]) for region in detector.regions])
+        margins = np.stack([region_margin(region, region_keys(region, keys_of_layer.__getitem__))
+                            for region in detector.regions])
         scores.append(np.sort(margins, axis=0)[detector.votes - 1])
     return scores
 

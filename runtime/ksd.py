@@ -127,20 +127,28 @@ def ratio_score(keys, center, inverse_sigma, retain_center, retain_inverse_sigma
 
 @dataclass
 class LinearRegion:
-    """One side of a hyperplane: score(keys) = -(keys . weight + bias), inside when score <= threshold (any sign).
-    weight and bias are Fisher's discriminant of this layer's keys, forget probes against retain prompts
-    (stats/discriminant.py: (S + shrinkage)^-1 (mu_forget - mu_retain), scaled so the projected keys have unit
-    spread). Where the Gaussians of the other kinds score distance from the forget probes, which any new frame,
-    language or noise moves a request away from, this reads the one direction that separates the skill from what
-    must be kept, and a request in a new wrapping still lies on the skill's side (docs/guard.md)."""
+    """One side of a hyperplane over the keys of one or more layers: score(keys) = -(sum_l keys_l . weight_l +
+    bias), inside when score <= threshold (either sign). The weights are Fisher's discriminant of each layer's
+    keys, forget probes against retain prompts (stats/discriminant.py: (S + shrinkage)^-1 (mu_forget - mu_retain),
+    scaled to unit spread), averaged over the layers. Where the Gaussians of the other kinds score the distance
+    from the forget probes, which any new frame, language or noise moves a request away from, this reads the
+    direction that separates the skill from what must be kept, so a request in a new wrapping still lies on the
+    skill's side (docs/guard.md). Its keys are (..., len(layers), F): `region_keys` stacks them."""
     skill: str
-    layer: int
-    weight: np.ndarray      # (F,) float32
+    layers: tuple[int, ...]
+    weight: np.ndarray      # (len(layers), F) float32
     bias: float
     threshold: float
 
+    @property
+    def layer(self) -> int:
+        """The deepest layer it reads (what a refusal reports)."""
+        return self.layers[-1]
+
     def score(self, keys: np.ndarray) -> np.ndarray:
-        return -(keys.astype(np.float32) @ self.weight + np.float32(self.bias))
+        """keys (..., len(layers), F) -> (...,)."""
+        projected = np.einsum("...lf,lf->...", keys.astype(np.float32), self.weight, dtype=np.float32)
+        return -(projected + np.float32(self.bias))
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         return self.score(keys) <= self.threshold
@@ -148,6 +156,18 @@ class LinearRegion:
     def margin(self, keys: np.ndarray) -> np.ndarray:
         """<= 1 inside: 1 + score - threshold (the threshold may be negative, so no quotient)."""
         return 1 + self.score(keys) - np.float32(self.threshold)
+
+
+def region_layers(region) -> tuple[int, ...]:
+    """The layers whose keys a region reads: one, or a LinearRegion's several."""
+    return tuple(region.layers) if isinstance(region, LinearRegion) else (region.layer,)
+
+
+def region_keys(region, keys_of_layer) -> np.ndarray:
+    """What region.score takes, from layer -> (B, F) keys (a callable): (B, F), or (B, layers, F) stacked."""
+    if isinstance(region, LinearRegion):
+        return np.stack([keys_of_layer(layer) for layer in region.layers], axis=-2)
+    return keys_of_layer(region.layer)
 
 
 @dataclass
@@ -217,8 +237,8 @@ def rule_regions(stats: StatsFile, rule: str, layers, thresholds=None, retain=No
     layers = list(layers)
     if thresholds is None:
         thresholds = [1.0 if rule == "box" else math.inf] * len(layers)
-    if rule == "linear":
-        return linear_regions(stats.skill, stats.guard, layers, thresholds)
+    if rule == "linear":   # fitted, not derived from the moments: the stored rule's own region
+        return linear_regions(stats.skill, stats.guard)
     if rule == "box":
         return [build_cubes(stats, [layer], float(threshold), "k")[0] for layer, threshold in zip(layers, thresholds)]
     if "ksd" not in stats.groups:
@@ -238,18 +258,13 @@ def rule_regions(stats: StatsFile, rule: str, layers, thresholds=None, retain=No
             for layer, threshold, bound in zip(layers, thresholds, bounds)]
 
 
-def linear_regions(skill: str, setting: GuardSetting | None, layers, thresholds) -> list[LinearRegion]:
-    """A linear rule's regions: its weights and biases live in the setting (stored beside it in the stats file)."""
+def linear_regions(skill: str, setting: GuardSetting | None) -> list[LinearRegion]:
+    """A linear rule's one region over its layers: weights and bias live in the setting (stored beside it)."""
     if setting is None or setting.rule != "linear" or setting.weights is None:
         raise UnskillError(f"stats for {skill!r}: a linear rule needs its stored weights; "
                            f"make the guard with `unskill guard`")
-    row = {layer: i for i, layer in enumerate(setting.layers)}
-    missing = [layer for layer in layers if layer not in row]
-    if missing:
-        raise UnskillError(f"stats for {skill!r}: the linear rule has no weights for layers {missing}")
-    return [LinearRegion(skill, layer, np.asarray(setting.weights[row[layer]], np.float32),
-                         float(setting.biases[row[layer]]), float(threshold))
-            for layer, threshold in zip(layers, thresholds)]
+    return [LinearRegion(skill, tuple(setting.layers), np.asarray(setting.weights, np.float32),
+                         float(np.sum(setting.biases)), float(setting.thresholds[0]))]
 
 
 def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str, retain=None, bounds=None) -> np.ndarray:
@@ -265,7 +280,7 @@ def build_regions(stats: StatsFile, setting: GuardSetting) -> list:
     (thresholds on the mean squared z-score), forget/retain ratios (thresholds on the quotient) or linear
     discriminants (thresholds on -(w . v + b))."""
     if setting.rule == "linear":
-        return linear_regions(stats.skill, setting, setting.layers, setting.thresholds)
+        return linear_regions(stats.skill, setting)
     return rule_regions(stats, setting.rule, setting.layers, setting.thresholds, bounds=setting.bounds)
 
 
@@ -285,7 +300,7 @@ class Detector:
     def scores(self, keys_of_layer) -> np.ndarray:
         """keys_of_layer: layer -> (B, F) keys (a dict, or a callable) -> (B, R) region scores."""
         get = keys_of_layer if callable(keys_of_layer) else keys_of_layer.__getitem__
-        return np.stack([region.score(get(region.layer)) for region in self.regions], axis=-1)
+        return np.stack([region.score(region_keys(region, get)) for region in self.regions], axis=-1)
 
     def fires(self, keys_of_layer) -> np.ndarray:
         """(B,) bool: the rule refuses the row."""
@@ -332,7 +347,7 @@ class KSDGuard:
                 cubes = build_cubes(stats, layers, 1.0 if alpha is None else alpha, alpha_mode)
                 self.detectors.append(Detector(stats.skill, "paper", cubes, 1))
         self.cubes = [region for detector in self.detectors for region in detector.regions]
-        checked = sorted({region.layer for region in self.cubes})
+        checked = sorted({layer for region in self.cubes for layer in region_layers(region)})
         names = require_key_last(manifest, manifest.source or manifest.arch)
         self.output_names = [names[i] for i in checked]
         self._output_of_layer = {i: names[i] for i in checked}

@@ -9,7 +9,8 @@ allow_pickle=False. Groups and their fields:
     sp_retain  same on retain texts
     ksd_retain key vector at the last prompt token, calibration's retain prompts (written by `unskill calibrate`
                with a `ratio` rule: the retain side of its forget/retain score)
-A stored `linear` rule keeps its per-layer discriminant as `guard.weights` (R, F) float32 and `guard.biases` (R,).
+A stored `linear` rule (one region over its layers) keeps its discriminant as `guard.weights` (layers, F) float32
+and `guard.biases` (layers,), summed.
 count is per layer (L,); the other fields are float64 (L, F). Sums (not means) so shards merge by addition.
 An optional `guard` member (a JSON string) holds the rule `unskill calibrate` chose (GuardSetting); merged
 shards drop it and `ksd_retain` (their cubes changed, so it must be calibrated again). Files without it load
@@ -143,8 +144,8 @@ class GuardSetting:
     votes: int = 1
     calibration: dict = field(default_factory=dict)   # what it was calibrated on, with the rates it reached
     bounds: list[float] | None = None   # ratio only, per layer: the forget-side score above which nothing fires
-    weights: np.ndarray | None = None   # linear only, (layers, F): each layer's discriminant direction
-    biases: np.ndarray | None = None    # linear only, (layers,)
+    weights: np.ndarray | None = None   # linear only, (layers, F): each layer's share of the discriminant
+    biases: np.ndarray | None = None    # linear only, (layers,): summed into the region's bias
 
     @property
     def name(self) -> str:
@@ -174,9 +175,12 @@ class GuardSetting:
         everything), or None."""
         setting = self
         problem = (f"rule {setting.rule!r} is not one of {GUARD_RULES}" if setting.rule not in GUARD_RULES else
-                   "needs as many thresholds as layers" if len(setting.layers) != len(setting.thresholds)
-                   or not setting.layers else
+                   "a linear rule is one region over its layers: one threshold, one vote" if setting.rule == "linear"
+                   and (len(setting.thresholds) != 1 or setting.votes != 1 or not setting.layers) else
+                   "needs as many thresholds as layers" if setting.rule != "linear" and (
+                       len(setting.layers) != len(setting.thresholds) or not setting.layers) else
                    f"a layer is outside 0..{num_layers - 1}" if not all(0 <= i < num_layers for i in setting.layers) else
+                   f"a layer appears twice in {setting.layers}" if len(set(setting.layers)) != len(setting.layers) else
                    f"votes {setting.votes} not in 1..{len(setting.layers)}" if not 1 <= setting.votes <= len(setting.layers)
                    else "thresholds must be finite" if not all(math.isfinite(t) for t in setting.thresholds)
                    else "thresholds must be positive" if setting.rule != "linear"

@@ -366,8 +366,8 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     if decoded is not None:
         if setting.rule == "linear":   # scored at the stored layers only: its weights exist there alone
             from unskill.runtime.ksd import linear_regions
-            regions = linear_regions("", setting, setting.layers, setting.thresholds)
-            scores = np.stack([region.score(decode_keys[:, region.layer]) for region in regions], axis=1)
+            regions = linear_regions("", setting)
+            scores = np.stack([region.score(decode_keys[:, list(region.layers)]) for region in regions], axis=1)
             refused = decode_refused(scores, owner, len(picked), list(range(len(regions))), setting.thresholds,
                                      setting.votes)
         else:
@@ -386,7 +386,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
 
 FOLDS = 4
 LINEAR_MARGIN = 0.5   # spreads of the projected keys between a threshold and the decoded keys of retain prompts
-LINEAR_CANDIDATES = ((1, 1), (2, 1), (3, 1), (3, 2))
+WINDOWS = (1, 3, 5)   # candidate regions: this many adjacent fit layers, their discriminants averaged
 
 
 def linear_threshold(scores: np.ndarray, target: float) -> float:
@@ -401,19 +401,24 @@ def _folds(rows: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(rows) % FOLDS
 
 
-def out_of_fold_scores(forget: np.ndarray, retain: np.ndarray, seed: int = 0) -> np.ndarray:
-    """(m,) LinearRegion scores of the retain keys (m, F) of one layer, each from a discriminant fitted on the
-    other folds of both sides: in-sample scores would set thresholds that refuse more unseen prompts."""
+def _evidence(keys: np.ndarray, weight: np.ndarray, bias: float) -> np.ndarray:
+    """w . v + b of one layer's keys (..., F): LinearRegion's score, negated, for one layer."""
     from unskill.runtime.ksd import LinearRegion
 
+    return -LinearRegion("", (0,), weight[None], bias, 0.0).score(keys[..., None, :])
+
+
+def out_of_fold_evidence(forget: np.ndarray, retain: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(m,) w . v + b of the retain keys (m, F) of one layer, each from a discriminant fitted on the other folds
+    of both sides: in-sample scores would set thresholds that refuse more unseen prompts."""
     from .discriminant import fit
 
     forget_fold, retain_fold = _folds(forget.shape[0], seed), _folds(retain.shape[0], seed + 1)
-    scores = np.empty(retain.shape[0], np.float32)
+    evidence = np.empty(retain.shape[0], np.float32)
     for part in range(FOLDS):
         weight, bias = fit(forget[forget_fold != part], retain[retain_fold != part])
-        scores[retain_fold == part] = LinearRegion("", 0, weight, bias, 0.0).score(retain[retain_fold == part])
-    return scores
+        evidence[retain_fold == part] = _evidence(retain[retain_fold == part], weight, bias)
+    return evidence
 
 
 @dataclass
@@ -426,48 +431,46 @@ class LinearCalibration:
 
 def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.ndarray, validation: np.ndarray,
                      plain: int, target: float, decoded: np.ndarray | None = None, owner: np.ndarray | None = None,
-                     candidates=LINEAR_CANDIDATES) -> LinearCalibration:
+                     windows=WINDOWS) -> LinearCalibration:
     """forget_fit (n, C, F): the probes' keys at fit_layers (C of them); retain (m, L, F) and validation
     (v, L, F) at every layer, the first `plain` validation rows unframed; decoded (d, L, F) keys at decoded
-    tokens of retain prompts with owner (d,) their prompt index. Returns the best linear rule within the target."""
-    from unskill.runtime.ksd import LinearRegion
+    tokens of retain prompts with owner (d,) their prompt index. Each layer gets its discriminant; a candidate
+    region averages those of `window` adjacent fit layers; its threshold keeps the out-of-fold retain scores
+    within the target and the decoded keys LINEAR_MARGIN outside; the candidate catching the most validation
+    prompts wins (ties: the wider window: averaging layers held Best-of-N noise better, docs/guard.md)."""
     from unskill.runtime.statsfile import GuardSetting
 
     from .discriminant import fit
 
     prompts = int(owner.max()) + 1 if decoded is not None and owner.size else 0
-    per_layer = []   # (layer, weight, bias, out-of-fold retain scores, validation scores, decoded lowest)
+    fitted, oof, valid, dec = [], [], [], []
     for column, layer in enumerate(fit_layers):
         weight, bias = fit(forget_fit[:, column], retain[:, layer])
-        region = LinearRegion("", layer, weight, bias, 0.0)
-        lowest = per_prompt(region.score(decoded[:, layer])[:, None], owner, prompts)[:, 0] if prompts else None
-        per_layer.append((layer, weight, bias, out_of_fold_scores(forget_fit[:, column], retain[:, layer]),
-                          region.score(validation[:, layer]), lowest))
-    best = None
-    for count, votes in candidates:
-        if count > len(per_layer):
-            continue
-        budget = target * votes / count
-        thresholds = []
-        for _, _, _, retain_scores, _, lowest in per_layer:
-            threshold = linear_threshold(retain_scores, budget)
-            if lowest is not None:
-                threshold = min(threshold, linear_threshold(lowest, budget) - LINEAR_MARGIN)
-            thresholds.append(threshold)
-        recall = [float((row[4] <= t).mean()) for row, t in zip(per_layer, thresholds)]
-        chosen = sorted(np.argsort(recall, kind="stable")[::-1][:count].tolist())
-        limits = [thresholds[i] for i in chosen]
-        if not all(np.isfinite(limits)):
-            continue
-        retain_rate = float(vote(np.stack([per_layer[i][3] for i in chosen], 1), limits, votes).mean())
-        forget_fired = vote(np.stack([per_layer[i][4] for i in chosen], 1), limits, votes)
-        forget_rate = float(forget_fired.mean())
-        if retain_rate > target or (best is not None and forget_rate <= best.forget_rate):
-            continue
-        setting = GuardSetting("linear", [per_layer[i][0] for i in chosen], [float(t) for t in limits], votes,
-                               weights=np.stack([per_layer[i][1] for i in chosen]),
-                               biases=np.array([per_layer[i][2] for i in chosen]))
-        best = LinearCalibration(setting, forget_rate, retain_rate, float(forget_fired[:plain].mean()))
+        fitted.append((weight, bias))
+        oof.append(out_of_fold_evidence(forget_fit[:, column], retain[:, layer]))
+        valid.append(_evidence(validation[:, layer], weight, bias))
+        dec.append(_evidence(decoded[:, layer], weight, bias) if prompts else None)
+    best, best_key = None, None
+    for window in windows:
+        for start in range(0, len(fit_layers) - window + 1):
+            chosen = list(range(start, start + window))
+            threshold = linear_threshold(-np.mean([oof[i] for i in chosen], axis=0), target)
+            if prompts:
+                lowest = per_prompt(-np.mean([dec[i] for i in chosen], axis=0)[:, None], owner, prompts)[:, 0]
+                threshold = min(threshold, linear_threshold(lowest, target) - LINEAR_MARGIN)
+            if not np.isfinite(threshold):
+                continue
+            validation_scores = -np.mean([valid[i] for i in chosen], axis=0)
+            forget_rate = float((validation_scores <= threshold).mean())
+            retain_rate = float((-np.mean([oof[i] for i in chosen], axis=0) <= threshold).mean())
+            key = (forget_rate, window)
+            if retain_rate > target or (best_key is not None and key <= best_key):
+                continue
+            setting = GuardSetting("linear", [fit_layers[i] for i in chosen], [float(threshold)], 1,
+                                   weights=np.stack([fitted[i][0] for i in chosen]) / window,
+                                   biases=np.array([fitted[i][1] for i in chosen]) / window)
+            best, best_key = LinearCalibration(setting, forget_rate, retain_rate,
+                                               float((validation_scores[:plain] <= threshold).mean())), key
     if best is None:
         raise UnskillError("calibrate: no linear rule keeps the retain prompts under the target")
     return best

@@ -12,8 +12,13 @@ the thresholds' forget side). Benchmarks with a validation split use it (gsm8k, 
 last VALIDATION_SHARE for validation.
 
 Best-of-N noise (random capitalization, shuffled letters, ASCII noise; Hughes et al., 2024) is one family of
-the forget side's framed variants, and a noised copy of every third retain prompt joins the retain side, so a
-garbled benign request is not refused either.
+the forget side's framed variants and every probe also gets a noised copy (an attacker resamples this noise until
+a request passes, so one family's share was too few), and a noised copy of every third retain prompt joins the
+retain side, so a garbled benign request is not refused either.
+
+Besides the moments of the probes' keys (the `ksd` group: the paper's cube, the Gaussian kinds), the probe pass
+keeps the keys themselves at FIT_LAYERS layers, and calibration fits a linear discriminant on them (the `linear`
+rule, stats/discriminant.py); the kind that catches more validation prompts within the target is stored.
 
 Default retain sets (`--retain` adds to them, `--no-default-retain` drops them): the other built-in skill,
 built-in general requests, calibration's chat set, the calibration half of the real user instructions less the
@@ -129,6 +134,9 @@ def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config
     kind = skill_kind(forget_spec)
     augment_kind = kind if config.augment == "auto" else None if config.augment == "none" else config.augment
     probes, validation = forget_sets(forget_spec, config.limit, config.data_dir)
+    if augment_kind:   # Best-of-N-noised copies of every probe: one per family is too few to hold against it
+        from .augment import augment
+        probes = Dataset(probes.name, probes.items + augment(probes, augment_kind, seed=2, families=("bon",)).items)
     retain = retain_sets(kind, config, config.data_dir, warn)
     if not retain:
         raise UnskillError("unskill guard: no retain set (give --retain SPEC, or keep the default ones)")
@@ -161,11 +169,11 @@ def refusal_rates(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, dat
     mode: {dataset name: {mode: rate}}. The keys come from the guard's own tap and the decision from the
     guard's own Detector, so these are the rates `ksd-run` gives at the prompt's last token."""
     from unskill.runtime.keys import KeyReader
-    from unskill.runtime.ksd import KSDGuard
+    from unskill.runtime.ksd import KSDGuard, region_layers
 
     guard = KSDGuard([stats], model.manifest)
     detector = guard.detectors[0]
-    layers = sorted({region.layer for region in detector.regions})
+    layers = sorted({layer for region in detector.regions for layer in region_layers(region)})
     reader = KeyReader(model, batch_size, progress)
     rates = {}
     for dataset in datasets:
