@@ -7,7 +7,7 @@ says the graph carries a guard (`guard` in unskill.json) and the caller gave no 
 same ones (by sha256) with no alpha/layer overrides.
 
 `skill_scores` is the NumPy twin of the graph's `guard.score.<SKILL>` outputs (the tests hold the graph to it):
-per region a margin (<= 1 inside): box max |v - mu| / halfwidth; gauss score / threshold; ratio
+per region a margin (<= 1 inside): box max |v - mu| / halfwidth / threshold; gauss score / threshold; ratio
 max(forget / (threshold * max(retain, tiny)), forget / bound); per skill the votes-th smallest margin.
 """
 
@@ -26,7 +26,7 @@ TINY = np.finfo(np.float32).tiny
 def region_margin(region, keys: np.ndarray) -> np.ndarray:
     """keys (B, F) -> (B,) float32: the region's score over its threshold (<= 1 inside)."""
     if isinstance(region, Hypercube):
-        return (np.abs(keys - region.center) / region.halfwidth).max(axis=-1)
+        return region.score(keys) / np.float32(region.threshold)
     if isinstance(region, RatioRegion):
         forget = gauss_score(keys, region.center, region.inverse_sigma)
         retain = gauss_score(keys, region.retain_center, region.retain_inverse_sigma)
