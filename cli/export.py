@@ -231,7 +231,6 @@ def run_pack(args: argparse.Namespace) -> int:
 
 def run_slim(args: argparse.Namespace) -> int:
     from unskill.exporter.deploy import slim
-
     from unskill.runtime.errors import UnskillError
 
     if args.rule and not args.guard:

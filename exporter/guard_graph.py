@@ -93,7 +93,7 @@ def _region(b: _Builder, keys: str, region) -> tuple[str, str]:
         distance = b.op("Abs", [b.op("Sub", [keys, b.const("mu", region.center.astype(np.float32))])])
         halfwidth = b.const("halfwidth", region.halfwidth.astype(np.float32))
         score = b.reduce("ReduceMax", b.op("Div", [distance, halfwidth]), 1)
-        if region.threshold == 1.0:   # the form the graph has always had: no division in the decision
+        if region.threshold == 1.0:   # |v - mu| <= halfwidth in every dimension: no division in the decision
             excess = b.reduce("ReduceMax", b.op("Sub", [distance, halfwidth]), 1)
             return b.op("LessOrEqual", [excess, b.const("zero", np.float32(0))]), score
         threshold = float(region.threshold)
