@@ -13,6 +13,7 @@ centres, widths and thresholds, as initializers. Per region (one layer's `key_la
     gauss  (Ellipsoid)    inside: mean((v - mu) * inv_sigma)^2 <= threshold;          margin: score / threshold
     ratio  (RatioRegion)  inside: forget <= bound and forget <= threshold * max(retain, tiny)
                           margin: max(forget / (threshold * max(retain, tiny)), forget / bound)
+    linear (LinearRegion) inside: -(v . w + b) <= threshold (MatMul);                  margin: 1 + score - threshold
 
 A skill (one detector) fires when at least `votes` of its regions hold their key; `guard.refuse.<SKILL>` is that
 decision and `guard.score.<SKILL>` the votes-th smallest region margin (min over regions for one vote): the skill
@@ -31,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from unskill.runtime.errors import UnskillError
-from unskill.runtime.ksd import Ellipsoid, Hypercube, KSDGuard, RatioRegion
+from unskill.runtime.ksd import Ellipsoid, Hypercube, KSDGuard, LinearRegion, RatioRegion
 from unskill.runtime.manifest import Manifest
 
 REFUSE = "guard.refuse"
@@ -108,6 +109,14 @@ def _region(b: _Builder, keys: str, region) -> tuple[str, str]:
         inside = b.op("And", [b.op("LessOrEqual", [forget, bound]), b.op("LessOrEqual", [forget, limit])])
         margin = b.op("Max", [b.op("Div", [forget, limit]), b.op("Div", [forget, bound])])
         return inside, margin
+    if isinstance(region, LinearRegion):
+        # score = -(v . w + b); the MatMul sums in another order than NumPy, so a key within float rounding of
+        # the threshold may be decided the other way (tests/test_guard_graph.py holds both within 1e-4)
+        projected = b.op("MatMul", [keys, b.const("weight", region.weight.astype(np.float32))])
+        score = b.op("Neg", [b.op("Add", [projected, b.const("bias", np.float32(region.bias))])])
+        threshold = b.const("threshold", np.float32(region.threshold))
+        margin = b.op("Add", [b.op("Sub", [score, threshold]), b.const("one", np.float32(1))])
+        return b.op("LessOrEqual", [score, threshold]), margin
     if isinstance(region, Ellipsoid):
         score = _gauss(b, keys, region.center, region.inverse_sigma)
         threshold = b.const("threshold", np.float32(region.threshold))

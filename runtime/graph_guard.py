@@ -8,7 +8,8 @@ same ones (by sha256) with no alpha/layer overrides.
 
 `skill_scores` is the NumPy twin of the graph's `guard.score.<SKILL>` outputs (the tests hold the graph to it):
 per region a margin (<= 1 inside): box max |v - mu| / halfwidth / threshold; gauss score / threshold; ratio
-max(forget / (threshold * max(retain, tiny)), forget / bound); per skill the votes-th smallest margin.
+max(forget / (threshold * max(retain, tiny)), forget / bound); linear 1 + score - threshold; per skill the votes-th
+smallest margin.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from .errors import UnskillError
 from .io import sha256_file
-from .ksd import Ellipsoid, Hit, Hypercube, KSDGuard, RatioRegion, gauss_score
+from .ksd import Ellipsoid, Hit, Hypercube, KSDGuard, LinearRegion, RatioRegion, gauss_score
 from .manifest import Manifest
 
 TINY = np.finfo(np.float32).tiny
@@ -25,6 +26,8 @@ TINY = np.finfo(np.float32).tiny
 
 def region_margin(region, keys: np.ndarray) -> np.ndarray:
     """keys (B, F) -> (B,) float32: the region's score over its threshold (<= 1 inside)."""
+    if isinstance(region, LinearRegion):   # its threshold has either sign: 1 + score - threshold
+        return region.margin(keys)
     if isinstance(region, Hypercube):
         return region.score(keys) / np.float32(region.threshold)
     if isinstance(region, RatioRegion):

@@ -4,6 +4,8 @@ Every region kind scores a key, then fires: `score(keys (..., F)) -> (...,)` and
     Hypercube     max_d |v - center| / halfwidth          (threshold 1.0: the paper's cube, alpha in halfwidth)
     Ellipsoid     mean_d ((v - center) * inverse_sigma)^2  (diagonal Gaussian)
     RatioRegion   Ellipsoid's score over the same under the retain prompts' Gaussian, +inf beyond `bound`
+    LinearRegion  -(w . v + b): Fisher's linear discriminant between the forget probes' keys and the retain
+                  prompts' keys (closed form from their means and shrunk pooled covariance: nothing trained)
 A Detector (one skill) fires on a row when at least `votes` of its regions (one per layer) hold that row's key
 of their layer (`vote`). Calibration (stats/calibrate.py) and evaluation (evals/, runtime/keys.py KeyEntry) score
 keys with these regions and decide with `vote`; they never re-derive a score or a threshold.
@@ -30,7 +32,7 @@ from .statsfile import GuardSetting, StatsFile, alpha_problem
 
 SIGMA_FLOOR = 1e-6   # a dimension constant over all probes still admits float noise around it
 ALPHA_MODES = ("k", "sigma")
-RULES = ("box", "gauss", "ratio")
+RULES = ("box", "gauss", "ratio", "linear")
 
 
 @dataclass
@@ -124,6 +126,31 @@ def ratio_score(keys, center, inverse_sigma, retain_center, retain_inverse_sigma
 
 
 @dataclass
+class LinearRegion:
+    """One side of a hyperplane: score(keys) = -(keys . weight + bias), inside when score <= threshold (any sign).
+    weight and bias are Fisher's discriminant of this layer's keys, forget probes against retain prompts
+    (stats/discriminant.py: (S + shrinkage)^-1 (mu_forget - mu_retain), scaled so the projected keys have unit
+    spread). Where the Gaussians of the other kinds score distance from the forget probes, which any new frame,
+    language or noise moves a request away from, this reads the one direction that separates the skill from what
+    must be kept, and a request in a new wrapping still lies on the skill's side (docs/guard.md)."""
+    skill: str
+    layer: int
+    weight: np.ndarray      # (F,) float32
+    bias: float
+    threshold: float
+
+    def score(self, keys: np.ndarray) -> np.ndarray:
+        return -(keys.astype(np.float32) @ self.weight + np.float32(self.bias))
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        return self.score(keys) <= self.threshold
+
+    def margin(self, keys: np.ndarray) -> np.ndarray:
+        """<= 1 inside: 1 + score - threshold (the threshold may be negative, so no quotient)."""
+        return 1 + self.score(keys) - np.float32(self.threshold)
+
+
+@dataclass
 class Hit:
     skill: str
     layer: int
@@ -190,6 +217,8 @@ def rule_regions(stats: StatsFile, rule: str, layers, thresholds=None, retain=No
     layers = list(layers)
     if thresholds is None:
         thresholds = [1.0 if rule == "box" else math.inf] * len(layers)
+    if rule == "linear":
+        return linear_regions(stats.skill, stats.guard, layers, thresholds)
     if rule == "box":
         return [build_cubes(stats, [layer], float(threshold), "k")[0] for layer, threshold in zip(layers, thresholds)]
     if "ksd" not in stats.groups:
@@ -209,6 +238,20 @@ def rule_regions(stats: StatsFile, rule: str, layers, thresholds=None, retain=No
             for layer, threshold, bound in zip(layers, thresholds, bounds)]
 
 
+def linear_regions(skill: str, setting: GuardSetting | None, layers, thresholds) -> list[LinearRegion]:
+    """A linear rule's regions: its weights and biases live in the setting (stored beside it in the stats file)."""
+    if setting is None or setting.rule != "linear" or setting.weights is None:
+        raise UnskillError(f"stats for {skill!r}: a linear rule needs its stored weights; "
+                           f"make the guard with `unskill guard`")
+    row = {layer: i for i, layer in enumerate(setting.layers)}
+    missing = [layer for layer in layers if layer not in row]
+    if missing:
+        raise UnskillError(f"stats for {skill!r}: the linear rule has no weights for layers {missing}")
+    return [LinearRegion(skill, layer, np.asarray(setting.weights[row[layer]], np.float32),
+                         float(setting.biases[row[layer]]), float(threshold))
+            for layer, threshold in zip(layers, thresholds)]
+
+
 def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str, retain=None, bounds=None) -> np.ndarray:
     """keys (n, L, F) at every layer -> (n, L): each layer's region score (rule_regions with no thresholds).
     box: the entry alpha max_d |v - mu| / (k sigma); gauss: mean_d ((v - mu) / sigma)^2; ratio: gauss under
@@ -219,7 +262,10 @@ def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str, retain=None, bou
 
 def build_regions(stats: StatsFile, setting: GuardSetting) -> list:
     """A stored rule's regions, one per layer: cubes (thresholds in units of the fitted k), ellipsoids
-    (thresholds on the mean squared z-score) or forget/retain ratios (thresholds on the quotient)."""
+    (thresholds on the mean squared z-score), forget/retain ratios (thresholds on the quotient) or linear
+    discriminants (thresholds on -(w . v + b))."""
+    if setting.rule == "linear":
+        return linear_regions(stats.skill, setting, setting.layers, setting.thresholds)
     return rule_regions(stats, setting.rule, setting.layers, setting.thresholds, bounds=setting.bounds)
 
 

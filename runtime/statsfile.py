@@ -9,6 +9,7 @@ allow_pickle=False. Groups and their fields:
     sp_retain  same on retain texts
     ksd_retain key vector at the last prompt token, calibration's retain prompts (written by `unskill calibrate`
                with a `ratio` rule: the retain side of its forget/retain score)
+A stored `linear` rule keeps its per-layer discriminant as `guard.weights` (R, F) float32 and `guard.biases` (R,).
 count is per layer (L,); the other fields are float64 (L, F). Sums (not means) so shards merge by addition.
 An optional `guard` member (a JSON string) holds the rule `unskill calibrate` chose (GuardSetting); merged
 shards drop it and `ksd_retain` (their cubes changed, so it must be calibrated again). Files without it load
@@ -90,7 +91,7 @@ class Moments:
         return np.sqrt(np.maximum(centered, 0.0) / np.maximum(n - ddof, 1))
 
 
-GUARD_RULES = ("box", "gauss", "ratio")
+GUARD_RULES = ("box", "gauss", "ratio", "linear")
 
 # Where a region's size may lie, per rule (the threshold's unit), so that it can refuse something and does not
 # refuse everything. Calibrated settings sit near 1 (box 1-9 x k, gauss and ratio 1-5): a forget probe's own mean
@@ -117,6 +118,15 @@ def region_problem(kind: str, value: float) -> str | None:
     return None
 
 
+LINEAR_LIMIT = 1e3   # a linear rule's thresholds are in units of the projected keys' spread: |t| beyond is no rule
+
+
+def linear_problem(threshold: float) -> str | None:
+    if abs(threshold) > LINEAR_LIMIT:
+        return f"{threshold:g} is beyond +-{LINEAR_LIMIT:g} spreads of the projected keys: it would refuse nothing or everything"
+    return None
+
+
 def alpha_problem(alpha, alpha_mode: str = "k") -> str | None:
     """Why this --alpha cannot guard (in units of the fitted k, or of sigma), or None."""
     return region_problem("box" if alpha_mode == "k" else "sigma", alpha)
@@ -133,6 +143,8 @@ class GuardSetting:
     votes: int = 1
     calibration: dict = field(default_factory=dict)   # what it was calibrated on, with the rates it reached
     bounds: list[float] | None = None   # ratio only, per layer: the forget-side score above which nothing fires
+    weights: np.ndarray | None = None   # linear only, (layers, F): each layer's discriminant direction
+    biases: np.ndarray | None = None    # linear only, (layers,)
 
     @property
     def name(self) -> str:
@@ -166,14 +178,16 @@ class GuardSetting:
                    or not setting.layers else
                    f"a layer is outside 0..{num_layers - 1}" if not all(0 <= i < num_layers for i in setting.layers) else
                    f"votes {setting.votes} not in 1..{len(setting.layers)}" if not 1 <= setting.votes <= len(setting.layers)
-                   else "thresholds must be positive" if not all(t > 0 for t in setting.thresholds)
+                   else "thresholds must be finite" if not all(math.isfinite(t) for t in setting.thresholds)
+                   else "thresholds must be positive" if setting.rule != "linear"
+                   and not all(t > 0 for t in setting.thresholds)
                    else "bounds need one positive value per layer" if setting.bounds is not None and (
                        len(setting.bounds) != len(setting.layers) or not all(b > 0 for b in setting.bounds))
                    else None)
         if problem:
             return problem
         for layer, threshold in zip(setting.layers, setting.thresholds):
-            reason = region_problem(setting.rule, threshold)
+            reason = linear_problem(threshold) if setting.rule == "linear" else region_problem(setting.rule, threshold)
             if reason:
                 return f"threshold of layer {layer}: {reason}"
         for layer, bound in zip(setting.layers, setting.bounds or []):
@@ -210,6 +224,9 @@ class StatsFile:
         }
         if self.guard is not None:
             arrays["guard"] = np.array(self.guard.to_json())
+            if self.guard.weights is not None:
+                arrays["guard.weights"] = np.asarray(self.guard.weights, np.float32)
+                arrays["guard.biases"] = np.asarray(self.guard.biases, np.float64)
         for group, moments in self.groups.items():
             arrays[f"{group}.count"] = moments.count
             for name, value in moments.values.items():
@@ -283,6 +300,22 @@ def _check_consistent(path: Path, group: str, moments: Moments) -> None:
         raise UnskillError(f"{path}: {group}.sumsq is negative; the file is damaged")
 
 
+def _linear_arrays(path: Path, arrays: dict[str, np.ndarray], rows: int, width: int):
+    """A stored linear rule's weights (rows, width) and biases (rows,), checked."""
+    weights, biases = arrays.get("guard.weights"), arrays.get("guard.biases")
+    if weights is None or biases is None:
+        raise UnskillError(f"{path}: the stored linear rule has no guard.weights/guard.biases; make it again with "
+                           f"`unskill guard`")
+    if weights.shape != (rows, width) or biases.shape != (rows,) or weights.dtype.kind != "f" or biases.dtype.kind != "f":
+        raise UnskillError(f"{path}: guard.weights {weights.dtype}{weights.shape} / guard.biases "
+                           f"{biases.dtype}{biases.shape}, expected floats of shape ({rows}, {width}) / ({rows},)")
+    if not (np.isfinite(weights).all() and np.isfinite(biases).all()):
+        raise UnskillError(f"{path}: guard.weights or guard.biases contain NaN or infinity")
+    if not (np.abs(weights).max(axis=1) > 0).all():
+        raise UnskillError(f"{path}: a layer of guard.weights is all zeros: that rule would fire on everything or nothing")
+    return weights.astype(np.float32), biases.astype(np.float64)
+
+
 def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
     """Read and validate a stats file; with a manifest, also check it belongs to that model."""
     path = Path(path)
@@ -329,6 +362,8 @@ def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
         if "ksd" not in groups:
             raise UnskillError(f"{path}: has a stored guard rule but no KSD key statistics (ksd group); "
                                f"rebuild it with `unskill stats` and `unskill calibrate`")
+        if guard.rule == "linear":
+            guard.weights, guard.biases = _linear_arrays(path, arrays, len(guard.layers), width)
         if guard.rule == "ratio" and not ("ksd_retain" in groups and (groups["ksd_retain"].count >= 2).all()):
             raise UnskillError(f"{path}: the stored ratio rule needs the retain key statistics (ksd_retain); "
                                f"run `unskill calibrate` again")

@@ -291,7 +291,8 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
                    forget: Dataset, target: float = 0.01, chat: bool = True, kind: str | None = None,
                    batch_size: int = 8, progress: bool = False, rules=RULE_KINDS,
                    decode_prompts: int = DECODE_PROMPTS, decode_tokens: int = DECODE_TOKENS,
-                   formats=None, reader=None) -> RuleCalibration:
+                   formats=None, reader=None, forget_fit: np.ndarray | None = None,
+                   fit_layers: list[int] | None = None) -> RuleCalibration:
     """One prefill per prompt reads every layer's key; rules and the paper's alpha are chosen from them.
     retain[0] is the user's --retain set (the paper's alpha is calibrated on it alone, as before); the
     others (built-in chat, general) join it for the stored rule. `kind` adds framed variants of the forget
@@ -300,7 +301,10 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     more of them at a decoded token than the target (the runtime guard checks every decoded token's key).
     formats: the prompt formats every prompt is read in (stats/augment.py FORMAT_SETS; None: chat or raw as
     `chat` says), forget and retain side alike; the decode check alternates chat and raw where both are asked.
-    `reader` reads the prompt keys elsewhere (KeyReader's interface; cluster/jobs.RayKeyReader for --ray)."""
+    `reader` reads the prompt keys elsewhere (KeyReader's interface; cluster/jobs.RayKeyReader for --ray).
+    forget_fit (n, C, F): the forget probes' own keys at fit_layers (`unskill guard` keeps them): a linear rule
+    (calibrate_linear) is then fitted too, and whichever kind catches more validation prompts within the target
+    is stored."""
     from unskill.runtime.keys import KeyReader, grouped_last_keys
 
     from .augment import augment, encode_formats
@@ -349,11 +353,121 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
         setting.bounds = [float(bounds[i]) for i in setting.layers]
     plain_rate = float(fires(forget_scores[setting.rule][:plain], setting.layers, setting.thresholds,
                              setting.votes).mean())
+    if forget_fit is not None:
+        linear = calibrate_linear(forget_fit, fit_layers, all_retain, forget_keys, plain, target,
+                                  decode_keys if decoded is not None else None, owner)
+        if linear.forget_rate >= forget_rate:
+            setting, forget_rate, retain_rate, plain_rate = (linear.setting, linear.forget_rate, linear.retain_rate,
+                                                             linear.plain_rate)
     setting.calibration = {"retain": [d.name for d in retain], "forget": [d.name for d in forget_sets],
                            "target": target, "retain_refused": retain_rate, "forget_refused": forget_rate,
                            "forget_plain_refused": plain_rate, "retain_items": int(all_retain.shape[0]),
                            "forget_items": int(forget_keys.shape[0]), "formats": list(formats)}
     if decoded is not None:
-        setting.calibration.update(decode_prompts=len(picked), decode_tokens=decode_tokens, decode_refused=decode_refused(
-            decoded[setting.rule], owner, len(picked), setting.layers, setting.thresholds, setting.votes))
+        if setting.rule == "linear":   # scored at the stored layers only: its weights exist there alone
+            from unskill.runtime.ksd import linear_regions
+            regions = linear_regions("", setting, setting.layers, setting.thresholds)
+            scores = np.stack([region.score(decode_keys[:, region.layer]) for region in regions], axis=1)
+            refused = decode_refused(scores, owner, len(picked), list(range(len(regions))), setting.thresholds,
+                                     setting.votes)
+        else:
+            refused = decode_refused(decoded[setting.rule], owner, len(picked), setting.layers, setting.thresholds,
+                                     setting.votes)
+        setting.calibration.update(decode_prompts=len(picked), decode_tokens=decode_tokens, decode_refused=refused)
     return RuleCalibration(setting, retain_moments, paper, forget_rate, retain_rate)
+
+
+# ------------------------------------------------------------------------------------------ the linear rule
+# `unskill guard` also reads the forget probes' keys (not only their moments), so it can fit a linear
+# discriminant per candidate layer (stats/discriminant.py) and set its thresholds here: the retain side's scores
+# are out-of-fold (each retain prompt scored by a direction fitted without it), the decoded tokens of retain
+# prompts must stay LINEAR_MARGIN spreads outside, and the layers and votes with the best forget recall on the
+# validation prompts (never fitted on) win, as for the Gaussian kinds.
+
+FOLDS = 4
+LINEAR_MARGIN = 0.5   # spreads of the projected keys between a threshold and the decoded keys of retain prompts
+LINEAR_CANDIDATES = ((1, 1), (2, 1), (3, 1), (3, 2))
+
+
+def linear_threshold(scores: np.ndarray, target: float) -> float:
+    """The largest threshold refusing at most floor(target * n) of these scores (score <= threshold refuses;
+    additive, as linear scores have either sign)."""
+    ordered = np.sort(scores)
+    allowed = int(np.floor(target * ordered.size))
+    return float(np.nextafter(ordered[allowed], -np.inf)) if allowed < ordered.size else float("inf")
+
+
+def _folds(rows: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(rows) % FOLDS
+
+
+def out_of_fold_scores(forget: np.ndarray, retain: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(m,) LinearRegion scores of the retain keys (m, F) of one layer, each from a discriminant fitted on the
+    other folds of both sides: in-sample scores would set thresholds that refuse more unseen prompts."""
+    from unskill.runtime.ksd import LinearRegion
+
+    from .discriminant import fit
+
+    forget_fold, retain_fold = _folds(forget.shape[0], seed), _folds(retain.shape[0], seed + 1)
+    scores = np.empty(retain.shape[0], np.float32)
+    for part in range(FOLDS):
+        weight, bias = fit(forget[forget_fold != part], retain[retain_fold != part])
+        scores[retain_fold == part] = LinearRegion("", 0, weight, bias, 0.0).score(retain[retain_fold == part])
+    return scores
+
+
+@dataclass
+class LinearCalibration:
+    setting: object            # GuardSetting("linear", ...) with weights and biases
+    forget_rate: float         # on the validation prompts, plain and framed
+    retain_rate: float         # out-of-fold, on every retain prompt
+    plain_rate: float
+
+
+def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.ndarray, validation: np.ndarray,
+                     plain: int, target: float, decoded: np.ndarray | None = None, owner: np.ndarray | None = None,
+                     candidates=LINEAR_CANDIDATES) -> LinearCalibration:
+    """forget_fit (n, C, F): the probes' keys at fit_layers (C of them); retain (m, L, F) and validation
+    (v, L, F) at every layer, the first `plain` validation rows unframed; decoded (d, L, F) keys at decoded
+    tokens of retain prompts with owner (d,) their prompt index. Returns the best linear rule within the target."""
+    from unskill.runtime.ksd import LinearRegion
+    from unskill.runtime.statsfile import GuardSetting
+
+    from .discriminant import fit
+
+    prompts = int(owner.max()) + 1 if decoded is not None and owner.size else 0
+    per_layer = []   # (layer, weight, bias, out-of-fold retain scores, validation scores, decoded lowest)
+    for column, layer in enumerate(fit_layers):
+        weight, bias = fit(forget_fit[:, column], retain[:, layer])
+        region = LinearRegion("", layer, weight, bias, 0.0)
+        lowest = per_prompt(region.score(decoded[:, layer])[:, None], owner, prompts)[:, 0] if prompts else None
+        per_layer.append((layer, weight, bias, out_of_fold_scores(forget_fit[:, column], retain[:, layer]),
+                          region.score(validation[:, layer]), lowest))
+    best = None
+    for count, votes in candidates:
+        if count > len(per_layer):
+            continue
+        budget = target * votes / count
+        thresholds = []
+        for _, _, _, retain_scores, _, lowest in per_layer:
+            threshold = linear_threshold(retain_scores, budget)
+            if lowest is not None:
+                threshold = min(threshold, linear_threshold(lowest, budget) - LINEAR_MARGIN)
+            thresholds.append(threshold)
+        recall = [float((row[4] <= t).mean()) for row, t in zip(per_layer, thresholds)]
+        chosen = sorted(np.argsort(recall, kind="stable")[::-1][:count].tolist())
+        limits = [thresholds[i] for i in chosen]
+        if not all(np.isfinite(limits)):
+            continue
+        retain_rate = float(vote(np.stack([per_layer[i][3] for i in chosen], 1), limits, votes).mean())
+        forget_fired = vote(np.stack([per_layer[i][4] for i in chosen], 1), limits, votes)
+        forget_rate = float(forget_fired.mean())
+        if retain_rate > target or (best is not None and forget_rate <= best.forget_rate):
+            continue
+        setting = GuardSetting("linear", [per_layer[i][0] for i in chosen], [float(t) for t in limits], votes,
+                               weights=np.stack([per_layer[i][1] for i in chosen]),
+                               biases=np.array([per_layer[i][2] for i in chosen]))
+        best = LinearCalibration(setting, forget_rate, retain_rate, float(forget_fired[:plain].mean()))
+    if best is None:
+        raise UnskillError("calibrate: no linear rule keeps the retain prompts under the target")
+    return best

@@ -27,6 +27,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.session import OnnxLM
 from unskill.runtime.statsfile import StatsFile
@@ -38,6 +40,7 @@ VALIDATION_SHARE = 0.25     # of a forget set without a validation split
 SPLIT_BENCHMARKS = ("gsm8k", "mbpp")   # forget benchmarks with train and validation splits
 SKILL_OF = {"gsm8k": "math", "builtin:math": "math", "math": "math",
             "mbpp": "code", "builtin:code": "code", "code": "code"}
+FIT_LAYERS = 10                      # candidate layers of the linear rule (their probe keys are held in memory)
 OTHER_SKILL = {"math": "builtin:code", "code": "builtin:math"}
 
 
@@ -55,6 +58,13 @@ class GuardConfig:
     decode_tokens: int | None = None
     progress: bool = True
     noisy_retain: bool = True           # Best-of-N-noised copies of a third of the retain prompts
+
+
+def fit_layers(num_layers: int, count: int = FIT_LAYERS) -> list[int]:
+    """The layers a linear rule may use: evenly spaced over the upper two thirds (the skill is not yet in the
+    keys of the first layers; docs/guard.md), `count` at most."""
+    first = num_layers // 3
+    return sorted({int(round(x)) for x in np.linspace(first, num_layers - 1, min(count, num_layers - first))})
 
 
 def skill_kind(forget_spec: str) -> str | None:
@@ -111,7 +121,7 @@ def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config
     """Probe, calibrate, store: (the stats file with its rule, calibrate's RuleCalibration)."""
     from .augment import FORMAT_SETS
     from .calibrate import DECODE_PROMPTS, DECODE_TOKENS, calibrate_rule
-    from .probe import AUGMENT_ITEMS, ProbeConfig, probe
+    from .probe import AUGMENT_ITEMS, ProbeConfig, Prober, probe
 
     warn = warn or (lambda line: print(line, file=sys.stderr))
     if config.formats not in FORMAT_SETS:
@@ -124,13 +134,15 @@ def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config
         raise UnskillError("unskill guard: no retain set (give --retain SPEC, or keep the default ones)")
     formats = FORMAT_SETS[config.formats]
     probe_config = ProbeConfig(True, config.batch_size, progress=config.progress, formats=formats)
+    prober = Prober(model, tokenizer, probe_config)
+    prober.keep_layers = fit_layers(model.manifest.num_layers)   # the linear rule is fitted on the probes' keys
     stats = probe(model, tokenizer, probes, None, probe_config, skill or forget_spec, augment=augment_kind,
-                  augment_items=min(AUGMENT_ITEMS, len(probes.items) // 2))   # framed variants of half, at most 100
+                  augment_items=min(AUGMENT_ITEMS, len(probes.items) // 2), prober=prober)   # framed: half, <= 100
     result = calibrate_rule(model, tokenizer, stats, retain, validation, config.target, True, augment_kind,
                             config.batch_size, config.progress,
                             decode_prompts=DECODE_PROMPTS if config.decode_prompts is None else config.decode_prompts,
                             decode_tokens=DECODE_TOKENS if config.decode_tokens is None else config.decode_tokens,
-                            formats=formats)
+                            formats=formats, forget_fit=prober.kept_keys(), fit_layers=prober.keep_layers)
     store_rule(stats, result)
     return stats, result
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
@@ -45,6 +47,8 @@ class Prober:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.manifest = model.manifest
         self._key_model = None
+        self.keep_layers: list[int] | None = None   # the prompt pass also keeps these layers' keys (`unskill guard`)
+        self.kept: list[np.ndarray] = []
 
     @property
     def key_model(self) -> OnnxLM:
@@ -91,7 +95,13 @@ class Prober:
                 keys = grouped_last_keys(reader, sequences[start:start + CHUNK], bar=bar)
                 for layer in range(self.manifest.num_layers):
                     moments.add(layer, keys[:, layer])
+                if self.keep_layers:
+                    self.kept.append(keys[:, self.keep_layers])
         return moments
+
+    def kept_keys(self) -> np.ndarray:
+        """(probes, len(keep_layers), F): the keys the prompt pass kept, in probe order."""
+        return np.concatenate(self.kept)
 
     def text_sequences(self, dataset: Dataset) -> list[list[int]]:
         # Never past the model's context: a learned position table (GPT-2) has no rows beyond it.

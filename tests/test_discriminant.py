@@ -1,0 +1,105 @@
+"""The linear rule: Fisher's discriminant in closed form (stats/discriminant.py), its calibration
+(stats/calibrate.py calibrate_linear) and the runtime's LinearRegion deciding as calibration did, through a stats
+file written and read back; bad stored weights are one clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from unskill.runtime.errors import UnskillError
+from unskill.runtime.ksd import KSDGuard, LinearRegion, vote
+from unskill.runtime.statsfile import GuardSetting, load_stats
+from unskill.stats.discriminant import _solve, fit
+
+
+@pytest.fixture(scope="module")
+def tiny_stats(tiny_export, llama_stats):
+    """(the tiny llama's KSD stats, its manifest): a real stats file for the rule to live in."""
+    from unskill.runtime import load
+
+    _, onnx_dir = tiny_export("llama")
+    return llama_stats[0], load(onnx_dir, device="cpu").model.manifest
+
+
+def two_clouds(rows: int, width: int, shift: float, seed: int = 0):
+    """Forget and retain keys: correlated Gaussian noise, the forget side moved along one direction."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(width, width)) / np.sqrt(width)
+    direction = rng.normal(size=width)
+    direction /= np.linalg.norm(direction)
+    retain = rng.normal(size=(rows, width)) @ mixing
+    forget = rng.normal(size=(rows, width)) @ mixing + shift * direction
+    return forget.astype(np.float32), retain.astype(np.float32)
+
+
+def test_woodbury_and_direct_solve_agree():
+    """F > n goes through the n x n system; both forms solve the same shrunk system (float64, 1e-8 relative)."""
+    rng = np.random.default_rng(1)
+    centred = rng.normal(size=(40, 25))
+    target = rng.normal(size=25)
+    direct = _solve(centred, 0.02, 0.3, target)               # F <= n: the F x F form
+    np.testing.assert_allclose((0.02 * centred.T @ centred + 0.3 * np.eye(25)) @ direct, target, rtol=1e-8)
+    wide_rows = centred.T.copy()                               # 25 rows of 40 dimensions: Woodbury's n x n form
+    wide_target = rng.normal(size=40)
+    wide = _solve(wide_rows, 0.02, 0.3, wide_target)
+    np.testing.assert_allclose((0.02 * wide_rows.T @ wide_rows + 0.3 * np.eye(40)) @ wide, wide_target, rtol=1e-8)
+
+
+def test_fit_separates_and_scales_to_unit_spread():
+    forget, retain = two_clouds(300, 16, shift=4.0)
+    weight, bias = fit(forget, retain)
+    region = LinearRegion("s", 0, weight, bias, 0.0)
+    assert (region.score(forget) < 0).mean() > 0.95 and (region.score(retain) > 0).mean() > 0.95
+    assert np.std(np.concatenate([forget, retain]) @ weight) == pytest.approx(1.0, rel=1e-4)
+    wide_forget, wide_retain = two_clouds(30, 64, shift=6.0, seed=2)   # fewer prompts than dimensions
+    weight, bias = fit(wide_forget, wide_retain)
+    assert np.isfinite(weight).all() and (LinearRegion("s", 0, weight, bias, 0.0).score(wide_forget) < 0).mean() > 0.9
+
+
+def test_calibrated_linear_rule_decides_as_the_runtime_after_a_round_trip(tmp_path, tiny_stats):
+    """calibrate_linear's thresholds keep the retain side within the target (out of fold), and the runtime's
+    KSDGuard, reading the rule back from the stats file, refuses exactly the rows calibration's vote refuses."""
+    from dataclasses import replace
+
+    from unskill.stats.calibrate import calibrate_linear
+
+    stats, manifest = tiny_stats
+    layers, width = stats.num_layers, stats.key_width
+    rng = np.random.default_rng(3)
+    clouds = [two_clouds(200, width, shift=3.0, seed=10 + layer) for layer in range(layers)]
+    forget = np.stack([c[0] for c in clouds], axis=1)
+    retain = np.stack([c[1] for c in clouds], axis=1)
+    validation = forget[rng.permutation(200)[:60]] + rng.normal(scale=0.1, size=(60, layers, width)).astype(np.float32)
+    result = calibrate_linear(forget, list(range(layers)), retain, validation, plain=60, target=0.05)
+    setting = result.setting
+    assert setting.rule == "linear" and result.retain_rate <= 0.05 and result.forget_rate > 0.8
+    path = replace(stats, guard=setting).save(tmp_path / "linear.npz")
+    guard = KSDGuard([load_stats(path, manifest)], manifest)
+    keys = np.concatenate([validation, retain[:50]])
+    names = manifest.key_last_outputs
+    hits = guard.check({names[layer]: keys[:, layer] for layer in setting.layers})
+    regions = [LinearRegion("", layer, setting.weights[i], setting.biases[i], 0.0)
+               for i, layer in enumerate(setting.layers)]
+    expected = vote(np.stack([r.score(keys[:, r.layer]) for r in regions], 1), setting.thresholds, setting.votes)
+    assert [hit is not None for hit in hits] == expected.tolist()
+    assert 0 < expected.sum() < len(keys)
+
+
+def test_bad_linear_weights_are_one_clear_error(tmp_path, tiny_stats):
+    from dataclasses import replace
+
+    stats, manifest = tiny_stats
+    good = GuardSetting("linear", [0], [0.5], weights=np.ones((1, stats.key_width), np.float32), biases=np.zeros(1))
+    cases = {
+        "shape": replace(good, weights=np.ones((2, stats.key_width), np.float32)),
+        "NaN": replace(good, weights=np.full((1, stats.key_width), np.nan, np.float32)),
+        "zeros": replace(good, weights=np.zeros((1, stats.key_width), np.float32)),
+        "missing": replace(good, weights=None, biases=None),
+        "threshold": replace(good, thresholds=[5e3]),
+    }
+    for name, setting in cases.items():
+        path = replace(stats, guard=setting).save(tmp_path / f"{name}.npz")
+        with pytest.raises(UnskillError) as error:
+            load_stats(path, manifest)
+        assert str(path) in str(error.value) and "\n" not in str(error.value), name
