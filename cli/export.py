@@ -27,6 +27,15 @@ def _add_target(parser) -> None:
     parser.add_argument("--guard", action="append", default=[], metavar="NPZ",
                         help="stats file whose KSD rule goes into the graph as guard.refuse / guard.score.* outputs "
                              "(repeatable; as `unskill edit guard`)")
+    _add_rule(parser, "--guard")
+
+
+def _add_rule(parser, stats_option: str) -> None:
+    """--rule as ksd-run's: a stats file without a stored rule is refused unless the paper's cube is asked for."""
+    parser.add_argument("--rule", choices=("stored", "paper"), default=None,
+                        help=f"stored: each {stats_option} file's calibrated rule, stored by `unskill guard` (the "
+                             f"default; a file without one is refused); paper: the paper's cube (last layer, "
+                             f"1 x k) for every {stats_option} file")
 
 
 def _with_target(args: argparse.Namespace, build):
@@ -37,28 +46,32 @@ def _with_target(args: argparse.Namespace, build):
     from pathlib import Path
 
     from unskill.exporter.folder import refuse_nonempty_out
+    from unskill.exporter.guard_graph import require_rules
     from unskill.runtime.errors import UnskillError
-    from unskill.runtime.statsfile import load_stats
 
     out = Path(args.out)
     guard_stats = list(getattr(args, "guard", None) or [])
+    rule = getattr(args, "rule", None)
     deploy = getattr(args, "target", "full") == "deploy"
+    if rule and not guard_stats:
+        raise UnskillError(f"--rule {rule} applies to --guard's stats files; give --guard NPZ")
     if not deploy and not guard_stats:
         return build(out)
     refuse_nonempty_out(out)
     if guard_stats and getattr(args, "no_guard", False):
         raise UnskillError("--guard and --no-guard contradict each other: a guard reads key_last.*")
-    for path in guard_stats:   # a bad stats file fails now, not after minutes of export
-        load_stats(path)
+    if guard_stats:   # a bad stats file, or one without a rule, fails now, not after minutes of export
+        require_rules(guard_stats, rule)
     from unskill.exporter.deploy import guard_edit, slim
 
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".unskill-full-", dir=out.resolve().parent) as scratch:
         build(Path(scratch) / "full")
         if deploy:
-            done = slim(Path(scratch) / "full", out, guard=not args.no_guard, guard_stats=guard_stats)
+            done = slim(Path(scratch) / "full", out, guard=not args.no_guard, guard_stats=guard_stats,
+                        guard_rule=rule)
         else:
-            done = guard_edit(Path(scratch) / "full", guard_stats, out)
+            done = guard_edit(Path(scratch) / "full", guard_stats, out, rule=rule)
         shutil.rmtree(Path(scratch) / "full")
     return done
 
@@ -128,6 +141,7 @@ def add_edit_parser(subparsers) -> None:
     slim.add_argument("--no-guard", action="store_true", help="drop key_last.* too (no KSD guard will run)")
     slim.add_argument("--guard", action="append", default=[], metavar="NPZ",
                       help="stats file whose KSD rule goes into the graph (guard.refuse; repeatable)")
+    _add_rule(slim, "--guard")
     slim.set_defaults(run=run_slim)
     fuse = methods.add_parser("fuse", help="fuse a --no-fuse export: GroupQueryAttention, onnxruntime's fusions, key outputs kept")
     fuse.add_argument("--model", required=True)
@@ -150,7 +164,8 @@ def add_edit_parser(subparsers) -> None:
                                              "guard.score.SKILL, enforced by any onnxruntime stack")
     guard.add_argument("--model", required=True, help="directory written by `unskill export` (full or deploy)")
     guard.add_argument("--stats", action="append", required=True, metavar="NPZ",
-                       help="stats file of this model (repeatable): its stored rule, else the paper's last-layer cube")
+                       help="stats file of this model (repeatable) whose stored rule goes into the graph")
+    _add_rule(guard, "--stats")
     guard.add_argument("--out", required=True, help="new directory for the guarded model")
     guard.set_defaults(run=run_guard)
     probe = methods.add_parser("probe-graph", help="add probe.onnx (keys only, no LM head) to an older export, in place")
@@ -216,8 +231,11 @@ def run_pack(args: argparse.Namespace) -> int:
 
 def run_slim(args: argparse.Namespace) -> int:
     from unskill.exporter.deploy import slim
+    from unskill.runtime.errors import UnskillError
 
-    manifest = slim(args.model, args.out, guard=not args.no_guard, guard_stats=args.guard)
+    if args.rule and not args.guard:
+        raise UnskillError(f"--rule {args.rule} applies to --guard's stats files; give --guard NPZ")
+    manifest = slim(args.model, args.out, guard=not args.no_guard, guard_stats=args.guard, guard_rule=args.rule)
     kept = "logits, present.*" + (", key_last.*" if manifest.key_last_outputs else "")
     print(f"deploy folder ({kept}) -> {args.out}/{manifest.model_file}")
     return 0
@@ -226,7 +244,7 @@ def run_slim(args: argparse.Namespace) -> int:
 def run_guard(args: argparse.Namespace) -> int:
     from unskill.exporter.deploy import guard_edit
 
-    manifest = guard_edit(args.model, args.stats, args.out)
+    manifest = guard_edit(args.model, args.stats, args.out, rule=args.rule)
     rules = "; ".join(f"{s['skill']}: {s['rule']}" for s in manifest.guard["skills"])
     print(f"guard in the graph ({rules}) -> {args.out}")
     return 0

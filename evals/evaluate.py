@@ -188,10 +188,12 @@ class Harness:
         return formats if self.tokenizer.has_chat_template else formats[:1]
 
     def _default_guards(self) -> dict:
-        """Per stats file the guard it makes: its stored rule (what ksd-run applies), else the paper's cube (the
-        in-graph guard's fallback; ksd-run refuses such a file)."""
+        """Per stats file the rule eval scores: its stored rule (what ksd-run applies), else the paper's cube.
+        ksd-run and the in-graph guard refuse a file without a rule unless the paper's cube is asked for; eval
+        measures that cube for such a file (a measurement, not a guard)."""
         from unskill.runtime.ksd import KSDGuard
-        return {name: KSDGuard([s], self.model.manifest, rule="fallback") for name, s in self.stats.items()}
+        return {name: KSDGuard([s], self.model.manifest, rule=None if s.guard else "paper")
+                for name, s in self.stats.items()}
 
     def _bypass(self, spec: T.TaskSpec) -> dict:
         """Attack families and retain sets (evals/bypass.py), one prefill per prompt: per stats file the entry

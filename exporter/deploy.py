@@ -18,7 +18,7 @@ from unskill.runtime.manifest import Manifest
 
 from .folder import DATA_FILE, load_exported, probe_graph, refuse_nonempty_out, save_edited, stats_compatible_with
 from .gqa import drop_query_seqlens
-from .guard_graph import guarded_model
+from .guard_graph import guarded_model, require_rules
 from .tie import tie_embedding
 
 DEPLOY_MODEL_FILE = "onnx/model.onnx"
@@ -26,11 +26,14 @@ DEPLOY_DATA_FILE = "model.onnx_data"   # beside the graph, as transformers.js na
 
 
 def slim(model_dir: str | Path, out_dir: str | Path, guard: bool = True, guard_stats: list = (),
-         tie: bool = True) -> Manifest:
+         tie: bool = True, guard_rule: str | None = None) -> Manifest:
     """Write the deploy folder of `model_dir` into `out_dir`; guard=False drops key_last.* as well.
-    guard_stats: stats files of `model_dir` whose KSD rules go into the graph (guard.refuse; guard_graph.py).
+    guard_stats: stats files of `model_dir` whose KSD rules go into the graph (guard.refuse; guard_graph.py):
+    each one's stored rule, or with guard_rule="paper" the paper's cube (a file without a rule is an error).
     For the ecosystem's onnxruntime builds GroupQueryAttention loses its query_seqlens input and the tied
     embedding / LM head is stored once (exporter/tie.py; tie=False keeps both copies, for benchmarks/deploy.py)."""
+    if guard_stats:
+        require_rules(guard_stats, guard_rule)   # before the model loads
     model, manifest = load_exported(model_dir)
     presents = [o.name for o in model.graph.output if o.name.startswith("present.")]
     key_last = list(manifest.key_last_outputs or []) if guard else []
@@ -43,7 +46,7 @@ def slim(model_dir: str | Path, out_dir: str | Path, guard: bool = True, guard_s
             "gqa_query_seqlens": not dropped and manifest.gqa_query_seqlens, "tied_embedding": tied}
     changes = {"guard": manifest.guard if carried else None}
     if guard_stats:
-        slimmed, changes["guard"] = guarded_model(slimmed, manifest, guard_stats)
+        slimmed, changes["guard"] = guarded_model(slimmed, manifest, guard_stats, guard_rule)
         edit["guard"] = [s["skill"] for s in changes["guard"]["skills"]]
     return save_edited(slimmed, manifest, model_dir, out_dir, edit, model_file=DEPLOY_MODEL_FILE,
                        data_file=DEPLOY_DATA_FILE, probe=False, target="deploy",
@@ -51,12 +54,14 @@ def slim(model_dir: str | Path, out_dir: str | Path, guard: bool = True, guard_s
                        gqa_query_seqlens=edit["gqa_query_seqlens"], **changes)
 
 
-def guard_edit(model_dir: str | Path, stats_paths: list, out_dir: str | Path) -> Manifest:
+def guard_edit(model_dir: str | Path, stats_paths: list, out_dir: str | Path, rule: str | None = None) -> Manifest:
     """`unskill edit guard`: DIR2 = DIR (a full or a deploy folder) with the guard of `stats_paths` in its graph
-    (exporter/guard_graph.py). The keys are untouched: the parent's stats, and those it accepts, still apply."""
+    (exporter/guard_graph.py): each file's stored rule, or with rule="paper" the paper's cube. The keys are
+    untouched: the parent's stats, and those it accepts, still apply."""
     refuse_nonempty_out(Path(out_dir))
+    require_rules(stats_paths, rule)   # before the model loads
     model, manifest = load_exported(model_dir)
-    guarded, record = guarded_model(model, manifest, stats_paths)
+    guarded, record = guarded_model(model, manifest, stats_paths, rule)
     del model
     deploy = manifest.target == "deploy"
     edit = {"method": "guard", "skills": [s["skill"] for s in record["skills"]], "ratio": 0.0}

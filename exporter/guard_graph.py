@@ -5,9 +5,11 @@ A pure pass, `add_guard(model, guard, manifest) -> new model`: the rule is not r
 from the runtime's own `KSDGuard(...).detectors` (runtime/ksd.py), so the graph holds exactly the NumPy guard's
 centres, widths and thresholds, as initializers. Per region (one layer's `key_last.{i}`, [B, F]):
 
-    box    (Hypercube)    inside: |v - mu| <= halfwidth in every dimension (ReduceMax of |v - mu| - halfwidth <= 0:
-                          a float difference is <= 0 exactly when a <= b, so the decision is NumPy's bit for bit)
-                          margin: max over dimensions of |v - mu| / halfwidth
+    box    (Hypercube)    score: max over dimensions of |v - mu| / halfwidth; inside: score <= threshold;
+                          margin: score / threshold. At threshold 1 (every cube the guard builds today) inside
+                          is |v - mu| <= halfwidth in every dimension (ReduceMax of |v - mu| - halfwidth <= 0:
+                          a float difference is <= 0 exactly when a <= b); else the float32 score against the
+                          largest float32 <= threshold (float32_at_most): NumPy's decision bit for bit either way
     gauss  (Ellipsoid)    inside: mean((v - mu) * inv_sigma)^2 <= threshold;          margin: score / threshold
     ratio  (RatioRegion)  inside: forget <= bound and forget <= threshold * max(retain, tiny)
                           margin: max(forget / (threshold * max(retain, tiny)), forget / bound)
@@ -79,6 +81,13 @@ def _gauss(b: _Builder, keys: str, center: np.ndarray, inverse_sigma: np.ndarray
     return b.reduce("ReduceMean", b.op("Mul", [z, z]), 1)
 
 
+def float32_at_most(value: float) -> np.float32:
+    """The largest float32 <= value: for a float32 score s, s <= value (NumPy compares it in float64 against the
+    stored threshold) exactly when s <= float32_at_most(value), so the graph's float32 comparison decides alike."""
+    rounded = np.float32(value)
+    return rounded if float(rounded) <= value else np.nextafter(rounded, np.float32(-np.inf))
+
+
 def _region(b: _Builder, layer_keys: list[str], region) -> tuple[str, str]:
     """(inside bool [B], margin float [B]) of one region over its layers' keys (one, except LinearRegion)."""
     if isinstance(region, LinearRegion):
@@ -87,9 +96,13 @@ def _region(b: _Builder, layer_keys: list[str], region) -> tuple[str, str]:
     if isinstance(region, Hypercube):
         distance = b.op("Abs", [b.op("Sub", [keys, b.const("mu", region.center.astype(np.float32))])])
         halfwidth = b.const("halfwidth", region.halfwidth.astype(np.float32))
-        excess = b.reduce("ReduceMax", b.op("Sub", [distance, halfwidth]), 1)
-        inside = b.op("LessOrEqual", [excess, b.const("zero", np.float32(0))])
-        return inside, b.reduce("ReduceMax", b.op("Div", [distance, halfwidth]), 1)
+        score = b.reduce("ReduceMax", b.op("Div", [distance, halfwidth]), 1)
+        if region.threshold == 1.0:   # |v - mu| <= halfwidth in every dimension: no division in the decision
+            excess = b.reduce("ReduceMax", b.op("Sub", [distance, halfwidth]), 1)
+            return b.op("LessOrEqual", [excess, b.const("zero", np.float32(0))]), score
+        threshold = float(region.threshold)
+        inside = b.op("LessOrEqual", [score, b.const("threshold", float32_at_most(threshold))])
+        return inside, b.op("Div", [score, b.const("threshold", np.float32(threshold))])
     if isinstance(region, RatioRegion):
         forget = _gauss(b, keys, region.center, region.inverse_sigma)
         retain = _gauss(b, keys, region.retain_center, region.retain_inverse_sigma)
@@ -117,7 +130,8 @@ def _linear(b: _Builder, layer_keys: list[str], region: LinearRegion) -> tuple[s
     score = b.op("Neg", [b.op("Add", [projected, b.const("bias", np.float32(region.bias))])])
     threshold = b.const("threshold", np.float32(region.threshold))
     margin = b.op("Add", [b.op("Sub", [score, threshold]), b.const("one", np.float32(1))])
-    return b.op("LessOrEqual", [score, threshold]), margin
+    inside = b.op("LessOrEqual", [score, b.const("threshold_f32", float32_at_most(region.threshold))])
+    return inside, margin
 
 
 def _full_width_keys(b: _Builder, name: str, kept: list[int] | None, width: int) -> str:
@@ -209,16 +223,35 @@ def guard_record(guard: KSDGuard, stats_paths: list, stats_fingerprints: list[st
 
 
 
-def guarded_model(model: onnx.ModelProto, manifest: Manifest, stats_paths: list) -> tuple[onnx.ModelProto, dict]:
-    """(model with the guard of these stats files, the manifest's `guard` record). Each stats file's stored rule,
-    else the paper's default (one cube at the last layer, alpha 1 x k): what `ksd-run --stats` applies."""
-    from unskill.runtime.io import sha256_file
+GRAPH_NO_RULE_HINT = ("has no calibrated rule: make the guard with `unskill guard --model DIR --forget SPEC --out "
+                      "FILE.npz`, or pass --rule paper to put the paper's cube in the graph")
+
+
+def require_rules(stats_paths: list, rule: str | None = None) -> None:
+    """Before any model work: each stats file reads, and carries a stored rule unless rule="paper" asks for the
+    paper's cube. One policy with ksd-run (runtime/ksd.py KSDGuard): a file without a rule is never silently a
+    guard; its cube at alpha 1 refuses much of what the model must keep."""
     from unskill.runtime.statsfile import load_stats
 
     if not stats_paths:
         raise UnskillError("the guard needs at least one stats file (--stats / --guard NPZ)")
-    # plain `unskill stats` files: the paper's cube, asked for explicitly (KSDGuard refuses them otherwise)
-    guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest, rule="fallback")
+    if rule not in (None, "stored", "paper"):
+        raise UnskillError(f"rule {rule!r}: use 'stored' or 'paper'")
+    for path in stats_paths:
+        if load_stats(path).guard is None and rule != "paper":
+            raise UnskillError(f"{path} {GRAPH_NO_RULE_HINT}")
+
+
+def guarded_model(model: onnx.ModelProto, manifest: Manifest, stats_paths: list,
+                  rule: str | None = None) -> tuple[onnx.ModelProto, dict]:
+    """(model with the guard of these stats files, the manifest's `guard` record), as `ksd-run --stats` applies
+    them: each file's stored rule (a file without one is an error), or with rule="paper" the paper's cube (one
+    cube at the last layer, alpha 1 x k) for every file."""
+    from unskill.runtime.io import sha256_file
+    from unskill.runtime.statsfile import load_stats
+
+    require_rules(stats_paths, rule)
+    guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest, rule=rule,
+                     where=[str(path) for path in stats_paths])
     return add_guard(model, guard, manifest), guard_record(guard, stats_paths,
                                                             [sha256_file(p) for p in stats_paths])
-

@@ -7,8 +7,9 @@ says the graph carries a guard (`guard` in unskill.json) and the caller gave no 
 same ones (by sha256) with no alpha/layer overrides.
 
 `skill_scores` is the NumPy twin of the graph's `guard.score.<SKILL>` outputs (the tests hold the graph to it):
-per region a margin (<= 1 inside): box max |v - mu| / halfwidth; gauss score / threshold; ratio
-max(forget / (threshold * max(retain, tiny)), forget / bound); linear 1 + score - threshold; per skill the votes-th smallest margin.
+per region a margin (<= 1 inside): box max |v - mu| / halfwidth / threshold; gauss score / threshold; ratio
+max(forget / (threshold * max(retain, tiny)), forget / bound); linear 1 + score - threshold; per skill the votes-th
+smallest margin.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def region_margin(region, keys: np.ndarray) -> np.ndarray:
     if isinstance(region, LinearRegion):   # its threshold has either sign: 1 + score - threshold
         return region.margin(keys)
     if isinstance(region, Hypercube):
-        return (np.abs(keys - region.center) / region.halfwidth).max(axis=-1)
+        return region.score(keys) / np.float32(region.threshold)
     if isinstance(region, RatioRegion):
         forget = gauss_score(keys, region.center, region.inverse_sigma)
         retain = gauss_score(keys, region.retain_center, region.retain_inverse_sigma)

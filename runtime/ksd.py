@@ -321,17 +321,16 @@ class KSDGuard:
     calibrate` (when no alpha, no layers and no rule are given) or the paper's (rule="paper", or an explicit
     alpha or layers): one cube per checked layer, any cube refuses. A stats file with no stored rule is an error
     unless the paper's rule is asked for: its cube at alpha 1 refuses much of what the model must keep
-    (100 % of MBPP for an augmented GSM8K probe set on SmolLM2), so it is never a silent default.
-    rule="fallback": each file's stored rule, the paper's cube for a file without one (the in-graph guard's
-    documented choice, `unskill edit guard`)."""
+    (100 % of MBPP for an augmented GSM8K probe set on SmolLM2), so it is never a silent default (the in-graph
+    guard, exporter/guard_graph.py, follows the same policy)."""
 
     def __init__(self, stats_files: list[StatsFile], manifest: Manifest, alpha: float | None = None,
                  alpha_mode: str = "k", layers: list[int] | None = None, use_stored: bool = True,
                  rule: str | None = None, where: list[str] | None = None):
         if not stats_files:
             raise UnskillError("KSD guard needs at least one stats file")
-        if rule not in (None, "stored", "paper", "fallback"):
-            raise UnskillError(f"rule {rule!r}: use 'stored', 'paper' or 'fallback'")
+        if rule not in (None, "stored", "paper"):
+            raise UnskillError(f"rule {rule!r}: use 'stored' or 'paper'")
         paper = rule == "paper" or not use_stored or alpha is not None or layers is not None or alpha_mode != "k"
         layers = [manifest.num_layers - 1] if layers is None else resolve_layers(layers, manifest.num_layers)
         self.detectors = []
@@ -340,7 +339,7 @@ class KSDGuard:
             if setting is not None:
                 resolve_layers(setting.layers, manifest.num_layers)   # a stored rule of another model: one clear error
                 self.detectors.append(detector(stats, setting))
-            elif not paper and rule != "fallback":   # fallback: the paper's cube for a file without a rule
+            elif not paper:
                 name = where[index] if where else f"stats for {stats.skill!r}"
                 raise UnskillError(f"{name} {NO_RULE_HINT}")
             else:

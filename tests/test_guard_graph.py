@@ -1,10 +1,12 @@
 """The KSD guard as graph outputs (exporter/guard_graph.py) against the NumPy guard (runtime/ksd.py), the reference:
 decisions identical and scores within 1e-5 relative, for every rule kind (box, gauss, ratio with its cap, k-of-n
-votes, the paper's default), at the prompt and at decode steps; the runtime's use of guard.refuse; bad input."""
+votes, a box whose threshold is not 1, the paper's cube asked for with rule="paper"), at the prompt and at decode
+steps; the runtime's use of guard.refuse; bad input, a stats file without a stored rule among it."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,15 +26,16 @@ OTHERS = ["Write a haiku about the sea.", "def add(a, b): return a + b  # explai
 
 
 def guard_parity(model_dir: Path, stats_paths: list[Path], prompts: list, decode_steps: int = 0,
-                 chat: bool = True, batch_size: int = 8) -> dict:
+                 chat: bool = True, batch_size: int = 8, rule: str | None = None) -> dict:
     """Run `prompts` greedily through the guarded graph for 1 + decode_steps forwards; at every forward assert that
     guard.refuse, guard.refuse.<SKILL> and guard.score.<SKILL> equal the NumPy guard's on the same key_last
-    outputs. Returns {"checks": rows checked, "refused": rows refused, "skills": {skill: refused rows}}."""
+    outputs (rule: as the graph was made, None for stored rules or "paper").
+    Returns {"checks": rows checked, "refused": rows refused, "skills": {skill: refused rows}}."""
     from unskill.runtime import load
 
     generator = load(model_dir, device="cpu", threads=2, graph_guard=False)
     model, manifest = generator.model, generator.model.manifest
-    guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest, rule="fallback")
+    guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest, rule=rule)
     skills = manifest.guard["skills"]
     key_names = list(manifest.key_last_outputs)
     fetch = [*key_names, manifest.guard["refuse_output"], *(s["score_output"] for s in skills),
@@ -62,8 +65,9 @@ def guard_parity(model_dir: Path, stats_paths: list[Path], prompts: list, decode
 
 
 def rule_stats(stats, keys_of_layer: dict[int, np.ndarray], retain_group, out_dir: Path) -> list[Path]:
-    """One stats file per rule kind (box, gauss, ratio with a cap, 2-of-3 votes, the paper's default), thresholds
-    at the median score of `keys_of_layer` so that each rule refuses some rows and passes others."""
+    """One stats file per rule kind (box, gauss, ratio with a cap, 2-of-3 votes), thresholds at the median score
+    of `keys_of_layer` so that each rule refuses some rows and passes others, and last one without a stored rule
+    ("paper": a guard only when the paper's cube is asked for)."""
     from unskill.runtime.ksd import build_cubes, gauss_score, gaussian, ratio_score
 
     mean, inverse_sigma = gaussian(stats.groups["ksd"])
@@ -113,17 +117,89 @@ def tiny_rules(request, tiny_export, tmp_path_factory):
 
 
 def test_every_rule_kind_in_the_graph_equals_numpy(tiny_rules, tmp_path):
-    """One graph carrying five skills, one per rule kind; prompt and 6 decode steps, batch with left padding."""
+    """One graph carrying four skills, one per stored rule kind, and one with the paper's cube of the rule-less
+    file (rule="paper"); prompt and 6 decode steps, batch with left padding."""
     from unskill.exporter.deploy import guard_edit
 
     onnx_dir, paths = tiny_rules
-    manifest = guard_edit(onnx_dir, paths, tmp_path / "guarded")
-    assert [s["skill"] for s in manifest.guard["skills"]] == ["box", "gauss", "ratio", "votes", "paper"]
-    assert manifest.guard["skills"][3]["votes"] == 2 and manifest.guard["skills"][4]["rule"] == "paper"
-    summary = guard_parity(tmp_path / "guarded", paths, APPLES + OTHERS, decode_steps=6)
-    assert summary["checks"] == 7 * len(APPLES + OTHERS)
-    for skill, refused in summary["skills"].items():   # every rule decides both ways somewhere
-        assert 0 < refused < summary["checks"], (skill, refused)
+    stored, rule_less = paths[:-1], paths[-1]
+    manifest = guard_edit(onnx_dir, stored, tmp_path / "guarded")
+    assert [s["skill"] for s in manifest.guard["skills"]] == ["box", "gauss", "ratio", "votes"]
+    assert manifest.guard["skills"][3]["votes"] == 2
+    paper = guard_edit(onnx_dir, [rule_less], tmp_path / "paper", rule="paper")
+    assert [(s["skill"], s["rule"]) for s in paper.guard["skills"]] == [("paper", "paper")]
+    for directory, chosen, rule in ((tmp_path / "guarded", stored, None), (tmp_path / "paper", [rule_less], "paper")):
+        summary = guard_parity(directory, chosen, APPLES + OTHERS, decode_steps=6, rule=rule)
+        assert summary["checks"] == 7 * len(APPLES + OTHERS)
+        for skill, refused in summary["skills"].items():   # every rule decides both ways somewhere
+            assert 0 < refused < summary["checks"], (skill, refused)
+
+
+def test_a_stats_file_without_a_rule_is_refused_before_the_model_loads(tiny_rules, tmp_path):
+    """As ksd-run: a rule-less stats file among --stats / --guard is one error naming it, before any work
+    (nothing written), unless rule="paper" asks for the paper's cube."""
+    from unskill.exporter.deploy import guard_edit, slim
+    from unskill.runtime.errors import UnskillError
+
+    onnx_dir, paths = tiny_rules
+    for make in (lambda out: guard_edit(onnx_dir, paths, out), lambda out: slim(onnx_dir, out, guard_stats=paths)):
+        with pytest.raises(UnskillError, match=f"^{re.escape(str(paths[-1]))} has no calibrated rule: .*--rule paper"):
+            make(tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+def _box_only_graph(manifest, layers: list[int]):
+    """A graph whose outputs key_last.{layer} are its inputs: the guard pass over keys chosen by the test."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    names = [manifest.key_last_outputs[layer] for layer in layers]
+    inputs = [helper.make_tensor_value_info(f"in.{layer}", TensorProto.FLOAT, ["batch", manifest.key_width])
+              for layer in layers]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", manifest.key_width]) for name in names]
+    nodes = [helper.make_node("Identity", [f"in.{layer}"], [name]) for layer, name in zip(layers, names)]
+    graph = helper.make_graph(nodes, "keys", inputs, outputs)
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_operatorsetid("", 18)])
+
+
+def test_box_threshold_other_than_one_in_the_graph_equals_numpy(tiny_export, llama_stats):
+    """Cubes whose Hypercube.threshold is 1.37 and 0.73 (one skill, either cube refuses): guard.refuse equals
+    KSDGuard.check and guard.score.SKILL equals skill_scores (margin = score / threshold) on random keys, rows
+    a few float32 steps either side of each threshold included."""
+    import onnxruntime as ort
+
+    from unskill.exporter.guard_graph import add_guard
+    from unskill.runtime.manifest import load_manifest
+
+    _, onnx_dir = tiny_export("llama")
+    manifest = load_manifest(onnx_dir)
+    layers = [0, manifest.num_layers - 1]
+    guard = KSDGuard([llama_stats[0]], manifest, rule="paper", layers=layers)
+    detector = guard.detectors[0]
+    detector.regions = [replace(region, threshold=threshold)
+                        for region, threshold in zip(detector.regions, (1.37, 0.73))]
+    guard.cubes = detector.regions
+    rng = np.random.default_rng(0)
+    rows, width = 256, manifest.key_width
+    units = {region.layer: rng.uniform(-1, 1, (rows, width)) * rng.uniform(0.3, 2.2, (rows, 1))
+             for region in detector.regions}
+    for region in detector.regions:   # 9 rows at this cube's edge (one dimension), far outside the other cube
+        edge = np.float32(region.threshold) + np.arange(-4, 5) * np.spacing(np.float32(region.threshold))
+        for other in detector.regions:
+            near = np.zeros((len(edge), width))
+            near[:, rng.integers(width)] = edge if other is region else 5.0
+            units[other.layer] = np.concatenate([units[other.layer], near])
+    keys = {region.layer: (region.center + (units[region.layer] * region.halfwidth).astype(np.float32))
+            for region in detector.regions}
+    graph = add_guard(_box_only_graph(manifest, layers), guard, manifest)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    refuse, score = session.run(["guard.refuse", "guard.score.probe"],
+                                {f"in.{layer}": keys[layer] for layer in layers})
+    expected = [hit is not None for hit in guard.check({manifest.key_last_outputs[i]: keys[i] for i in layers})]
+    assert refuse.tolist() == expected and 0.2 < np.mean(expected) < 0.8
+    np.testing.assert_array_equal(score, skill_scores(guard, keys)[0])
 
 
 def test_runtime_uses_the_graph_guard(tiny_rules, tmp_path):
@@ -204,22 +280,30 @@ def test_cli_edit_guard_bad_input(tiny_export, llama_stats, tmp_path, capsys):
     (tmp_path / "taken" / "x").write_text("x")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     for stats, out, needle in ((llama_stats[1], tmp_path / "taken", "not empty"),
-                               (tmp_path / "bad.npz", tmp_path / "new", "bad.npz")):
+                               (tmp_path / "bad.npz", tmp_path / "new", "bad.npz"),
+                               (llama_stats[1], tmp_path / "new", f"{llama_stats[1]} has no calibrated rule")):
         assert unskill(["edit", "guard", "--model", str(onnx_dir), "--stats", str(stats), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+    for args, needle in ((["--guard", str(llama_stats[1])], f"{llama_stats[1]} has no calibrated rule"),
+                         (["--rule", "paper"], "give --guard NPZ")):
+        assert unskill(["edit", "slim", "--model", str(onnx_dir), "--out", str(tmp_path / "new"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "new").exists()
 
 
 def test_export_with_guard_and_its_conflicts(tiny_export, llama_stats, tmp_path, capsys):
-    """`unskill export --guard NPZ` (full target) puts the guard in the export; --guard with --no-guard, and a bad
-    stats file, fail in one line before any export work."""
+    """`unskill export --guard NPZ --rule paper` (full target) puts the paper's cube in the export; --guard with
+    --no-guard, a bad stats file, and a stats file without a stored rule and no --rule paper fail in one line
+    before any export work."""
     from unskill.cli import main as unskill
     from unskill.runtime import load
 
     hf_dir, _ = tiny_export("llama")
     stats = str(llama_stats[1])
-    assert unskill(["export", "--model", str(hf_dir), "--guard", stats, "--out", str(tmp_path / "g"),
-                    "--no-progress"]) == 0
+    assert unskill(["export", "--model", str(hf_dir), "--guard", stats, "--rule", "paper", "--out",
+                    str(tmp_path / "g"), "--no-progress"]) == 0
     capsys.readouterr()
     manifest = json.loads((tmp_path / "g" / "unskill.json").read_text())
     assert manifest["guard"]["skills"][0]["rule"] == "paper" and manifest["target"] == "full"
@@ -229,7 +313,8 @@ def test_export_with_guard_and_its_conflicts(tiny_export, llama_stats, tmp_path,
         assert unskill(["edit", method, "--model", str(tmp_path / "g"), "--stats", stats, "--out",
                         str(tmp_path / method)]) == 2
         assert "guard" in capsys.readouterr().err and not (tmp_path / method).exists()
-    for extra, needle in ((["--target", "deploy", "--no-guard"], "contradict"), ([], "bad.npz")):
+    for extra, needle in ((["--target", "deploy", "--no-guard"], "contradict"),
+                          (["--target", "deploy"], f"{stats} has no calibrated rule"), ([], "bad.npz")):
         if not extra:
             (tmp_path / "bad.npz").write_bytes(b"not a zip")
             stats = str(tmp_path / "bad.npz")

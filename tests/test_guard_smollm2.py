@@ -1,7 +1,7 @@
 """The guard in the graph on the real SmolLM2, and the deploy folder in the ecosystem's stacks:
 - graph decisions equal the NumPy guard's (scores within 1e-5 relative) on a sample of the bypass benchmark's
-  prompts (both skills: attack families and retain sets), every rule kind, at the prompt and at decode steps;
-- `unskill export --target deploy --guard math.npz`: examples/node/guard.mjs (onnxruntime-node, no unskill code)
+  prompts (both skills: attack families and retain sets), every stored rule kind, at the prompt and at decode steps;
+- `unskill export --target deploy --guard math.npz --rule paper`: examples/node/guard.mjs (onnxruntime-node, no unskill code)
   refuses the math prompt and answers the coding prompt with ksd-run's tokens;
 - the default deploy folder loads in transformers.js (examples/node/transformers.mjs) and onnxruntime-genai 0.18
   with the runtime's greedy tokens."""
@@ -73,8 +73,9 @@ def test_graph_guard_equals_numpy_on_bypass_prompts(smollm2_export, smollm2_rule
     from unskill.exporter.deploy import guard_edit
 
     prompts, paths = smollm2_rules
-    guard_edit(smollm2_export, paths, tmp_path / "guarded")
-    summary = guard_parity(tmp_path / "guarded", paths, prompts, decode_steps=3)
+    stored = paths[:-1]   # the last has no stored rule (the paper's cube: test_node_example_enforces_the_graph_guard)
+    guard_edit(smollm2_export, stored, tmp_path / "guarded")
+    summary = guard_parity(tmp_path / "guarded", stored, prompts, decode_steps=3)
     assert summary["checks"] == 4 * len(prompts)
     for skill, refused in summary["skills"].items():
         assert 0 < refused < summary["checks"], (skill, refused)
@@ -102,7 +103,7 @@ def test_node_example_enforces_the_graph_guard(smollm2_export, smollm2_math_stat
 
     deploy = tmp_path / "deploy"
     assert main(["export", "--model", "smollm2-135m", "--target", "deploy", "--guard", str(smollm2_math_stats),
-                 "--out", str(deploy), "--no-progress"]) == 0
+                 "--rule", "paper", "--out", str(deploy), "--no-progress"]) == 0
     manifest = json.loads((deploy / "unskill.json").read_text())
     assert manifest["guard"]["skills"][0]["rule"] == "paper" and manifest["gqa_query_seqlens"] is False
     params = GenerationParams(max_new_tokens=32)
@@ -150,7 +151,7 @@ def test_graph_guard_equals_numpy_on_gemma3(data_dir, tmp_path):
     prompts = bypass_sample(data_dir)
     paths = rule_stats(stats, prompt_keys(generator, prompts, layers=[6, 12, 17]), retain.groups["ksd"], tmp_path)
     del generator
-    guard_edit(directory, paths, tmp_path / "guarded")
-    summary = guard_parity(tmp_path / "guarded", paths, prompts, decode_steps=3)
+    guard_edit(directory, paths[:-1], tmp_path / "guarded")   # the stored rules (the last file has none)
+    summary = guard_parity(tmp_path / "guarded", paths[:-1], prompts, decode_steps=3)
     for skill, refused in summary["skills"].items():
         assert 0 < refused < summary["checks"], (skill, refused)

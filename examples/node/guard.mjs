@@ -4,7 +4,8 @@
 //   ONNXRUNTIME_NODE_INSTALL=skip npm ci          (in examples/node; the CPU library ships in the package)
 //   node guard.mjs DEPLOY_DIR [--max-new-tokens N] [--json] [PROMPT ...]
 //
-// DEPLOY_DIR: `unskill export --model smollm2-135m --target deploy --guard math.npz --out DEPLOY_DIR`.
+// DEPLOY_DIR: `unskill export --model smollm2-135m --target deploy --guard math.npz --out DEPLOY_DIR` (math.npz
+// made by `unskill guard`; a plain `unskill stats` file needs `--rule paper`: the paper's cube).
 // The tokenizer is @huggingface/transformers' AutoTokenizer over DEPLOY_DIR/tokenizer.json (local files only),
 // the prompt goes through the folder's chat template, as ksd-run does.
 import fs from "node:fs";
