@@ -1,6 +1,6 @@
 """The KSD guard as graph outputs (exporter/guard_graph.py) against the NumPy guard (runtime/ksd.py), the reference:
 decisions identical and scores within 1e-5 relative, for every rule kind (box, gauss, ratio with its cap, k-of-n
-votes, a box whose threshold is not 1, the paper's cube asked for with rule="paper"), at the prompt and at decode
+votes, the linear discriminant over two layers, a box whose threshold is not 1, the paper's cube asked for with rule="paper"), at the prompt and at decode
 steps; the runtime's use of guard.refuse; bad input, a stats file without a stored rule among it."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from unskill.runtime.generator import GenerationParams
 from unskill.runtime.graph_guard import GraphGuard, skill_scores
-from unskill.runtime.ksd import KSDGuard
+from unskill.runtime.ksd import KSDGuard, region_keys
 from unskill.runtime.session import left_pad
 from unskill.runtime.statsfile import GuardSetting, load_stats
 
@@ -52,10 +52,13 @@ def guard_parity(model_dir: Path, stats_paths: list[Path], prompts: list, decode
             assert out["guard.refuse"].tolist() == expected
             by_layer = {layer: keys[name] for layer, name in enumerate(key_names)}
             for skill, detector, score in zip(skills, guard.detectors, skill_scores(guard, by_layer)):
-                inside = np.stack([region.contains(by_layer[region.layer]) for region in detector.regions])
+                inside = np.stack([region.contains(region_keys(region, by_layer.__getitem__))
+                                   for region in detector.regions])
                 fired = inside.sum(axis=0) >= detector.votes
                 assert out[skill["refuse_output"]].tolist() == fired.tolist(), skill["skill"]
-                np.testing.assert_allclose(out[skill["score_output"]], score, rtol=1e-5, err_msg=skill["skill"])
+                # atol: a linear margin (1 + score - threshold) may sit near 0, where rtol alone means nothing
+                np.testing.assert_allclose(out[skill["score_output"]], score, rtol=1e-5, atol=1e-5,
+                                           err_msg=skill["skill"])
                 summary["skills"][skill["skill"]] += int(fired.sum())
             summary["checks"] += len(expected)
             summary["refused"] += sum(expected)
@@ -85,6 +88,7 @@ def rule_stats(stats, keys_of_layer: dict[int, np.ndarray], retain_group, out_di
         "ratio": GuardSetting("ratio", layers[-2:], [median(ratio[i]) for i in layers[-2:]],
                               bounds=[float(np.quantile(gauss[i], 0.7)) for i in layers[-2:]]),
         "votes": GuardSetting("gauss", layers, [median(gauss[i]) * 1.2 for i in layers], votes=2),
+        "linear": linear_setting(keys_of_layer, layers[-2:], forget_rows=len(APPLES)),
         "paper": None,
     }
     paths = []
@@ -93,6 +97,22 @@ def rule_stats(stats, keys_of_layer: dict[int, np.ndarray], retain_group, out_di
         variant = replace(stats, guard=setting, groups=groups, meta={**stats.meta, "skill": name})
         paths.append(variant.save(out_dir / f"{name}.npz"))
     return paths
+
+
+def linear_setting(keys_of_layer: dict[int, np.ndarray], layers: list[int], forget_rows: int) -> GuardSetting:
+    """A linear rule over `layers` fitted on these keys (the first forget_rows the forget side), its threshold
+    halfway between the two middle scores so no prompt key sits on the boundary."""
+    from unskill.runtime.ksd import LinearRegion
+    from unskill.stats.discriminant import fit
+
+    fitted = [fit(keys_of_layer[i][:forget_rows], keys_of_layer[i][forget_rows:]) for i in layers]
+    weights = np.stack([w for w, _ in fitted]) / len(layers)
+    biases = np.array([b for _, b in fitted]) / len(layers)
+    region = LinearRegion("linear", tuple(layers), weights.astype(np.float32), float(biases.sum()), 0.0)
+    scores = np.sort(region.score(np.stack([keys_of_layer[i] for i in layers], axis=1)))
+    middle = len(scores) // 2
+    return GuardSetting("linear", layers, [float(scores[middle - 1] + scores[middle]) / 2], weights=weights,
+                        biases=biases)
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
@@ -124,7 +144,7 @@ def test_every_rule_kind_in_the_graph_equals_numpy(tiny_rules, tmp_path):
     onnx_dir, paths = tiny_rules
     stored, rule_less = paths[:-1], paths[-1]
     manifest = guard_edit(onnx_dir, stored, tmp_path / "guarded")
-    assert [s["skill"] for s in manifest.guard["skills"]] == ["box", "gauss", "ratio", "votes"]
+    assert [s["skill"] for s in manifest.guard["skills"]] == ["box", "gauss", "ratio", "votes", "linear"]
     assert manifest.guard["skills"][3]["votes"] == 2
     paper = guard_edit(onnx_dir, [rule_less], tmp_path / "paper", rule="paper")
     assert [(s["skill"], s["rule"]) for s in paper.guard["skills"]] == [("paper", "paper")]
