@@ -1,10 +1,10 @@
-"""Guard overhead of the calibrated rules (issue 16) against the paper's one-cube rule and no guard, one process,
+"""Guard overhead of the calibrated rules against the paper's one-cube rule and no guard, one process,
 interleaved rounds, so the ratios hold on a noisy machine.
 
     python benchmarks/guard_rules.py --model-dir out/smollm2 --stats gsm8k.npz --new-tokens 64 --rounds 3
 
 Rows: no guard; the paper's rule (one cube, last layer); the stats file's stored rule (several layers, box,
-diagonal Gaussian or forget/retain ratio, k of n) and, for scale, a gauss and a ratio rule on 8 layers. Thresholds are set so that nothing ever
+diagonal Gaussian, forget/retain ratio, k of n, or the linear discriminant over a few layers) and, for scale, a gauss and a ratio rule on 8 layers. Thresholds are set so that nothing ever
 fires (every step pays the full check). Columns: decode tok/s (median over rounds) as a ratio to no guard, and
 the guard's own check time per step as a share of a decode step (a stopwatch around `check`).
 """
@@ -21,10 +21,13 @@ from decode import PROMPT, decode_rate
 from levers import TimedGuard
 
 from unskill.runtime import Generator, OnnxLM, TextTokenizer, load_stats
-from unskill.runtime.statsfile import GuardSetting
+from unskill.runtime.statsfile import LINEAR_LIMIT, GuardSetting
 
 
 def never(setting: GuardSetting) -> GuardSetting:
+    """The same rule with thresholds nothing reaches (a linear rule has one, on a score of either sign)."""
+    if setting.rule == "linear":
+        return replace(setting, thresholds=[-LINEAR_LIMIT])
     return replace(setting, thresholds=[1e-12] * len(setting.layers))
 
 

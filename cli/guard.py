@@ -62,5 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if "decode_refused" in cal:
         print(f"  decoded: {cal['decode_refused']:.1%} of {cal['decode_prompts']} retain prompts refused within "
               f"{cal['decode_tokens']} tokens")
+    if len(cal.get("considered", {})) > 1:
+        print("  considered (forget refused, with framed variants): "
+              + "; ".join(f"{name} {rate:.1%}" for name, rate in cal["considered"].items()))
     print(f"wrote {args.out}: `ksd-run --stats {args.out}` and `unskill serve --stats {args.out}` use this rule")
     return 0

@@ -353,16 +353,19 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
         setting.bounds = [float(bounds[i]) for i in setting.layers]
     plain_rate = float(fires(forget_scores[setting.rule][:plain], setting.layers, setting.thresholds,
                              setting.votes).mean())
+    considered = {setting.name: forget_rate}   # each kind's best candidate and its validation recall
     if forget_fit is not None:
         linear = calibrate_linear(forget_fit, fit_layers, all_retain, forget_keys, plain, target,
                                   decode_keys if decoded is not None else None, owner)
+        considered[linear.setting.name] = linear.forget_rate
         if linear.forget_rate >= forget_rate:
             setting, forget_rate, retain_rate, plain_rate = (linear.setting, linear.forget_rate, linear.retain_rate,
                                                              linear.plain_rate)
     setting.calibration = {"retain": [d.name for d in retain], "forget": [d.name for d in forget_sets],
                            "target": target, "retain_refused": retain_rate, "forget_refused": forget_rate,
                            "forget_plain_refused": plain_rate, "retain_items": int(all_retain.shape[0]),
-                           "forget_items": int(forget_keys.shape[0]), "formats": list(formats)}
+                           "forget_items": int(forget_keys.shape[0]), "formats": list(formats),
+                           "considered": considered}
     if decoded is not None:
         if setting.rule == "linear":   # scored at the stored layers only: its weights exist there alone
             from unskill.runtime.ksd import linear_regions
