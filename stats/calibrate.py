@@ -382,13 +382,15 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
 
 # ------------------------------------------------------------------------------------------ the linear rule
 # `unskill guard` also reads the forget probes' keys (not only their moments), so it can fit a linear
-# discriminant per candidate layer (stats/discriminant.py) and set its thresholds here: the retain side's scores
-# are out-of-fold (each retain prompt scored by a direction fitted without it), the decoded tokens of retain
-# prompts must stay LINEAR_MARGIN spreads outside, and the layers and votes with the best forget recall on the
-# validation prompts (never fitted on) win, as for the Gaussian kinds.
+# discriminant per candidate layer (stats/discriminant.py) and set its threshold here. The retain side is the
+# retain prompts' last-token keys and the keys at decoded tokens of some of them (the guard checks every decoded
+# token; an answer's tokens can read more like the skill than its prompt: on SmolLM2 a fit without them put
+# 5 % of retain answers past the prompts' threshold). Scores are out-of-fold (each prompt, with its decoded
+# tokens, scored by a direction fitted without it); the threshold refuses at most the target of the retain
+# prompts and decoded prompts together; the window of layers with the best forget recall on the validation
+# prompts (never fitted on) wins, as for the Gaussian kinds.
 
 FOLDS = 4
-LINEAR_MARGIN = 0.5   # spreads of the projected keys between a threshold and the decoded keys of retain prompts
 WINDOWS = (1, 3, 5)   # candidate regions: this many adjacent fit layers, their discriminants averaged
 
 
@@ -411,12 +413,13 @@ def _evidence(keys: np.ndarray, weight: np.ndarray, bias: float) -> np.ndarray:
     return -LinearRegion("", (0,), weight[None], bias, 0.0).score(keys[..., None, :])
 
 
-def out_of_fold_evidence(forget: np.ndarray, retain: np.ndarray, seed: int = 0) -> np.ndarray:
+def out_of_fold_evidence(forget: np.ndarray, retain: np.ndarray, groups: np.ndarray, seed: int = 0) -> np.ndarray:
     """(m,) w . v + b of the retain keys (m, F) of one layer, each from a discriminant fitted on the other folds
-    of both sides: in-sample scores would set thresholds that refuse more unseen prompts."""
+    of both sides (in-sample scores would set thresholds that refuse more unseen prompts); retain rows of one
+    group (one prompt: its last token and its decoded tokens) share a fold."""
     from .discriminant import fit
 
-    forget_fold, retain_fold = _folds(forget.shape[0], seed), _folds(retain.shape[0], seed + 1)
+    forget_fold, retain_fold = _folds(forget.shape[0], seed), _folds(int(groups.max()) + 1, seed + 1)[groups]
     evidence = np.empty(retain.shape[0], np.float32)
     for part in range(FOLDS):
         weight, bias = fit(forget[forget_fold != part], retain[retain_fold != part])
@@ -437,35 +440,40 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
                      windows=WINDOWS) -> LinearCalibration:
     """forget_fit (n, C, F): the probes' keys at fit_layers (C of them); retain (m, L, F) and validation
     (v, L, F) at every layer, the first `plain` validation rows unframed; decoded (d, L, F) keys at decoded
-    tokens of retain prompts with owner (d,) their prompt index. Each layer gets its discriminant; a candidate
-    region averages those of `window` adjacent fit layers; its threshold keeps the out-of-fold retain scores
-    within the target and the decoded keys LINEAR_MARGIN outside; the candidate catching the most validation
-    prompts wins (ties: the wider window: averaging layers held Best-of-N noise better, docs/guard.md)."""
+    tokens of retain prompts with owner (d,) their prompt index (both sides of the retain fit). Each layer gets its
+    discriminant; a candidate region averages those of `window` adjacent fit layers; its threshold keeps the
+    out-of-fold scores of the retain prompts and of the decoded prompts within the target; the candidate catching
+    the most validation prompts wins (ties: the wider window: averaging layers held Best-of-N noise better,
+    docs/guard.md)."""
     from unskill.runtime.statsfile import GuardSetting
 
     from .discriminant import fit
 
     prompts = int(owner.max()) + 1 if decoded is not None and owner.size else 0
-    fitted, oof, valid, dec = [], [], [], []
+    rows = retain.shape[0]
+    # the retain side: the retain prompts' last tokens and, where decoded, every decoded token of some of them
+    # (the guard checks those too, and an answer's tokens can read more like the skill than its prompt did)
+    groups = np.concatenate([np.arange(rows), rows + owner]) if prompts else np.arange(rows)
+    fitted, oof, valid = [], [], []
     for column, layer in enumerate(fit_layers):
-        weight, bias = fit(forget_fit[:, column], retain[:, layer])
-        fitted.append((weight, bias))
-        oof.append(out_of_fold_evidence(forget_fit[:, column], retain[:, layer]))
-        valid.append(_evidence(validation[:, layer], weight, bias))
-        dec.append(_evidence(decoded[:, layer], weight, bias) if prompts else None)
+        kept = np.concatenate([retain[:, layer], decoded[:, layer]]) if prompts else retain[:, layer]
+        fitted.append(fit(forget_fit[:, column], kept))
+        oof.append(out_of_fold_evidence(forget_fit[:, column], kept, groups))
+        valid.append(_evidence(validation[:, layer], *fitted[-1]))
     best, best_key = None, None
     for window in windows:
         for start in range(0, len(fit_layers) - window + 1):
             chosen = list(range(start, start + window))
-            threshold = linear_threshold(-np.mean([oof[i] for i in chosen], axis=0), target)
-            if prompts:
-                lowest = per_prompt(-np.mean([dec[i] for i in chosen], axis=0)[:, None], owner, prompts)[:, 0]
-                threshold = min(threshold, linear_threshold(lowest, target) - LINEAR_MARGIN)
+            scores = -np.mean([oof[i] for i in chosen], axis=0)
+            # one score per retain prompt, and one per decoded prompt: its lowest over the decoded tokens
+            pool = scores[:rows] if not prompts else np.concatenate(
+                [scores[:rows], per_prompt(scores[rows:, None], owner, prompts)[:, 0]])
+            threshold = linear_threshold(pool, target)
             if not np.isfinite(threshold):
                 continue
             validation_scores = -np.mean([valid[i] for i in chosen], axis=0)
             forget_rate = float((validation_scores <= threshold).mean())
-            retain_rate = float((-np.mean([oof[i] for i in chosen], axis=0) <= threshold).mean())
+            retain_rate = float((pool <= threshold).mean())
             key = (forget_rate, window)
             if retain_rate > target or (best_key is not None and key <= best_key):
                 continue
