@@ -387,7 +387,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
 # token; an answer's tokens can read more like the skill than its prompt: on SmolLM2 a fit without them put
 # 5 % of retain answers past the prompts' threshold). Scores are out-of-fold (each prompt, with its decoded
 # tokens, scored by a direction fitted without it); the threshold refuses at most the target of the retain
-# prompts and decoded prompts together; the window of layers with the best forget recall on the validation
+# prompts, and of the decoded prompts (at any decoded token); the window of layers with the best forget recall on the validation
 # prompts (never fitted on) wins, as for the Gaussian kinds.
 
 FOLDS = 4
@@ -442,7 +442,8 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
     (v, L, F) at every layer, the first `plain` validation rows unframed; decoded (d, L, F) keys at decoded
     tokens of retain prompts with owner (d,) their prompt index (both sides of the retain fit). Each layer gets its
     discriminant; a candidate region averages those of `window` adjacent fit layers; its threshold keeps the
-    out-of-fold scores of the retain prompts and of the decoded prompts within the target; the candidate catching
+    out-of-fold scores of the retain prompts, and those of the decoded prompts, each within the target (on
+    SmolLM2 GSM8K the decoded side did not bind once its keys were in the fit); the candidate catching
     the most validation prompts wins (ties: the wider window: averaging layers held Best-of-N noise better,
     docs/guard.md)."""
     from unskill.runtime.statsfile import GuardSetting
@@ -466,9 +467,11 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
             chosen = list(range(start, start + window))
             scores = -np.mean([oof[i] for i in chosen], axis=0)
             # one score per retain prompt, and one per decoded prompt: its lowest over the decoded tokens
-            pool = scores[:rows] if not prompts else np.concatenate(
-                [scores[:rows], per_prompt(scores[rows:, None], owner, prompts)[:, 0]])
+            lowest = per_prompt(scores[rows:, None], owner, prompts)[:, 0] if prompts else scores[:0]
+            pool = np.concatenate([scores[:rows], lowest])
             threshold = linear_threshold(pool, target)
+            if prompts:   # and the target of the decoded prompts alone: the pool's budget could go to them all
+                threshold = min(threshold, linear_threshold(lowest, target))
             if not np.isfinite(threshold):
                 continue
             validation_scores = -np.mean([valid[i] for i in chosen], axis=0)

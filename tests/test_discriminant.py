@@ -109,3 +109,35 @@ def test_bad_linear_weights_are_one_clear_error(tmp_path, tiny_stats):
         with pytest.raises(UnskillError) as error:
             load_stats(path, manifest)
         assert str(path) in str(error.value) and "\n" not in str(error.value), name
+
+
+def test_decoded_tokens_of_retain_prompts_bound_the_linear_threshold():
+    """The guard checks every decoded token: retain prompts whose answers drift towards the skill join the retain
+    side, and the stored threshold refuses at most the target of prompts and decoded prompts together (out of
+    fold), so those answers are not cut off where the prompts alone would have allowed it."""
+    from unskill.runtime.ksd import LinearRegion
+    from unskill.stats.calibrate import calibrate_linear
+
+    width, layers = 12, 2
+    clouds = [two_clouds(300, width, shift=5.0, seed=20 + layer) for layer in range(layers)]
+    forget = np.stack([c[0] for c in clouds], axis=1)
+    retain = np.stack([c[1] for c in clouds], axis=1)
+    rng = np.random.default_rng(4)
+    # 40 decoded retain prompts x 5 tokens; every token of the first 10 halfway towards the skill
+    owner = np.repeat(np.arange(40), 5)
+    decoded = retain[rng.integers(0, 300, size=200)] + rng.normal(scale=0.3, size=(200, layers, width)).astype(np.float32)
+    decoded[owner < 10] = 0.5 * decoded[owner < 10] + 0.5 * forget[:50].repeat(1, axis=0)[:len(decoded[owner < 10])]
+    validation = forget[:100]
+    plain_only = calibrate_linear(forget, [0, 1], retain, validation, plain=100, target=0.02, windows=(2,))
+    with_decoded = calibrate_linear(forget, [0, 1], retain, validation, plain=100, target=0.02, windows=(2,),
+                                    decoded=decoded, owner=owner)
+    for result in (plain_only, with_decoded):
+        assert result.retain_rate <= 0.02 and result.setting.layers == [0, 1]
+
+    def refused_answers(setting):
+        region = LinearRegion("", (0, 1), setting.weights, float(setting.biases.sum()), setting.thresholds[0])
+        fired = region.contains(decoded)
+        return len({int(o) for o in owner[fired]})
+
+    assert refused_answers(plain_only.setting) >= 5            # the prompts alone set a threshold the answers cross
+    assert refused_answers(with_decoded.setting) <= 1          # at most 2 % of 40 decoded prompts (in sample)
