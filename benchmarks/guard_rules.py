@@ -21,14 +21,14 @@ from decode import PROMPT, decode_rate
 from levers import TimedGuard
 
 from unskill.runtime import Generator, OnnxLM, TextTokenizer, load_stats
-from unskill.runtime.statsfile import LINEAR_LIMIT, GuardSetting
+from unskill.runtime.statsfile import LINEAR_LIMIT, REGION_LIMITS, GuardSetting
 
 
 def never(setting: GuardSetting) -> GuardSetting:
     """The same rule with thresholds nothing reaches (a linear rule has one, on a score of either sign)."""
     if setting.rule == "linear":
         return replace(setting, thresholds=[-LINEAR_LIMIT])
-    return replace(setting, thresholds=[1e-12] * len(setting.layers))
+    return replace(setting, thresholds=[REGION_LIMITS[setting.rule][0]] * len(setting.layers))   # the smallest allowed
 
 
 def main(argv=None) -> int:
@@ -45,14 +45,14 @@ def main(argv=None) -> int:
     stats = load_stats(args.stats, model.manifest)
     last = model.manifest.num_layers - 1
     variants = {"no guard": None,
-                "paper: 1 cube, last layer": TimedGuard([stats], model.manifest, alpha=1e-9, layers=[last])}
+                "paper: 1 cube, last layer": TimedGuard([stats], model.manifest, alpha=REGION_LIMITS["box"][0], layers=[last])}
     if stats.guard:
         stored = replace(stats, guard=never(stats.guard))
         variants[f"stored: {stats.guard.name} ({stats.guard.rule})"] = TimedGuard([stored], model.manifest)
-    eight = GuardSetting("gauss", list(range(last - 7, last + 1)), [1e-12] * 8, 3)
+    eight = GuardSetting("gauss", list(range(last - 7, last + 1)), [REGION_LIMITS["gauss"][0]] * 8, 3)
     variants["gauss, 8 layers, 3 of 8"] = TimedGuard([replace(stats, guard=eight)], model.manifest)
     # the forget/retain ratio scores two Gaussians per layer; for timing any retain moments do
-    ratio = replace(stats, guard=replace(eight, rule="ratio"),
+    ratio = replace(stats, guard=never(replace(eight, rule="ratio")),
                     groups={**stats.groups, "ksd_retain": stats.groups.get("ksd_retain", stats.groups["ksd"])})
     variants["ratio, 8 layers, 3 of 8"] = TimedGuard([ratio], model.manifest)
     rates = {name: [] for name in variants}

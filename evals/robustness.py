@@ -96,7 +96,7 @@ def render(results: list[dict], calibrations: list[dict], default_alpha: float, 
         lines += [f"## {source}: forget {task['forget']} ({task_name}, stats {stats_name})", "",
                   *([f"`{command}`", ""] if command else []),
                   f"Paper's rule: one cube, layer {task['layer']}, alpha {alpha:.4g} x k. "
-                  f"New default (stored by `unskill calibrate`): {rule}.", "",
+                  f"New default (the rule stored by `unskill guard`, what ksd-run applies): {rule}.", "",
                   _table_head(rates)]
         for name, r in rates.items():
             lines.append(f"| {name} | {r['side']} | {r['items']} | {_cell(name, r, 'paper')} | "
