@@ -4,7 +4,8 @@ interleaved rounds, so the ratios hold on a noisy machine.
     python benchmarks/guard_rules.py --model-dir out/smollm2 --stats gsm8k.npz --new-tokens 64 --rounds 3
 
 Rows: no guard; the paper's rule (one cube, last layer); the stats file's stored rule (several layers, box,
-diagonal Gaussian, forget/retain ratio, k of n, or the linear discriminant over a few layers) and, for scale, a gauss and a ratio rule on 8 layers. Thresholds are set so that nothing ever
+diagonal Gaussian, forget/retain ratio, k of n, or the linear discriminant over a few layers) and, for scale,
+a gauss and a ratio rule on 8 layers. Thresholds are set so that nothing ever
 fires (every step pays the full check). Columns: decode tok/s (median over rounds) as a ratio to no guard, and
 the guard's own check time per step as a share of a decode step (a stopwatch around `check`).
 """

@@ -387,8 +387,8 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
 # token; an answer's tokens can read more like the skill than its prompt: on SmolLM2 a fit without them put
 # 5 % of retain answers past the prompts' threshold). Scores are out-of-fold (each prompt, with its decoded
 # tokens, scored by a direction fitted without it); the threshold refuses at most the target of the retain
-# prompts, and of the decoded prompts (at any decoded token); the window of layers with the best forget recall on the validation
-# prompts (never fitted on) wins, as for the Gaussian kinds.
+# prompts, and of the decoded prompts (at any decoded token); the window of layers with the best forget recall
+# on the validation prompts (never fitted on) wins, as for the Gaussian kinds.
 
 FOLDS = 4
 WINDOWS = (1, 3, 5)   # candidate regions: this many adjacent fit layers, their discriminants averaged

@@ -55,7 +55,8 @@ def test_fit_separates_and_scales_to_unit_spread():
     assert np.std(region.score(np.concatenate([forget, retain]))) == pytest.approx(1.0, rel=1e-4)
     wide_forget, wide_retain = two_clouds(30, 64, shift=6.0, seed=2)   # fewer prompts than dimensions
     weight, bias = fit(wide_forget, wide_retain)
-    assert np.isfinite(weight).all() and (LinearRegion("s", (0,), weight[None], bias, 0.0).score(wide_forget[:, None]) < 0).mean() > 0.9
+    wide = LinearRegion("s", (0,), weight[None], bias, 0.0)
+    assert np.isfinite(weight).all() and (wide.score(wide_forget[:, None]) < 0).mean() > 0.9
 
 
 def test_calibrated_linear_rule_decides_as_the_runtime_after_a_round_trip(tmp_path, tiny_stats):
@@ -125,7 +126,8 @@ def test_decoded_tokens_of_retain_prompts_bound_the_linear_threshold():
     rng = np.random.default_rng(4)
     # 40 decoded retain prompts x 5 tokens; every token of the first 10 halfway towards the skill
     owner = np.repeat(np.arange(40), 5)
-    decoded = retain[rng.integers(0, 300, size=200)] + rng.normal(scale=0.3, size=(200, layers, width)).astype(np.float32)
+    noise = rng.normal(scale=0.3, size=(200, layers, width)).astype(np.float32)
+    decoded = retain[rng.integers(0, 300, size=200)] + noise
     decoded[owner < 10] = 0.5 * decoded[owner < 10] + 0.5 * forget[:50].repeat(1, axis=0)[:len(decoded[owner < 10])]
     validation = forget[:100]
     plain_only = calibrate_linear(forget, [0, 1], retain, validation, plain=100, target=0.02, windows=(2,))

@@ -1,7 +1,8 @@
 """The KSD guard as graph outputs (exporter/guard_graph.py) against the NumPy guard (runtime/ksd.py), the reference:
-decisions identical and scores within 1e-5 relative, for every rule kind (box, gauss, ratio with its cap, k-of-n
-votes, the linear discriminant over two layers, a box whose threshold is not 1, the paper's cube asked for with rule="paper"), at the prompt and at decode
-steps; the runtime's use of guard.refuse; bad input, a stats file without a stored rule among it."""
+decisions identical and scores within 1e-5, for every rule kind (box, gauss, ratio with its cap, k-of-n votes,
+the linear discriminant over two layers, a box whose threshold is not 1, the paper's cube asked for with
+rule="paper"), at the prompt and at decode steps; the runtime's use of guard.refuse; bad input, a stats file
+without a stored rule among it."""
 
 from __future__ import annotations
 
