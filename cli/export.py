@@ -38,6 +38,14 @@ def _add_rule(parser, stats_option: str) -> None:
                              f"1 x k) for every {stats_option} file")
 
 
+def _check_rule_has_stats(rule: str | None, guard_stats) -> None:
+    """--rule chooses among --guard's stats files' rules: alone it would be silently ignored."""
+    from unskill.runtime.errors import UnskillError
+
+    if rule and not guard_stats:
+        raise UnskillError(f"--rule {rule} applies to --guard's stats files; give --guard NPZ")
+
+
 def _with_target(args: argparse.Namespace, build):
     """Run build(out) for --target full without --guard; else build the full model in a hidden sibling, then
     slim it (deploy) and/or put the guard of --guard's stats files into its graph."""
@@ -53,8 +61,7 @@ def _with_target(args: argparse.Namespace, build):
     guard_stats = list(getattr(args, "guard", None) or [])
     rule = getattr(args, "rule", None)
     deploy = getattr(args, "target", "full") == "deploy"
-    if rule and not guard_stats:
-        raise UnskillError(f"--rule {rule} applies to --guard's stats files; give --guard NPZ")
+    _check_rule_has_stats(rule, guard_stats)
     if not deploy and not guard_stats:
         return build(out)
     refuse_nonempty_out(out)
@@ -231,10 +238,8 @@ def run_pack(args: argparse.Namespace) -> int:
 
 def run_slim(args: argparse.Namespace) -> int:
     from unskill.exporter.deploy import slim
-    from unskill.runtime.errors import UnskillError
 
-    if args.rule and not args.guard:
-        raise UnskillError(f"--rule {args.rule} applies to --guard's stats files; give --guard NPZ")
+    _check_rule_has_stats(args.rule, args.guard)
     manifest = slim(args.model, args.out, guard=not args.no_guard, guard_stats=args.guard, guard_rule=args.rule)
     kept = "logits, present.*" + (", key_last.*" if manifest.key_last_outputs else "")
     print(f"deploy folder ({kept}) -> {args.out}/{manifest.model_file}")

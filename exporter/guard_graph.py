@@ -245,12 +245,12 @@ def require_rules(stats_paths: list, rule: str | None = None) -> None:
 def guarded_model(model: onnx.ModelProto, manifest: Manifest, stats_paths: list,
                   rule: str | None = None) -> tuple[onnx.ModelProto, dict]:
     """(model with the guard of these stats files, the manifest's `guard` record), as `ksd-run --stats` applies
-    them: each file's stored rule (a file without one is an error), or with rule="paper" the paper's cube (one
-    cube at the last layer, alpha 1 x k) for every file."""
+    them: each file's stored rule (a file without one is an error: KSDGuard's), or with rule="paper" the paper's
+    cube (one cube at the last layer, alpha 1 x k) for every file. Callers run `require_rules` first, before the
+    model loads (exporter/deploy.py)."""
     from unskill.runtime.io import sha256_file
     from unskill.runtime.statsfile import load_stats
 
-    require_rules(stats_paths, rule)
     guard = KSDGuard([load_stats(path, manifest) for path in stats_paths], manifest, rule=rule,
                      where=[str(path) for path in stats_paths])
     return add_guard(model, guard, manifest), guard_record(guard, stats_paths,

@@ -147,7 +147,7 @@ class LinearRegion:
 
     def score(self, keys: np.ndarray) -> np.ndarray:
         """keys (..., len(layers), F) -> (...,)."""
-        projected = np.einsum("...lf,lf->...", keys.astype(np.float32), self.weight, dtype=np.float32)
+        projected = np.einsum("...lf,lf->...", np.asarray(keys, np.float32), self.weight, dtype=np.float32)
         return -(projected + np.float32(self.bias))
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
@@ -237,8 +237,9 @@ def rule_regions(stats: StatsFile, rule: str, layers, thresholds=None, retain=No
     layers = list(layers)
     if thresholds is None:
         thresholds = [1.0 if rule == "box" else math.inf] * len(layers)
-    if rule == "linear":   # fitted, not derived from the moments: the stored rule's own region
-        return linear_regions(stats.skill, stats.guard)
+    if rule == "linear":   # fitted on keys, not derived from the moments: only a stored rule has its region
+        raise UnskillError(f"stats for {stats.skill!r}: a linear rule's region comes from its stored setting "
+                           f"(build_regions), not from the key moments")
     if rule == "box":
         return [build_cubes(stats, [layer], float(threshold), "k")[0] for layer, threshold in zip(layers, thresholds)]
     if "ksd" not in stats.groups:
