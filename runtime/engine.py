@@ -178,13 +178,13 @@ class BatchEngine:
             skip = 0
         mask = np.ones((1, len(request.ids)), dtype=np.int64)
         ids = np.array([request.ids[skip:]], dtype=np.int64)
-        logits, past, keys = self.model.forward(ids, mask, start, self._guard_outputs)
+        logits, past, keys = self.model.forward(ids, mask, start, gen.prompt_guard_outputs())
         self.prefills += 1
         budget = min(params.max_new_tokens, self.model.manifest.max_context - len(request.ids))
         active = _Active(request, _Row(request.prompt, len(request.ids)),
                          TextStream(gen, params.stop, request.hold_tokens),
                          np.random.default_rng(params.sampling.seed), budget)
-        self._advance(active, logits[0], gen.check_guard(keys, 1)[0])
+        self._advance(active, logits[0], gen.check_guard(keys, 1, mask)[0])
         return None if active.row.done else (active, past, mask)
 
     def _prefix(self, chat: bool):

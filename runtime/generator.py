@@ -165,9 +165,10 @@ class Generator:
         for step in range(budget):
             # The prompt pass reserves room for the tokens to come: decode steps then write their keys and
             # values into the cache in place (GroupQueryAttention graphs; runtime/session.py).
-            logits, past, keys = self.model.forward(input_ids, mask, past, guard_outputs,
+            logits, past, keys = self.model.forward(input_ids, mask, past,
+                                                    self.prompt_guard_outputs() if step == 0 else guard_outputs,
                                                     reserve=budget - 1 if step == 0 else 0)
-            hits = self.check_guard(keys, len(rows))
+            hits = self.check_guard(keys, len(rows), mask)
             next_ids = np.full(len(rows), pad, dtype=np.int64)
             for i, row in enumerate(rows):
                 if not row.done:
@@ -178,10 +179,17 @@ class Generator:
             input_ids = next_ids[:, None]
             mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
 
-    def check_guard(self, keys: dict[str, np.ndarray], batch: int) -> list[Hit | None]:
-        """The guard's verdict per row on the keys of the last position (key_last.* are already 2-D)."""
+    def prompt_guard_outputs(self) -> list[str]:
+        """What the prompt's forward fetches for the guard: a rule over several positions reads per-position keys (key.*) there."""
+        return getattr(self.guard, "prompt_output_names", None) or (self.guard.output_names if self.guard else [])
+
+    def check_guard(self, keys: dict[str, np.ndarray], batch: int, mask: np.ndarray | None = None) -> list[Hit | None]:
+        """The guard's verdict per row on the keys of the last position (key_last.* are already 2-D); at the prompt
+        a multi-position rule's per-position keys (B, S, F) with the attention mask saying which positions are the row's."""
         if not self.guard:
             return [None] * batch
+        if getattr(self.guard, "positions", 1) > 1:
+            return self.guard.check(keys, mask)
         return self.guard.check({n: k if k.ndim <= 2 else k[:, -1, :] for n, k in keys.items()})
 
     def step_row(self, row: _Row, logits: np.ndarray, hit: Hit | None, step: int, budget: int,

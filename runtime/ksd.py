@@ -138,7 +138,9 @@ class LinearRegion:
     layers: tuple[int, ...]
     weight: np.ndarray      # (len(layers), F) float32
     bias: float
-    threshold: float
+    threshold: float        # at the newest position: the prompt's last token, then every decoded token
+    positions: int = 1      # at the prompt also the positions - 1 tokens before its last one ...
+    earlier_threshold: float = -math.inf   # ... each against this threshold (calibrated on the budget left)
 
     @property
     def layer(self) -> int:
@@ -156,6 +158,30 @@ class LinearRegion:
     def margin(self, keys: np.ndarray) -> np.ndarray:
         """<= 1 inside: 1 + score - threshold (the threshold may be negative, so no quotient)."""
         return 1 + self.score(keys) - np.float32(self.threshold)
+
+    def prompt_margin(self, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """keys (B, P, len(layers), F) at P prompt positions, the last one the prompt's last token; valid (B, P)
+        which of them are the row's tokens (left padding is not) -> (B,) the smallest margin over the last
+        token (against threshold) and the positions - 1 before it (against earlier_threshold); <= 1 fires.
+        The raw text of a request ends where its user stopped typing ("... Answer:", a closing sentence): the
+        skill's evidence can sit a few tokens before the last one (docs/guard.md)."""
+        scores = self.score(keys)
+        last = 1 + scores[:, -1] - np.float32(self.threshold)
+        before = min(self.positions, scores.shape[1]) - 1
+        if before <= 0:
+            return last
+        earlier = np.where(valid[:, -1 - before:-1], 1 + scores[:, -1 - before:-1] - np.float32(self.earlier_threshold),
+                           np.inf)
+        return np.minimum(last, earlier.min(axis=1))
+
+    def prompt_contains(self, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """(B,) bool: prompt_margin's decision, made with the comparisons themselves (score <= threshold)."""
+        scores = self.score(keys)
+        inside = scores[:, -1] <= self.threshold
+        before = min(self.positions, scores.shape[1]) - 1
+        if before > 0:
+            inside |= (valid[:, -1 - before:-1] & (scores[:, -1 - before:-1] <= self.earlier_threshold)).any(axis=1)
+        return inside
 
 
 def region_layers(region) -> tuple[int, ...]:
@@ -264,8 +290,9 @@ def linear_regions(skill: str, setting: GuardSetting | None) -> list[LinearRegio
     if setting is None or setting.rule != "linear" or setting.weights is None:
         raise UnskillError(f"stats for {skill!r}: a linear rule needs its stored weights; "
                            f"make the guard with `unskill guard`")
+    earlier_threshold = -math.inf if setting.earlier_threshold is None else float(setting.earlier_threshold)
     return [LinearRegion(skill, tuple(setting.layers), np.asarray(setting.weights, np.float32),
-                         float(np.sum(setting.biases)), float(setting.thresholds[0]))]
+                         float(np.sum(setting.biases)), float(setting.thresholds[0]), setting.positions, earlier_threshold)]
 
 
 def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str, retain=None, bounds=None) -> np.ndarray:
@@ -351,6 +378,11 @@ class KSDGuard:
         names = require_key_last(manifest, manifest.source or manifest.arch)
         self.output_names = [names[i] for i in checked]
         self._output_of_layer = {i: names[i] for i in checked}
+        # a rule over several prompt positions reads: the per-position key.* outputs, at the prompt only
+        spread = {layer for region in self.cubes if getattr(region, "positions", 1) > 1 for layer in region_layers(region)}
+        self.positions = max([getattr(region, "positions", 1) for region in self.cubes])
+        self.prompt_output_names = [manifest.key_outputs[i] if i in spread else names[i] for i in checked]
+        self._prompt_output_of_layer = dict(zip(checked, self.prompt_output_names))
 
     def describe(self) -> list[str]:
         """One line per skill: the rule, its layers and thresholds."""
@@ -358,12 +390,25 @@ class KSDGuard:
                 f"{d.skill}: paper, one cube per layer {[r.layer for r in d.regions]}, any refuses"
                 for d in self.detectors]
 
-    def check(self, last_keys: dict[str, np.ndarray]) -> list[Hit | None]:
-        """last_keys: output name -> (B, F) key at the last position. First hit per row, else None."""
+    def check(self, last_keys: dict[str, np.ndarray], mask: np.ndarray | None = None) -> list[Hit | None]:
+        """last_keys: output name -> (B, F) key at the last position, or at the prompt (prompt_output_names) the
+        per-position keys (B, S, F) of a multi-position rule's layers, with mask (B, >= S) the attention mask whose last S
+        columns are those positions. First hit per row, else None."""
         batch = next(iter(last_keys.values())).shape[0]
         hits: list[Hit | None] = [None] * batch
+
+        def keys_at(layer: int, positions: bool = False) -> np.ndarray:
+            value = last_keys.get(self._output_of_layer[layer])
+            value = last_keys[self._prompt_output_of_layer[layer]] if value is None else value
+            return value if positions or value.ndim == 2 else value[:, -1]
+
         for detector in self.detectors:
-            inside = detector.scores(lambda layer: last_keys[self._output_of_layer[layer]]) <= detector.thresholds
+            inside = detector.scores(keys_at) <= detector.thresholds
+            for column, region in enumerate(detector.regions):
+                if getattr(region, "positions", 1) > 1 and keys_at(region.layers[0], True).ndim == 3:
+                    keys = np.stack([keys_at(layer, True)[:, -region.positions:] for layer in region.layers], axis=-2)
+                    valid = np.ones(keys.shape[:2], bool) if mask is None else mask[:, -keys.shape[1]:] > 0
+                    inside[:, column] = region.prompt_contains(keys, valid)
             fired = inside.sum(axis=-1) >= detector.votes      # = vote(scores, thresholds, votes)
             for row in np.flatnonzero(fired):
                 layer = detector.regions[int(np.argmax(inside[row]))].layer

@@ -119,6 +119,7 @@ def region_problem(kind: str, value: float) -> str | None:
     return None
 
 
+MAX_POSITIONS = 64   # prompt positions a linear rule may read at the prompt (their keys are fetched per position)
 LINEAR_LIMIT = 1e3   # a linear rule's thresholds are in units of the projected keys' spread: |t| beyond is no rule
 
 
@@ -146,6 +147,8 @@ class GuardSetting:
     bounds: list[float] | None = None   # ratio only, per layer: the forget-side score above which nothing fires
     weights: np.ndarray | None = None   # linear only, (layers, F): each layer's share of the discriminant
     biases: np.ndarray | None = None    # linear only, (layers,): summed into the region's bias
+    positions: int = 1                     # linear only: prompt positions read at the prompt (the last and positions-1 before)
+    earlier_threshold: float | None = None   # linear only, positions > 1: the threshold of the positions before the last
 
     @property
     def name(self) -> str:
@@ -153,6 +156,8 @@ class GuardSetting:
 
     def to_json(self) -> str:
         extra = {} if self.bounds is None else {"bounds": self.bounds}
+        if self.positions > 1:
+            extra.update(positions=self.positions, earlier_threshold=self.earlier_threshold)
         return json.dumps({"rule": self.rule, "layers": self.layers, "thresholds": self.thresholds,
                            "votes": self.votes, "calibration": self.calibration, **extra}, sort_keys=True)
 
@@ -162,7 +167,10 @@ class GuardSetting:
             raw = json.loads(text)
             setting = cls(str(raw["rule"]), [int(i) for i in raw["layers"]], [float(t) for t in raw["thresholds"]],
                           int(raw["votes"]), dict(raw.get("calibration") or {}),
-                          None if raw.get("bounds") is None else [float(b) for b in raw["bounds"]])
+                          None if raw.get("bounds") is None else [float(b) for b in raw["bounds"]],
+                          positions=int(raw.get("positions", 1)),
+                          earlier_threshold=None if raw.get("earlier_threshold") is None
+                          else float(raw["earlier_threshold"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UnskillError(f"{where}: guard setting is not valid ({type(exc).__name__}: {exc})") from None
         problem = setting.problem(num_layers)
@@ -185,11 +193,17 @@ class GuardSetting:
                    else "thresholds must be finite" if not all(math.isfinite(t) for t in setting.thresholds)
                    else "thresholds must be positive" if setting.rule != "linear"
                    and not all(t > 0 for t in setting.thresholds)
+                   else f"positions {setting.positions} not in 1..{MAX_POSITIONS} (only a linear rule reads several)"
+                   if not 1 <= setting.positions <= MAX_POSITIONS or (setting.positions > 1 and setting.rule != "linear")
+                   else "positions > 1 need a finite earlier_threshold" if setting.positions > 1 and not (
+                       setting.earlier_threshold is not None and math.isfinite(setting.earlier_threshold))
                    else "bounds need one positive value per layer" if setting.bounds is not None and (
                        len(setting.bounds) != len(setting.layers) or not all(b > 0 for b in setting.bounds))
                    else None)
         if problem:
             return problem
+        if setting.positions > 1 and linear_problem(setting.earlier_threshold):
+            return f"earlier_threshold: {linear_problem(setting.earlier_threshold)}"
         for layer, threshold in zip(setting.layers, setting.thresholds):
             reason = linear_problem(threshold) if setting.rule == "linear" else region_problem(setting.rule, threshold)
             if reason:
