@@ -14,6 +14,11 @@ centres, widths and thresholds, as initializers. Per region (one layer's `key_la
     ratio  (RatioRegion)  inside: forget <= bound and forget <= threshold * max(retain, tiny)
                           margin: max(forget / (threshold * max(retain, tiny)), forget / bound)
     linear (LinearRegion) inside: -(v . w + b) <= threshold (MatMul);                  margin: 1 + score - threshold
+                          With positions > 1 it reads the per-position keys ([B, S, F], the tensor key_last.{i}
+                          gathers its last position from) at the last min(positions, S) positions: the last one
+                          against threshold, the ones before it (where attention_mask is 1) against
+                          earlier_threshold; inside when any is, margin the smallest (LinearRegion.prompt_margin).
+                          At a decode step (S = 1) that is the last-token rule.
 
 A skill (one detector) fires when at least `votes` of its regions hold their key; `guard.refuse.<SKILL>` is that
 decision and `guard.score.<SKILL>` the votes-th smallest region margin (min over regions for one vote): the skill
@@ -22,7 +27,7 @@ comparisons above, not from the score). `guard.refuse` is the OR over skills. ru
 the same scores in NumPy (`skill_scores`), the twin the tests hold the graph to.
 
 A pruned layer's key output is narrower (manifest.kept_neurons): the pass scatters it back to full width with
-zeros (Pad + Gather), as the runtime does before the NumPy guard reads it.
+zeros (Pad + Gather on the last axis), as the runtime does before the NumPy guard reads it; per-position keys alike.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+INT64_MAX = np.iinfo(np.int64).max
+MASK_INPUT = "attention_mask"
 
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.ksd import Ellipsoid, Hypercube, KSDGuard, LinearRegion, RatioRegion, region_layers
@@ -134,14 +142,63 @@ def _linear(b: _Builder, layer_keys: list[str], region: LinearRegion) -> tuple[s
     return inside, margin
 
 
-def _full_width_keys(b: _Builder, name: str, kept: list[int] | None, width: int) -> str:
-    """key_last of a pruned layer put back to `width` columns, zeros where neurons were removed."""
+def _full_width_keys(b: _Builder, name: str, kept: list[int] | None, width: int, rank: int = 2) -> str:
+    """Keys of a pruned layer (key_last [B, F'], or per position [B, P, F'] with rank=3) put back to `width`
+    columns on the last axis, zeros where neurons were removed."""
     if kept is None or len(kept) == width:
         return name
-    padded = b.op("Pad", [name, b.const("pads", np.array([0, 0, 0, 1], np.int64))], mode="constant")
+    pads = np.zeros(2 * rank, np.int64)
+    pads[-1] = 1   # one zero column after the last axis's end
+    padded = b.op("Pad", [name, b.const("pads", pads)], mode="constant")
     index = np.full(width, len(kept), np.int64)   # the zero column appended by Pad
     index[np.asarray(kept, np.int64)] = np.arange(len(kept))
-    return b.op("Gather", [padded, b.const("scatter", index)], axis=1)
+    return b.op("Gather", [padded, b.const("scatter", index)], axis=rank - 1)
+
+
+def _per_position_source(graph: onnx.GraphProto, key_last: str) -> str:
+    """The [B, S, F] key tensor that `key_last` gathers its last position from (exporter/graph.py
+    add_ffl_outputs: Gather axis 1, index -1): the tensor behind `key.{i}`, present in a deploy graph too."""
+    node = next((n for n in graph.node if key_last in n.output), None)
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0) if node else None
+    if node is None or node.op_type != "Gather" or axis != 1:
+        raise UnskillError(f"the graph's {key_last!r} is not a Gather of the per-position keys (axis 1): a linear "
+                           "rule over several prompt positions cannot find them; re-export with `unskill export`")
+    return node.input[0]
+
+
+def _linear_positions(b: _Builder, layer_keys: list[str], region: LinearRegion, mask: str) -> tuple[str, str]:
+    """The multi-position linear rule (LinearRegion.prompt_contains / prompt_margin) over per-position keys
+    [B, P, F] per layer, P = min(positions, S) already sliced: scores [B, P]; each position's threshold from a
+    vector [earlier_threshold] * (positions - 1) + [threshold] cut to its last P entries (the input's length is
+    known only at run time), so the last position always meets `threshold` and no tensor is ever empty."""
+    projected = None
+    for keys, weight in zip(layer_keys, region.weight):
+        term = b.op("MatMul", [keys, b.const("weight", weight.astype(np.float32))])
+        projected = term if projected is None else b.op("Add", [projected, term])
+    score = b.op("Neg", [b.op("Add", [projected, b.const("bias", np.float32(region.bias))])])   # [B, P]
+    count = b.op("Slice", [b.op("Shape", [score]), b.const("one", np.array([1], np.int64)),
+                           b.const("two", np.array([2], np.int64)), b.const("axis0", np.array([0], np.int64))])
+    start, end = b.op("Neg", [count]), b.const("end", np.array([INT64_MAX], np.int64))
+
+    def last_entries(values: np.ndarray, tag: str) -> str:
+        """values [positions] -> its last P entries."""
+        return b.op("Slice", [b.const(tag, values), start, end, b.const("axis0", np.array([0], np.int64))])
+
+    earlier = region.positions - 1
+    at_most = last_entries(np.array([float32_at_most(region.earlier_threshold)] * earlier
+                                    + [float32_at_most(region.threshold)], np.float32), "threshold_f32")
+    thresholds = last_entries(np.array([region.earlier_threshold] * earlier + [region.threshold], np.float32),
+                              "threshold")
+    is_last = last_entries(np.array([False] * earlier + [True]), "is_last")
+    # the row's own tokens: attention_mask's last P columns (left padding is 0); the last position always counts
+    tail = b.op("Slice", [mask, start, end, b.const("axis1", np.array([1], np.int64))])
+    valid = b.op("Or", [b.op("Greater", [tail, b.const("zero", np.int64(0))]), is_last])
+    hits = b.op("And", [valid, b.op("LessOrEqual", [score, at_most])])
+    inside = b.op("Greater", [b.reduce("ReduceMax", b.op("Cast", [hits], to=TensorProto.FLOAT), 1),
+                              b.const("zero", np.float32(0))])
+    margins = b.op("Add", [b.op("Sub", [score, thresholds]), b.const("one", np.float32(1))])
+    masked = b.op("Where", [valid, margins, b.const("inf", np.float32(np.inf))])
+    return inside, b.reduce("ReduceMin", masked, 1)
 
 
 def output_names(skills: list[str]) -> dict[str, str]:
@@ -164,7 +221,22 @@ def add_guard(model: onnx.ModelProto, guard: KSDGuard, manifest: Manifest) -> on
     b = _Builder(opset)
     skill_names = list(output_names([d.skill for d in guard.detectors]))
     layer_keys: dict[int, str] = {}
+    position_keys: dict[tuple[int, int], str] = {}   # (layer, positions) -> full-width keys [B, P, F]
     fired_outputs, batch_dim = [], None
+
+    def kept(layer: int) -> list[int] | None:
+        return manifest.kept_neurons[layer] if manifest.kept_neurons else None
+
+    def keys_of(layer: int, positions: int) -> str:
+        """The last `positions` positions of the layer's per-position keys, full width."""
+        if (layer, positions) not in position_keys:
+            source = _per_position_source(model.graph, manifest.key_last_outputs[layer])
+            tail = b.op("Slice", [source, b.const("start", np.array([-positions], np.int64)),
+                                  b.const("end", np.array([INT64_MAX], np.int64)),
+                                  b.const("axis1", np.array([1], np.int64))])
+            position_keys[layer, positions] = _full_width_keys(b, tail, kept(layer), manifest.key_width, rank=3)
+        return position_keys[layer, positions]
+
     for skill, detector in zip(skill_names, guard.detectors):
         insides, margins = [], []
         for region in detector.regions:
@@ -175,9 +247,15 @@ def add_guard(model: onnx.ModelProto, guard: KSDGuard, manifest: Manifest) -> on
                         raise UnskillError(f"the graph has no output {name!r}: the guard reads key_last.* "
                                            "(a deploy folder made with --no-guard cannot carry one)")
                     batch_dim = batch_dim or keys[name].type.tensor_type.shape.dim[0]
-                    kept = manifest.kept_neurons[layer] if manifest.kept_neurons else None
-                    layer_keys[layer] = _full_width_keys(b, name, kept, manifest.key_width)
-            inside, margin = _region(b, [layer_keys[layer] for layer in region_layers(region)], region)
+                    layer_keys[layer] = _full_width_keys(b, name, kept(layer), manifest.key_width)
+            if getattr(region, "positions", 1) > 1:
+                if MASK_INPUT not in {i.name for i in model.graph.input}:
+                    raise UnskillError(f"the graph has no input {MASK_INPUT!r}: a linear rule over several prompt "
+                                       "positions reads it to skip left padding")
+                inside, margin = _linear_positions(b, [keys_of(layer, region.positions) for layer in region.layers],
+                                                   region, MASK_INPUT)
+            else:
+                inside, margin = _region(b, [layer_keys[layer] for layer in region_layers(region)], region)
             insides.append(b.unsqueeze0(b.op("Cast", [inside], to=TensorProto.FLOAT)))
             margins.append(b.unsqueeze0(margin))
         stacked = b.op("Concat", insides, axis=0) if len(insides) > 1 else insides[0]

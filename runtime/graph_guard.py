@@ -8,8 +8,8 @@ same ones (by sha256) with no alpha/layer overrides.
 
 `skill_scores` is the NumPy twin of the graph's `guard.score.<SKILL>` outputs (the tests hold the graph to it):
 per region a margin (<= 1 inside): box max |v - mu| / halfwidth / threshold; gauss score / threshold; ratio
-max(forget / (threshold * max(retain, tiny)), forget / bound); linear 1 + score - threshold; per skill the votes-th
-smallest margin.
+max(forget / (threshold * max(retain, tiny)), forget / bound); linear 1 + score - threshold, or for a rule over
+several prompt positions given per-position keys LinearRegion.prompt_margin; per skill the votes-th smallest margin.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ from .manifest import Manifest
 TINY = np.finfo(np.float32).tiny
 
 
-def region_margin(region, keys: np.ndarray) -> np.ndarray:
-    """keys (B, F) -> (B,) float32: the region's score over its threshold (<= 1 inside)."""
+def region_margin(region, keys: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """keys (B, F) -> (B,) float32: the region's score over its threshold (<= 1 inside). A LinearRegion takes
+    (B, layers, F), or (B, P, layers, F) at P prompt positions with valid (B, P) (its prompt_margin)."""
     if isinstance(region, LinearRegion):   # its threshold has either sign: 1 + score - threshold
+        if keys.ndim == 4:
+            return region.prompt_margin(keys, np.ones(keys.shape[:2], bool) if valid is None else valid)
         return region.margin(keys)
     if isinstance(region, Hypercube):
         return region.score(keys) / np.float32(region.threshold)
@@ -40,13 +43,28 @@ def region_margin(region, keys: np.ndarray) -> np.ndarray:
     raise UnskillError(f"no graph form for the guard region kind {type(region).__name__}")
 
 
-def skill_scores(guard: KSDGuard, keys_of_layer: dict[int, np.ndarray]) -> list[np.ndarray]:
+def skill_scores(guard: KSDGuard, keys_of_layer: dict[int, np.ndarray], mask: np.ndarray | None = None
+                 ) -> list[np.ndarray]:
     """Per detector (in order) the (B,) score the graph writes to guard.score.<SKILL>: the votes-th smallest
-    region margin. keys_of_layer: layer -> (B, F) full-width key at the last position."""
+    region margin. keys_of_layer: layer -> (B, F) full-width key at the last position, or (B, S, F) at the S
+    positions of this forward (then mask (B, >= S), the attention mask whose last S columns they are): a linear
+    rule over several positions reads its last `positions` of them, every other region the last one
+    (as KSDGuard.check)."""
+    def last(layer: int) -> np.ndarray:
+        keys = keys_of_layer[layer]
+        return keys if keys.ndim == 2 else keys[:, -1]
+
+    def margin(region) -> np.ndarray:
+        positions = getattr(region, "positions", 1)
+        if positions > 1 and keys_of_layer[region.layers[0]].ndim == 3:
+            keys = np.stack([keys_of_layer[layer][:, -positions:] for layer in region.layers], axis=-2)
+            valid = None if mask is None else mask[:, -keys.shape[1]:] > 0
+            return region_margin(region, keys, valid)
+        return region_margin(region, region_keys(region, last))
+
     scores = []
     for detector in guard.detectors:
-        margins = np.stack([region_margin(region, region_keys(region, keys_of_layer.__getitem__))
-                            for region in detector.regions])
+        margins = np.stack([margin(region) for region in detector.regions])
         scores.append(np.sort(margins, axis=0)[detector.votes - 1])
     return scores
 

@@ -344,3 +344,83 @@ def test_export_with_guard_and_its_conflicts(tiny_export, llama_stats, tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def _position_keys_graph(manifest, layers: list[int], widths: list[int]):
+    """A graph whose per-position keys [batch, seq, width] are its inputs in.{layer}, with key_last.{layer}
+    gathered from them as the export does (Gather axis 1, index -1) and attention_mask as an input."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
+    outputs, nodes = [], []
+    last = helper.make_tensor("last_position", TensorProto.INT64, [], [-1])
+    for layer, width in zip(layers, widths):
+        name = manifest.key_last_outputs[layer]
+        inputs.append(helper.make_tensor_value_info(f"in.{layer}", TensorProto.FLOAT, ["batch", "seq", width]))
+        nodes += [helper.make_node("Identity", [f"in.{layer}"], [f"keys.{layer}"]),
+                  helper.make_node("Gather", [f"keys.{layer}", "last_position"], [name], axis=1)]
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", width]))
+    graph = helper.make_graph(nodes, "keys", inputs, outputs, initializer=[last])
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_operatorsetid("", 18)])
+
+
+def test_linear_rule_over_positions_of_a_pruned_layer_equals_numpy(tiny_export, llama_stats):
+    """A linear rule over 5 positions of two layers, one of them pruned (kept_neurons: the graph scatters its
+    per-position keys back to full width), on random keys: guard.refuse equals KSDGuard.check(keys, mask) and
+    guard.score equals skill_scores within 1e-5, for a left-padded prompt batch (rows of 1 to 7 tokens), a
+    continued prompt of 3 tokens after 4 cached ones (fewer positions than the rule reads) and a decode step.
+    Thresholds at quantiles of the scores: some rows fire only through an earlier position, some not at all."""
+    import onnxruntime as ort
+
+    from unskill.exporter.guard_graph import add_guard
+    from unskill.runtime.ksd import LinearRegion
+    from unskill.runtime.manifest import load_manifest
+
+    _, onnx_dir = tiny_export("llama")
+    manifest = load_manifest(onnx_dir)
+    width, layers, positions = manifest.key_width, [0, manifest.num_layers - 1], 5
+    rng = np.random.default_rng(3)
+    kept = [sorted(rng.choice(width, width - 17, replace=False).tolist()) if layer == layers[1]
+            else list(range(width)) for layer in range(manifest.num_layers)]
+    manifest = replace(manifest, kept_neurons=kept)
+    weights = (rng.normal(size=(len(layers), width)) / np.sqrt(width)).astype(np.float32)
+    region = LinearRegion("spread", tuple(layers), weights, 0.3, 0.0, positions, 0.0)
+
+    def batch(rows: int, seq: int, lengths: list[int], cached: int):
+        keys = {layer: rng.normal(size=(rows, seq, width)).astype(np.float32) for layer in layers}
+        for layer in layers:
+            keys[layer][..., np.setdiff1d(np.arange(width), kept[layer])] = 0   # removed neurons read 0
+        mask = np.zeros((rows, cached + seq), np.int64)
+        for row, length in enumerate(lengths):
+            mask[row, cached + seq - length:] = 1
+        return keys, mask
+
+    cases = [batch(8, 7, [7, 5, 3, 1, 2, 6, 7, 4], 0), batch(4, 3, [3, 3, 3, 3], 4), batch(8, 1, [1] * 8, 9)]
+    prompt_keys, prompt_mask = cases[0]
+    scores = region.score(np.stack([prompt_keys[layer][:, -positions:] for layer in layers], axis=-2))
+    valid = prompt_mask[:, -positions:] > 0
+    threshold = float(np.quantile(scores[:, -1], 0.3))
+    earlier_threshold = float(np.quantile(scores[:, :-1][valid[:, :-1]], 0.15))
+    setting = GuardSetting("linear", layers, [threshold], weights=weights, biases=np.array([0.3, 0.0]),
+                           positions=positions, earlier_threshold=earlier_threshold)
+    stats = replace(llama_stats[0], guard=setting, meta={**llama_stats[0].meta, "skill": "spread"})
+    guard = KSDGuard([stats], manifest)
+    graph = add_guard(_position_keys_graph(manifest, layers, [len(kept[layer]) for layer in layers]), guard, manifest)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    region = guard.detectors[0].regions[0]
+    for index, (keys, mask) in enumerate(cases):
+        refuse, score = session.run(["guard.refuse", "guard.score.spread"],
+                                    {"attention_mask": mask, **{f"in.{layer}": keys[layer][..., kept[layer]]
+                                                                for layer in layers}})
+        named = {manifest.key_outputs[layer]: keys[layer] for layer in layers}
+        expected = [hit is not None for hit in guard.check(named, mask)]
+        assert refuse.tolist() == expected, index
+        np.testing.assert_allclose(score, skill_scores(guard, keys, mask)[0], rtol=1e-5, atol=1e-5)
+        last_only = region.contains(np.stack([keys[layer][:, -1] for layer in layers], axis=-2))
+        if index == 0:   # the earlier positions decide some rows, and some rows pass
+            assert (refuse & ~last_only).any() and (~refuse).any() and last_only.any(), (refuse, last_only)
+        if index == 2:   # a decode step: the newest token only
+            assert refuse.tolist() == last_only.tolist()
