@@ -295,9 +295,16 @@ def guard_record(guard: KSDGuard, stats_paths: list, stats_fingerprints: list[st
         "skills": [{"skill": skill, "rule": detector.rule, "votes": detector.votes,
                     "layers": [layer for region in detector.regions for layer in region_layers(region)],
                     "score_output": SCORE_PREFIX + skill, "refuse_output": FIRE_PREFIX + skill,
-                    "stats": str(path), "stats_sha256": sha}
+                    "stats": str(path), "stats_sha256": sha, **_positions_record(detector)}
                    for skill, detector, path, sha in zip(skills, guard.detectors, stats_paths, stats_fingerprints)],
     }
+
+
+def _positions_record(detector) -> dict:
+    """{"positions": n} for a rule over several prompt positions: a prompt run in chunks must keep that many
+    tokens in its last chunk, the one whose guard outputs are read (runtime/session.py)."""
+    positions = max(getattr(region, "positions", 1) for region in detector.regions)
+    return {"positions": positions} if positions > 1 else {}
 
 
 

@@ -195,8 +195,10 @@ class OnnxLM:
             return self._forward(input_ids, attention_mask, shared or past, extra_outputs, all_logits, logits,
                                  shared=shared is not None)
         shared = self.kv_buffer(past, done, attention_mask.shape[1] + reserve)
-        for start in range(0, width, PREFILL_CHUNK):
-            end = min(start + PREFILL_CHUNK, width)
+        starts = list(range(0, width, PREFILL_CHUNK))
+        if any(name.startswith("guard.") for name in extra_outputs):   # the graph's guard reads the last chunk:
+            starts[-1] = min(starts[-1], width - self.guard_positions)   # all the prompt positions its rule reads
+        for start, end in zip(starts, [*starts[1:], width]):
             last_chunk = end == width
             out_logits, past, extras = self._forward(
                 input_ids[:, start:end], attention_mask[:, :done + end], shared or past,
@@ -233,6 +235,12 @@ class OnnxLM:
     def _is_buffer(self, past: dict[str, ort.OrtValue], done: int) -> bool:
         """Whether `past` is a kv_buffer with room (longer than the `done` positions in it), not a cache."""
         return self.manifest.attention == "gqa" and past[self.past_names[0]].shape()[2] > done
+
+    @property
+    def guard_positions(self) -> int:
+        """The most prompt positions a rule of the graph's guard reads (unskill.json guard.skills[].positions;
+        statsfile.MAX_POSITIONS <= PREFILL_CHUNK, so the chunk before the last keeps tokens)."""
+        return max([int(s.get("positions", 1)) for s in (self.manifest.guard or {}).get("skills", [])], default=1)
 
     def _is_last_only(self, name: str) -> bool:
         return name in (self.manifest.key_last_outputs or []) or name.startswith("guard.")

@@ -26,12 +26,25 @@ OTHERS = ["Write a haiku about the sea.", "def add(a, b): return a + b  # explai
           "apples apples apples", "Tell me a story about a dragon."]
 
 
+def region_inside(region, by_layer: dict[int, np.ndarray], mask: np.ndarray) -> np.ndarray:
+    """(B,) bool: the region holds the row, from layer -> (B, F) last keys or (B, S, F) per-position keys (a
+    linear rule over several positions reads its last `positions` of them with the mask, the rest the last)."""
+    positions = getattr(region, "positions", 1)
+    if positions > 1 and by_layer[region.layers[0]].ndim == 3:
+        keys = np.stack([by_layer[layer][:, -positions:] for layer in region.layers], axis=-2)
+        return region.prompt_contains(keys, mask[:, -keys.shape[1]:] > 0)
+    return region.contains(region_keys(region, lambda layer: by_layer[layer] if by_layer[layer].ndim == 2
+                                       else by_layer[layer][:, -1]))
+
+
 def guard_parity(model_dir: Path, stats_paths: list[Path], prompts: list, decode_steps: int = 0,
                  chat: bool = True, batch_size: int = 8, rule: str | None = None) -> dict:
     """Run `prompts` greedily through the guarded graph for 1 + decode_steps forwards; at every forward assert that
     guard.refuse, guard.refuse.<SKILL> and guard.score.<SKILL> equal the NumPy guard's on the same key_last
-    outputs (rule: as the graph was made, None for stored rules or "paper").
-    Returns {"checks": rows checked, "refused": rows refused, "skills": {skill: refused rows}}."""
+    outputs (rule: as the graph was made, None for stored rules or "paper"); at the prompt a linear rule over
+    several positions reads the per-position key.* outputs with the attention mask, as the decode loop does.
+    Returns {"checks": rows checked, "refused": rows refused, "skills": {skill: refused rows},
+    "prompt_refused": per prompt the decision at its prompt}."""
     from unskill.runtime import load
 
     generator = load(model_dir, device="cpu", threads=2, graph_guard=False)
@@ -41,20 +54,26 @@ def guard_parity(model_dir: Path, stats_paths: list[Path], prompts: list, decode
     key_names = list(manifest.key_last_outputs)
     fetch = [*key_names, manifest.guard["refuse_output"], *(s["score_output"] for s in skills),
              *(s["refuse_output"] for s in skills)]
-    summary = {"checks": 0, "refused": 0, "skills": {s["skill"]: 0 for s in skills}}
+    spread = [name for name in guard.prompt_output_names if name not in key_names]   # key.* at the prompt
+    summary = {"checks": 0, "refused": 0, "skills": {s["skill"]: 0 for s in skills}, "prompt_refused": []}
     for start in range(0, len(prompts), batch_size):
         encoded = generator.encode(prompts[start:start + batch_size], GenerationParams(chat=chat))
         input_ids, mask = left_pad(encoded, manifest.pad_token_id)
         past = model.empty_past(len(encoded))
-        for _ in range(1 + decode_steps):
-            logits, past, out = model.forward(input_ids, mask, past, fetch)
-            keys = {name: out[name] for name in key_names}
-            expected = [hit is not None for hit in guard.check(keys)]
+        for step in range(1 + decode_steps):
+            logits, past, out = model.forward(input_ids, mask, past, [*fetch, *spread] if step == 0 else fetch)
+            if step == 0:
+                expected = [hit is not None for hit in guard.check({n: out[n] for n in guard.prompt_output_names},
+                                                                   mask)]
+                summary["prompt_refused"] += expected
+            else:
+                expected = [hit is not None for hit in guard.check({name: out[name] for name in key_names})]
             assert out["guard.refuse"].tolist() == expected
-            by_layer = {layer: keys[name] for layer, name in enumerate(key_names)}
-            for skill, detector, score in zip(skills, guard.detectors, skill_scores(guard, by_layer)):
-                inside = np.stack([region.contains(region_keys(region, by_layer.__getitem__))
-                                   for region in detector.regions])
+            by_layer = {layer: out[name] for layer, name in enumerate(key_names)}
+            if step == 0:
+                by_layer.update({manifest.key_outputs.index(name): out[name] for name in spread})
+            for skill, detector, score in zip(skills, guard.detectors, skill_scores(guard, by_layer, mask)):
+                inside = np.stack([region_inside(region, by_layer, mask) for region in detector.regions])
                 fired = inside.sum(axis=0) >= detector.votes
                 assert out[skill["refuse_output"]].tolist() == fired.tolist(), skill["skill"]
                 # atol: a linear margin (1 + score - threshold) may sit near 0, where rtol alone means nothing
@@ -100,9 +119,15 @@ def rule_stats(stats, keys_of_layer: dict[int, np.ndarray], retain_group, out_di
     return paths
 
 
-def linear_setting(keys_of_layer: dict[int, np.ndarray], layers: list[int], forget_rows: int) -> GuardSetting:
+def linear_setting(keys_of_layer: dict[int, np.ndarray], layers: list[int], forget_rows: int, positions: int = 1,
+                   position_keys: dict[int, np.ndarray] | None = None, valid: np.ndarray | None = None) -> GuardSetting:
     """A linear rule over `layers` fitted on these keys (the first forget_rows the forget side), its threshold
-    halfway between the two middle scores so no prompt key sits on the boundary."""
+    halfway between the two middle scores so no prompt key sits on the boundary.
+    positions > 1: a rule over that many prompt positions, given the prompts' per-position keys (layer -> (n, S,
+    F)) and valid (n, S) (left padding False): the last token's threshold halfway between the quarter-way scores
+    (a quarter of the prompts fire on their last token), the earlier positions' threshold halfway between the
+    median of the other prompts' smallest earlier score and the next score above it (about half of those fire
+    only through an earlier position)."""
     from unskill.runtime.ksd import LinearRegion
     from unskill.stats.discriminant import fit
 
@@ -112,8 +137,20 @@ def linear_setting(keys_of_layer: dict[int, np.ndarray], layers: list[int], forg
     region = LinearRegion("linear", tuple(layers), weights.astype(np.float32), float(biases.sum()), 0.0)
     scores = np.sort(region.score(np.stack([keys_of_layer[i] for i in layers], axis=1)))
     middle = len(scores) // 2
-    return GuardSetting("linear", layers, [float(scores[middle - 1] + scores[middle]) / 2], weights=weights,
-                        biases=biases)
+    if positions == 1:
+        return GuardSetting("linear", layers, [float(scores[middle - 1] + scores[middle]) / 2], weights=weights,
+                            biases=biases)
+    per_position = region.score(np.stack([position_keys[i][:, -positions:] for i in layers], axis=-2))
+    quarter = np.sort(per_position[:, -1])[len(per_position) // 4 - 1:len(per_position) // 4 + 1]
+    threshold = float(quarter.mean())
+    earlier, earlier_valid = per_position[:, :-1], valid[:, -positions:-1]
+    smallest = np.where(earlier_valid, earlier, np.inf).min(axis=1)
+    candidates = np.sort(smallest[(per_position[:, -1] > threshold) & np.isfinite(smallest)])
+    pick = candidates[len(candidates) // 2]
+    above = np.sort(earlier[earlier_valid & (earlier > pick)])
+    earlier_threshold = float(pick + above[0]) / 2 if len(above) else float(pick) + 1.0
+    return GuardSetting("linear", layers, [threshold], weights=weights, biases=biases, positions=positions,
+                        earlier_threshold=earlier_threshold)
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
@@ -154,6 +191,70 @@ def test_every_rule_kind_in_the_graph_equals_numpy(tiny_rules, tmp_path):
         assert summary["checks"] == 7 * len(APPLES + OTHERS)
         for skill, refused in summary["skills"].items():   # every rule decides both ways somewhere
             assert 0 < refused < summary["checks"], (skill, refused)
+
+
+SHORT = ["Hi", "2+2", "Sum?"]   # fewer tokens than the multi-position rule reads
+
+
+def test_linear_rule_over_several_positions_in_the_graph_equals_numpy(tiny_rules, tmp_path):
+    """A linear rule over 6 prompt positions (positions, earlier_threshold) in the graph: at the prompt (left-padded
+    batches, some prompts shorter than 6 tokens) and 3 decode steps guard.refuse / guard.score equal
+    KSDGuard.check(keys, mask) and skill_scores (scores within 1e-5); some prompts are refused only through an
+    earlier position, some not at all. A deploy folder guarded with the same stats file (its key.* outputs gone,
+    the per-position keys read inside) answers as the NumPy guard on the full export."""
+    from unskill.exporter.deploy import guard_edit, slim
+    from unskill.runtime import load
+
+    onnx_dir, paths = tiny_rules
+    positions, prompts = 6, APPLES + OTHERS + SHORT
+    generator = load(onnx_dir, device="cpu", threads=2)
+    manifest = generator.model.manifest
+    layers = list(load_stats(paths[4], manifest).guard.layers)
+    input_ids, mask = left_pad(generator.encode(prompts, GenerationParams(chat=False)), manifest.pad_token_id)
+    _, _, out = generator.model.forward(input_ids, mask, generator.model.empty_past(len(prompts)),
+                                        [manifest.key_outputs[i] for i in layers])
+    per_position = {i: out[manifest.key_outputs[i]] for i in layers}
+    valid = mask > 0
+    assert (valid.sum(axis=1) < positions).any()   # prompts shorter than the positions read
+    setting = linear_setting({i: per_position[i][:, -1] for i in layers}, layers, len(APPLES), positions,
+                             per_position, valid)
+    stats = load_stats(paths[4], manifest)
+    path = replace(stats, guard=setting, meta={**stats.meta, "skill": "spread"}).save(tmp_path / "spread.npz")
+    region = KSDGuard([load_stats(path, manifest)], manifest).detectors[0].regions[0]
+    assert (region.positions, region.earlier_threshold) == (positions, setting.earlier_threshold)
+    by_last = region.contains(np.stack([per_position[i][:, -1] for i in layers], axis=-2))
+
+    guard_edit(onnx_dir, [path], tmp_path / "guarded")
+    summary = guard_parity(tmp_path / "guarded", [path], prompts, decode_steps=3, chat=False)
+    refused = np.array(summary["prompt_refused"])
+    assert (refused & ~by_last).any() and by_last.any() and (~refused).any(), (refused, by_last)
+    assert load(tmp_path / "guarded", device="cpu").model.manifest.guard["skills"][0]["positions"] == positions
+
+    # a prompt longer than a prefill chunk runs in chunks (only last-position outputs fetched): its last chunk
+    # still holds the 6 positions the rule reads (runtime/session.py), here against one pass over the whole
+    from tiny_models import VOCAB
+    from unskill.runtime.session import PREFILL_CHUNK
+
+    model = load(tmp_path / "guarded", device="cpu", threads=2, graph_guard=False).model
+    guard = KSDGuard([load_stats(path, manifest)], manifest)
+    rng = np.random.default_rng(0)
+    for width in (PREFILL_CHUNK + 1, PREFILL_CHUNK + 3, PREFILL_CHUNK + 5):
+        ids = rng.integers(3, VOCAB, (1, width))
+        ones = np.ones_like(ids)
+        _, _, chunked = model.forward(ids, ones, model.empty_past(1), ["guard.refuse", "guard.score.spread"])
+        _, _, whole = model.forward(ids, ones, model.empty_past(1), guard.prompt_output_names)
+        by_layer = {manifest.key_outputs.index(name): whole[name] for name in guard.prompt_output_names}
+        # atol 1e-4: the chunked pass attends over its KV cache in other float orders than the single pass
+        np.testing.assert_allclose(chunked["guard.score.spread"], skill_scores(guard, by_layer, ones)[0], atol=1e-4)
+
+    slim(onnx_dir, tmp_path / "deploy", guard_stats=[path])
+    params = GenerationParams(max_new_tokens=3, chat=False)
+    in_graph = load(tmp_path / "deploy", device="cpu", threads=2).generate(prompts, params)
+    numpy = load(onnx_dir, [path], device="cpu", threads=2).generate(prompts, params)
+    assert isinstance(load(tmp_path / "deploy", device="cpu").guard, GraphGuard)
+    assert [(r.abstained, r.abstained_at, r.token_ids) for r in in_graph] == \
+           [(r.abstained, r.abstained_at, r.token_ids) for r in numpy]
+    assert [r.abstained_at == 0 for r in numpy] == refused.tolist()   # at the prompt: the positions' rule
 
 
 def test_a_stats_file_without_a_rule_is_refused_before_the_model_loads(tiny_rules, tmp_path):
