@@ -36,9 +36,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-INT64_MAX = np.iinfo(np.int64).max
-MASK_INPUT = "attention_mask"
-
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.ksd import Ellipsoid, Hypercube, KSDGuard, LinearRegion, RatioRegion, region_layers
 from unskill.runtime.manifest import Manifest
@@ -47,6 +44,8 @@ REFUSE = "guard.refuse"
 SCORE_PREFIX = "guard.score."
 FIRE_PREFIX = "guard.refuse."
 TINY = float(np.finfo(np.float32).tiny)
+INT64_MAX = int(np.iinfo(np.int64).max)   # a Slice end: to the axis's end
+MASK_INPUT = "attention_mask"   # the graph input a multi-position rule reads left padding from
 
 
 class _Builder:
