@@ -119,6 +119,52 @@ class KeyReader:
         return [self.last_keys(sequences, layers, desc) for sequences in groups]
 
 
+def prompt_window_keys(model: OnnxLM, sequences: list[list[int]], last_layers, window_layers, positions: int,
+                       batch_size: int = 8, desc: str = "keys") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One prompt pass for a rule over several prompt positions (runtime/ksd.py LinearRegion.positions): (keys at
+    the last token of last_layers (n, L, F), keys at the last `positions` tokens of window_layers (n, P, W, F),
+    valid (n, P): which of those positions hold the sequence's own tokens). The per-position keys come from the
+    full graph's key.* outputs (the probe graph has key_last.* only). Prompts are grouped by their start as in
+    grouped_last_keys; a token inside a group's shared prefix is not read (valid False): the guard at run time
+    sees the tokens after the server's shared system turn alike."""
+    manifest = model.manifest
+    last_layers = resolve_layers(last_layers, manifest.num_layers)
+    window_layers = resolve_layers(window_layers, manifest.num_layers)
+    last_names = [require_key_last(manifest, model.directory)[i] for i in last_layers] if last_layers else []
+    window_names = [manifest.key_outputs[i] for i in window_layers]
+    width = manifest.key_width
+    last = np.empty((len(sequences), len(last_layers), width), dtype=np.float32)
+    window = np.zeros((len(sequences), positions, len(window_layers), width), dtype=np.float32)
+    valid = np.zeros((len(sequences), positions), dtype=bool)
+    for group in prefix_groups(sequences, batch_size):
+        members = [sequences[i] for i in group]
+        shared, _ = plan_batches(members, batch_size)
+        for rows, values in last_position_keys(model, members, last_names + window_names, batch_size, desc=desc):
+            index = [group[row] for row in rows]
+            if last_names:
+                last[index] = np.stack([values[name] for name in last_names], axis=1)
+            per_position = np.stack([values[name] for name in window_names], axis=2)   # (B, S, W, F)
+            take = min(positions, per_position.shape[1])
+            window[index, positions - take:] = per_position[:, -take:]
+            for row, sequence_index in zip(rows, index):
+                own = min(take, len(members[row]) - shared)
+                valid[sequence_index, positions - own:] = True
+    return last, window, valid
+
+
+def guard_prompt_keys(model: OnnxLM, guard, sequences: list[list[int]], batch_size: int = 8, desc: str = "keys",
+                      reader=None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """What the runtime guard (runtime/ksd.py KSDGuard) sees at the prompt of each sequence, for
+    `guard.check(keys, mask)`: output name -> keys, and the mask of the positions (None for a last-token rule).
+    A rule over several positions gets its layers' keys at the last guard.positions tokens (B, P, F)."""
+    layers = sorted(guard._output_of_layer)
+    if getattr(guard, "positions", 1) <= 1:
+        keys = (reader or KeyReader(model, batch_size)).last_keys(sequences, layers, desc)
+        return {guard._output_of_layer[layer]: keys[:, i] for i, layer in enumerate(layers)}, None
+    _, window, valid = prompt_window_keys(model, sequences, [], layers, guard.positions, batch_size, desc)
+    return {guard._prompt_output_of_layer[layer]: window[:, :, i] for i, layer in enumerate(layers)}, valid
+
+
 def grouped_last_keys(reader, sequences: list[list[int]], layers=None, desc: str = "keys", bar=None) -> np.ndarray:
     """reader.last_keys with the sequences split by prefix_groups, each group planned on its own (its own shared
     prefix: prompts in several formats), through last_keys_each so a distributed reader plans them alike; bar

@@ -139,8 +139,10 @@ class LinearRegion:
     weight: np.ndarray      # (len(layers), F) float32
     bias: float
     threshold: float        # at the newest position: the prompt's last token, then every decoded token
-    positions: int = 1      # at the prompt also the positions - 1 tokens before its last one ...
-    earlier_threshold: float = -math.inf   # ... each against this threshold (calibrated on the budget left)
+    positions: int = 1      # at the prompt also the mean key of its last `positions` tokens (1: not read) ...
+    pooled_weight: np.ndarray | None = None   # ... scored by its own discriminant (len(layers), F) ...
+    pooled_bias: float = 0.0
+    pooled_threshold: float = -math.inf      # ... against its own threshold (calibrated on the budget left)
 
     @property
     def layer(self) -> int:
@@ -159,29 +161,39 @@ class LinearRegion:
         """<= 1 inside: 1 + score - threshold (the threshold may be negative, so no quotient)."""
         return 1 + self.score(keys) - np.float32(self.threshold)
 
+    def pooled_score(self, pooled: np.ndarray) -> np.ndarray:
+        """pooled (..., len(layers), F) mean keys (pool_keys) -> (...,) -(pooled_weight . v + pooled_bias)."""
+        projected = np.einsum("...lf,lf->...", np.asarray(pooled, np.float32), self.pooled_weight, dtype=np.float32)
+        return -(projected + np.float32(self.pooled_bias))
+
     def prompt_margin(self, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """keys (B, P, len(layers), F) at P prompt positions, the last one the prompt's last token; valid (B, P)
-        which of them are the row's tokens (left padding is not) -> (B,) the smallest margin over the last
-        token (against threshold) and the positions - 1 before it (against earlier_threshold); <= 1 fires.
-        The raw text of a request ends where its user stopped typing ("... Answer:", a closing sentence): the
-        skill's evidence can sit a few tokens before the last one (docs/guard.md)."""
-        scores = self.score(keys)
-        last = 1 + scores[:, -1] - np.float32(self.threshold)
-        before = min(self.positions, scores.shape[1]) - 1
-        if before <= 0:
+        """keys (B, P, len(layers), F) at the last P prompt positions, valid (B, P) which of them are the row's
+        tokens (left padding is not; the last always is) -> (B,) the smaller of the last token's margin and the
+        mean key's (1 + pooled score - pooled_threshold); <= 1 fires. A request's raw text ends where its user
+        stopped typing ("... Answer:", a closing sentence), and Best-of-N noise garbles single tokens: the mean
+        of the last tokens' keys keeps the skill's evidence that one position loses (docs/guard.md)."""
+        last = self.margin(keys[:, -1])
+        if self.positions <= 1:
             return last
-        earlier = np.where(valid[:, -1 - before:-1], 1 + scores[:, -1 - before:-1] - np.float32(self.earlier_threshold),
-                           np.inf)
-        return np.minimum(last, earlier.min(axis=1))
+        pooled = 1 + self.pooled_score(pool_keys(keys[:, -self.positions:], valid[:, -self.positions:]))
+        return np.minimum(last, pooled - np.float32(self.pooled_threshold))
 
     def prompt_contains(self, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """(B,) bool: prompt_margin's decision, made with the comparisons themselves (score <= threshold)."""
-        scores = self.score(keys)
-        inside = scores[:, -1] <= self.threshold
-        before = min(self.positions, scores.shape[1]) - 1
-        if before > 0:
-            inside |= (valid[:, -1 - before:-1] & (scores[:, -1 - before:-1] <= self.earlier_threshold)).any(axis=1)
+        inside = self.score(keys[:, -1]) <= np.float64(self.threshold)
+        if self.positions > 1:
+            pooled = pool_keys(keys[:, -self.positions:], valid[:, -self.positions:])
+            inside |= self.pooled_score(pooled) <= np.float64(self.pooled_threshold)
         return inside
+
+
+def pool_keys(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """keys (B, P, ..., F), valid (B, P) -> (B, ..., F): the mean over each row's valid positions (float32; the
+    in-graph guard computes the same sum over the mask, divided by its count)."""
+    weights = np.asarray(valid, np.float32).reshape(valid.shape + (1,) * (keys.ndim - 2))
+    total = np.sum(np.asarray(keys, np.float32) * weights, axis=1, dtype=np.float32)
+    count = np.maximum(weights.sum(axis=1, dtype=np.float32), np.float32(1))
+    return total / count
 
 
 def region_layers(region) -> tuple[int, ...]:
@@ -290,9 +302,11 @@ def linear_regions(skill: str, setting: GuardSetting | None) -> list[LinearRegio
     if setting is None or setting.rule != "linear" or setting.weights is None:
         raise UnskillError(f"stats for {skill!r}: a linear rule needs its stored weights; "
                            f"make the guard with `unskill guard`")
-    earlier_threshold = -math.inf if setting.earlier_threshold is None else float(setting.earlier_threshold)
+    pooled = {} if setting.positions <= 1 else dict(
+        pooled_weight=np.asarray(setting.pooled_weights, np.float32), pooled_bias=float(np.sum(setting.pooled_biases)),
+        pooled_threshold=float(setting.pooled_threshold))
     return [LinearRegion(skill, tuple(setting.layers), np.asarray(setting.weights, np.float32),
-                         float(np.sum(setting.biases)), float(setting.thresholds[0]), setting.positions, earlier_threshold)]
+                         float(np.sum(setting.biases)), float(setting.thresholds[0]), setting.positions, **pooled)]
 
 
 def layer_scores(keys: np.ndarray, stats: StatsFile, rule: str, retain=None, bounds=None) -> np.ndarray:
@@ -398,8 +412,9 @@ class KSDGuard:
         hits: list[Hit | None] = [None] * batch
 
         def keys_at(layer: int, positions: bool = False) -> np.ndarray:
-            value = last_keys.get(self._output_of_layer[layer])
-            value = last_keys[self._prompt_output_of_layer[layer]] if value is None else value
+            """positions: the per-position keys where given; else the last position's"""
+            names = (self._prompt_output_of_layer[layer], self._output_of_layer[layer])
+            value = next(last_keys[name] for name in (names if positions else names[::-1]) if name in last_keys)
             return value if positions or value.ndim == 2 else value[:, -1]
 
         for detector in self.detectors:

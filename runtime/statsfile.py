@@ -10,7 +10,8 @@ allow_pickle=False. Groups and their fields:
     ksd_retain key vector at the last prompt token, calibration's retain prompts (written by `unskill calibrate`
                with a `ratio` rule: the retain side of its forget/retain score)
 A stored `linear` rule (one region over its layers) keeps its discriminant as `guard.weights` (layers, F) float32
-and `guard.biases` (layers,), summed.
+and `guard.biases` (layers,), summed; one that also reads the mean key of the prompt's last tokens (`positions`)
+keeps that one's as `guard.pooled_weights` and `guard.pooled_biases`.
 count is per layer (L,); the other fields are float64 (L, F). Sums (not means) so shards merge by addition.
 An optional `guard` member (a JSON string) holds the rule `unskill calibrate` chose (GuardSetting); merged
 shards drop it and `ksd_retain` (their cubes changed, so it must be calibrated again). Files without it load
@@ -147,17 +148,20 @@ class GuardSetting:
     bounds: list[float] | None = None   # ratio only, per layer: the forget-side score above which nothing fires
     weights: np.ndarray | None = None   # linear only, (layers, F): each layer's share of the discriminant
     biases: np.ndarray | None = None    # linear only, (layers,): summed into the region's bias
-    positions: int = 1                     # linear only: prompt positions read at the prompt (the last and positions-1 before)
-    earlier_threshold: float | None = None   # linear only, positions > 1: the threshold of the positions before the last
+    positions: int = 1                  # linear only: at the prompt also the mean key of its last `positions` tokens
+    pooled_threshold: float | None = None   # linear only, positions > 1: that mean key's threshold ...
+    pooled_weights: np.ndarray | None = None   # ... its discriminant (layers, F) (`guard.pooled_weights`) ...
+    pooled_biases: np.ndarray | None = None    # ... and (layers,) biases, summed (`guard.pooled_biases`)
 
     @property
     def name(self) -> str:
-        return f"calibrated {self.rule}, {self.votes} of layers {','.join(map(str, self.layers))}"
+        spread = f", last {self.positions} prompt tokens" if self.positions > 1 else ""
+        return f"calibrated {self.rule}, {self.votes} of layers {','.join(map(str, self.layers))}{spread}"
 
     def to_json(self) -> str:
         extra = {} if self.bounds is None else {"bounds": self.bounds}
         if self.positions > 1:
-            extra.update(positions=self.positions, earlier_threshold=self.earlier_threshold)
+            extra.update(positions=self.positions, pooled_threshold=self.pooled_threshold)
         return json.dumps({"rule": self.rule, "layers": self.layers, "thresholds": self.thresholds,
                            "votes": self.votes, "calibration": self.calibration, **extra}, sort_keys=True)
 
@@ -169,8 +173,8 @@ class GuardSetting:
                           int(raw["votes"]), dict(raw.get("calibration") or {}),
                           None if raw.get("bounds") is None else [float(b) for b in raw["bounds"]],
                           positions=int(raw.get("positions", 1)),
-                          earlier_threshold=None if raw.get("earlier_threshold") is None
-                          else float(raw["earlier_threshold"]))
+                          pooled_threshold=None if raw.get("pooled_threshold") is None
+                          else float(raw["pooled_threshold"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UnskillError(f"{where}: guard setting is not valid ({type(exc).__name__}: {exc})") from None
         problem = setting.problem(num_layers)
@@ -195,15 +199,15 @@ class GuardSetting:
                    and not all(t > 0 for t in setting.thresholds)
                    else f"positions {setting.positions} not in 1..{MAX_POSITIONS} (only a linear rule reads several)"
                    if not 1 <= setting.positions <= MAX_POSITIONS or (setting.positions > 1 and setting.rule != "linear")
-                   else "positions > 1 need a finite earlier_threshold" if setting.positions > 1 and not (
-                       setting.earlier_threshold is not None and math.isfinite(setting.earlier_threshold))
+                   else "positions > 1 need a finite pooled_threshold" if setting.positions > 1 and not (
+                       setting.pooled_threshold is not None and math.isfinite(setting.pooled_threshold))
                    else "bounds need one positive value per layer" if setting.bounds is not None and (
                        len(setting.bounds) != len(setting.layers) or not all(b > 0 for b in setting.bounds))
                    else None)
         if problem:
             return problem
-        if setting.positions > 1 and linear_problem(setting.earlier_threshold):
-            return f"earlier_threshold: {linear_problem(setting.earlier_threshold)}"
+        if setting.positions > 1 and linear_problem(setting.pooled_threshold):
+            return f"pooled_threshold: {linear_problem(setting.pooled_threshold)}"
         for layer, threshold in zip(setting.layers, setting.thresholds):
             reason = linear_problem(threshold) if setting.rule == "linear" else region_problem(setting.rule, threshold)
             if reason:
@@ -245,6 +249,9 @@ class StatsFile:
             if self.guard.weights is not None:
                 arrays["guard.weights"] = np.asarray(self.guard.weights, np.float32)
                 arrays["guard.biases"] = np.asarray(self.guard.biases, np.float64)
+            if self.guard.positions > 1:
+                arrays["guard.pooled_weights"] = np.asarray(self.guard.pooled_weights, np.float32)
+                arrays["guard.pooled_biases"] = np.asarray(self.guard.pooled_biases, np.float64)
         for group, moments in self.groups.items():
             arrays[f"{group}.count"] = moments.count
             for name, value in moments.values.items():
@@ -318,19 +325,20 @@ def _check_consistent(path: Path, group: str, moments: Moments) -> None:
         raise UnskillError(f"{path}: {group}.sumsq is negative; the file is damaged")
 
 
-def _linear_arrays(path: Path, arrays: dict[str, np.ndarray], rows: int, width: int):
-    """A stored linear rule's weights (rows, width) and biases (rows,), checked."""
-    weights, biases = arrays.get("guard.weights"), arrays.get("guard.biases")
+def _linear_arrays(path: Path, arrays: dict[str, np.ndarray], rows: int, width: int, prefix: str = "guard."):
+    """A stored linear rule's weights (rows, width) and biases (rows,), checked (prefix "guard.pooled_": the
+    mean key's discriminant)."""
+    w, b = f"{prefix}weights", f"{prefix}biases"
+    weights, biases = arrays.get(w), arrays.get(b)
     if weights is None or biases is None:
-        raise UnskillError(f"{path}: the stored linear rule has no guard.weights/guard.biases; make it again with "
-                           f"`unskill guard`")
+        raise UnskillError(f"{path}: the stored linear rule has no {w}/{b}; make it again with `unskill guard`")
     if weights.shape != (rows, width) or biases.shape != (rows,) or weights.dtype.kind != "f" or biases.dtype.kind != "f":
-        raise UnskillError(f"{path}: guard.weights {weights.dtype}{weights.shape} / guard.biases "
+        raise UnskillError(f"{path}: {w} {weights.dtype}{weights.shape} / {b} "
                            f"{biases.dtype}{biases.shape}, expected floats of shape ({rows}, {width}) / ({rows},)")
     if not (np.isfinite(weights).all() and np.isfinite(biases).all()):
-        raise UnskillError(f"{path}: guard.weights or guard.biases contain NaN or infinity")
+        raise UnskillError(f"{path}: {w} or {b} contain NaN or infinity")
     if not (np.abs(weights).max(axis=1) > 0).all():
-        raise UnskillError(f"{path}: a layer of guard.weights is all zeros: that rule would fire on everything or nothing")
+        raise UnskillError(f"{path}: a layer of {w} is all zeros: that rule would fire on everything or nothing")
     return weights.astype(np.float32), biases.astype(np.float64)
 
 
@@ -382,6 +390,9 @@ def load_stats(path: str | Path, manifest: Manifest | None = None) -> StatsFile:
                                f"rebuild it with `unskill stats` and `unskill calibrate`")
         if guard.rule == "linear":
             guard.weights, guard.biases = _linear_arrays(path, arrays, len(guard.layers), width)
+        if guard.rule == "linear" and guard.positions > 1:
+            guard.pooled_weights, guard.pooled_biases = _linear_arrays(path, arrays, len(guard.layers), width,
+                                                                       "guard.pooled_")
         if guard.rule == "ratio" and not ("ksd_retain" in groups and (groups["ksd_retain"].count >= 2).all()):
             raise UnskillError(f"{path}: the stored ratio rule needs the retain key statistics (ksd_retain); "
                                f"run `unskill calibrate` again")
