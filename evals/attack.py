@@ -63,19 +63,28 @@ Conversation = tuple[tuple[str, str], ...]
 Decide = Callable[[list[Conversation]], tuple[np.ndarray, np.ndarray]]
 
 
-def guard_decision(guard, last_keys: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def guard_decision(guard, last_keys: dict[str, np.ndarray], mask: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """The runtime guard's decision on a batch of last-token keys, and a score of how far each row is from firing.
 
     The decision is `KSDGuard.check`'s (never re-derived here). The score is the attacker's feedback: per detector,
     the `votes`-th smallest region margin (a region holds the key when its margin <= 1: runtime/graph_guard.py
     `region_margin`, the same number the in-graph guard writes to guard.score.<SKILL>), the smallest over
-    detectors."""
-    refused = np.array([hit is not None for hit in guard.check(last_keys)])
+    detectors. last_keys and mask: as `KSDGuard.check` takes them (runtime/keys.py guard_prompt_keys): a rule over
+    several prompt positions is scored there by its own prompt_margin."""
+    refused = np.array([hit is not None for hit in guard.check(last_keys, mask)])
     per_detector = []
+
+    def margin(region):
+        spread = getattr(region, "positions", 1) > 1 and mask is not None
+        names = guard._prompt_output_of_layer if spread else guard._output_of_layer
+        if spread:
+            keys = np.stack([last_keys[names[layer]][:, -region.positions:] for layer in region.layers], axis=-2)
+            return region.prompt_margin(keys, mask[:, -keys.shape[1]:])
+        return region_margin(region, region_keys(region, lambda layer: last_keys[names[layer]]))
+
     for detector in guard.detectors:
-        def keys_of(layer):
-            return last_keys[guard._output_of_layer[layer]]
-        scores = np.stack([region_margin(region, region_keys(region, keys_of)) for region in detector.regions])
+        scores = np.stack([margin(region) for region in detector.regions])
         per_detector.append(np.sort(scores, axis=0)[detector.votes - 1])   # (regions, B) -> (B,)
     return refused, np.min(per_detector, axis=0)
 

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.generator import GenerationParams, Generator
-from unskill.runtime.keys import (MIN_SHARED_PREFIX, KeyEntry, KeyReader, require_key_last, resolve_layers,
-                                  shared_prefix_length)
+from unskill.runtime.keys import (MIN_SHARED_PREFIX, KeyEntry, KeyReader, guard_prompt_keys, require_key_last,
+                                  resolve_layers, shared_prefix_length)
 from unskill.runtime.ksd import region_layers, vote
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import StatsFile
@@ -69,9 +69,13 @@ class _StepRecorder:
     def __init__(self, entry: KeyEntry, guards: dict | None = None):
         self.entry, self.guards, self.steps = entry, guards or {}, []
         self.output_names = sorted({entry.last_output, *(n for g in self.guards.values() for n in g.output_names)})
+        # a rule over several prompt positions reads per-position keys at the prompt (Generator.check_guard)
+        self.positions = max([g.positions for g in self.guards.values()], default=1)
+        self.prompt_output_names = sorted({entry.last_output,
+                                           *(n for g in self.guards.values() for n in g.prompt_output_names)})
 
-    def check(self, last_keys: dict[str, np.ndarray]):
-        fired = {name: [hit is not None for hit in guard.check(last_keys)] for name, guard in self.guards.items()}
+    def check(self, last_keys: dict[str, np.ndarray], mask: np.ndarray | None = None):
+        fired = {name: [hit is not None for hit in guard.check(last_keys, mask)] for name, guard in self.guards.items()}
         self.steps.append((self.entry(last_keys[self.entry.last_output]), fired))
         return [None] * len(self.steps[-1][0])
 
@@ -226,10 +230,15 @@ class Harness:
         for part, sequences, keys in zip(parts, encoded, reader.last_keys_each(encoded, layers, desc=desc)):
             by_output = {self.model.manifest.key_last_outputs[layer]: keys[:, i] for i, layer in enumerate(layers)}
             entries = self.entry(keys[:, layers.index(self.entry.layer)])
+            stored = {}
+            for name, guard in guards.items():   # a rule over several prompt positions reads them all
+                seen, mask = (by_output, None) if guard.positions <= 1 else guard_prompt_keys(
+                    self.model, guard, sequences, self.config.batch_size * 2, desc)
+                stored[name] = [hit is not None for hit in guard.check(seen, mask)]
             sets[part.name] = {
                 "side": part.side, "items": len(sequences),
                 "entry": {name: [row[name] for row in entries] for name in self.stats},
-                "stored": {name: [hit is not None for hit in guard.check(by_output)] for name, guard in guards.items()},
+                "stored": stored,
                 "rules": {name: guard.describe()[0] for name, guard in guards.items()},
                 "example": part.conversations[0][-1][1][:300]}
             if self.config.bypass_decode:
@@ -274,12 +283,11 @@ class Harness:
         from .attack import guard_decision
 
         reader = KeyReader(self.model, self.config.batch_size * 2, False)
-        layers = sorted({layer for region in guard.cubes for layer in region_layers(region)})
-        outputs = [self.model.manifest.key_last_outputs[layer] for layer in layers]
 
         def decide(conversations):
-            keys = reader.last_keys([self.tokenizer.encode_turns(c, chat) for c in conversations], layers, desc)
-            return guard_decision(guard, {output: keys[:, i] for i, output in enumerate(outputs)})
+            keys, mask = guard_prompt_keys(self.model, guard, [self.tokenizer.encode_turns(c, chat) for c in conversations],
+                                           self.config.batch_size * 2, desc, reader)
+            return guard_decision(guard, keys, mask)
         return decide
 
     def _bypass_decode(self, conversations: list, sequences: list[list[int]], guards: dict, chat: bool) -> dict:

@@ -172,13 +172,13 @@ class BatchEngine:
         params, gen = request.params, self.generator
         prefix, start = self._prefix(params.chat), self.model.empty_past(1)
         skip = len(prefix[0]) if prefix and request.ids[:len(prefix[0])] == prefix[0] else 0
-        if skip and skip < len(request.ids):
+        if skip and skip + max(gen.guard_positions(), 1) <= len(request.ids):   # the guard's tokens run here
             start = prefix[1]   # onnxruntime only reads its inputs: one cache serves every request
         else:
             skip = 0
         mask = np.ones((1, len(request.ids)), dtype=np.int64)
         ids = np.array([request.ids[skip:]], dtype=np.int64)
-        logits, past, keys = self.model.forward(ids, mask, start, gen.prompt_guard_outputs())
+        logits, past, keys = self.model.forward(ids, mask, start, gen.prompt_guard_outputs(), tail=gen.guard_positions())
         self.prefills += 1
         budget = min(params.max_new_tokens, self.model.manifest.max_context - len(request.ids))
         active = _Active(request, _Row(request.prompt, len(request.ids)),

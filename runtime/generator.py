@@ -167,7 +167,8 @@ class Generator:
             # values into the cache in place (GroupQueryAttention graphs; runtime/session.py).
             logits, past, keys = self.model.forward(input_ids, mask, past,
                                                     self.prompt_guard_outputs() if step == 0 else guard_outputs,
-                                                    reserve=budget - 1 if step == 0 else 0)
+                                                    reserve=budget - 1 if step == 0 else 0,
+                                                    tail=self.guard_positions() if step == 0 else 0)
             hits = self.check_guard(keys, len(rows), mask)
             next_ids = np.full(len(rows), pad, dtype=np.int64)
             for i, row in enumerate(rows):
@@ -182,6 +183,11 @@ class Generator:
     def prompt_guard_outputs(self) -> list[str]:
         """What the prompt's forward fetches for the guard: a rule over several positions reads per-position keys (key.*) there."""
         return getattr(self.guard, "prompt_output_names", None) or (self.guard.output_names if self.guard else [])
+
+    def guard_positions(self) -> int:
+        """The prompt positions the guard reads per position (0: the last token only)."""
+        positions = getattr(self.guard, "positions", 1)
+        return positions if positions > 1 else 0
 
     def check_guard(self, keys: dict[str, np.ndarray], batch: int, mask: np.ndarray | None = None) -> list[Hit | None]:
         """The guard's verdict per row on the keys of the last position (key_last.* are already 2-D); at the prompt

@@ -33,22 +33,23 @@ def _batches(sequences: list[list[int]], batch_size: int):
         yield [sequences[i] for i in order[start:start + batch_size]]
 
 
-def shared_prefix_length(sequences: list[list[int]]) -> int:
+def shared_prefix_length(sequences: list[list[int]], keep: int = 1) -> int:
     """Tokens every sequence starts with (the chat template's system turn, a few-shot header), leaving at
-    least one token of each sequence to run after it."""
+    least `keep` tokens of each sequence (one; a guard rule over the last tokens: those) to run after it."""
     shortest = min(map(len, sequences))
     first = sequences[0]
     length = 0
-    while length < shortest - 1 and all(seq[length] == first[length] for seq in sequences):
+    while length < shortest - keep and all(seq[length] == first[length] for seq in sequences):
         length += 1
     return length
 
 
-def plan_batches(sequences: list[list[int]], batch_size: int, share_prefix: bool = True) -> tuple[int, list[list[int]]]:
+def plan_batches(sequences: list[list[int]], batch_size: int, share_prefix: bool = True,
+                 keep: int = 1) -> tuple[int, list[list[int]]]:
     """How a prompt pass runs: (tokens of the common prefix run once, 0 for none; the batches as lists of
     sequence indices, longest first). A distributed pass (cluster/) runs the same plan, so its keys are the
-    same floats."""
-    shared = shared_prefix_length(sequences) if share_prefix else 0
+    same floats. keep: tokens of every sequence left after the prefix."""
+    shared = shared_prefix_length(sequences, keep) if share_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     order = _order(sequences)
     return shared, [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
@@ -64,7 +65,7 @@ def prefix_cache(model: OnnxLM, prefix: list[int]) -> dict[str, np.ndarray]:
 
 
 def prefill_rows(model: OnnxLM, suffixes: list[list[int]], shared: int, cache: dict[str, np.ndarray],
-                 outputs: list[str]) -> dict[str, np.ndarray]:
+                 outputs: list[str], tail: int = 0) -> dict[str, np.ndarray]:
     """One batch of a pass: rows are [prefix (its cache) | left padding | suffix]; positions from the mask."""
     ids, mask = left_pad(suffixes, model.manifest.pad_token_id)
     if shared:
@@ -73,19 +74,20 @@ def prefill_rows(model: OnnxLM, suffixes: list[list[int]], shared: int, cache: d
                 for name, value in cache.items()}
     else:
         past = model.empty_past(len(suffixes))
-    _, _, values = model.forward(ids, mask, past, outputs, logits=False)
+    _, _, values = model.forward(ids, mask, past, outputs, logits=False, tail=tail)
     return values
 
 
 def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[str], batch_size: int,
-                       progress: bool = False, desc: str = "keys", share_prefix: bool = True, bar=None):
+                       progress: bool = False, desc: str = "keys", share_prefix: bool = True, bar=None,
+                       tail: int = 0):
     """Yield (sequence indices, {output: value at each sequence's last token}) batch by batch. The common
     prefix of all sequences runs once; its KV cache is repeated for every batch, so a prompt pass costs
     the tokens after it only. Rows are [prefix | left padding | suffix]; positions come from the mask."""
-    shared, batches = plan_batches(sequences, batch_size, share_prefix)
+    shared, batches = plan_batches(sequences, batch_size, share_prefix, keep=max(tail, 1))
     cache = prefix_cache(model, sequences[0][:shared]) if shared else {}
     for rows in (batches if bar is not None else tqdm(batches, desc=desc, unit="batch", disable=not progress)):
-        values = prefill_rows(model, [sequences[i][shared:] for i in rows], shared, cache, outputs)
+        values = prefill_rows(model, [sequences[i][shared:] for i in rows], shared, cache, outputs, tail)
         if bar is not None:
             bar.update(len(rows))
         yield rows, values
@@ -120,13 +122,16 @@ class KeyReader:
 
 
 def prompt_window_keys(model: OnnxLM, sequences: list[list[int]], last_layers, window_layers, positions: int,
-                       batch_size: int = 8, desc: str = "keys") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One prompt pass for a rule over several prompt positions (runtime/ksd.py LinearRegion.positions): (keys at
-    the last token of last_layers (n, L, F), keys at the last `positions` tokens of window_layers (n, P, W, F),
-    valid (n, P): which of those positions hold the sequence's own tokens). The per-position keys come from the
-    full graph's key.* outputs (the probe graph has key_last.* only). Prompts are grouped by their start as in
-    grouped_last_keys; a token inside a group's shared prefix is not read (valid False): the guard at run time
-    sees the tokens after the server's shared system turn alike."""
+                       batch_size: int = 8, desc: str = "keys", pool: bool = False):
+    """One prompt pass for a rule over the prompt's last tokens (runtime/ksd.py LinearRegion.positions): keys at
+    the last token of last_layers (n, L, F), and at the last `positions` tokens of window_layers (n, P, W, F) with
+    valid (n, P): which of those positions hold the sequence's own tokens; pool: their mean over the valid ones
+    instead ((n, W, F), ksd.pool_keys), what calibration fits. The per-position keys come from the full graph's
+    key.* outputs (the probe graph has key_last.* only). Prompts are grouped by their start as in
+    grouped_last_keys; a shared prefix always leaves the last `positions` tokens, so a position is valid exactly
+    when the prompt has that many tokens, as in the decode loop's left-padded batch and the server's engine."""
+    from .ksd import pool_keys
+
     manifest = model.manifest
     last_layers = resolve_layers(last_layers, manifest.num_layers)
     window_layers = resolve_layers(window_layers, manifest.num_layers)
@@ -134,21 +139,27 @@ def prompt_window_keys(model: OnnxLM, sequences: list[list[int]], last_layers, w
     window_names = [manifest.key_outputs[i] for i in window_layers]
     width = manifest.key_width
     last = np.empty((len(sequences), len(last_layers), width), dtype=np.float32)
-    window = np.zeros((len(sequences), positions, len(window_layers), width), dtype=np.float32)
+    shape = (len(window_layers), width) if pool else (positions, len(window_layers), width)
+    window = np.zeros((len(sequences),) + shape, dtype=np.float32)
     valid = np.zeros((len(sequences), positions), dtype=bool)
     for group in prefix_groups(sequences, batch_size):
         members = [sequences[i] for i in group]
-        shared, _ = plan_batches(members, batch_size)
-        for rows, values in last_position_keys(model, members, last_names + window_names, batch_size, desc=desc):
+        shared, _ = plan_batches(members, batch_size, keep=positions)   # the prefix leaves the last tokens
+        for rows, values in last_position_keys(model, members, last_names + window_names, batch_size, desc=desc,
+                                               tail=positions):
             index = [group[row] for row in rows]
             if last_names:
                 last[index] = np.stack([values[name] for name in last_names], axis=1)
             per_position = np.stack([values[name] for name in window_names], axis=2)   # (B, S, W, F)
             take = min(positions, per_position.shape[1])
-            window[index, positions - take:] = per_position[:, -take:]
-            for row, sequence_index in zip(rows, index):
-                own = min(take, len(members[row]) - shared)
-                valid[sequence_index, positions - own:] = True
+            seen = np.zeros((len(rows), positions), dtype=bool)
+            for row in range(len(rows)):
+                own = min(take, len(members[rows[row]]) - shared)
+                seen[row, positions - own:] = True
+            valid[index] = seen
+            tokens = np.zeros((len(rows), positions) + shape[-2:], dtype=np.float32)
+            tokens[:, positions - take:] = per_position[:, -take:]
+            window[index] = pool_keys(tokens, seen) if pool else tokens
     return last, window, valid
 
 

@@ -164,8 +164,8 @@ class OnnxLM:
         return {name: ort.OrtValue.ortvalue_from_numpy(empty, self.device) for name in self.past_names}
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, ort.OrtValue],
-                extra_outputs: list[str] = (), all_logits: bool = False, logits: bool = True, reserve: int = 0
-                ) -> tuple[np.ndarray | None, dict[str, ort.OrtValue], dict[str, np.ndarray]]:
+                extra_outputs: list[str] = (), all_logits: bool = False, logits: bool = True, reserve: int = 0,
+                tail: int = 0) -> tuple[np.ndarray | None, dict[str, ort.OrtValue], dict[str, np.ndarray]]:
         """(logits of the last position [B, V], of all [B, S, V], or None when not wanted; next past;
         extra outputs as NumPy).
 
@@ -178,14 +178,19 @@ class OnnxLM:
         GroupQueryAttention graph the returned past is then one buffer per layer with that room, which the
         following steps write into in place (past = present, IO binding) instead of copying the cache into a
         new present every step; pass it back as `past` as usual. Its length is the buffer's, not the
-        cache's: the attention mask says how much of it is filled."""
+        cache's: the attention mask says how much of it is filled.
+
+        tail: per-position outputs (key.*) are wanted at the last `tail` positions only (a guard rule over the
+        prompt's last tokens): the input may then run in chunks too, the last one keeping those positions; the
+        per-position outputs then cover the last chunk (at least `tail` positions, or the whole input)."""
         absent = [name for name in extra_outputs if name not in self.output_names]
         if absent:
             raise UnskillError(f"{self.directory}: the graph has no outputs {absent[:3]} (a deploy folder keeps "
                                "logits, present.* and key_last.* only; probe the full export)")
         width = input_ids.shape[1]
         done = attention_mask.shape[1] - width   # tokens already in the cache
-        per_position = all_logits or any(not self._is_last_only(n) for n in extra_outputs)
+        per_position = all_logits or (not 0 < tail <= PREFILL_CHUNK
+                                      and any(not self._is_last_only(n) for n in extra_outputs))
         # Without query_seqlens (the deploy target's GroupQueryAttention) onnxruntime refuses several rows
         # continuing a past with several new tokens each: such a batch is prefilled in one pass.
         one_pass = input_ids.shape[0] > 1 and not self.manifest.gqa_query_seqlens
@@ -196,8 +201,8 @@ class OnnxLM:
                                  shared=shared is not None)
         shared = self.kv_buffer(past, done, attention_mask.shape[1] + reserve)
         starts = list(range(0, width, PREFILL_CHUNK))
-        if any(name.startswith("guard.") for name in extra_outputs):   # the graph's guard reads the last chunk:
-            starts[-1] = min(starts[-1], width - self.guard_positions)   # all the prompt positions its rule reads
+        keep = max(tail, self.guard_positions if any(name.startswith("guard.") for name in extra_outputs) else 1)
+        starts[-1] = min(starts[-1], width - keep)   # the last chunk holds every prompt position a guard reads
         for start, end in zip(starts, [*starts[1:], width]):
             last_chunk = end == width
             out_logits, past, extras = self._forward(

@@ -13,7 +13,7 @@ import numpy as np
 
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.session import OnnxLM
-from unskill.runtime.statsfile import GROUP_FIELDS, Moments, StatsFile
+from unskill.runtime.statsfile import GROUP_FIELDS, LINEAR_LIMIT, Moments, StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
 
 from unskill.runtime.ksd import build_cubes, layer_scores, vote  # noqa: F401  (layer_scores: older imports)
@@ -292,7 +292,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
                    batch_size: int = 8, progress: bool = False, rules=RULE_KINDS,
                    decode_prompts: int = DECODE_PROMPTS, decode_tokens: int = DECODE_TOKENS,
                    formats=None, reader=None, forget_fit: np.ndarray | None = None,
-                   fit_layers: list[int] | None = None) -> RuleCalibration:
+                   fit_layers: list[int] | None = None, forget_pooled: np.ndarray | None = None) -> RuleCalibration:
     """One prefill per prompt reads every layer's key; rules and the paper's alpha are chosen from them.
     retain[0] is the user's --retain set (the paper's alpha is calibrated on it alone, as before); the
     others (built-in chat, general) join it for the stored rule. `kind` adds framed variants of the forget
@@ -304,8 +304,9 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     `reader` reads the prompt keys elsewhere (KeyReader's interface; cluster/jobs.RayKeyReader for --ray).
     forget_fit (n, C, F): the forget probes' own keys at fit_layers (`unskill guard` keeps them): a linear rule
     (calibrate_linear) is then fitted too, and whichever kind catches more validation prompts within the target
-    is stored."""
-    from unskill.runtime.keys import KeyReader, grouped_last_keys
+    is stored. forget_pooled (n, C, F): the probes' mean keys over their last PROMPT_POSITIONS tokens at
+    fit_layers: the linear rule then also reads that mean (calibrate_linear's `pooled`)."""
+    from unskill.runtime.keys import KeyReader, grouped_last_keys, prompt_window_keys
 
     from .augment import augment, encode_formats
 
@@ -313,18 +314,31 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     formats = tuple(formats or (("chat",) if chat else ("raw",)))
     reader = reader or KeyReader(model, batch_size, progress)
 
-    def keys(dataset: Dataset, one: bool = False) -> np.ndarray:
+    # a linear rule that also reads the mean key of the prompt's last tokens needs the probes' means (`unskill
+    # guard` keeps them) and the full graph's per-position keys (a local pass)
+    positions = PROMPT_POSITIONS if forget_pooled is not None and isinstance(reader, KeyReader) else 1
+    means: dict[str, list] = {"retain": [], "forget": []}
+
+    def keys(dataset: Dataset, one: bool = False, side: str = "retain") -> np.ndarray:
         """every format (one: a single format per prompt, rotating: for framed variants)"""
-        return grouped_last_keys(reader, encode_formats(tokenizer, dataset.prompts, formats, one),
-                                 desc=f"calibrate {dataset.name}")
+        sequences = encode_formats(tokenizer, dataset.prompts, formats, one)
+        if positions == 1:
+            return grouped_last_keys(reader, sequences, desc=f"calibrate {dataset.name}")
+        last, mean, _ = prompt_window_keys(model, sequences, range(model.manifest.num_layers), fit_layers,
+                                           positions, batch_size, desc=f"calibrate {dataset.name}", pool=True)
+        means[side].append(mean)
+        return last
 
     # retain prompts in one format each (a third chat, a third raw, a third the others): they are the bulk of
     # the prompts, and each format still gets hundreds of them
     retain_keys = [keys(dataset, one=True) for dataset in retain]
     head = Dataset(forget.name, forget.items[:AUGMENT_ITEMS])
     forget_sets = [forget] + ([augment(head, kind, seed=1)] if kind else [])
-    forget_parts = [keys(dataset, one=index > 0) for index, dataset in enumerate(forget_sets)]
+    forget_parts = [keys(dataset, one=index > 0, side="forget") for index, dataset in enumerate(forget_sets)]
     forget_keys = np.concatenate(forget_parts)
+    pooled = None if positions == 1 else {"positions": positions, "forget": forget_pooled,
+                                          "retain": np.concatenate(means["retain"]),
+                                          "validation": np.concatenate(means["forget"])}
     last = model.manifest.num_layers - 1
     plain = forget_parts[0].shape[0]
     paper = _choose(layer_scores(retain_keys[0], stats, "box")[:, last],
@@ -356,7 +370,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     considered = {setting.name: forget_rate}   # each kind's best candidate and its validation recall
     if forget_fit is not None:
         linear = calibrate_linear(forget_fit, fit_layers, all_retain, forget_keys, plain, target,
-                                  decode_keys if decoded is not None else None, owner)
+                                  decode_keys if decoded is not None else None, owner, pooled=pooled)
         considered[linear.setting.name] = linear.forget_rate
         if linear.forget_rate >= forget_rate:
             setting, forget_rate, retain_rate, plain_rate = (linear.setting, linear.forget_rate, linear.retain_rate,
@@ -392,6 +406,13 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
 
 FOLDS = 4
 WINDOWS = (1, 3, 5)   # candidate regions: this many adjacent fit layers, their discriminants averaged
+# The linear rule also reads the mean key of the prompt's last PROMPT_POSITIONS tokens (its own discriminant and
+# threshold); the last token keeps LAST_SHARE of the retain budget, the mean the rest. Measured on SmolLM2 GSM8K
+# (docs/guard.md, out-of-fold thresholds, 20 items a family): raw re-worded / role-play / code-wrapped requests
+# 0.75-0.90 -> 1.00 and one Best-of-N sample passing 31 % -> 14 % raw (chat 2.0 % -> 2.8 %, yet fewer requests
+# broken within 50 samples); the earlier tokens one by one on the same budget caught the raw families only.
+PROMPT_POSITIONS = 16
+LAST_SHARE = 0.5
 
 
 def linear_threshold(scores: np.ndarray, target: float) -> float:
@@ -437,7 +458,7 @@ class LinearCalibration:
 
 def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.ndarray, validation: np.ndarray,
                      plain: int, target: float, decoded: np.ndarray | None = None, owner: np.ndarray | None = None,
-                     windows=WINDOWS) -> LinearCalibration:
+                     windows=WINDOWS, pooled: dict | None = None) -> LinearCalibration:
     """forget_fit (n, C, F): the probes' keys at fit_layers (C of them); retain (m, L, F) and validation
     (v, L, F) at every layer, the first `plain` validation rows unframed; decoded (d, L, F) keys at decoded
     tokens of retain prompts with owner (d,) their prompt index (both sides of the retain fit). Each layer gets its
@@ -445,22 +466,35 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
     out-of-fold scores of the retain prompts, and those of the decoded prompts, each within the target (on
     SmolLM2 GSM8K the decoded side did not bind once its keys were in the fit); the candidate catching
     the most validation prompts wins (ties: the wider window: averaging layers held Best-of-N noise better,
-    docs/guard.md)."""
+    docs/guard.md).
+
+    pooled: {"positions": P, "forget": (n, C, F), "retain": (m, C, F), "validation": (v, C, F)}, the mean keys of
+    each prompt's last P tokens at fit_layers (runtime/keys.py prompt_window_keys(pool=True)). The region then
+    also reads that mean at the prompt, with its own discriminant per layer (forget probes' means against the
+    retain prompts') and threshold: the last token gets LAST_SHARE of the retain budget, the mean what the last
+    token left (out of fold, as the first); a prompt is refused when either is inside."""
     from unskill.runtime.statsfile import GuardSetting
 
     from .discriminant import fit
 
     prompts = int(owner.max()) + 1 if decoded is not None and owner.size else 0
     rows = retain.shape[0]
+    share = LAST_SHARE if pooled else 1.0
     # the retain side: the retain prompts' last tokens and, where decoded, every decoded token of some of them
     # (the guard checks those too, and an answer's tokens can read more like the skill than its prompt did)
     groups = np.concatenate([np.arange(rows), rows + owner]) if prompts else np.arange(rows)
     fitted, oof, valid = [], [], []
+    mean_fitted, mean_oof, mean_valid = [], [], []
     for column, layer in enumerate(fit_layers):
         kept = np.concatenate([retain[:, layer], decoded[:, layer]]) if prompts else retain[:, layer]
         fitted.append(fit(forget_fit[:, column], kept))
         oof.append(out_of_fold_evidence(forget_fit[:, column], kept, groups))
         valid.append(_evidence(validation[:, layer], *fitted[-1]))
+        if pooled:
+            mean_fitted.append(fit(pooled["forget"][:, column], pooled["retain"][:, column]))
+            mean_oof.append(out_of_fold_evidence(pooled["forget"][:, column], pooled["retain"][:, column],
+                                                 np.arange(rows)))
+            mean_valid.append(_evidence(pooled["validation"][:, column], *mean_fitted[-1]))
     best, best_key = None, None
     for window in windows:
         for start in range(0, len(fit_layers) - window + 1):
@@ -469,22 +503,45 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
             # one score per retain prompt, and one per decoded prompt: its lowest over the decoded tokens
             lowest = per_prompt(scores[rows:, None], owner, prompts)[:, 0] if prompts else scores[:0]
             pool = np.concatenate([scores[:rows], lowest])
-            threshold = linear_threshold(pool, target)
+            threshold = linear_threshold(pool, target * share)
             if prompts:   # and the target of the decoded prompts alone: the pool's budget could go to them all
                 threshold = min(threshold, linear_threshold(lowest, target))
             if not np.isfinite(threshold):
                 continue
-            validation_scores = -np.mean([valid[i] for i in chosen], axis=0)
-            forget_rate = float((validation_scores <= threshold).mean())
-            retain_rate = float((pool <= threshold).mean())
+            refused = -np.mean([valid[i] for i in chosen], axis=0) <= threshold
+            retain_refused = scores[:rows] <= threshold
+            mean_threshold = None
+            if pooled:
+                mean_scores = -np.mean([mean_oof[i] for i in chosen], axis=0)
+                mean_threshold = _left_threshold(mean_scores, retain_refused, target)
+            if mean_threshold is not None:
+                retain_refused = retain_refused | (mean_scores <= mean_threshold)
+                refused = refused | (-np.mean([mean_valid[i] for i in chosen], axis=0) <= mean_threshold)
+            forget_rate = float(refused.mean())
+            retain_rate = float(np.concatenate([retain_refused, lowest <= threshold]).mean())
             key = (forget_rate, window)
             if retain_rate > target or (best_key is not None and key <= best_key):
                 continue
             setting = GuardSetting("linear", [fit_layers[i] for i in chosen], [float(threshold)], 1,
                                    weights=np.stack([fitted[i][0] for i in chosen]) / window,
                                    biases=np.array([fitted[i][1] for i in chosen]) / window)
+            if mean_threshold is not None:
+                setting.positions, setting.pooled_threshold = pooled["positions"], mean_threshold
+                setting.pooled_weights = np.stack([mean_fitted[i][0] for i in chosen]) / window
+                setting.pooled_biases = np.array([mean_fitted[i][1] for i in chosen]) / window
             best, best_key = LinearCalibration(setting, forget_rate, retain_rate,
-                                               float((validation_scores[:plain] <= threshold).mean())), key
+                                               float(refused[:plain].mean())), key
     if best is None:
         raise UnskillError("calibrate: no linear rule keeps the retain prompts under the target")
     return best
+
+
+def _left_threshold(scores: np.ndarray, refused: np.ndarray, target: float) -> float | None:
+    """The largest threshold on scores (m,) of the retain prompts that keeps those refused already (refused (m,)
+    bool) or by it within the target; None when nothing is left of the budget to spend."""
+    allowed = int(np.floor(target * refused.size)) - int(refused.sum())
+    candidates = np.sort(np.asarray(scores, np.float32)[~refused])   # float32, as the guard compares
+    if allowed < 0 or allowed >= candidates.size:
+        return None
+    threshold = float(np.nextafter(candidates[allowed], np.float32(-np.inf)))
+    return threshold if abs(threshold) <= LINEAR_LIMIT else None

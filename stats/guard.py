@@ -125,7 +125,7 @@ def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config
                skill: str | None = None, warn=None):
     """Probe, calibrate, store: (the stats file with its rule, calibrate's RuleCalibration)."""
     from .augment import FORMAT_SETS
-    from .calibrate import DECODE_PROMPTS, DECODE_TOKENS, calibrate_rule
+    from .calibrate import DECODE_PROMPTS, DECODE_TOKENS, PROMPT_POSITIONS, calibrate_rule
     from .probe import AUGMENT_ITEMS, ProbeConfig, Prober, probe
 
     warn = warn or (lambda line: print(line, file=sys.stderr))
@@ -144,13 +144,15 @@ def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config
     probe_config = ProbeConfig(True, config.batch_size, progress=config.progress, formats=formats)
     prober = Prober(model, tokenizer, probe_config)
     prober.keep_layers = fit_layers(model.manifest.num_layers)   # the linear rule is fitted on the probes' keys
+    prober.keep_positions = PROMPT_POSITIONS                      # ... and on the mean of their last tokens
     stats = probe(model, tokenizer, probes, None, probe_config, skill or forget_spec, augment=augment_kind,
                   augment_items=min(AUGMENT_ITEMS, len(probes.items) // 2), prober=prober)   # framed: half, <= 100
     result = calibrate_rule(model, tokenizer, stats, retain, validation, config.target, True, augment_kind,
                             config.batch_size, config.progress,
                             decode_prompts=DECODE_PROMPTS if config.decode_prompts is None else config.decode_prompts,
                             decode_tokens=DECODE_TOKENS if config.decode_tokens is None else config.decode_tokens,
-                            formats=formats, forget_fit=prober.kept_keys(), fit_layers=prober.keep_layers)
+                            formats=formats, forget_fit=prober.kept_keys(), fit_layers=prober.keep_layers,
+                            forget_pooled=prober.kept_mean_keys())
     store_rule(stats, result)
     return stats, result
 
@@ -168,19 +170,17 @@ def refusal_rates(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, dat
     """The stored rule's refusal rate at the prompt (prefill check only, no decoding) on every dataset in every
     mode: {dataset name: {mode: rate}}. The keys come from the guard's own tap and the decision from the
     guard's own Detector, so these are the rates `ksd-run` gives at the prompt's last token."""
-    from unskill.runtime.keys import KeyReader
-    from unskill.runtime.ksd import KSDGuard, region_layers
+    from unskill.runtime.keys import KeyReader, guard_prompt_keys
+    from unskill.runtime.ksd import KSDGuard
 
     guard = KSDGuard([stats], model.manifest)
-    detector = guard.detectors[0]
-    layers = sorted({layer for region in detector.regions for layer in region_layers(region)})
     reader = KeyReader(model, batch_size, progress)
     rates = {}
     for dataset in datasets:
         rates[dataset.name] = {}
         for mode in modes:
             sequences = [tokenizer.encode_prompt(prompt, mode == "chat") for prompt in dataset.prompts]
-            keys = reader.last_keys(sequences, layers, desc=f"{dataset.name} {mode}")
-            fired = detector.fires(lambda layer: keys[:, layers.index(layer)])
-            rates[dataset.name][mode] = float(fired.mean())
+            keys, mask = guard_prompt_keys(model, guard, sequences, batch_size, f"{dataset.name} {mode}", reader)
+            fired = [hit is not None for hit in guard.check(keys, mask)]
+            rates[dataset.name][mode] = float(np.mean(fired))
     return rates

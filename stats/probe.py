@@ -18,6 +18,7 @@ from tqdm import tqdm
 from unskill.runtime.errors import UnskillError
 # last_position_keys and shared_prefix_length live in runtime/keys.py now; re-exported for older imports
 from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, grouped_last_keys, _batches, last_position_keys, shared_prefix_length  # noqa: F401
+from unskill.runtime.keys import prompt_window_keys
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import CALIBRATION_GROUPS, GROUP_FIELDS, Moments, StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
@@ -48,7 +49,9 @@ class Prober:
         self.manifest = model.manifest
         self._key_model = None
         self.keep_layers: list[int] | None = None   # the prompt pass also keeps these layers' keys (`unskill guard`)
+        self.keep_positions = 1   # > 1: and their mean over each prompt's last keep_positions tokens
         self.kept: list[np.ndarray] = []
+        self.kept_means: list[np.ndarray] = []
 
     @property
     def key_model(self) -> OnnxLM:
@@ -92,7 +95,15 @@ class Prober:
         with tqdm(total=len(sequences), desc=f"KSD {dataset.name}", unit="prompt",
                   disable=not self.config.progress) as bar:
             for start in range(0, len(sequences), CHUNK):   # memory stays O(CHUNK * L * F)
-                keys = grouped_last_keys(reader, sequences[start:start + CHUNK], bar=bar)
+                chunk = sequences[start:start + CHUNK]
+                if self.keep_layers and self.keep_positions > 1:   # per-position keys: the full graph
+                    keys, means, _ = prompt_window_keys(self.model, chunk, range(self.manifest.num_layers),
+                                                        self.keep_layers, self.keep_positions,
+                                                        self.config.batch_size, pool=True)
+                    self.kept_means.append(means)
+                    bar.update(len(chunk))
+                else:
+                    keys = grouped_last_keys(reader, chunk, bar=bar)
                 for layer in range(self.manifest.num_layers):
                     moments.add(layer, keys[:, layer])
                 if self.keep_layers:
@@ -102,6 +113,10 @@ class Prober:
     def kept_keys(self) -> np.ndarray:
         """(probes, len(keep_layers), F): the keys the prompt pass kept, in probe order."""
         return np.concatenate(self.kept)
+
+    def kept_mean_keys(self) -> np.ndarray | None:
+        """(probes, len(keep_layers), F): their mean over each probe's last keep_positions tokens, or None."""
+        return np.concatenate(self.kept_means) if self.kept_means else None
 
     def text_sequences(self, dataset: Dataset) -> list[list[int]]:
         # Never past the model's context: a learned position table (GPT-2) has no rows beyond it.

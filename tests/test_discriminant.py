@@ -143,3 +143,61 @@ def test_decoded_tokens_of_retain_prompts_bound_the_linear_threshold():
 
     assert refused_answers(plain_only.setting) >= 5            # the prompts alone set a threshold the answers cross
     assert refused_answers(with_decoded.setting) <= 1          # at most 2 % of 40 decoded prompts (in sample)
+
+
+def test_the_mean_of_the_last_tokens_catches_what_the_last_token_misses(tmp_path, tiny_stats):
+    """A request whose skill sits in the tokens before its last one (which reads like a kept request) is caught
+    by the mean key of its last tokens, whose threshold spends only the retain budget the last token left; the
+    runtime guard, reading the stored rule back, decides each row as calibration's arithmetic does, and at a
+    decode step (the last key alone) the mean no longer counts."""
+    from dataclasses import replace
+
+    from unskill.runtime.ksd import pool_keys
+    from unskill.stats.calibrate import calibrate_linear
+
+    stats, manifest = tiny_stats
+    layers, width, positions = stats.num_layers, stats.key_width, 4
+    clouds = [two_clouds(1000, width, shift=3.0, seed=20 + layer) for layer in range(layers)]
+    forget_cloud = np.stack([c[0] for c in clouds], axis=1)    # (1000, L, F)
+    retain_cloud = np.stack([c[1] for c in clouds], axis=1)
+
+    def prompts(cloud, start, rows):   # (rows, P, L, F): every position drawn from one cloud
+        return cloud[start:start + rows * positions].reshape(rows, positions, layers, width)
+
+    forget, retain = prompts(forget_cloud, 0, 150), prompts(retain_cloud, 0, 200)
+    retain_valid = np.ones((200, positions), bool)
+    retain_valid[::7, 0] = False   # a short prompt: its first position is padding
+    # validation: 40 read like the skill at the last token only, 40 at every token but the last
+    validation = np.concatenate([prompts(retain_cloud, 800, 40), prompts(forget_cloud, 600, 40)])
+    validation[:40, -1] = forget_cloud[760:800]
+    validation[40:, -1] = retain_cloud[960:1000]
+    validation_valid = np.ones((80, positions), bool)
+    mean = {"positions": positions, "forget": pool_keys(forget, np.ones((150, positions), bool)),
+            "retain": pool_keys(retain, retain_valid), "validation": pool_keys(validation, validation_valid)}
+    fit_layers = list(range(layers))
+    last_only = calibrate_linear(forget[:, -1], fit_layers, retain[:, -1], validation[:, -1], plain=80, target=0.05,
+                                 windows=(layers,))
+    result = calibrate_linear(forget[:, -1], fit_layers, retain[:, -1], validation[:, -1], plain=80, target=0.05,
+                              windows=(layers,), pooled=mean)
+    setting = result.setting
+    assert last_only.setting.positions == 1 and last_only.forget_rate <= 0.55
+    assert setting.positions == positions and np.isfinite(setting.pooled_threshold)
+    assert result.forget_rate >= 0.9 and result.retain_rate <= 0.05
+    path = replace(stats, guard=setting).save(tmp_path / "positions.npz")
+    guard = KSDGuard([load_stats(path, manifest)], manifest)
+    assert guard.positions == positions
+    keys = {guard._prompt_output_of_layer[layer]: validation[:, :, layer] for layer in setting.layers}
+    hits = guard.check(keys, validation_valid.astype(np.int64))
+    # calibration's own arithmetic: the mean over layers of w . v + b, for the last key and the mean key
+    last = sum(validation[:, -1, layer] @ setting.weights[i] + setting.biases[i]
+               for i, layer in enumerate(setting.layers))
+    pooled = sum(mean["validation"][:, layer] @ setting.pooled_weights[i] + setting.pooled_biases[i]
+                 for i, layer in enumerate(setting.layers))
+    expected = (-last <= setting.thresholds[0]) | (-pooled <= setting.pooled_threshold)
+    margin = np.minimum(np.abs(-last - setting.thresholds[0]), np.abs(-pooled - setting.pooled_threshold))
+    near = margin < 1e-4   # float32 sums in another order: the boundary
+    assert [hit is not None for hit, close in zip(hits, near) if not close] == expected[~near].tolist()
+    assert expected[40:].mean() >= 0.9 and near.sum() <= 1
+    # a decode step reads the newest key alone: the mean no longer counts
+    last_hits = guard.check({guard._output_of_layer[layer]: validation[:, -1, layer] for layer in setting.layers})
+    assert sum(hit is not None for hit in last_hits[40:]) <= 4
