@@ -14,11 +14,14 @@ centres, widths and thresholds, as initializers. Per region (one layer's `key_la
     ratio  (RatioRegion)  inside: forget <= bound and forget <= threshold * max(retain, tiny)
                           margin: max(forget / (threshold * max(retain, tiny)), forget / bound)
     linear (LinearRegion) inside: -(v . w + b) <= threshold (MatMul);                  margin: 1 + score - threshold
-                          With positions > 1 it reads the per-position keys ([B, S, F], the tensor key_last.{i}
-                          gathers its last position from) at the last min(positions, S) positions: the last one
-                          against threshold, the ones before it (where attention_mask is 1) against
-                          earlier_threshold; inside when any is, margin the smallest (LinearRegion.prompt_margin).
-                          At a decode step (S = 1) that is the last-token rule.
+                          With positions > 1, at the prompt also the mean key of its last positions
+                          (LinearRegion.prompt_contains / prompt_margin): from the per-position keys ([B, S, F],
+                          the tensor key_last.{i} gathers its last position from) the last min(positions, S),
+                          averaged over those where attention_mask is 1 (sum / max(count, 1), pool_keys), scored
+                          by the pooled discriminant -(mean . pooled_w + pooled_b) <= pooled_threshold; inside
+                          when either check is, margin the smaller. The graph takes a forward for the prompt's
+                          when S > 1 or it has no past (attention_mask no longer than the input): a decode step
+                          (one token after a past) is the last-token rule alone, as the runtime checks it.
 
 A skill (one detector) fires when at least `votes` of its regions hold their key; `guard.refuse.<SKILL>` is that
 decision and `guard.score.<SKILL>` the votes-th smallest region margin (min over regions for one vote): the skill
@@ -75,10 +78,11 @@ class _Builder:
             return self.op(op_type, [x, self.const("axis", np.array([axis], np.int64))], keepdims=0)
         return self.op(op_type, [x], axes=[axis], keepdims=0)
 
-    def unsqueeze0(self, x: str) -> str:
+    def unsqueeze0(self, x: str, axis: int = 0) -> str:
+        """Unsqueeze at `axis` (0 unless told): axes as an input from opset 13, else attribute."""
         if self.opset >= 13:
-            return self.op("Unsqueeze", [x, self.const("axis0", np.array([0], np.int64))])
-        return self.op("Unsqueeze", [x], axes=[0])
+            return self.op("Unsqueeze", [x, self.const(f"axis{axis}", np.array([axis], np.int64))])
+        return self.op("Unsqueeze", [x], axes=[axis])
 
 
 def _gauss(b: _Builder, keys: str, center: np.ndarray, inverse_sigma: np.ndarray) -> str:
@@ -165,39 +169,48 @@ def _per_position_source(graph: onnx.GraphProto, key_last: str) -> str:
     return node.input[0]
 
 
-def _linear_positions(b: _Builder, layer_keys: list[str], region: LinearRegion, mask: str) -> tuple[str, str]:
-    """The multi-position linear rule (LinearRegion.prompt_contains / prompt_margin) over per-position keys
-    [B, P, F] per layer, P = min(positions, S) already sliced: scores [B, P]; each position's threshold from a
-    vector [earlier_threshold] * (positions - 1) + [threshold] cut to its last P entries (the input's length is
-    known only at run time), so the last position always meets `threshold` and no tensor is ever empty."""
+def _linear_positions(b: _Builder, last_keys: list[str], position_keys: list[str], source: str,
+                      region: LinearRegion, mask: str) -> tuple[str, str]:
+    """The multi-position linear rule (LinearRegion.prompt_contains / prompt_margin): the last-token check on
+    last_keys ([B, F] per layer) OR, in a prompt's forward, the pooled check on the mean of position_keys ([B, P,
+    F] per layer, P = min(positions, S) already sliced) over the mask's last P columns. source: a per-position
+    key tensor [B, S, F] whose S tells a prompt's forward from a decode step (see `_is_prompt`)."""
+    inside, margin = _linear(b, last_keys, region)
+    count = _length(b, position_keys[0])
+    # the row's own tokens among the last P (left padding is 0), as weights [B, P, 1]
+    tail = b.op("Slice", [mask, b.op("Neg", [count]), b.const("end", np.array([INT64_MAX], np.int64)),
+                          b.const("axis1", np.array([1], np.int64))])
+    valid = b.op("Cast", [b.op("Greater", [tail, b.const("zero", np.int64(0))])], to=TensorProto.FLOAT)
+    weights = b.unsqueeze0(valid, axis=2)
+    divisor = b.op("Max", [b.reduce("ReduceSum", weights, 1), b.const("one", np.float32(1))])   # [B, 1]
     projected = None
-    for keys, weight in zip(layer_keys, region.weight):
-        term = b.op("MatMul", [keys, b.const("weight", weight.astype(np.float32))])
+    for keys, weight in zip(position_keys, region.pooled_weight):
+        mean = b.op("Div", [b.reduce("ReduceSum", b.op("Mul", [keys, weights]), 1), divisor])   # [B, F]
+        term = b.op("MatMul", [mean, b.const("pooled_weight", weight.astype(np.float32))])
         projected = term if projected is None else b.op("Add", [projected, term])
-    score = b.op("Neg", [b.op("Add", [projected, b.const("bias", np.float32(region.bias))])])   # [B, P]
-    count = b.op("Slice", [b.op("Shape", [score]), b.const("one", np.array([1], np.int64)),
-                           b.const("two", np.array([2], np.int64)), b.const("axis0", np.array([0], np.int64))])
-    start, end = b.op("Neg", [count]), b.const("end", np.array([INT64_MAX], np.int64))
+    score = b.op("Neg", [b.op("Add", [projected, b.const("pooled_bias", np.float32(region.pooled_bias))])])
+    pooled_inside = b.op("LessOrEqual", [score, b.const("pooled_threshold_f32",
+                                                         float32_at_most(region.pooled_threshold))])
+    pooled_margin = b.op("Sub", [b.op("Add", [score, b.const("one", np.float32(1))]),
+                                 b.const("pooled_threshold", np.float32(region.pooled_threshold))])
+    prompt = _is_prompt(b, source, mask)   # [1]: a decode step keeps the last-token rule alone
+    inside = b.op("Or", [inside, b.op("And", [pooled_inside, prompt])])
+    gated = b.op("Where", [prompt, pooled_margin, b.const("inf", np.float32(np.inf))])
+    return inside, b.op("Min", [margin, gated])
 
-    def last_entries(values: np.ndarray, tag: str) -> str:
-        """values [positions] -> its last P entries."""
-        return b.op("Slice", [b.const(tag, values), start, end, b.const("axis0", np.array([0], np.int64))])
 
-    earlier = region.positions - 1
-    at_most = last_entries(np.array([float32_at_most(region.earlier_threshold)] * earlier
-                                    + [float32_at_most(region.threshold)], np.float32), "threshold_f32")
-    thresholds = last_entries(np.array([region.earlier_threshold] * earlier + [region.threshold], np.float32),
-                              "threshold")
-    is_last = last_entries(np.array([False] * earlier + [True]), "is_last")
-    # the row's own tokens: attention_mask's last P columns (left padding is 0); the last position always counts
-    tail = b.op("Slice", [mask, start, end, b.const("axis1", np.array([1], np.int64))])
-    valid = b.op("Or", [b.op("Greater", [tail, b.const("zero", np.int64(0))]), is_last])
-    hits = b.op("And", [valid, b.op("LessOrEqual", [score, at_most])])
-    inside = b.op("Greater", [b.reduce("ReduceMax", b.op("Cast", [hits], to=TensorProto.FLOAT), 1),
-                              b.const("zero", np.float32(0))])
-    margins = b.op("Add", [b.op("Sub", [score, thresholds]), b.const("one", np.float32(1))])
-    masked = b.op("Where", [valid, margins, b.const("inf", np.float32(np.inf))])
-    return inside, b.reduce("ReduceMin", masked, 1)
+def _is_prompt(b: _Builder, source: str, mask: str) -> str:
+    """bool [1]: this forward is (a part of) a prompt's: S > 1 new positions, or no past (attention_mask [B, past
+    + S] as long as the input). A decode step (one token after a past) is not (graph_guard.pooled_applies)."""
+    new = _length(b, source)
+    return b.op("Or", [b.op("Greater", [new, b.const("one", np.array([1], np.int64))]),
+                       b.op("Equal", [_length(b, mask), new])])
+
+
+def _length(b: _Builder, tensor: str) -> str:
+    """int64 [1]: the tensor's size on axis 1 (its positions)."""
+    return b.op("Slice", [b.op("Shape", [tensor]), b.const("one", np.array([1], np.int64)),
+                          b.const("two", np.array([2], np.int64)), b.const("axis0", np.array([0], np.int64))])
 
 
 def output_names(skills: list[str]) -> dict[str, str]:
@@ -251,8 +264,10 @@ def add_guard(model: onnx.ModelProto, guard: KSDGuard, manifest: Manifest) -> on
                 if MASK_INPUT not in {i.name for i in model.graph.input}:
                     raise UnskillError(f"the graph has no input {MASK_INPUT!r}: a linear rule over several prompt "
                                        "positions reads it to skip left padding")
-                inside, margin = _linear_positions(b, [keys_of(layer, region.positions) for layer in region.layers],
-                                                   region, MASK_INPUT)
+                source = _per_position_source(model.graph, manifest.key_last_outputs[region.layers[0]])
+                inside, margin = _linear_positions(b, [layer_keys[layer] for layer in region.layers],
+                                                   [keys_of(layer, region.positions) for layer in region.layers],
+                                                   source, region, MASK_INPUT)
             else:
                 inside, margin = _region(b, [layer_keys[layer] for layer in region_layers(region)], region)
             insides.append(b.unsqueeze0(b.op("Cast", [inside], to=TensorProto.FLOAT)))

@@ -9,7 +9,8 @@ same ones (by sha256) with no alpha/layer overrides.
 `skill_scores` is the NumPy twin of the graph's `guard.score.<SKILL>` outputs (the tests hold the graph to it):
 per region a margin (<= 1 inside): box max |v - mu| / halfwidth / threshold; gauss score / threshold; ratio
 max(forget / (threshold * max(retain, tiny)), forget / bound); linear 1 + score - threshold, or for a rule over
-several prompt positions given per-position keys LinearRegion.prompt_margin; per skill the votes-th smallest margin.
+several prompt positions, in a prompt's forward (pooled_applies), LinearRegion.prompt_margin: the smaller of the
+last token's margin and the pooled mean key's; per skill the votes-th smallest margin.
 """
 
 from __future__ import annotations
@@ -43,20 +44,30 @@ def region_margin(region, keys: np.ndarray, valid: np.ndarray | None = None) -> 
     raise UnskillError(f"no graph form for the guard region kind {type(region).__name__}")
 
 
+def pooled_applies(new_positions: int, mask: np.ndarray | None) -> bool:
+    """Whether a forward of `new_positions` input tokens with attention mask (B, past + new) is a prompt's, where
+    a linear rule over several positions also reads the pooled mean key: several new tokens (a whole prompt, its
+    chunks, a continuation after a cached prefix), or no past (a one-token prompt). A decode step (one token
+    after a past) is not: the runtime checks it with key_last alone (KSDGuard.check without per-position keys).
+    The graph's guard decides alike (exporter/guard_graph.py _is_prompt)."""
+    return new_positions > 1 or mask is None or mask.shape[1] == new_positions
+
+
 def skill_scores(guard: KSDGuard, keys_of_layer: dict[int, np.ndarray], mask: np.ndarray | None = None
                  ) -> list[np.ndarray]:
     """Per detector (in order) the (B,) score the graph writes to guard.score.<SKILL>: the votes-th smallest
     region margin. keys_of_layer: layer -> (B, F) full-width key at the last position, or (B, S, F) at the S
-    positions of this forward (then mask (B, >= S), the attention mask whose last S columns they are): a linear
-    rule over several positions reads its last `positions` of them, every other region the last one
-    (as KSDGuard.check)."""
+    positions of this forward (then mask (B, past + S), the attention mask whose last S columns they are): a
+    linear rule over several positions reads its last `positions` of them where pooled_applies, every other
+    region (and that rule at a decode step) the last one (as KSDGuard.check)."""
     def last(layer: int) -> np.ndarray:
         keys = keys_of_layer[layer]
         return keys if keys.ndim == 2 else keys[:, -1]
 
     def margin(region) -> np.ndarray:
         positions = getattr(region, "positions", 1)
-        if positions > 1 and keys_of_layer[region.layers[0]].ndim == 3:
+        spread = keys_of_layer[region.layers[0]] if positions > 1 else None
+        if spread is not None and spread.ndim == 3 and pooled_applies(spread.shape[1], mask):
             keys = np.stack([keys_of_layer[layer][:, -positions:] for layer in region.layers], axis=-2)
             valid = None if mask is None else mask[:, -keys.shape[1]:] > 0
             return region_margin(region, keys, valid)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from unskill.runtime.generator import GenerationParams
-from unskill.runtime.graph_guard import GraphGuard, skill_scores
-from unskill.runtime.ksd import KSDGuard, region_keys
+from unskill.runtime.graph_guard import GraphGuard, pooled_applies, skill_scores
+from unskill.runtime.ksd import KSDGuard, pool_keys, region_keys
 from unskill.runtime.session import left_pad
 from unskill.runtime.statsfile import GuardSetting, load_stats
 
@@ -28,9 +28,11 @@ OTHERS = ["Write a haiku about the sea.", "def add(a, b): return a + b  # explai
 
 def region_inside(region, by_layer: dict[int, np.ndarray], mask: np.ndarray) -> np.ndarray:
     """(B,) bool: the region holds the row, from layer -> (B, F) last keys or (B, S, F) per-position keys (a
-    linear rule over several positions reads its last `positions` of them with the mask, the rest the last)."""
+    linear rule over several positions reads its last `positions` of them with the mask in a prompt's forward,
+    the rest the last)."""
     positions = getattr(region, "positions", 1)
-    if positions > 1 and by_layer[region.layers[0]].ndim == 3:
+    spread = by_layer[region.layers[0]] if positions > 1 else None
+    if spread is not None and spread.ndim == 3 and pooled_applies(spread.shape[1], mask):
         keys = np.stack([by_layer[layer][:, -positions:] for layer in region.layers], axis=-2)
         return region.prompt_contains(keys, mask[:, -keys.shape[1]:] > 0)
     return region.contains(region_keys(region, lambda layer: by_layer[layer] if by_layer[layer].ndim == 2
@@ -123,34 +125,46 @@ def linear_setting(keys_of_layer: dict[int, np.ndarray], layers: list[int], forg
                    position_keys: dict[int, np.ndarray] | None = None, valid: np.ndarray | None = None) -> GuardSetting:
     """A linear rule over `layers` fitted on these keys (the first forget_rows the forget side), its threshold
     halfway between the two middle scores so no prompt key sits on the boundary.
-    positions > 1: a rule over that many prompt positions, given the prompts' per-position keys (layer -> (n, S,
-    F)) and valid (n, S) (left padding False): the last token's threshold halfway between the quarter-way scores
-    (a quarter of the prompts fire on their last token), the earlier positions' threshold halfway between the
-    median of the other prompts' smallest earlier score and the next score above it (about half of those fire
-    only through an earlier position)."""
+    positions > 1: a rule that also reads the mean key of that many prompt positions, given the prompts'
+    per-position keys (layer -> (n, S, F)) and valid (n, S) (left padding False): the last token's threshold
+    halfway between the quarter-way scores (a quarter of the prompts fire on their last token), the mean key's
+    discriminant fitted on the prompts' mean keys (pool_keys) and its threshold from split_threshold (some
+    prompts fire only through the mean key, some only through the last token)."""
     from unskill.runtime.ksd import LinearRegion
     from unskill.stats.discriminant import fit
 
-    fitted = [fit(keys_of_layer[i][:forget_rows], keys_of_layer[i][forget_rows:]) for i in layers]
-    weights = np.stack([w for w, _ in fitted]) / len(layers)
-    biases = np.array([b for _, b in fitted]) / len(layers)
-    region = LinearRegion("linear", tuple(layers), weights.astype(np.float32), float(biases.sum()), 0.0)
+    def discriminant(keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        fitted = [fit(k[:forget_rows], k[forget_rows:]) for k in keys]
+        return (np.stack([w for w, _ in fitted]) / len(layers)).astype(np.float32), \
+            np.array([b for _, b in fitted]) / len(layers)
+
+    weights, biases = discriminant([keys_of_layer[i] for i in layers])
+    region = LinearRegion("linear", tuple(layers), weights, float(biases.sum()), 0.0)
     scores = np.sort(region.score(np.stack([keys_of_layer[i] for i in layers], axis=1)))
     middle = len(scores) // 2
     if positions == 1:
         return GuardSetting("linear", layers, [float(scores[middle - 1] + scores[middle]) / 2], weights=weights,
                             biases=biases)
-    per_position = region.score(np.stack([position_keys[i][:, -positions:] for i in layers], axis=-2))
-    quarter = np.sort(per_position[:, -1])[len(per_position) // 4 - 1:len(per_position) // 4 + 1]
-    threshold = float(quarter.mean())
-    earlier, earlier_valid = per_position[:, :-1], valid[:, -positions:-1]
-    smallest = np.where(earlier_valid, earlier, np.inf).min(axis=1)
-    candidates = np.sort(smallest[(per_position[:, -1] > threshold) & np.isfinite(smallest)])
-    pick = candidates[len(candidates) // 2]
-    above = np.sort(earlier[earlier_valid & (earlier > pick)])
-    earlier_threshold = float(pick + above[0]) / 2 if len(above) else float(pick) + 1.0
+    last = region.score(np.stack([position_keys[i][:, -1] for i in layers], axis=-2))
+    threshold = float(np.sort(last)[len(last) // 4 - 1:len(last) // 4 + 1].mean())
+    pooled = pool_keys(np.stack([position_keys[i][:, -positions:] for i in layers], axis=-2), valid[:, -positions:])
+    pooled_weights, pooled_biases = discriminant([pooled[:, j] for j in range(len(layers))])
+    pooled_region = replace(region, pooled_weight=pooled_weights, pooled_bias=float(pooled_biases.sum()))
     return GuardSetting("linear", layers, [threshold], weights=weights, biases=biases, positions=positions,
-                        earlier_threshold=earlier_threshold)
+                        pooled_threshold=split_threshold(pooled_region.pooled_score(pooled), last <= threshold),
+                        pooled_weights=pooled_weights, pooled_biases=pooled_biases)
+
+
+def split_threshold(pooled_scores: np.ndarray, by_last: np.ndarray) -> float:
+    """A pooled threshold halfway between two neighbouring pooled scores (no row on the boundary) such that rows
+    the last token fires on stay above it, rows it does not fire on fall below it, and other such rows stay
+    above it (the most of the fewest of those three); fails where no threshold gives all three."""
+    ordered = np.unique(pooled_scores)
+    candidates = (ordered[:-1] + ordered[1:]) / 2
+    counts = [min(int((by_last & (pooled_scores > t)).sum()), int((~by_last & (pooled_scores <= t)).sum()),
+                  int((~by_last & (pooled_scores > t)).sum())) for t in candidates]
+    assert max(counts, default=0) > 0, ("no pooled threshold splits these prompts", pooled_scores, by_last)
+    return float(candidates[int(np.argmax(counts))])
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
@@ -197,11 +211,12 @@ SHORT = ["Hi", "2+2", "Sum?"]   # fewer tokens than the multi-position rule read
 
 
 def test_linear_rule_over_several_positions_in_the_graph_equals_numpy(tiny_rules, tmp_path):
-    """A linear rule over 6 prompt positions (positions, earlier_threshold) in the graph: at the prompt (left-padded
-    batches, some prompts shorter than 6 tokens) and 3 decode steps guard.refuse / guard.score equal
-    KSDGuard.check(keys, mask) and skill_scores (scores within 1e-5); some prompts are refused only through an
-    earlier position, some not at all. A deploy folder guarded with the same stats file (its key.* outputs gone,
-    the per-position keys read inside) answers as the NumPy guard on the full export."""
+    """A linear rule that also reads the mean key of 6 prompt positions (positions, pooled_threshold) in the graph:
+    at the prompt (left-padded batches, some prompts shorter than 6 tokens) and 3 decode steps guard.refuse /
+    guard.score equal KSDGuard.check(keys, mask) and skill_scores (scores within 1e-5); some prompts are refused
+    only through the mean key, some only through the last token, some not at all. A deploy folder guarded with
+    the same stats file (its key.* outputs gone, the per-position keys read inside) answers as the NumPy guard on
+    the full export."""
     from unskill.exporter.deploy import guard_edit, slim
     from unskill.runtime import load
 
@@ -221,13 +236,16 @@ def test_linear_rule_over_several_positions_in_the_graph_equals_numpy(tiny_rules
     stats = load_stats(paths[4], manifest)
     path = replace(stats, guard=setting, meta={**stats.meta, "skill": "spread"}).save(tmp_path / "spread.npz")
     region = KSDGuard([load_stats(path, manifest)], manifest).detectors[0].regions[0]
-    assert (region.positions, region.earlier_threshold) == (positions, setting.earlier_threshold)
+    assert (region.positions, region.pooled_threshold) == (positions, setting.pooled_threshold)
     by_last = region.contains(np.stack([per_position[i][:, -1] for i in layers], axis=-2))
+    pooled = pool_keys(np.stack([per_position[i][:, -positions:] for i in layers], axis=-2), valid[:, -positions:])
+    by_pooled = region.pooled_score(pooled) <= region.pooled_threshold
 
     guard_edit(onnx_dir, [path], tmp_path / "guarded")
     summary = guard_parity(tmp_path / "guarded", [path], prompts, decode_steps=3, chat=False)
     refused = np.array(summary["prompt_refused"])
-    assert (refused & ~by_last).any() and by_last.any() and (~refused).any(), (refused, by_last)
+    assert refused.tolist() == (by_last | by_pooled).tolist()
+    assert (by_pooled & ~by_last).any() and (by_last & ~by_pooled).any() and (~refused).any(), (by_last, by_pooled)
     assert load(tmp_path / "guarded", device="cpu").model.manifest.guard["skills"][0]["positions"] == positions
 
     # a prompt longer than a prefill chunk runs in chunks (only last-position outputs fetched): its last chunk
@@ -467,11 +485,14 @@ def _position_keys_graph(manifest, layers: list[int], widths: list[int]):
 
 
 def test_linear_rule_over_positions_of_a_pruned_layer_equals_numpy(tiny_export, llama_stats):
-    """A linear rule over 5 positions of two layers, one of them pruned (kept_neurons: the graph scatters its
-    per-position keys back to full width), on random keys: guard.refuse equals KSDGuard.check(keys, mask) and
-    guard.score equals skill_scores within 1e-5, for a left-padded prompt batch (rows of 1 to 7 tokens), a
-    continued prompt of 3 tokens after 4 cached ones (fewer positions than the rule reads) and a decode step.
-    Thresholds at quantiles of the scores: some rows fire only through an earlier position, some not at all."""
+    """A linear rule that also reads the mean key of 5 positions of two layers, one of them pruned (kept_neurons:
+    the graph scatters its per-position keys back to full width), on random keys: guard.refuse equals
+    KSDGuard.check as the runtime calls it (per-position keys and mask at the prompt, key_last at a decode step)
+    and guard.score equals skill_scores within 1e-5, for a left-padded prompt batch (rows of 1 to 7 tokens), a
+    continued prompt of 3 tokens after 4 cached ones (fewer positions than the rule reads), a one-token prompt
+    (no past: the mean of its one key is read) and a decode step (one token after a past: the last token only).
+    Thresholds from the prompt batch's scores: some rows fire only through the mean key, some only through the
+    last token, some not at all."""
     import onnxruntime as ort
 
     from unskill.exporter.guard_graph import add_guard
@@ -485,8 +506,8 @@ def test_linear_rule_over_positions_of_a_pruned_layer_equals_numpy(tiny_export, 
     kept = [sorted(rng.choice(width, width - 17, replace=False).tolist()) if layer == layers[1]
             else list(range(width)) for layer in range(manifest.num_layers)]
     manifest = replace(manifest, kept_neurons=kept)
-    weights = (rng.normal(size=(len(layers), width)) / np.sqrt(width)).astype(np.float32)
-    region = LinearRegion("spread", tuple(layers), weights, 0.3, 0.0, positions, 0.0)
+    weights, pooled_weights = (rng.normal(size=(2, len(layers), width)) / np.sqrt(width)).astype(np.float32)
+    biases, pooled_biases = np.array([0.3, 0.0]), np.array([-0.1, 0.05])
 
     def batch(rows: int, seq: int, lengths: list[int], cached: int):
         keys = {layer: rng.normal(size=(rows, seq, width)).astype(np.float32) for layer in layers}
@@ -497,14 +518,18 @@ def test_linear_rule_over_positions_of_a_pruned_layer_equals_numpy(tiny_export, 
             mask[row, cached + seq - length:] = 1
         return keys, mask
 
-    cases = [batch(8, 7, [7, 5, 3, 1, 2, 6, 7, 4], 0), batch(4, 3, [3, 3, 3, 3], 4), batch(8, 1, [1] * 8, 9)]
+    cases = [batch(8, 7, [7, 5, 3, 1, 2, 6, 7, 4], 0), batch(4, 3, [3, 3, 3, 3], 4), batch(16, 1, [1] * 16, 0),
+             batch(16, 1, [1] * 16, 9)]
     prompt_keys, prompt_mask = cases[0]
-    scores = region.score(np.stack([prompt_keys[layer][:, -positions:] for layer in layers], axis=-2))
-    valid = prompt_mask[:, -positions:] > 0
-    threshold = float(np.quantile(scores[:, -1], 0.3))
-    earlier_threshold = float(np.quantile(scores[:, :-1][valid[:, :-1]], 0.15))
-    setting = GuardSetting("linear", layers, [threshold], weights=weights, biases=np.array([0.3, 0.0]),
-                           positions=positions, earlier_threshold=earlier_threshold)
+    region = LinearRegion("spread", tuple(layers), weights, float(biases.sum()), 0.0, positions, pooled_weights,
+                          float(pooled_biases.sum()))
+    last = region.score(np.stack([prompt_keys[layer][:, -1] for layer in layers], axis=-2))
+    threshold = float(np.quantile(last, 0.3))
+    pooled = pool_keys(np.stack([prompt_keys[layer][:, -positions:] for layer in layers], axis=-2),
+                       prompt_mask[:, -positions:] > 0)
+    setting = GuardSetting("linear", layers, [threshold], weights=weights, biases=biases, positions=positions,
+                           pooled_threshold=split_threshold(region.pooled_score(pooled), last <= threshold),
+                           pooled_weights=pooled_weights, pooled_biases=pooled_biases)
     stats = replace(llama_stats[0], guard=setting, meta={**llama_stats[0].meta, "skill": "spread"})
     guard = KSDGuard([stats], manifest)
     graph = add_guard(_position_keys_graph(manifest, layers, [len(kept[layer]) for layer in layers]), guard, manifest)
@@ -516,12 +541,17 @@ def test_linear_rule_over_positions_of_a_pruned_layer_equals_numpy(tiny_export, 
         refuse, score = session.run(["guard.refuse", "guard.score.spread"],
                                     {"attention_mask": mask, **{f"in.{layer}": keys[layer][..., kept[layer]]
                                                                 for layer in layers}})
-        named = {manifest.key_outputs[layer]: keys[layer] for layer in layers}
-        expected = [hit is not None for hit in guard.check(named, mask)]
-        assert refuse.tolist() == expected, index
+        spread = [hit is not None for hit in guard.check({manifest.key_outputs[l]: keys[l] for l in layers}, mask)]
+        last_only = [hit is not None for hit in guard.check({manifest.key_last_outputs[l]: keys[l][:, -1]
+                                                             for l in layers})]
+        decode = index == 3   # one token after a past: the runtime fetches key_last alone
+        assert refuse.tolist() == (last_only if decode else spread), index
         np.testing.assert_allclose(score, skill_scores(guard, keys, mask)[0], rtol=1e-5, atol=1e-5)
-        last_only = region.contains(np.stack([keys[layer][:, -1] for layer in layers], axis=-2))
-        if index == 0:   # the earlier positions decide some rows, and some rows pass
-            assert (refuse & ~last_only).any() and (~refuse).any() and last_only.any(), (refuse, last_only)
-        if index == 2:   # a decode step: the newest token only
-            assert refuse.tolist() == last_only.tolist()
+        if index == 0:   # the mean key decides some rows, the last token others, and some rows pass
+            pooled = pool_keys(np.stack([keys[layer][:, -positions:] for layer in layers], axis=-2),
+                               mask[:, -positions:] > 0)
+            by_pooled = region.pooled_score(pooled) <= region.pooled_threshold
+            by_last = np.array(last_only)
+            assert (by_pooled & ~by_last).any() and (by_last & ~by_pooled).any() and (~refuse).any()
+        if index >= 2:   # a one-token prompt reads its mean key, a decode step does not
+            assert spread != last_only, index
