@@ -285,8 +285,8 @@ class Harness:
         reader = KeyReader(self.model, self.config.batch_size * 2, False)
 
         def decide(conversations):
-            keys, mask = guard_prompt_keys(self.model, guard, [self.tokenizer.encode_turns(c, chat) for c in conversations],
-                                           self.config.batch_size * 2, desc, reader)
+            sequences = [self.tokenizer.encode_turns(c, chat) for c in conversations]
+            keys, mask = guard_prompt_keys(self.model, guard, sequences, self.config.batch_size * 2, desc, reader)
             return guard_decision(guard, keys, mask)
         return decide
 

@@ -60,18 +60,20 @@ def guarded_generate(model_dir: str | Path, stats: list[str], prompt: str, max_n
     generator = og.Generator(model, params)
     kept = manifest.kept_neurons or [None] * manifest.num_layers
 
-    def hit_now():
+    def hit_now(prompt: bool = False):
         if guard is None:   # the graph's own decision, bool [batch]
             if not generator.get_output(manifest.guard["refuse_output"])[0]:
                 return None
             skill = next(s for s in manifest.guard["skills"] if generator.get_output(s["refuse_output"])[0])
             return Hit(skill["skill"], None, skill["rule"])
+        # at the prompt a rule over its last tokens reads their keys (key.*, [1, S, F]); every position is the row's
+        names = guard.prompt_output_names if prompt else guard.output_names
         keys = {name: full_width(generator.get_output(name), kept[int(name.split(".")[-1])], manifest.key_width)
-                for name in guard.output_names}
+                for name in names}
         return guard.check(keys)[0]
 
     generator.append_tokens(ids)          # the prompt's forward call
-    hit, step = hit_now(), 0
+    hit, step = hit_now(prompt=True), 0
     while hit is None and not generator.is_done():
         generator.generate_next_token()   # picks a token from the last forward's logits
         step += 1

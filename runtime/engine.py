@@ -178,7 +178,8 @@ class BatchEngine:
             skip = 0
         mask = np.ones((1, len(request.ids)), dtype=np.int64)
         ids = np.array([request.ids[skip:]], dtype=np.int64)
-        logits, past, keys = self.model.forward(ids, mask, start, gen.prompt_guard_outputs(), tail=gen.guard_positions())
+        logits, past, keys = self.model.forward(ids, mask, start, gen.prompt_guard_outputs(),
+                                                tail=gen.guard_positions())
         self.prefills += 1
         budget = min(params.max_new_tokens, self.model.manifest.max_context - len(request.ids))
         active = _Active(request, _Row(request.prompt, len(request.ids)),

@@ -181,7 +181,8 @@ class Generator:
             mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
 
     def prompt_guard_outputs(self) -> list[str]:
-        """What the prompt's forward fetches for the guard: a rule over several positions reads per-position keys (key.*) there."""
+        """What the prompt's forward fetches for the guard: a rule over the prompt's last tokens reads their keys
+        (key.*, per position) there."""
         return getattr(self.guard, "prompt_output_names", None) or (self.guard.output_names if self.guard else [])
 
     def guard_positions(self) -> int:
@@ -191,7 +192,8 @@ class Generator:
 
     def check_guard(self, keys: dict[str, np.ndarray], batch: int, mask: np.ndarray | None = None) -> list[Hit | None]:
         """The guard's verdict per row on the keys of the last position (key_last.* are already 2-D); at the prompt
-        a multi-position rule's per-position keys (B, S, F) with the attention mask saying which positions are the row's."""
+        a multi-position rule's per-position keys (B, S, F), with the attention mask saying which positions are the
+        row's."""
         if not self.guard:
             return [None] * batch
         if getattr(self.guard, "positions", 1) > 1:

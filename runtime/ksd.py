@@ -393,7 +393,8 @@ class KSDGuard:
         self.output_names = [names[i] for i in checked]
         self._output_of_layer = {i: names[i] for i in checked}
         # a rule over several prompt positions reads: the per-position key.* outputs, at the prompt only
-        spread = {layer for region in self.cubes if getattr(region, "positions", 1) > 1 for layer in region_layers(region)}
+        spread = {layer for region in self.cubes if getattr(region, "positions", 1) > 1
+                  for layer in region_layers(region)}
         self.positions = max([getattr(region, "positions", 1) for region in self.cubes])
         self.prompt_output_names = [manifest.key_outputs[i] if i in spread else names[i] for i in checked]
         self._prompt_output_of_layer = dict(zip(checked, self.prompt_output_names))
@@ -406,8 +407,8 @@ class KSDGuard:
 
     def check(self, last_keys: dict[str, np.ndarray], mask: np.ndarray | None = None) -> list[Hit | None]:
         """last_keys: output name -> (B, F) key at the last position, or at the prompt (prompt_output_names) the
-        per-position keys (B, S, F) of a multi-position rule's layers, with mask (B, >= S) the attention mask whose last S
-        columns are those positions. First hit per row, else None."""
+        per-position keys (B, S, F) of a multi-position rule's layers, with mask (B, >= S) the attention mask whose
+        last S columns are those positions. First hit per row, else None."""
         batch = next(iter(last_keys.values())).shape[0]
         hits: list[Hit | None] = [None] * batch
 
