@@ -407,10 +407,10 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
 FOLDS = 4
 WINDOWS = (1, 3, 5)   # candidate regions: this many adjacent fit layers, their discriminants averaged
 # The linear rule also reads the mean key of the prompt's last PROMPT_POSITIONS tokens (its own discriminant and
-# threshold); the last token keeps LAST_SHARE of the retain budget, the mean the rest. Measured on SmolLM2 GSM8K
-# (docs/guard.md, out-of-fold thresholds, 20 items a family): raw re-worded / role-play / code-wrapped requests
-# 0.75-0.90 -> 1.00 and one Best-of-N sample passing 31 % -> 14 % raw (chat 2.0 % -> 2.8 %, yet fewer requests
-# broken within 50 samples); the earlier tokens one by one on the same budget caught the raw families only.
+# threshold); the last token keeps LAST_SHARE of the retain budget, the mean the rest. On SmolLM2 GSM8K
+# (scripts/prompt_positions.py, docs/guard.md: out-of-fold thresholds, one target) raw re-worded, role-play, noise
+# and code-wrapped requests went from 0.50-0.70 to 0.90-1.00 and Best-of-N requests broken within 50 samples from
+# 0.25 / 0.42 to 0.17 / 0.25 (chat / raw); each earlier token at its own threshold caught the raw families only.
 PROMPT_POSITIONS = 16
 LAST_SHARE = 0.5
 
