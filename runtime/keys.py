@@ -144,7 +144,7 @@ def prompt_window_keys(model: OnnxLM, sequences: list[list[int]], last_layers, w
     valid = np.zeros((len(sequences), positions), dtype=bool)
     for group in prefix_groups(sequences, batch_size):
         members = [sequences[i] for i in group]
-        shared, _ = plan_batches(members, batch_size, keep=positions)   # the prefix leaves the last tokens
+        # tail=positions: any shared prefix leaves each prompt's last `positions` tokens in its own row
         for rows, values in last_position_keys(model, members, last_names + window_names, batch_size, desc=desc,
                                                tail=positions):
             index = [group[row] for row in rows]
@@ -152,10 +152,8 @@ def prompt_window_keys(model: OnnxLM, sequences: list[list[int]], last_layers, w
                 last[index] = np.stack([values[name] for name in last_names], axis=1)
             per_position = np.stack([values[name] for name in window_names], axis=2)   # (B, S, W, F)
             take = min(positions, per_position.shape[1])
-            seen = np.zeros((len(rows), positions), dtype=bool)
-            for row in range(len(rows)):
-                own = min(take, len(members[rows[row]]) - shared)
-                seen[row, positions - own:] = True
+            lengths = np.array([len(members[row]) for row in rows])
+            seen = np.arange(positions)[None, :] >= positions - np.minimum(lengths, take)[:, None]
             valid[index] = seen
             tokens = np.zeros((len(rows), positions) + shape[-2:], dtype=np.float32)
             tokens[:, positions - take:] = per_position[:, -take:]
