@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from unskill.runtime.canonical import SecondLook
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.generator import GenerationParams, Generator
 from unskill.runtime.keys import (MIN_SHARED_PREFIX, KeyEntry, KeyReader, guard_prompt_keys, require_key_last,
@@ -230,19 +231,27 @@ class Harness:
         for part, sequences, keys in zip(parts, encoded, reader.last_keys_each(encoded, layers, desc=desc)):
             by_output = {self.model.manifest.key_last_outputs[layer]: keys[:, i] for i, layer in enumerate(layers)}
             entries = self.entry(keys[:, layers.index(self.entry.layer)])
-            stored = {}
+            stored, second = {}, {}
             for name, guard in guards.items():   # a rule over several prompt positions reads them all
                 seen, mask = (by_output, None) if guard.positions <= 1 else guard_prompt_keys(
                     self.model, guard, sequences, self.config.batch_size * 2, desc)
-                stored[name] = [hit is not None for hit in guard.check(seen, mask)]
+                second[name] = self._second_look(guard, part.conversations, chat)
+                stored[name] = [hit is not None or again for hit, again in
+                                zip(guard.check(seen, mask), second[name]["refused"])]
             sets[part.name] = {
                 "side": part.side, "items": len(sequences),
                 "entry": {name: [row[name] for row in entries] for name in self.stats},
                 "stored": stored,
+                "second_look": {name: {"looked": sum(look["looked"]), "refused": sum(look["refused"])}
+                                for name, look in second.items()},
                 "rules": {name: guard.describe()[0] for name, guard in guards.items()},
                 "example": part.conversations[0][-1][1][:300]}
             if self.config.bypass_decode:
-                sets[part.name].update(self._bypass_decode(part.conversations, sequences, guards, chat))
+                decoded = self._bypass_decode(part.conversations, sequences, guards, chat)
+                for name, look in second.items():   # the second look is the prompt's: it ends the row there too
+                    decoded["stored_decode"][name] = [fired or again for fired, again in
+                                                      zip(decoded["stored_decode"][name], look["refused"])]
+                sets[part.name].update(decoded)
         return sets
 
     # ----------------------------------------------------------------------------------------- attackers
@@ -283,12 +292,27 @@ class Harness:
         from .attack import guard_decision
 
         reader = KeyReader(self.model, self.config.batch_size * 2, False)
+        look = SecondLook(self.model, self.tokenizer, guard, self.config.batch_size * 2)
 
         def decide(conversations):
             sequences = [self.tokenizer.encode_turns(c, chat) for c in conversations]
             keys, mask = guard_prompt_keys(self.model, guard, sequences, self.config.batch_size * 2, desc, reader)
-            return guard_decision(guard, keys, mask)
+            refused, score = guard_decision(guard, keys, mask)
+            prompts = [[{"role": role, "content": text} for role, text in turns] for turns in conversations]
+            seen = look.keys(prompts, chat)   # the runtime's second look at garbled prompts (runtime/canonical.py)
+            if seen is not None:
+                rows, keys, mask = seen
+                again, again_score = guard_decision(guard, keys, mask)
+                refused[rows] |= again
+                score[rows] = np.minimum(score[rows], again_score)
+            return refused, score
         return decide
+
+    def _second_look(self, guard, conversations: list, chat: bool) -> dict:
+        """The runtime's second look (runtime/canonical.py) at each conversation: per row whether it had one
+        (the prompt reads as garbled) and whether its repaired spelling is refused."""
+        prompts = [[{"role": role, "content": text} for role, text in turns] for turns in conversations]
+        return SecondLook(self.model, self.tokenizer, guard, self.config.batch_size * 2).refused(prompts, chat)
 
     def _bypass_decode(self, conversations: list, sequences: list[list[int]], guards: dict, chat: bool) -> dict:
         """Greedy decode of `bypass_decode` tokens per prompt with the guard checked at the prompt's last token
@@ -301,7 +325,8 @@ class Harness:
         stored: dict[int, dict] = {}
         for batch in self._batches(order, {i: len(sequences[i]) for i in order}, self.config.gen_batch_size):
             recorder = _StepRecorder(self.entry, guards)
-            results = Generator(self.model, self.tokenizer, recorder).generate([prompts[i] for i in batch], params)
+            generator = Generator(self.model, self.tokenizer, recorder, second_look=False)
+            results = generator.generate([prompts[i] for i in batch], params)
             for row, (index, result) in enumerate(zip(batch, results)):
                 entries[index], stored[index] = recorder.row(row, result.forwards)
         rows = range(len(prompts))
@@ -427,7 +452,8 @@ class Harness:
         limits = Limits(timeout_s=self.config.timeout_s)
         for batch in self._batches(order, {i: len(encoded[i]) for i in order}, self.config.gen_batch_size):
             recorder = _StepRecorder(self.entry) if self.entry else None
-            results = Generator(self.model, self.tokenizer, recorder).generate([prompts[i] for i in batch], params)
+            generator = Generator(self.model, self.tokenizer, recorder, second_look=False)
+            results = generator.generate([prompts[i] for i in batch], params)
             for row, (index, result) in enumerate(zip(batch, results)):
                 item = dataset.items[index]
                 if spec.kind == "gsm8k":

@@ -185,7 +185,8 @@ class BatchEngine:
         active = _Active(request, _Row(request.prompt, len(request.ids)),
                          TextStream(gen, params.stop, request.hold_tokens),
                          np.random.default_rng(params.sampling.seed), budget)
-        self._advance(active, logits[0], gen.check_guard(keys, 1, mask)[0])
+        hit = gen.prompt_hits([request.prompt], gen.check_guard(keys, 1, mask), params.chat)[0]
+        self._advance(active, logits[0], hit)
         return None if active.row.done else (active, past, mask)
 
     def _prefix(self, chat: bool):

@@ -15,6 +15,7 @@ from typing import Iterator, Union
 
 import numpy as np
 
+from .canonical import SecondLook
 from .errors import UnskillError
 from .ksd import Hit, KSDGuard
 from .sampling import SamplingParams, sample
@@ -107,11 +108,16 @@ class TextStream:
         return Event(delta, **counts)
 
 
+SECOND_LOOK_BATCH = 8   # garbled prompts' repaired copies checked per forward
+
+
 class Generator:
     def __init__(self, model: OnnxLM, tokenizer: TextTokenizer, guard: KSDGuard | None = None,
-                 abstain_message: str = ABSTAIN_MESSAGE):
+                 abstain_message: str = ABSTAIN_MESSAGE, second_look: bool = True):
         self.model, self.tokenizer, self.guard, self.abstain_message = model, tokenizer, guard, abstain_message
         self.eos = set(model.manifest.eos_token_ids)
+        # a garbled prompt is also checked in its repaired spelling (runtime/canonical.py)
+        self.second_look = SecondLook(model, tokenizer, guard) if guard and second_look else None
 
     def generate(self, prompts: list[Prompt], params: GenerationParams | None = None) -> list[Result]:
         rows = None
@@ -170,6 +176,8 @@ class Generator:
                                                     reserve=budget - 1 if step == 0 else 0,
                                                     tail=self.guard_positions() if step == 0 else 0)
             hits = self.check_guard(keys, len(rows), mask)
+            if step == 0:
+                hits = self.prompt_hits(prompts, hits, params.chat)
             next_ids = np.full(len(rows), pad, dtype=np.int64)
             for i, row in enumerate(rows):
                 if not row.done:
@@ -189,6 +197,27 @@ class Generator:
         """The prompt positions the guard reads per position (0: the last token only)."""
         positions = getattr(self.guard, "positions", 1)
         return positions if positions > 1 else 0
+
+    def prompt_hits(self, prompts: list[Prompt], hits: list[Hit | None], chat: bool) -> list[Hit | None]:
+        """The prompt's verdicts with the second look's added (runtime/canonical.py): a row the first look answers
+        is refused when the repaired spelling of its garbled prompt is. The copy runs the prompt's own forward
+        and check (the same outputs, the same positions), with no cache kept."""
+        if self.second_look is None:
+            return hits
+        open_rows = [i for i, hit in enumerate(hits) if hit is None]
+        copies = self.second_look.copies([prompts[i] for i in open_rows])
+        looked = [(row, copy) for row, copy in zip(open_rows, copies) if copy is not None]
+        hits, keep = list(hits), self.model.manifest.max_context - 1
+        for start in range(0, len(looked), SECOND_LOOK_BATCH):
+            chunk = looked[start:start + SECOND_LOOK_BATCH]
+            # a repaired copy is rarely longer than the garbled prompt; its last tokens are what the guard reads
+            encoded = [self.tokenizer.encode_prompt(copy, chat)[-keep:] for _, copy in chunk]
+            input_ids, mask = left_pad(encoded, self.model.manifest.pad_token_id)
+            _, _, keys = self.model.forward(input_ids, mask, self.model.empty_past(len(chunk)),
+                                            self.prompt_guard_outputs(), logits=False, tail=self.guard_positions())
+            for (row, _), hit in zip(chunk, self.check_guard(keys, len(chunk), mask)):
+                hits[row] = hit
+        return hits
 
     def check_guard(self, keys: dict[str, np.ndarray], batch: int, mask: np.ndarray | None = None) -> list[Hit | None]:
         """The guard's verdict per row on the keys of the last position (key_last.* are already 2-D); at the prompt

@@ -197,7 +197,7 @@ def decoded_keys(model: OnnxLM, tokenizer: TextTokenizer, prompts: list, tokens:
     keys, owners = [], []
     for start in range(0, len(prompts), batch_size):
         recorder = _KeyRecorder(names)
-        results = Generator(model, tokenizer, recorder).generate(
+        results = Generator(model, tokenizer, recorder, second_look=False).generate(
             prompts[start:start + batch_size], GenerationParams(max_new_tokens=tokens + 1, chat=chat))
         steps = np.stack(recorder.steps, axis=1)   # (B, checks, L, F)
         for row, result in enumerate(results):
