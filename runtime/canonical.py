@@ -32,6 +32,8 @@ _CHUNK = re.compile(r"(\s+)")
 _SPLIT = re.compile(r"^([^A-Za-z]*)(.*?)([^A-Za-z]*)$", re.S)   # leading marks, the word's core, trailing marks
 _RUNS = re.compile(r"([A-Za-z]+)")
 DISGUISED = {"@": "a", "`": "a"}      # a lone "a" moved one down by noise
+MAX_WORD = 20        # longer letter runs are left as written (no repair search)
+MAX_REPAIRS = 512    # distinct words repaired per text, from its end (bounded time on any prompt)
 
 
 class Lexicon:
@@ -58,13 +60,14 @@ class Lexicon:
 
     def repair(self, word: str) -> str:
         """The vocabulary word `word` (ASCII letters) most likely came from, lower-cased; itself if none.
-        Tried in turn: as written, then with one and two letters moved back one code point (noise), each also
-        unscrambled by the strict key; then the looser keys (as written and one letter moved)."""
+        Tried in turn: as written, then with one and (6 to 12 letters) two letters moved back one code point
+        (noise), each also unscrambled by the strict key; then the looser keys (as written and one letter
+        moved). Longer runs are no word a scrambler could have started from: left as written."""
         low = word.lower()
-        if low in self.words or len(low) < 3:
+        if low in self.words or not 3 <= len(low) <= MAX_WORD:
             return low
         strict, first_kept, letters = self.indexes
-        for moves in (0, 1, 2) if len(low) >= 6 else (0, 1):
+        for moves in (0, 1, 2) if 6 <= len(low) <= 12 else (0, 1):
             for candidate in moved(low, moves):
                 found = candidate if candidate in self.words else strict.get(keys_of(candidate)[0])
                 if found:
@@ -108,25 +111,30 @@ def odd_case(word: str) -> bool:
     return len(word) > 1 and word not in (word.lower(), word.upper(), word[0].upper() + word[1:].lower())
 
 
-def canonical_text(text: str, lexicon: Lexicon) -> tuple[str, int]:
-    """(the repaired spelling of text, lower-cased; how many words needed a repair or had odd casing)."""
-    text = unicodedata.normalize("NFKC", text)
-    out, garbled = [], 0
-    for chunk in _CHUNK.split(text):
+def canonical_text(text: str, lexicon: Lexicon, budget: int = MAX_REPAIRS) -> tuple[str, int]:
+    """(the repaired spelling of text, lower-cased; how many words needed a repair or had odd casing). Words are
+    repaired from the end (where the guard reads), `budget` distinct ones at most, so a long prompt of made-up
+    words costs bounded time; the rest are lower-cased as written."""
+    chunks = _CHUNK.split(unicodedata.normalize("NFKC", text))
+    repaired: dict[str, str] = {}
+    garbled = 0
+    for at in range(len(chunks) - 1, -1, -1):
+        chunk = chunks[at]
         if not chunk or chunk.isspace():
-            out.append(chunk)
             continue
         lead, core, trail = _SPLIT.match(DISGUISED.get(chunk, chunk)).groups()
         core = re.sub(r"(?<=[A-Za-z])!(?=[A-Za-z])", " ", core)   # a space moved one up
-        pieces = []
-        for piece in _RUNS.split(core):
+        pieces = _RUNS.split(core)
+        for i, piece in enumerate(pieces):
             if piece.isascii() and piece.isalpha():
-                fixed = lexicon.repair(piece)
-                garbled += fixed != piece.lower() or odd_case(piece)
-                piece = fixed
-            pieces.append(piece)
-        out.append(lead + "".join(pieces) + trail)
-    return "".join(out).lower(), garbled
+                low = piece.lower()
+                if low not in repaired and len(repaired) < budget:
+                    repaired[low] = lexicon.repair(piece)
+                fixed = repaired.get(low, low)
+                garbled += fixed != low or odd_case(piece)
+                pieces[i] = fixed
+        chunks[at] = lead + "".join(pieces) + trail
+    return "".join(chunks).lower(), garbled
 
 
 def looks_garbled(garbled: int, words: int) -> bool:
