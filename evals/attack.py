@@ -30,8 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from unskill.runtime.graph_guard import region_margin
-from unskill.runtime.ksd import region_keys
+from unskill.runtime.graph_guard import skill_scores
 
 ATTACKERS = ("bon", "search")
 BON_N = (1, 2, 5, 10, 20, 50, 100)          # the reported N; the last is the budget
@@ -65,28 +64,16 @@ Decide = Callable[[list[Conversation]], tuple[np.ndarray, np.ndarray]]
 
 def guard_decision(guard, last_keys: dict[str, np.ndarray], mask: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """The runtime guard's decision on a batch of last-token keys, and a score of how far each row is from firing.
+    """The runtime guard's decision on a batch of prompt keys, and a score of how far each row is from firing.
 
-    The decision is `KSDGuard.check`'s (never re-derived here). The score is the attacker's feedback: per detector,
-    the `votes`-th smallest region margin (a region holds the key when its margin <= 1: runtime/graph_guard.py
-    `region_margin`, the same number the in-graph guard writes to guard.score.<SKILL>), the smallest over
-    detectors. last_keys and mask: as `KSDGuard.check` takes them (runtime/keys.py guard_prompt_keys): a rule over
-    several prompt positions is scored there by its own prompt_margin."""
+    The decision is `KSDGuard.check`'s, the score the smallest over skills of runtime/graph_guard.py
+    `skill_scores` (the number the in-graph guard writes to guard.score.<SKILL>: the votes-th smallest region
+    margin, <= 1 inside); neither is re-derived here. last_keys and mask: as `KSDGuard.check` takes them
+    (runtime/keys.py guard_prompt_keys): a rule over several prompt positions is scored on them with the mask."""
     refused = np.array([hit is not None for hit in guard.check(last_keys, mask)])
-    per_detector = []
-
-    def margin(region):
-        spread = getattr(region, "positions", 1) > 1 and mask is not None
-        names = guard._prompt_output_of_layer if spread else guard._output_of_layer
-        if spread:
-            keys = np.stack([last_keys[names[layer]][:, -region.positions:] for layer in region.layers], axis=-2)
-            return region.prompt_margin(keys, mask[:, -keys.shape[1]:])
-        return region_margin(region, region_keys(region, lambda layer: last_keys[names[layer]]))
-
-    for detector in guard.detectors:
-        scores = np.stack([margin(region) for region in detector.regions])
-        per_detector.append(np.sort(scores, axis=0)[detector.votes - 1])   # (regions, B) -> (B,)
-    return refused, np.min(per_detector, axis=0)
+    names = guard._output_of_layer if mask is None else guard._prompt_output_of_layer
+    scores = skill_scores(guard, {layer: last_keys[name] for layer, name in names.items()}, mask)
+    return refused, np.min(scores, axis=0)
 
 
 # ------------------------------------------------------------------------------------------------ Best-of-N

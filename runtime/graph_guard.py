@@ -19,7 +19,8 @@ import numpy as np
 
 from .errors import UnskillError
 from .io import sha256_file
-from .ksd import Ellipsoid, Hit, Hypercube, KSDGuard, LinearRegion, RatioRegion, gauss_score, region_keys
+from .ksd import (Ellipsoid, Hit, Hypercube, KSDGuard, LinearRegion, RatioRegion, gauss_score, prompt_window,
+                  region_keys)
 from .manifest import Manifest
 
 TINY = np.finfo(np.float32).tiny
@@ -68,9 +69,7 @@ def skill_scores(guard: KSDGuard, keys_of_layer: dict[int, np.ndarray], mask: np
         positions = getattr(region, "positions", 1)
         spread = keys_of_layer[region.layers[0]] if positions > 1 else None
         if spread is not None and spread.ndim == 3 and pooled_applies(spread.shape[1], mask):
-            keys = np.stack([keys_of_layer[layer][:, -positions:] for layer in region.layers], axis=-2)
-            valid = None if mask is None else mask[:, -keys.shape[1]:] > 0
-            return region_margin(region, keys, valid)
+            return region_margin(region, *prompt_window(region, keys_of_layer.get, mask))
         return region_margin(region, region_keys(region, last))
 
     scores = []

@@ -196,6 +196,16 @@ def pool_keys(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return total / count
 
 
+def prompt_window(region, keys_of_layer, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A rule over several prompt positions: its keys at the prompt's last `positions` tokens, (B, P, layers, F),
+    from keys_of_layer(layer) -> (B, S, F), and which of them are the row's own tokens (B, P) from the attention
+    mask whose last S columns they are (None: all). KSDGuard.check, graph_guard.skill_scores and the attackers'
+    score read a prompt through this one helper."""
+    keys = np.stack([keys_of_layer(layer)[:, -region.positions:] for layer in region.layers], axis=-2)
+    valid = np.ones(keys.shape[:2], bool) if mask is None else mask[:, -keys.shape[1]:] > 0
+    return keys, valid
+
+
 def region_layers(region) -> tuple[int, ...]:
     """The layers whose keys a region reads: one, or a LinearRegion's several."""
     return tuple(region.layers) if isinstance(region, LinearRegion) else (region.layer,)
@@ -422,8 +432,7 @@ class KSDGuard:
             inside = detector.scores(keys_at) <= detector.thresholds
             for column, region in enumerate(detector.regions):
                 if getattr(region, "positions", 1) > 1 and keys_at(region.layers[0], True).ndim == 3:
-                    keys = np.stack([keys_at(layer, True)[:, -region.positions:] for layer in region.layers], axis=-2)
-                    valid = np.ones(keys.shape[:2], bool) if mask is None else mask[:, -keys.shape[1]:] > 0
+                    keys, valid = prompt_window(region, lambda layer: keys_at(layer, True), mask)
                     inside[:, column] = region.prompt_contains(keys, valid)
             fired = inside.sum(axis=-1) >= detector.votes      # = vote(scores, thresholds, votes)
             for row in np.flatnonzero(fired):
