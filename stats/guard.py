@@ -169,18 +169,22 @@ def refusal_rates(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, dat
                   modes=("chat", "raw"), batch_size: int = 8, progress: bool = False) -> dict:
     """The stored rule's refusal rate at the prompt (prefill check only, no decoding) on every dataset in every
     mode: {dataset name: {mode: rate}}. The keys come from the guard's own tap and the decision from the
-    guard's own Detector, so these are the rates `ksd-run` gives at the prompt's last token."""
+    guard's own Detector, with the runtime's second look at garbled prompts (runtime/canonical.py), so these are
+    the rates `ksd-run` gives at the prompt."""
+    from unskill.runtime.canonical import SecondLook
     from unskill.runtime.keys import KeyReader, guard_prompt_keys
     from unskill.runtime.ksd import KSDGuard
 
     guard = KSDGuard([stats], model.manifest)
     reader = KeyReader(model, batch_size, progress)
+    look = SecondLook(model, tokenizer, guard, batch_size)
     rates = {}
     for dataset in datasets:
         rates[dataset.name] = {}
         for mode in modes:
             sequences = [tokenizer.encode_prompt(prompt, mode == "chat") for prompt in dataset.prompts]
             keys, mask = guard_prompt_keys(model, guard, sequences, batch_size, f"{dataset.name} {mode}", reader)
-            fired = [hit is not None for hit in guard.check(keys, mask)]
+            again = look.refused(dataset.prompts, mode == "chat")["refused"]
+            fired = [hit is not None or second for hit, second in zip(guard.check(keys, mask), again)]
             rates[dataset.name][mode] = float(np.mean(fired))
     return rates
