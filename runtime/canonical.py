@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import astuple, dataclass
 from functools import cached_property
 
 
@@ -34,6 +35,7 @@ _RUNS = re.compile(r"([A-Za-z]+)")
 DISGUISED = {"@": "a", "`": "a"}      # a lone "a" moved one down by noise
 MAX_WORD = 20        # longer letter runs are left as written (no repair search)
 MAX_REPAIRS = 512    # distinct words repaired per text, from its end (bounded time on any prompt)
+MAX_UNKNOWN = 12     # % of words neither known nor repairable above which a text reads as another language
 
 
 class Lexicon:
@@ -111,35 +113,56 @@ def odd_case(word: str) -> bool:
     return len(word) > 1 and word not in (word.lower(), word.upper(), word[0].upper() + word[1:].lower())
 
 
-def canonical_text(text: str, lexicon: Lexicon, budget: int = MAX_REPAIRS) -> tuple[str, int]:
-    """(the repaired spelling of text, lower-cased; how many words needed a repair or had odd casing). Words are
-    repaired from the end (where the guard reads), `budget` distinct ones at most, so a long prompt of made-up
-    words costs bounded time; the rest are lower-cased as written."""
+@dataclass
+class Spelling:
+    """What a text's words look like: ASCII words of three or more letters; of those, oddly cased ones, ones
+    repaired to a vocabulary word and ones neither known nor repairable."""
+    words: int = 0
+    odd: int = 0
+    repaired: int = 0
+    unknown: int = 0
+
+    def add(self, other: "Spelling") -> "Spelling":
+        return Spelling(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def garbled(self) -> bool:
+        """Random capitalization (one word in ten or more oddly cased), or scrambled and noised English (one word in
+        ten or more repaired while almost every word is known or repairable: German or Spanish prose leaves a
+        third of its words unknown, garbled English 3 %); two words at least, so a name alone costs nothing."""
+        if self.odd >= 2 and self.odd * 10 >= self.words:
+            return True
+        return self.repaired >= 2 and self.repaired * 10 >= self.words and self.unknown * 100 <= self.words * MAX_UNKNOWN
+
+
+def canonical_text(text: str, lexicon: Lexicon, budget: int = MAX_REPAIRS) -> tuple[str, Spelling]:
+    """(the repaired spelling of text, lower-cased; what its words look like). Words are repaired from the end
+    (where the guard reads), `budget` distinct ones at most, so a long prompt of made-up words costs bounded time;
+    the rest are lower-cased as written. A chunk with non-ASCII letters (another script, accents) is left as
+    written: the noise moves ASCII characters only."""
     chunks = _CHUNK.split(unicodedata.normalize("NFKC", text))
     repaired: dict[str, str] = {}
-    garbled = 0
+    seen = Spelling()
     for at in range(len(chunks) - 1, -1, -1):
         chunk = chunks[at]
-        if not chunk or chunk.isspace():
+        if not chunk or chunk.isspace() or not chunk.isascii():
             continue
         lead, core, trail = _SPLIT.match(DISGUISED.get(chunk, chunk)).groups()
         core = re.sub(r"(?<=[A-Za-z])!(?=[A-Za-z])", " ", core)   # a space moved one up
         pieces = _RUNS.split(core)
         for i, piece in enumerate(pieces):
-            if piece.isascii() and piece.isalpha():
+            if piece.isalpha():
                 low = piece.lower()
                 if low not in repaired and len(repaired) < budget:
                     repaired[low] = lexicon.repair(piece)
                 fixed = repaired.get(low, low)
-                garbled += fixed != low or odd_case(piece)
+                if len(low) >= 3:
+                    seen.words += 1
+                    seen.odd += odd_case(piece)
+                    seen.repaired += fixed != low
+                    seen.unknown += fixed == low and low not in lexicon.words
                 pieces[i] = fixed
         chunks[at] = lead + "".join(pieces) + trail
-    return "".join(chunks).lower(), garbled
-
-
-def looks_garbled(garbled: int, words: int) -> bool:
-    """Two or more odd or misspelt words, and at least one in ten: a name or a typo alone costs no extra pass."""
-    return garbled >= 2 and garbled * 10 >= words
+    return "".join(chunks).lower(), seen
 
 
 def canonical_prompt(prompt, lexicon: Lexicon):
@@ -147,9 +170,10 @@ def canonical_prompt(prompt, lexicon: Lexicon):
     read as garbled."""
     texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
     fixed = [canonical_text(text, lexicon) for text in texts]
-    garbled = sum(count for _, count in fixed)
-    words = sum(len(text.split()) for text in texts)
-    if not looks_garbled(garbled, words):
+    seen = Spelling()
+    for _, spelling in fixed:
+        seen = seen.add(spelling)
+    if not seen.garbled():
         return None
     if isinstance(prompt, str):
         return fixed[0][0]
@@ -198,4 +222,4 @@ class SecondLook:
         return {"looked": looked, "refused": refused}
 
 
-__all__ = ["Lexicon", "SecondLook", "canonical_prompt", "canonical_text", "looks_garbled"]
+__all__ = ["Lexicon", "SecondLook", "Spelling", "canonical_prompt", "canonical_text"]

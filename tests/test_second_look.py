@@ -22,8 +22,8 @@ GARBLED = "wRITe a pYTHOn fNCUTION tO FnID tHE fSRIT!rPEAteed cHSaBCtEr In a GIv
 
 def test_scrambled_cased_and_noised_words_are_repaired():
     lexicon = Lexicon(WORDS)
-    copy, garbled = canonical_text(GARBLED, lexicon)
-    assert copy == CLEAN.lower() and garbled >= 8
+    copy, seen = canonical_text(GARBLED, lexicon)
+    assert copy == CLEAN.lower() and seen.garbled() and seen.odd >= 8 and seen.unknown == 0
     assert lexicon.repair("dRoICuaiyn") == "dictionary"     # scrambled with its trailing mark, one letter noised
     assert lexicon.repair("Ageiuhxz") == "ageiuhxz"          # nothing near it: left as written
     assert canonical_text("@ function", lexicon)[0] == "a function"
@@ -33,6 +33,11 @@ def test_clean_prompts_get_no_second_look():
     lexicon = Lexicon(WORDS)
     assert canonical_prompt(CLEAN, lexicon) is None
     assert canonical_prompt("How many apples are left if McTom eats 3 of his 12 apples?", lexicon) is None
+    # another language: many words neither known nor repairable, none oddly cased (no extra pass for it)
+    assert canonical_prompt("Die Hauptstadt von Frankreich ist Paris, sie liegt an der Seine.", lexicon) is None
+    assert canonical_prompt("Wie viele Äpfel hat Tom? Er isst drei Äpfel.", lexicon) is None
+    scrambled = "Wtrie a pohytn fuointcn to fnid the fisrt rpeeated crhaetcar in a gevin srntig."   # no casing
+    assert canonical_prompt(scrambled, lexicon) == CLEAN.lower()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": GARBLED}]
     copy = canonical_prompt(messages, lexicon)
     assert copy[1]["content"] == CLEAN.lower() and copy[0]["role"] == "system"
