@@ -130,3 +130,26 @@ def test_the_in_graph_guard_gets_the_second_look_too(copy_guard, tmp_path):
     assert generator.generate([GARBLED], params)[0].abstained
     first_look_only = Generator(generator.model, generator.tokenizer, generator.guard, second_look=False)
     assert not first_look_only.generate([GARBLED], params)[0].abstained
+
+
+def test_the_server_refuses_a_garbled_prompt_through_its_copy(copy_guard):
+    """`unskill serve` on loopback, driven by the openai client: the garbled request gets content_filter."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from unskill.runtime import load
+    from unskill.runtime.engine import BatchEngine
+    from unskill.runtime.server import ServeLimits, build_app, serve_in_thread
+
+    onnx_dir, path = copy_guard
+    engine = BatchEngine(load(onnx_dir, [path], device="cpu"), max_batch=2)
+    server, port = serve_in_thread(build_app(engine, "tiny", "key", ServeLimits(max_tokens=8, context=128)))
+    try:
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="key", max_retries=0, timeout=60)
+        refused = api.chat.completions.create(model="tiny", max_tokens=1,
+                                              messages=[{"role": "user", "content": GARBLED}])
+        assert refused.choices[0].finish_reason == "content_filter"
+        answered = api.chat.completions.create(model="tiny", max_tokens=1,
+                                               messages=[{"role": "user", "content": "Tom eats apples."}])
+        assert answered.choices[0].finish_reason != "content_filter"
+    finally:
+        server.should_exit = True
