@@ -10,7 +10,7 @@ A prompt is a string (one user turn) or a chat: a list of {"role": ..., "content
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Union
 
 import numpy as np
@@ -216,7 +216,7 @@ class Generator:
             _, _, keys = self.model.forward(input_ids, mask, self.model.empty_past(len(chunk)),
                                             self.prompt_guard_outputs(), logits=False, tail=self.guard_positions())
             for (row, _), hit in zip(chunk, self.check_guard(keys, len(chunk), mask)):
-                hits[row] = hit
+                hits[row] = hit and replace(hit, rule=f"{hit.rule}, on the prompt's repaired spelling")
         return hits
 
     def check_guard(self, keys: dict[str, np.ndarray], batch: int, mask: np.ndarray | None = None) -> list[Hit | None]:

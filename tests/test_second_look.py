@@ -97,7 +97,7 @@ def test_generator_and_engine_refuse_a_garbled_prompt_through_its_copy(copy_guar
     first_look_only = Generator(generator.model, generator.tokenizer, generator.guard, second_look=False)
     assert not first_look_only.generate([GARBLED], params)[0].abstained
     results = generator.generate([GARBLED, CLEAN, "Tom eats apples."], params)
-    assert results[0].abstained and results[0].abstained_at == 0
+    assert results[0].abstained and results[0].abstained_at == 0 and results[0].rule.endswith("repaired spelling")
     assert not results[2].abstained   # not garbled: no second look, and its own keys are answered
     engine = BatchEngine(generator).start()
     try:
