@@ -27,7 +27,7 @@ from unskill.runtime.keys import (MIN_SHARED_PREFIX, KeyEntry, KeyReader, guard_
 from unskill.runtime.ksd import region_layers, vote
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import StatsFile
-from unskill.runtime.tokenizer import TextTokenizer
+from unskill.runtime.tokenizer import TextTokenizer, messages_of
 
 from unskill.stats.datasets import Dataset, Item, load_dataset, sample
 
@@ -298,8 +298,8 @@ class Harness:
             sequences = [self.tokenizer.encode_turns(c, chat) for c in conversations]
             keys, mask = guard_prompt_keys(self.model, guard, sequences, self.config.batch_size * 2, desc, reader)
             refused, score = guard_decision(guard, keys, mask)
-            prompts = [[{"role": role, "content": text} for role, text in turns] for turns in conversations]
-            seen = look.keys(prompts, chat)   # the runtime's second look at garbled prompts (runtime/canonical.py)
+            # the runtime's second look at garbled prompts (runtime/canonical.py)
+            seen = look.keys([messages_of(turns) for turns in conversations], chat)
             if seen is not None:
                 rows, keys, mask = seen
                 again, again_score = guard_decision(guard, keys, mask)
@@ -311,7 +311,7 @@ class Harness:
     def _second_look(self, guard, conversations: list, chat: bool) -> dict:
         """The runtime's second look (runtime/canonical.py) at each conversation: per row whether it had one
         (the prompt reads as garbled) and whether its repaired spelling is refused."""
-        prompts = [[{"role": role, "content": text} for role, text in turns] for turns in conversations]
+        prompts = [messages_of(turns) for turns in conversations]
         return SecondLook(self.model, self.tokenizer, guard, self.config.batch_size * 2).refused(prompts, chat)
 
     def _bypass_decode(self, conversations: list, sequences: list[list[int]], guards: dict, chat: bool) -> dict:
@@ -319,7 +319,7 @@ class Harness:
         and after every generated one (as ksd-run does): per stats file the smallest entry alpha and whether the
         stored rule fired at any step. Check 0 is the prefill's (the same keys, tested)."""
         params = GenerationParams(max_new_tokens=self.config.bypass_decode, chat=chat)
-        prompts = [[{"role": role, "content": text} for role, text in turns] for turns in conversations]
+        prompts = [messages_of(turns) for turns in conversations]
         order = sorted(range(len(prompts)), key=lambda i: -len(sequences[i]))
         entries: dict[int, dict] = {}
         stored: dict[int, dict] = {}

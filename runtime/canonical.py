@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import weakref
 from dataclasses import astuple, dataclass
-from functools import cached_property
-
 
 SPACE_MARKERS = ("Ġ", "▁")          # byte-level BPE (GPT-2, Llama-3, SmolLM2) and SentencePiece (Gemma)
 _CHUNK = re.compile(r"(\s+)")
@@ -85,8 +84,7 @@ class Lexicon:
 
 def keys_of(word: str) -> tuple:
     """(first + sorted middle + last, first + sorted rest, sorted letters): what scrambling keeps."""
-    middle = word[1:-1] if len(word) > 3 else word
-    return ((word[0], "".join(sorted(middle)), word[-1]) if len(word) > 3 else (word,),
+    return ((word[0], "".join(sorted(word[1:-1])), word[-1]) if len(word) > 3 else (word,),
             (word[0], "".join(sorted(word[1:]))), "".join(sorted(word)))
 
 
@@ -131,7 +129,8 @@ class Spelling:
         third of its words unknown, garbled English 3 %); two words at least, so a name alone costs nothing."""
         if self.odd >= 2 and self.odd * 10 >= self.words:
             return True
-        return self.repaired >= 2 and self.repaired * 10 >= self.words and self.unknown * 100 <= self.words * MAX_UNKNOWN
+        english = self.unknown * 100 <= self.words * MAX_UNKNOWN
+        return self.repaired >= 2 and self.repaired * 10 >= self.words and english
 
 
 def canonical_text(text: str, lexicon: Lexicon, budget: int = MAX_REPAIRS) -> tuple[str, Spelling]:
@@ -180,6 +179,17 @@ def canonical_prompt(prompt, lexicon: Lexicon):
     return [dict(message, content=text) for message, (text, _) in zip(prompt, fixed)]
 
 
+_LEXICONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def lexicon_of(tokenizer) -> Lexicon:
+    """The Lexicon of a TextTokenizer, built once per tokenizer: every second look of a Generator, the server and
+    the evals reads the same one (a large vocabulary takes a while to sort and index)."""
+    if tokenizer not in _LEXICONS:
+        _LEXICONS[tokenizer] = Lexicon.from_vocab(tokenizer.tokenizer.get_vocab())
+    return _LEXICONS[tokenizer]
+
+
 class SecondLook:
     """Which prompts get a second look, and their repaired copies. Generator.prompt_hits runs the copies through
     the prompt's own forward and check; `keys` reads what a NumPy guard (runtime/ksd.py KSDGuard) sees at them,
@@ -188,13 +198,9 @@ class SecondLook:
     def __init__(self, model, tokenizer, guard=None, batch_size: int = 8):
         self.model, self.tokenizer, self.guard, self.batch_size = model, tokenizer, guard, batch_size
 
-    @cached_property
-    def lexicon(self) -> Lexicon:
-        return Lexicon.from_vocab(self.tokenizer.tokenizer.get_vocab())
-
     def copies(self, prompts) -> list:
         """Per prompt its canonical copy, or None (no second look)."""
-        return [canonical_prompt(prompt, self.lexicon) for prompt in prompts]
+        return [canonical_prompt(prompt, lexicon_of(self.tokenizer)) for prompt in prompts]
 
     def keys(self, prompts, chat: bool):
         """(rows with a copy, what the guard sees at those copies' prompt: keys, mask), or None when no prompt
@@ -222,4 +228,4 @@ class SecondLook:
         return {"looked": looked, "refused": refused}
 
 
-__all__ = ["Lexicon", "SecondLook", "Spelling", "canonical_prompt", "canonical_text"]
+__all__ = ["Lexicon", "SecondLook", "Spelling", "canonical_prompt", "canonical_text", "lexicon_of"]

@@ -176,6 +176,11 @@ def check_text(text: str) -> str:
     return text
 
 
+def messages_of(turns) -> list[dict]:
+    """A conversation given as (role, text) pairs -> chat messages."""
+    return [{"role": role, "content": text} for role, text in turns]
+
+
 class TextTokenizer:
     def __init__(self, directory: str | Path, manifest: Manifest):
         path = Path(directory) / "tokenizer.json"
@@ -217,11 +222,11 @@ class TextTokenizer:
 
     def render_turns(self, turns, chat: bool = True) -> str:
         """`render` of a conversation given as (role, text) pairs."""
-        return self.render([{"role": role, "content": text} for role, text in turns], chat)
+        return self.render(messages_of(turns), chat)
 
     def encode_turns(self, turns, chat: bool = True) -> list[int]:
         """`encode_prompt` of a conversation given as (role, text) pairs."""
-        return self.encode_prompt([{"role": role, "content": text} for role, text in turns], chat)
+        return self.encode_prompt(messages_of(turns), chat)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True).ids

@@ -31,8 +31,9 @@ CODE = "Write a python function to reverse a string."
 def bypass_sample(data_dir, per_set: int = 4) -> list:
     """A few conversations of every attack family and retain set of both skills (the first `per_set` of each)."""
     from unskill.evals.bypass import bypass_sets
+    from unskill.runtime.tokenizer import messages_of
 
-    return [[{"role": role, "content": text} for role, text in conversation]
+    return [messages_of(conversation)
             for forget in ("gsm8k", "mbpp") for bypass in bypass_sets(forget, data_dir, limit=4)
             for conversation in bypass.conversations[:per_set]]
 

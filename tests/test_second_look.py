@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from unskill.runtime.canonical import Lexicon, canonical_prompt, canonical_text
+from unskill.runtime.canonical import Lexicon, canonical_prompt, canonical_text, lexicon_of
 from unskill.runtime.generator import GenerationParams, Generator
 
 WORDS = ["write", "a", "python", "function", "to", "find", "the", "first", "repeated", "character", "in", "given",
@@ -72,7 +72,7 @@ def copy_guard(tiny_export, llama_stats, tmp_path_factory):
     manifest = generator.model.manifest
     copy = generator.second_look.copies([GARBLED])[0] if generator.second_look else None
     assert copy is None   # no guard, no second look
-    copy = canonical_prompt(GARBLED, Lexicon.from_vocab(generator.tokenizer.tokenizer.get_vocab()))
+    copy = canonical_prompt(GARBLED, lexicon_of(generator.tokenizer))
     assert copy is not None
     layer = manifest.num_layers - 1
     encoded = generator.encode([copy, GARBLED], GenerationParams())
