@@ -72,6 +72,7 @@ class _StepRecorder:
         self.output_names = sorted({entry.last_output, *(n for g in self.guards.values() for n in g.output_names)})
         # a rule over several prompt positions reads per-position keys at the prompt (Generator.check_guard)
         self.positions = max([g.positions for g in self.guards.values()], default=1)
+        self.every_position = any(g.every_position for g in self.guards.values())
         self.prompt_output_names = sorted({entry.last_output,
                                            *(n for g in self.guards.values() for n in g.prompt_output_names)})
 
@@ -233,7 +234,8 @@ class Harness:
             entries = self.entry(keys[:, layers.index(self.entry.layer)])
             stored, second = {}, {}
             for name, guard in guards.items():   # a rule over several prompt positions reads them all
-                seen, mask = (by_output, None) if guard.positions <= 1 else guard_prompt_keys(
+                last_only = guard.positions <= 1 and not guard.every_position
+                seen, mask = (by_output, None) if last_only else guard_prompt_keys(
                     self.model, guard, sequences, self.config.batch_size * 2, desc)
                 second[name] = self._second_look(guard, part.conversations, chat)
                 stored[name] = [hit is not None or again for hit, again in

@@ -18,8 +18,10 @@ centres, widths and thresholds, as initializers. Per region (one layer's `key_la
                           (LinearRegion.prompt_contains / prompt_margin): from the per-position keys ([B, S, F],
                           the tensor key_last.{i} gathers its last position from) the last min(positions, S),
                           averaged over those where attention_mask is 1 (sum / max(count, 1), pool_keys), scored
-                          by the pooled discriminant -(mean . pooled_w + pooled_b) <= pooled_threshold; inside
-                          when either check is, margin the smaller. The graph takes a forward for the prompt's
+                          by the pooled discriminant -(mean . pooled_w + pooled_b) <= pooled_threshold; with
+                          an anywhere_threshold also the lowest last-token score over every position of the
+                          forward (padding skipped: Where, ReduceMin) <= anywhere_threshold; inside
+                          when any check is, margin the smallest. The graph takes a forward for the prompt's
                           when S > 1 or it has no past (attention_mask no longer than the input): a decode step
                           (one token after a past) is the last-token rule alone, as the runtime checks it.
 
@@ -40,7 +42,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from unskill.runtime.errors import UnskillError
-from unskill.runtime.ksd import Ellipsoid, Hypercube, KSDGuard, LinearRegion, RatioRegion, region_layers
+from unskill.runtime.ksd import (Ellipsoid, Hypercube, KSDGuard, LinearRegion, RatioRegion, reads_positions,
+                                 region_layers)
 from unskill.runtime.manifest import Manifest
 
 REFUSE = "guard.refuse"
@@ -169,18 +172,38 @@ def _per_position_source(graph: onnx.GraphProto, key_last: str) -> str:
     return node.input[0]
 
 
-def _linear_positions(b: _Builder, last_keys: list[str], position_keys: list[str], source: str,
-                      region: LinearRegion, mask: str) -> tuple[str, str]:
+def _linear_positions(b: _Builder, last_keys: list[str], pooled_keys: list[str] | None, every_keys: list[str] | None,
+                      source: str, region: LinearRegion, mask: str) -> tuple[str, str]:
     """The multi-position linear rule (LinearRegion.prompt_contains / prompt_margin): the last-token check on
-    last_keys ([B, F] per layer) OR, in a prompt's forward, the pooled check on the mean of position_keys ([B, P,
-    F] per layer, P = min(positions, S) already sliced) over the mask's last P columns. source: a per-position
-    key tensor [B, S, F] whose S tells a prompt's forward from a decode step (see `_is_prompt`)."""
+    last_keys ([B, F] per layer) OR, in a prompt's forward, the pooled check on the mean of pooled_keys ([B, P,
+    F] per layer, P = min(positions, S) already sliced) over the mask's last P columns, OR the lowest score over
+    every position's keys (every_keys, [B, S, F] per layer; padding skipped). source: a per-position key tensor
+    [B, S, F] whose S tells a prompt's forward from a decode step (see `_is_prompt`)."""
     inside, margin = _linear(b, last_keys, region)
-    count = _length(b, position_keys[0])
-    # the row's own tokens among the last P (left padding is 0), as weights [B, P, 1]
-    tail = b.op("Slice", [mask, b.op("Neg", [count]), b.const("end", np.array([INT64_MAX], np.int64)),
+    prompt = _is_prompt(b, source, mask)   # [1]: a decode step keeps the last-token rule alone
+    checks = []
+    if pooled_keys is not None:
+        checks.append(_pooled(b, pooled_keys, region, mask))
+    if every_keys is not None:
+        checks.append(_lowest_position(b, every_keys, region, mask))
+    for check_inside, check_margin in checks:
+        inside = b.op("Or", [inside, b.op("And", [check_inside, prompt])])
+        gated = b.op("Where", [prompt, check_margin, b.const("inf", np.float32(np.inf))])
+        margin = b.op("Min", [margin, gated])
+    return inside, margin
+
+
+def _own_tokens(b: _Builder, keys: str, mask: str) -> str:
+    """bool [B, P]: which of the P positions of keys [B, P, F] are the row's own tokens (the mask's last P
+    columns are 1; left padding is 0)."""
+    tail = b.op("Slice", [mask, b.op("Neg", [_length(b, keys)]), b.const("end", np.array([INT64_MAX], np.int64)),
                           b.const("axis1", np.array([1], np.int64))])
-    valid = b.op("Cast", [b.op("Greater", [tail, b.const("zero", np.int64(0))])], to=TensorProto.FLOAT)
+    return b.op("Greater", [tail, b.const("zero", np.int64(0))])
+
+
+def _pooled(b: _Builder, position_keys: list[str], region: LinearRegion, mask: str) -> tuple[str, str]:
+    """(inside, margin) of the pooled mean key: sum over the row's own positions / max(count, 1) (pool_keys)."""
+    valid = b.op("Cast", [_own_tokens(b, position_keys[0], mask)], to=TensorProto.FLOAT)
     weights = b.unsqueeze0(valid, axis=2)
     divisor = b.op("Max", [b.reduce("ReduceSum", weights, 1), b.const("one", np.float32(1))])   # [B, 1]
     projected = None
@@ -189,14 +212,27 @@ def _linear_positions(b: _Builder, last_keys: list[str], position_keys: list[str
         term = b.op("MatMul", [mean, b.const("pooled_weight", weight.astype(np.float32))])
         projected = term if projected is None else b.op("Add", [projected, term])
     score = b.op("Neg", [b.op("Add", [projected, b.const("pooled_bias", np.float32(region.pooled_bias))])])
-    pooled_inside = b.op("LessOrEqual", [score, b.const("pooled_threshold_f32",
-                                                         float32_at_most(region.pooled_threshold))])
-    pooled_margin = b.op("Sub", [b.op("Add", [score, b.const("one", np.float32(1))]),
-                                 b.const("pooled_threshold", np.float32(region.pooled_threshold))])
-    prompt = _is_prompt(b, source, mask)   # [1]: a decode step keeps the last-token rule alone
-    inside = b.op("Or", [inside, b.op("And", [pooled_inside, prompt])])
-    gated = b.op("Where", [prompt, pooled_margin, b.const("inf", np.float32(np.inf))])
-    return inside, b.op("Min", [margin, gated])
+    inside = b.op("LessOrEqual", [score, b.const("pooled_threshold_f32", float32_at_most(region.pooled_threshold))])
+    margin = b.op("Sub", [b.op("Add", [score, b.const("one", np.float32(1))]),
+                          b.const("pooled_threshold", np.float32(region.pooled_threshold))])
+    return inside, margin
+
+
+def _lowest_position(b: _Builder, every_keys: list[str], region: LinearRegion, mask: str) -> tuple[str, str]:
+    """(inside, margin) of the lowest last-token score over the row's own positions (LinearRegion.lowest_score):
+    one MatMul per layer gives [B, S] scores, padding set to +inf, then ReduceMin over positions."""
+    projected = None
+    for keys, weight in zip(every_keys, region.weight):
+        term = b.op("MatMul", [keys, b.const("weight", weight.astype(np.float32))])   # [B, S]
+        projected = term if projected is None else b.op("Add", [projected, term])
+    score = b.op("Neg", [b.op("Add", [projected, b.const("bias", np.float32(region.bias))])])
+    masked = b.op("Where", [_own_tokens(b, every_keys[0], mask), score, b.const("inf", np.float32(np.inf))])
+    lowest = b.reduce("ReduceMin", masked, 1)   # [B]
+    inside = b.op("LessOrEqual", [lowest, b.const("anywhere_threshold_f32",
+                                                  float32_at_most(region.anywhere_threshold))])
+    margin = b.op("Sub", [b.op("Add", [lowest, b.const("one", np.float32(1))]),
+                          b.const("anywhere_threshold", np.float32(region.anywhere_threshold))])
+    return inside, margin
 
 
 def _is_prompt(b: _Builder, source: str, mask: str) -> str:
@@ -240,12 +276,12 @@ def add_guard(model: onnx.ModelProto, guard: KSDGuard, manifest: Manifest) -> on
         return manifest.kept_neurons[layer] if manifest.kept_neurons else None
 
     def keys_of(layer: int, positions: int) -> str:
-        """The last `positions` positions of the layer's per-position keys, full width."""
+        """The last `positions` positions of the layer's per-position keys (0: all of them), full width."""
         if (layer, positions) not in position_keys:
             source = _per_position_source(model.graph, manifest.key_last_outputs[layer])
-            tail = b.op("Slice", [source, b.const("start", np.array([-positions], np.int64)),
-                                  b.const("end", np.array([INT64_MAX], np.int64)),
-                                  b.const("axis1", np.array([1], np.int64))])
+            tail = source if positions == 0 else b.op("Slice", [
+                source, b.const("start", np.array([-positions], np.int64)),
+                b.const("end", np.array([INT64_MAX], np.int64)), b.const("axis1", np.array([1], np.int64))])
             position_keys[layer, positions] = _full_width_keys(b, tail, kept(layer), manifest.key_width, rank=3)
         return position_keys[layer, positions]
 
@@ -260,13 +296,15 @@ def add_guard(model: onnx.ModelProto, guard: KSDGuard, manifest: Manifest) -> on
                                            "(a deploy folder made with --no-guard cannot carry one)")
                     batch_dim = batch_dim or keys[name].type.tensor_type.shape.dim[0]
                     layer_keys[layer] = _full_width_keys(b, name, kept(layer), manifest.key_width)
-            if getattr(region, "positions", 1) > 1:
+            if reads_positions(region):
                 if MASK_INPUT not in {i.name for i in model.graph.input}:
                     raise UnskillError(f"the graph has no input {MASK_INPUT!r}: a linear rule over several prompt "
                                        "positions reads it to skip left padding")
                 source = _per_position_source(model.graph, manifest.key_last_outputs[region.layers[0]])
-                inside, margin = _linear_positions(b, [layer_keys[layer] for layer in region.layers],
-                                                   [keys_of(layer, region.positions) for layer in region.layers],
+                pooled = [keys_of(layer, region.positions) for layer in region.layers] if region.positions > 1 \
+                    else None
+                every = [keys_of(layer, 0) for layer in region.layers] if region.every_position else None
+                inside, margin = _linear_positions(b, [layer_keys[layer] for layer in region.layers], pooled, every,
                                                    source, region, MASK_INPUT)
             else:
                 inside, margin = _region(b, [layer_keys[layer] for layer in region_layers(region)], region)
@@ -316,9 +354,13 @@ def guard_record(guard: KSDGuard, stats_paths: list, stats_fingerprints: list[st
 
 def _positions_record(detector) -> dict:
     """{"positions": n} for a rule over several prompt positions: a prompt run in chunks must keep that many
-    tokens in its last chunk, the one whose guard outputs are read (runtime/session.py)."""
+    tokens in its last chunk, the one whose guard outputs are read (runtime/session.py); {"anywhere": true} for a
+    rule read at every prompt position: the prompt runs in one forward, whose positions the graph reads."""
     positions = max(getattr(region, "positions", 1) for region in detector.regions)
-    return {"positions": positions} if positions > 1 else {}
+    record = {"positions": positions} if positions > 1 else {}
+    if any(getattr(region, "every_position", False) for region in detector.regions):
+        record["anywhere"] = True
+    return record
 
 
 

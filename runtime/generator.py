@@ -19,7 +19,7 @@ from .canonical import SecondLook
 from .errors import UnskillError
 from .ksd import Hit, KSDGuard
 from .sampling import SamplingParams, sample
-from .session import OnnxLM, left_pad
+from .session import EVERY_POSITION, OnnxLM, left_pad
 from .tokenizer import TextTokenizer
 
 ABSTAIN_MESSAGE = "Your query is not valid."
@@ -194,7 +194,9 @@ class Generator:
         return getattr(self.guard, "prompt_output_names", None) or (self.guard.output_names if self.guard else [])
 
     def guard_positions(self) -> int:
-        """The prompt positions the guard reads per position (0: the last token only)."""
+        """The prompt positions the guard reads per position (0: the last token only; EVERY_POSITION: all)."""
+        if getattr(self.guard, "every_position", False):
+            return EVERY_POSITION
         positions = getattr(self.guard, "positions", 1)
         return positions if positions > 1 else 0
 
@@ -225,7 +227,7 @@ class Generator:
         row's."""
         if not self.guard:
             return [None] * batch
-        if getattr(self.guard, "positions", 1) > 1:
+        if getattr(self.guard, "positions", 1) > 1 or getattr(self.guard, "every_position", False):
             return self.guard.check(keys, mask)
         return self.guard.check({n: k if k.ndim <= 2 else k[:, -1, :] for n, k in keys.items()})
 

@@ -9,8 +9,9 @@ same ones (by sha256) with no alpha/layer overrides.
 `skill_scores` is the NumPy twin of the graph's `guard.score.<SKILL>` outputs (the tests hold the graph to it):
 per region a margin (<= 1 inside): box max |v - mu| / halfwidth / threshold; gauss score / threshold; ratio
 max(forget / (threshold * max(retain, tiny)), forget / bound); linear 1 + score - threshold, or for a rule over
-several prompt positions, in a prompt's forward (pooled_applies), LinearRegion.prompt_margin: the smaller of the
-last token's margin and the pooled mean key's; per skill the votes-th smallest margin.
+several prompt positions, in a prompt's forward (pooled_applies), LinearRegion.prompt_margin: the smallest of the
+last token's margin, the pooled mean key's and (a rule read at every position) the lowest position's; per skill the
+votes-th smallest margin.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from .errors import UnskillError
 from .io import sha256_file
 from .ksd import (Ellipsoid, Hit, Hypercube, KSDGuard, LinearRegion, RatioRegion, gauss_score, prompt_window,
-                  region_keys)
+                  reads_positions, region_keys)
 from .manifest import Manifest
 
 TINY = np.finfo(np.float32).tiny
@@ -59,15 +60,15 @@ def skill_scores(guard: KSDGuard, keys_of_layer: dict[int, np.ndarray], mask: np
     """Per detector (in order) the (B,) score the graph writes to guard.score.<SKILL>: the votes-th smallest
     region margin. keys_of_layer: layer -> (B, F) full-width key at the last position, or (B, S, F) at the S
     positions of this forward (then mask (B, past + S), the attention mask whose last S columns they are): a
-    linear rule over several positions reads its last `positions` of them where pooled_applies, every other
-    region (and that rule at a decode step) the last one (as KSDGuard.check)."""
+    linear rule over several positions reads its last `positions` of them (a rule read at every position: all of
+    them) where pooled_applies, every other region (and that rule at a decode step) the last one (as
+    KSDGuard.check)."""
     def last(layer: int) -> np.ndarray:
         keys = keys_of_layer[layer]
         return keys if keys.ndim == 2 else keys[:, -1]
 
     def margin(region) -> np.ndarray:
-        positions = getattr(region, "positions", 1)
-        spread = keys_of_layer[region.layers[0]] if positions > 1 else None
+        spread = keys_of_layer[region.layers[0]] if reads_positions(region) else None
         if spread is not None and spread.ndim == 3 and pooled_applies(spread.shape[1], mask):
             return region_margin(region, *prompt_window(region, keys_of_layer.get, mask))
         return region_margin(region, region_keys(region, last))

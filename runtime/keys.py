@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .ksd import build_cubes
 from .manifest import require_key_last, resolve_layers  # noqa: F401  (evals import them from here too)
-from .session import OnnxLM, left_pad
+from .session import EVERY_POSITION, OnnxLM, left_pad
 from .statsfile import StatsFile
 from .tokenizer import TextTokenizer
 
@@ -161,12 +161,39 @@ def prompt_window_keys(model: OnnxLM, sequences: list[list[int]], last_layers, w
     return last, window, valid
 
 
+def every_position_keys(model: OnnxLM, sequences: list[list[int]], layers, batch_size: int = 8, desc: str = "keys"):
+    """Yield (sequence indices, keys (B, S, layers, F) at every position of the batch's forward, valid (B, S): which
+    positions hold the row's own tokens) batch by batch: what a rule read at every prompt position sees (runtime/
+    ksd.py LinearRegion.every_position). Sequences are grouped by their start and a common prefix runs once, as
+    the server's engine runs the chat template's common lead once: those positions are not read (they are the
+    same for every prompt). Long prompts run in chunks (OnnxLM.forward tail=EVERY_POSITION)."""
+    names = [model.manifest.key_outputs[i] for i in resolve_layers(layers, model.manifest.num_layers)]
+    for group in prefix_groups(sequences, batch_size):
+        members = [sequences[i] for i in group]
+        shared, _ = plan_batches(members, batch_size)
+        for rows, values in last_position_keys(model, members, names, batch_size, desc=desc, tail=EVERY_POSITION):
+            keys = np.stack([values[name] for name in names], axis=2)   # (B, S, W, F)
+            lengths = np.array([len(members[row]) - shared for row in rows])
+            valid = np.arange(keys.shape[1])[None, :] >= keys.shape[1] - lengths[:, None]
+            yield [group[row] for row in rows], keys, valid
+
+
 def guard_prompt_keys(model: OnnxLM, guard, sequences: list[list[int]], batch_size: int = 8, desc: str = "keys",
                       reader=None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """What the runtime guard (runtime/ksd.py KSDGuard) sees at the prompt of each sequence, for
     `guard.check(keys, mask)`: output name -> keys, and the mask of the positions (None for a last-token rule).
     A rule over several positions gets its layers' keys at the last guard.positions tokens (B, P, F)."""
     layers = sorted(guard._output_of_layer)
+    if getattr(guard, "every_position", False):   # every position: left-padded to the longest prompt's
+        parts = {index: (keys[row], valid[row]) for rows, keys, valid in every_position_keys(
+            model, sequences, layers, batch_size, desc) for row, index in enumerate(rows)}
+        width = max(int(part[1].sum()) for part in parts.values())
+        window = np.zeros((len(sequences), width, len(layers), model.manifest.key_width), np.float32)
+        mask = np.zeros((len(sequences), width), bool)
+        for index, (keys, valid) in parts.items():
+            own = keys[valid][-width:]
+            window[index, width - len(own):], mask[index, width - len(own):] = own, True
+        return {guard._prompt_output_of_layer[layer]: window[:, :, i] for i, layer in enumerate(layers)}, mask
     if getattr(guard, "positions", 1) <= 1:
         keys = (reader or KeyReader(model, batch_size)).last_keys(sequences, layers, desc)
         return {guard._output_of_layer[layer]: keys[:, i] for i, layer in enumerate(layers)}, None

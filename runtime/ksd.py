@@ -143,6 +143,14 @@ class LinearRegion:
     pooled_weight: np.ndarray | None = None   # ... scored by its own discriminant (len(layers), F) ...
     pooled_bias: float = 0.0
     pooled_threshold: float = -math.inf      # ... against its own threshold (calibrated on the budget left)
+    anywhere_threshold: float = -math.inf    # at the prompt also every position's key, scored as the last token's,
+    #                                          against this threshold (-inf: not read)
+
+    @property
+    def every_position(self) -> bool:
+        """Whether the rule reads every prompt position (then its prompt keys are all of them, not the last
+        `positions`)."""
+        return self.anywhere_threshold > -math.inf
 
     @property
     def layer(self) -> int:
@@ -167,16 +175,25 @@ class LinearRegion:
         return -(projected + np.float32(self.pooled_bias))
 
     def prompt_margin(self, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """keys (B, P, len(layers), F) at the last P prompt positions, valid (B, P) which of them are the row's
-        tokens (left padding is not; the last always is) -> (B,) the smaller of the last token's margin and the
-        mean key's (1 + pooled score - pooled_threshold); <= 1 fires. A request's raw text ends where its user
-        stopped typing ("... Answer:", a closing sentence), and Best-of-N noise garbles single tokens: the mean
-        of the last tokens' keys keeps the skill's evidence that one position loses (docs/guard.md)."""
-        last = self.margin(keys[:, -1])
-        if self.positions <= 1:
-            return last
-        pooled = 1 + self.pooled_score(pool_keys(keys[:, -self.positions:], valid[:, -self.positions:]))
-        return np.minimum(last, pooled - np.float32(self.pooled_threshold))
+        """keys (B, P, len(layers), F) at the prompt's last P positions (every position for an every-position rule),
+        valid (B, P) which of them are the row's tokens (left padding is not; the last always is) -> (B,) the
+        smallest of the last token's margin, the mean key's (1 + pooled score - pooled_threshold) and the lowest
+        position's (1 + score - anywhere_threshold); <= 1 fires. A request's raw text ends where its user stopped
+        typing ("... Answer:", a closing sentence), and Best-of-N noise garbles single tokens: the mean of the last
+        tokens' keys keeps the skill's evidence that one position loses. And a causal model's key at the end of
+        the request does not change with what follows it, so a suffix, a story or a transcript frame around the
+        request cannot hide it from a rule read at every position (docs/guard.md)."""
+        margin = self.margin(keys[:, -1])
+        if self.positions > 1:
+            pooled = 1 + self.pooled_score(pool_keys(keys[:, -self.positions:], valid[:, -self.positions:]))
+            margin = np.minimum(margin, pooled - np.float32(self.pooled_threshold))
+        if self.every_position:
+            margin = np.minimum(margin, 1 + self.lowest_score(keys, valid) - np.float32(self.anywhere_threshold))
+        return margin
+
+    def lowest_score(self, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """(B,) the lowest last-token score over each row's valid positions (keys (B, P, len(layers), F))."""
+        return np.where(valid, self.score(keys), np.float32(np.inf)).min(axis=1)
 
     def prompt_contains(self, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """(B,) bool: prompt_margin's decision, made with the comparisons themselves (score <= threshold)."""
@@ -184,6 +201,8 @@ class LinearRegion:
         if self.positions > 1:
             pooled = pool_keys(keys[:, -self.positions:], valid[:, -self.positions:])
             inside |= self.pooled_score(pooled) <= np.float64(self.pooled_threshold)
+        if self.every_position:
+            inside |= self.lowest_score(keys, valid) <= np.float64(self.anywhere_threshold)
         return inside
 
 
@@ -197,13 +216,19 @@ def pool_keys(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def prompt_window(region, keys_of_layer, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """A rule over several prompt positions: its keys at the prompt's last `positions` tokens, (B, P, layers, F),
-    from keys_of_layer(layer) -> (B, S, F), and which of them are the row's own tokens (B, P) from the attention
-    mask whose last S columns they are (None: all). KSDGuard.check, graph_guard.skill_scores and the attackers'
-    score read a prompt through this one helper."""
-    keys = np.stack([keys_of_layer(layer)[:, -region.positions:] for layer in region.layers], axis=-2)
+    """A rule over several prompt positions: its keys at the prompt's last `positions` tokens (every position
+    given, for an every-position rule), (B, P, layers, F), from keys_of_layer(layer) -> (B, S, F), and which of
+    them are the row's own tokens (B, P) from the attention mask whose last S columns they are (None: all).
+    KSDGuard.check, graph_guard.skill_scores and the attackers' score read a prompt through this one helper."""
+    take = 0 if region.every_position else -region.positions
+    keys = np.stack([keys_of_layer(layer)[:, take:] for layer in region.layers], axis=-2)
     valid = np.ones(keys.shape[:2], bool) if mask is None else mask[:, -keys.shape[1]:] > 0
     return keys, valid
+
+
+def reads_positions(region) -> bool:
+    """Whether a region reads more prompt positions than the last (a LinearRegion's mean key or every position)."""
+    return getattr(region, "positions", 1) > 1 or getattr(region, "every_position", False)
 
 
 def region_layers(region) -> tuple[int, ...]:
@@ -315,6 +340,8 @@ def linear_regions(skill: str, setting: GuardSetting | None) -> list[LinearRegio
     pooled = {} if setting.positions <= 1 else dict(
         pooled_weight=np.asarray(setting.pooled_weights, np.float32), pooled_bias=float(np.sum(setting.pooled_biases)),
         pooled_threshold=float(setting.pooled_threshold))
+    if setting.anywhere_threshold is not None:
+        pooled["anywhere_threshold"] = float(setting.anywhere_threshold)
     return [LinearRegion(skill, tuple(setting.layers), np.asarray(setting.weights, np.float32),
                          float(np.sum(setting.biases)), float(setting.thresholds[0]), setting.positions, **pooled)]
 
@@ -403,9 +430,10 @@ class KSDGuard:
         self.output_names = [names[i] for i in checked]
         self._output_of_layer = {i: names[i] for i in checked}
         # a rule over several prompt positions reads: the per-position key.* outputs, at the prompt only
-        spread = {layer for region in self.cubes if getattr(region, "positions", 1) > 1
-                  for layer in region_layers(region)}
+        spread = {layer for region in self.cubes if reads_positions(region) for layer in region_layers(region)}
         self.positions = max([getattr(region, "positions", 1) for region in self.cubes])
+        # a rule read at every prompt position takes the keys of all of them (the prompt pass fetches them all)
+        self.every_position = any(getattr(region, "every_position", False) for region in self.cubes)
         self.prompt_output_names = [manifest.key_outputs[i] if i in spread else names[i] for i in checked]
         self._prompt_output_of_layer = dict(zip(checked, self.prompt_output_names))
 
@@ -431,7 +459,7 @@ class KSDGuard:
         for detector in self.detectors:
             inside = detector.scores(keys_at) <= detector.thresholds
             for column, region in enumerate(detector.regions):
-                if getattr(region, "positions", 1) > 1 and keys_at(region.layers[0], True).ndim == 3:
+                if reads_positions(region) and keys_at(region.layers[0], True).ndim == 3:
                     keys, valid = prompt_window(region, lambda layer: keys_at(layer, True), mask)
                     inside[:, column] = region.prompt_contains(keys, valid)
             fired = inside.sum(axis=-1) >= detector.votes      # = vote(scores, thresholds, votes)

@@ -14,6 +14,7 @@ from .manifest import Manifest, load_manifest
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 LOGITS_TO_KEEP = "logits_to_keep"   # optional input of exports since issue 18: LM head on the last k rows
 PREFILL_CHUNK = 128   # prompt tokens per forward when only the last position is wanted (benchmarks/memory.py)
+EVERY_POSITION = -1   # forward's `tail` for per-position outputs at every input position (a guard read at all of them)
 
 
 def left_pad(sequences: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,15 +183,21 @@ class OnnxLM:
 
         tail: per-position outputs (key.*) are wanted at the last `tail` positions only (a guard rule over the
         prompt's last tokens): the input may then run in chunks too, the last one keeping those positions; the
-        per-position outputs then cover the last chunk (at least `tail` positions, or the whole input)."""
+        per-position outputs then cover the last chunk (at least `tail` positions, or the whole input).
+        tail=EVERY_POSITION: per-position outputs at every input position; the input still runs in chunks, each
+        chunk's per-position outputs kept and joined (keys, not attention scores, grow with the prompt). An
+        in-graph guard that reads every position runs the prompt in one pass: its verdict is over the positions
+        of one forward."""
         absent = [name for name in extra_outputs if name not in self.output_names]
         if absent:
             raise UnskillError(f"{self.directory}: the graph has no outputs {absent[:3]} (a deploy folder keeps "
                                "logits, present.* and key_last.* only; probe the full export)")
         width = input_ids.shape[1]
         done = attention_mask.shape[1] - width   # tokens already in the cache
-        per_position = all_logits or (not 0 < tail <= PREFILL_CHUNK
-                                      and any(not self._is_last_only(n) for n in extra_outputs))
+        every = tail == EVERY_POSITION
+        per_position = all_logits or (not 0 < tail <= PREFILL_CHUNK and not every
+                                      and any(not self._is_last_only(n) for n in extra_outputs)) or (
+            self.guard_every_position and any(name.startswith("guard.") for name in extra_outputs))
         # Without query_seqlens (the deploy target's GroupQueryAttention) onnxruntime refuses several rows
         # continuing a past with several new tokens each: such a batch is prefilled in one pass.
         one_pass = input_ids.shape[0] > 1 and not self.manifest.gqa_query_seqlens
@@ -203,12 +210,19 @@ class OnnxLM:
         starts = list(range(0, width, PREFILL_CHUNK))
         keep = max(tail, self.guard_positions if any(name.startswith("guard.") for name in extra_outputs) else 1)
         starts[-1] = min(starts[-1], width - keep)   # the last chunk holds every prompt position a guard reads
+        joined: dict[str, list[np.ndarray]] = {}
         for start, end in zip(starts, [*starts[1:], width]):
             last_chunk = end == width
             out_logits, past, extras = self._forward(
                 input_ids[:, start:end], attention_mask[:, :done + end], shared or past,
-                extra_outputs if last_chunk else (), False, logits and last_chunk, shared=shared is not None)
+                extra_outputs if last_chunk or every else (), False, logits and last_chunk, shared=shared is not None)
+            if every:
+                for name, value in extras.items():
+                    joined.setdefault(name, []).append(value)
             release_freed_memory()
+        if every:   # per-position outputs of every chunk, in order; last-position ones from the last chunk
+            extras = {name: np.concatenate(parts, axis=1) if not self._is_last_only(name) else parts[-1]
+                      for name, parts in joined.items()}
         return out_logits, shared or past, extras
 
     def kv_buffer(self, past: dict[str, ort.OrtValue], done: int, total: int) -> dict[str, ort.OrtValue] | None:
@@ -246,6 +260,11 @@ class OnnxLM:
         """The most prompt positions a rule of the graph's guard reads (unskill.json guard.skills[].positions;
         statsfile.MAX_POSITIONS <= PREFILL_CHUNK, so the chunk before the last keeps tokens)."""
         return max([int(s.get("positions", 1)) for s in (self.manifest.guard or {}).get("skills", [])], default=1)
+
+    @property
+    def guard_every_position(self) -> bool:
+        """Whether a rule of the graph's guard reads every prompt position (unskill.json guard.skills[].anywhere)."""
+        return any(s.get("anywhere") for s in (self.manifest.guard or {}).get("skills", []))
 
     def _is_last_only(self, name: str) -> bool:
         return name in (self.manifest.key_last_outputs or []) or name.startswith("guard.")

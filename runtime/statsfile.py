@@ -11,7 +11,8 @@ allow_pickle=False. Groups and their fields:
                with a `ratio` rule: the retain side of its forget/retain score)
 A stored `linear` rule (one region over its layers) keeps its discriminant as `guard.weights` (layers, F) float32
 and `guard.biases` (layers,), summed; one that also reads the mean key of the prompt's last tokens (`positions`)
-keeps that one's as `guard.pooled_weights` and `guard.pooled_biases`.
+keeps that one's as `guard.pooled_weights` and `guard.pooled_biases`; one that also reads every prompt position
+(`anywhere_threshold`) scores them with its last-token weights.
 count is per layer (L,); the other fields are float64 (L, F). Sums (not means) so shards merge by addition.
 An optional `guard` member (a JSON string) holds the rule `unskill calibrate` chose (GuardSetting); merged
 shards drop it and `ksd_retain` (their cubes changed, so it must be calibrated again). Files without it load
@@ -152,16 +153,21 @@ class GuardSetting:
     pooled_threshold: float | None = None   # linear only, positions > 1: that mean key's threshold ...
     pooled_weights: np.ndarray | None = None   # ... its discriminant (layers, F) (`guard.pooled_weights`) ...
     pooled_biases: np.ndarray | None = None    # ... and (layers,) biases, summed (`guard.pooled_biases`)
+    anywhere_threshold: float | None = None   # linear only: at the prompt also every position, scored by the
+    #                                           last-token discriminant, against this threshold (None: not read)
 
     @property
     def name(self) -> str:
         spread = f", last {self.positions} prompt tokens" if self.positions > 1 else ""
+        spread += ", every prompt position" if self.anywhere_threshold is not None else ""
         return f"calibrated {self.rule}, {self.votes} of layers {','.join(map(str, self.layers))}{spread}"
 
     def to_json(self) -> str:
         extra = {} if self.bounds is None else {"bounds": self.bounds}
         if self.positions > 1:
             extra.update(positions=self.positions, pooled_threshold=self.pooled_threshold)
+        if self.anywhere_threshold is not None:
+            extra.update(anywhere_threshold=self.anywhere_threshold)
         return json.dumps({"rule": self.rule, "layers": self.layers, "thresholds": self.thresholds,
                            "votes": self.votes, "calibration": self.calibration, **extra}, sort_keys=True)
 
@@ -174,7 +180,9 @@ class GuardSetting:
                           None if raw.get("bounds") is None else [float(b) for b in raw["bounds"]],
                           positions=int(raw.get("positions", 1)),
                           pooled_threshold=None if raw.get("pooled_threshold") is None
-                          else float(raw["pooled_threshold"]))
+                          else float(raw["pooled_threshold"]),
+                          anywhere_threshold=None if raw.get("anywhere_threshold") is None
+                          else float(raw["anywhere_threshold"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UnskillError(f"{where}: guard setting is not valid ({type(exc).__name__}: {exc})") from None
         problem = setting.problem(num_layers)
@@ -201,6 +209,9 @@ class GuardSetting:
                    if not 1 <= setting.positions <= MAX_POSITIONS or (setting.positions > 1 and setting.rule != "linear")
                    else "positions > 1 need a finite pooled_threshold" if setting.positions > 1 and not (
                        setting.pooled_threshold is not None and math.isfinite(setting.pooled_threshold))
+                   else "anywhere_threshold needs a linear rule and a finite value"
+                   if setting.anywhere_threshold is not None and (setting.rule != "linear"
+                                                                 or not math.isfinite(setting.anywhere_threshold))
                    else "bounds need one positive value per layer" if setting.bounds is not None and (
                        len(setting.bounds) != len(setting.layers) or not all(b > 0 for b in setting.bounds))
                    else None)
@@ -208,6 +219,8 @@ class GuardSetting:
             return problem
         if setting.positions > 1 and linear_problem(setting.pooled_threshold):
             return f"pooled_threshold: {linear_problem(setting.pooled_threshold)}"
+        if setting.anywhere_threshold is not None and linear_problem(setting.anywhere_threshold):
+            return f"anywhere_threshold: {linear_problem(setting.anywhere_threshold)}"
         for layer, threshold in zip(setting.layers, setting.thresholds):
             reason = linear_problem(threshold) if setting.rule == "linear" else region_problem(setting.rule, threshold)
             if reason:

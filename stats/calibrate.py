@@ -305,7 +305,9 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     forget_fit (n, C, F): the forget probes' own keys at fit_layers (`unskill guard` keeps them): a linear rule
     (calibrate_linear) is then fitted too, and whichever kind catches more validation prompts within the target
     is stored. forget_pooled (n, C, F): the probes' mean keys over their last PROMPT_POSITIONS tokens at
-    fit_layers: the linear rule then also reads that mean (calibrate_linear's `pooled`)."""
+    fit_layers: the linear rule then also reads that mean (calibrate_linear's `pooled`) and, on the budget those
+    leave, every prompt position (calibrate_anywhere: a second pass over the retain prompts). The stored
+    forget_refused is the last token's and the mean key's (a lower bound: the every-position read only adds)."""
     from unskill.runtime.keys import KeyReader, grouped_last_keys, prompt_window_keys
 
     from .augment import augment, encode_formats
@@ -318,10 +320,12 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     # guard` keeps them) and the full graph's per-position keys (a local pass)
     positions = PROMPT_POSITIONS if forget_pooled is not None and isinstance(reader, KeyReader) else 1
     means: dict[str, list] = {"retain": [], "forget": []}
+    encoded: dict[str, list] = {"retain": [], "forget": []}   # the token sequences read, for the every-position pass
 
     def keys(dataset: Dataset, one: bool = False, side: str = "retain") -> np.ndarray:
         """every format (one: a single format per prompt, rotating: for framed variants)"""
         sequences = encode_formats(tokenizer, dataset.prompts, formats, one)
+        encoded[side] += sequences
         if positions == 1:
             return grouped_last_keys(reader, sequences, desc=f"calibrate {dataset.name}")
         last, mean, _ = prompt_window_keys(model, sequences, range(model.manifest.num_layers), fit_layers,
@@ -370,7 +374,14 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     considered = {setting.name: forget_rate}   # each kind's best candidate and its validation recall
     if forget_fit is not None:
         linear = calibrate_linear(forget_fit, fit_layers, all_retain, forget_keys, plain, target,
-                                  decode_keys if decoded is not None else None, owner, pooled=pooled)
+                                  decode_keys if decoded is not None else None, owner, pooled=pooled,
+                                  anywhere=pooled is not None)
+        if pooled is not None:   # the chosen region read at every prompt position, on the budget left (a 2nd pass)
+            from unskill.runtime.ksd import linear_regions
+
+            earlier = lowest_earlier_scores(model, encoded["retain"], linear_regions("", linear.setting)[0],
+                                            batch_size, desc="calibrate every position")
+            calibrate_anywhere(linear, earlier, target)
         considered[linear.setting.name] = linear.forget_rate
         if linear.forget_rate >= forget_rate:
             setting, forget_rate, retain_rate, plain_rate = (linear.setting, linear.forget_rate, linear.retain_rate,
@@ -411,8 +422,12 @@ WINDOWS = (1, 3, 5)   # candidate regions: this many adjacent fit layers, their 
 # (scripts/prompt_positions.py, docs/guard.md: out-of-fold thresholds, one target) raw re-worded, role-play, noise
 # and code-wrapped requests went from 0.50-0.70 to 0.90-1.00 and Best-of-N requests broken within 50 samples from
 # 0.25 / 0.42 to 0.17 / 0.25 (chat / raw); each earlier token at its own threshold caught the raw families only.
+# A rule that also reads every prompt position (its last-token discriminant, its own threshold: `anywhere`) gets
+# what the last token and the mean key leave: they then keep LAST_SHARE and up to POOLED_SHARE of the budget.
 PROMPT_POSITIONS = 16
 LAST_SHARE = 0.5
+ANYWHERE_LAST_SHARE = 0.4
+POOLED_SHARE = 0.7
 
 
 def linear_threshold(scores: np.ndarray, target: float) -> float:
@@ -454,11 +469,14 @@ class LinearCalibration:
     forget_rate: float         # on the validation prompts, plain and framed
     retain_rate: float         # out-of-fold, on every retain prompt
     plain_rate: float
+    retain_scores: np.ndarray | None = None    # (m,) the chosen region's out-of-fold last-token scores, retain prompts
+    retain_refused: np.ndarray | None = None   # (m,) bool: retain prompts it refuses (last token or mean key)
+    decoded_refused: np.ndarray | None = None  # (d,) bool: decoded prompts it refuses at a decoded token
 
 
 def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.ndarray, validation: np.ndarray,
                      plain: int, target: float, decoded: np.ndarray | None = None, owner: np.ndarray | None = None,
-                     windows=WINDOWS, pooled: dict | None = None) -> LinearCalibration:
+                     windows=WINDOWS, pooled: dict | None = None, anywhere: bool = False) -> LinearCalibration:
     """forget_fit (n, C, F): the probes' keys at fit_layers (C of them); retain (m, L, F) and validation
     (v, L, F) at every layer, the first `plain` validation rows unframed; decoded (d, L, F) keys at decoded
     tokens of retain prompts with owner (d,) their prompt index (both sides of the retain fit). Each layer gets its
@@ -472,14 +490,17 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
     each prompt's last P tokens at fit_layers (runtime/keys.py prompt_window_keys(pool=True)). The region then
     also reads that mean at the prompt, with its own discriminant per layer (forget probes' means against the
     retain prompts') and threshold: the last token gets LAST_SHARE of the retain budget, the mean what the last
-    token left (out of fold, as the first); a prompt is refused when either is inside."""
+    token left (out of fold, as the first); a prompt is refused when either is inside. anywhere: a read at every
+    prompt position follows (calibrate_anywhere): the last token keeps ANYWHERE_LAST_SHARE, the mean up to
+    POOLED_SHARE, and the result carries the retain prompts' scores for it."""
     from unskill.runtime.statsfile import GuardSetting
 
     from .discriminant import fit
 
     prompts = int(owner.max()) + 1 if decoded is not None and owner.size else 0
     rows = retain.shape[0]
-    share = LAST_SHARE if pooled else 1.0
+    share = ANYWHERE_LAST_SHARE if anywhere else (LAST_SHARE if pooled else 1.0)
+    pooled_budget = target * POOLED_SHARE if anywhere else target
     # the retain side: the retain prompts' last tokens and, where decoded, every decoded token of some of them
     # (the guard checks those too, and an answer's tokens can read more like the skill than its prompt did)
     groups = np.concatenate([np.arange(rows), rows + owner]) if prompts else np.arange(rows)
@@ -513,7 +534,7 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
             mean_threshold = None
             if pooled:
                 mean_scores = -np.mean([mean_oof[i] for i in chosen], axis=0)
-                mean_threshold = _left_threshold(mean_scores, retain_refused, target)
+                mean_threshold = _left_threshold(mean_scores, retain_refused, pooled_budget)
             if mean_threshold is not None:
                 retain_refused = retain_refused | (mean_scores <= mean_threshold)
                 refused = refused | (-np.mean([mean_valid[i] for i in chosen], axis=0) <= mean_threshold)
@@ -529,11 +550,42 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
                 setting.positions, setting.pooled_threshold = pooled["positions"], mean_threshold
                 setting.pooled_weights = np.stack([mean_fitted[i][0] for i in chosen]) / window
                 setting.pooled_biases = np.array([mean_fitted[i][1] for i in chosen]) / window
-            best, best_key = LinearCalibration(setting, forget_rate, retain_rate,
-                                               float(refused[:plain].mean())), key
+            best, best_key = LinearCalibration(setting, forget_rate, retain_rate, float(refused[:plain].mean()),
+                                               scores[:rows], retain_refused, lowest <= threshold), key
     if best is None:
         raise UnskillError("calibrate: no linear rule keeps the retain prompts under the target")
     return best
+
+
+def lowest_earlier_scores(model: OnnxLM, sequences: list[list[int]], region, batch_size: int = 8,
+                          desc: str = "keys") -> np.ndarray:
+    """(n,) each prompt's lowest score under `region` (a LinearRegion: its last-token discriminant) over its
+    positions before the last (+inf where there are none): what a read at every prompt position adds to the last
+    token's. These keys were never fitted on (the fit reads last tokens and decoded tokens), so the full fit's
+    weights score them out of sample; the last token's own score stays the out-of-fold one."""
+    from unskill.runtime.keys import every_position_keys
+
+    lowest = np.full(len(sequences), np.inf, np.float32)
+    for rows, keys, valid in every_position_keys(model, sequences, region.layers, batch_size, desc):
+        scores = np.where(valid, region.score(keys), np.float32(np.inf))[:, :-1]
+        if scores.shape[1]:
+            lowest[rows] = scores.min(axis=1)
+    return lowest
+
+
+def calibrate_anywhere(linear: LinearCalibration, earlier: np.ndarray, target: float) -> float | None:
+    """The threshold of the every-position read on what the last token and the mean key left of the budget:
+    scores are each retain prompt's lowest over its positions (earlier: lowest_earlier_scores; its last token:
+    the out-of-fold score); None when nothing is left. Sets it on the setting and updates the retain rate."""
+    lowest = np.minimum(earlier, linear.retain_scores)
+    threshold = _left_threshold(lowest, linear.retain_refused, target)
+    if threshold is None:
+        return None
+    refused = linear.retain_refused | (lowest <= threshold)
+    linear.setting.anywhere_threshold = threshold
+    linear.retain_rate = float(np.concatenate([refused, linear.decoded_refused]).mean())
+    linear.retain_refused = refused
+    return threshold
 
 
 def _left_threshold(scores: np.ndarray, refused: np.ndarray, target: float) -> float | None:
