@@ -16,7 +16,7 @@ import pytest
 
 from unskill.runtime.generator import GenerationParams
 from unskill.runtime.graph_guard import GraphGuard, pooled_applies, skill_scores
-from unskill.runtime.ksd import KSDGuard, pool_keys, region_keys
+from unskill.runtime.ksd import KSDGuard, pool_keys, prompt_window, reads_positions, region_keys
 from unskill.runtime.session import left_pad
 from unskill.runtime.statsfile import GuardSetting, load_stats
 
@@ -28,13 +28,11 @@ OTHERS = ["Write a haiku about the sea.", "def add(a, b): return a + b  # explai
 
 def region_inside(region, by_layer: dict[int, np.ndarray], mask: np.ndarray) -> np.ndarray:
     """(B,) bool: the region holds the row, from layer -> (B, F) last keys or (B, S, F) per-position keys (a
-    linear rule over several positions reads its last `positions` of them with the mask in a prompt's forward,
-    the rest the last)."""
-    positions = getattr(region, "positions", 1)
-    spread = by_layer[region.layers[0]] if positions > 1 else None
+    linear rule over several positions reads its last `positions` of them, or all of them, with the mask in a
+    prompt's forward, the rest the last)."""
+    spread = by_layer[region.layers[0]] if reads_positions(region) else None
     if spread is not None and spread.ndim == 3 and pooled_applies(spread.shape[1], mask):
-        keys = np.stack([by_layer[layer][:, -positions:] for layer in region.layers], axis=-2)
-        return region.prompt_contains(keys, mask[:, -keys.shape[1]:] > 0)
+        return region.prompt_contains(*prompt_window(region, by_layer.get, mask))
     return region.contains(region_keys(region, lambda layer: by_layer[layer] if by_layer[layer].ndim == 2
                                        else by_layer[layer][:, -1]))
 
