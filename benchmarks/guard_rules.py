@@ -27,8 +27,10 @@ from unskill.runtime.statsfile import LINEAR_LIMIT, REGION_LIMITS, GuardSetting
 
 def never(setting: GuardSetting) -> GuardSetting:
     """The same rule with thresholds nothing reaches (a linear rule has one, on a score of either sign)."""
-    if setting.rule == "linear":
-        return replace(setting, thresholds=[-LINEAR_LIMIT])
+    if setting.rule == "linear":   # every read of it: the last token, the mean key, every prompt position
+        return replace(setting, thresholds=[-LINEAR_LIMIT],
+                       pooled_threshold=None if setting.pooled_threshold is None else -LINEAR_LIMIT,
+                       anywhere_threshold=None if setting.anywhere_threshold is None else -LINEAR_LIMIT)
     return replace(setting, thresholds=[REGION_LIMITS[setting.rule][0]] * len(setting.layers))   # the smallest allowed
 
 
