@@ -374,8 +374,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     considered = {setting.name: forget_rate}   # each kind's best candidate and its validation recall
     if forget_fit is not None:
         linear = calibrate_linear(forget_fit, fit_layers, all_retain, forget_keys, plain, target,
-                                  decode_keys if decoded is not None else None, owner, pooled=pooled,
-                                  anywhere=pooled is not None)
+                                  decode_keys if decoded is not None else None, owner, pooled=pooled)
         if pooled is not None:   # the chosen region read at every prompt position, on the budget left (a 2nd pass)
             from unskill.runtime.ksd import linear_regions
 
@@ -422,12 +421,13 @@ WINDOWS = (1, 3, 5)   # candidate regions: this many adjacent fit layers, their 
 # (scripts/prompt_positions.py, docs/guard.md: out-of-fold thresholds, one target) raw re-worded, role-play, noise
 # and code-wrapped requests went from 0.50-0.70 to 0.90-1.00 and Best-of-N requests broken within 50 samples from
 # 0.25 / 0.42 to 0.17 / 0.25 (chat / raw); each earlier token at its own threshold caught the raw families only.
-# A rule that also reads every prompt position (its last-token discriminant, its own threshold: `anywhere`) gets
-# what the last token and the mean key leave: they then keep LAST_SHARE and up to POOLED_SHARE of the budget.
+# A rule that also reads every prompt position (its last-token discriminant, its own threshold) gets what the last
+# token and the mean key leave, most often nothing: its threshold then lies below every retain prompt they do not
+# refuse. Giving it a share of its own (the last token 40 %, the mean up to 70 %) took more from those two than it
+# gave on Gemma-3's coding guard (stories 0.90 -> 0.55, the frame-and-suffix search 0.92 -> 1.00 within 50
+# queries; SmolLM2's: stories 0.40 -> 0.75, search 0.58 / 1.00 -> 0.33 / 0.17, chat / raw).
 PROMPT_POSITIONS = 16
 LAST_SHARE = 0.5
-ANYWHERE_LAST_SHARE = 0.4
-POOLED_SHARE = 0.7
 
 
 def linear_threshold(scores: np.ndarray, target: float) -> float:
@@ -476,7 +476,7 @@ class LinearCalibration:
 
 def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.ndarray, validation: np.ndarray,
                      plain: int, target: float, decoded: np.ndarray | None = None, owner: np.ndarray | None = None,
-                     windows=WINDOWS, pooled: dict | None = None, anywhere: bool = False) -> LinearCalibration:
+                     windows=WINDOWS, pooled: dict | None = None) -> LinearCalibration:
     """forget_fit (n, C, F): the probes' keys at fit_layers (C of them); retain (m, L, F) and validation
     (v, L, F) at every layer, the first `plain` validation rows unframed; decoded (d, L, F) keys at decoded
     tokens of retain prompts with owner (d,) their prompt index (both sides of the retain fit). Each layer gets its
@@ -490,17 +490,15 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
     each prompt's last P tokens at fit_layers (runtime/keys.py prompt_window_keys(pool=True)). The region then
     also reads that mean at the prompt, with its own discriminant per layer (forget probes' means against the
     retain prompts') and threshold: the last token gets LAST_SHARE of the retain budget, the mean what the last
-    token left (out of fold, as the first); a prompt is refused when either is inside. anywhere: a read at every
-    prompt position follows (calibrate_anywhere): the last token keeps ANYWHERE_LAST_SHARE, the mean up to
-    POOLED_SHARE, and the result carries the retain prompts' scores for it."""
+    token left (out of fold, as the first); a prompt is refused when either is inside. The result carries the
+    retain prompts' scores and decisions for a read at every prompt position (calibrate_anywhere)."""
     from unskill.runtime.statsfile import GuardSetting
 
     from .discriminant import fit
 
     prompts = int(owner.max()) + 1 if decoded is not None and owner.size else 0
     rows = retain.shape[0]
-    share = ANYWHERE_LAST_SHARE if anywhere else (LAST_SHARE if pooled else 1.0)
-    pooled_budget = target * POOLED_SHARE if anywhere else target
+    share = LAST_SHARE if pooled else 1.0
     # the retain side: the retain prompts' last tokens and, where decoded, every decoded token of some of them
     # (the guard checks those too, and an answer's tokens can read more like the skill than its prompt did)
     groups = np.concatenate([np.arange(rows), rows + owner]) if prompts else np.arange(rows)
@@ -534,7 +532,7 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
             mean_threshold = None
             if pooled:
                 mean_scores = -np.mean([mean_oof[i] for i in chosen], axis=0)
-                mean_threshold = _left_threshold(mean_scores, retain_refused, pooled_budget)
+                mean_threshold = _left_threshold(mean_scores, retain_refused, target)
             if mean_threshold is not None:
                 retain_refused = retain_refused | (mean_scores <= mean_threshold)
                 refused = refused | (-np.mean([mean_valid[i] for i in chosen], axis=0) <= mean_threshold)
