@@ -191,3 +191,26 @@ def test_bad_every_position_settings_are_one_clear_error(tmp_path, llama_stats):
                          (GuardSetting("gauss", [0], [1.0], anywhere_threshold=0.5), "anywhere_threshold needs")):
         with pytest.raises(UnskillError, match=message):
             load_stats(replace(stats, guard=bad).save(tmp_path / "bad.npz"))
+
+
+def test_calibrations_second_pass_scores_each_prompt_alone(suffix_guard):
+    """lowest_earlier_scores (calibration's pass over the retain prompts) equals each prompt scored alone: its lowest
+    score over the positions after the batch's common lead and before its last token, in batches with left padding
+    and a shared chat prefix alike."""
+    from unskill.runtime import load
+    from unskill.runtime.keys import plan_batches
+    from unskill.stats.calibrate import lowest_earlier_scores
+
+    onnx_dir, paths = suffix_guard
+    generator = load(onnx_dir, [paths["anywhere"]], device="cpu")
+    model, region = generator.model, generator.guard.detectors[0].regions[0]
+    names = [model.manifest.key_outputs[i] for i in region.layers]
+    for chat in (False, True):
+        sequences = [generator.tokenizer.encode_prompt(p, chat) for p in [REQUEST, SUFFIXED, *BENIGN]]
+        shared, _ = plan_batches(sequences, 3)
+        lowest = lowest_earlier_scores(model, sequences, region, batch_size=3)
+        for ids, got in zip(sequences, lowest):
+            _, _, out = model.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), model.empty_past(1), names,
+                                      logits=False)
+            scores = region.score(np.stack([out[name][0] for name in names], axis=1))[shared:-1]
+            np.testing.assert_allclose(got, scores.min(), atol=1e-4)
