@@ -227,7 +227,7 @@ class Generator:
         row's."""
         if not self.guard:
             return [None] * batch
-        if getattr(self.guard, "positions", 1) > 1 or getattr(self.guard, "every_position", False):
+        if self.guard_positions():   # a rule over several prompt positions (or all of them) reads them with the mask
             return self.guard.check(keys, mask)
         return self.guard.check({n: k if k.ndim <= 2 else k[:, -1, :] for n, k in keys.items()})
 

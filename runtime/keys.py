@@ -191,7 +191,7 @@ def guard_prompt_keys(model: OnnxLM, guard, sequences: list[list[int]], batch_si
         window = np.zeros((len(sequences), width, len(layers), model.manifest.key_width), np.float32)
         mask = np.zeros((len(sequences), width), bool)
         for index, (keys, valid) in parts.items():
-            own = keys[valid][-width:]
+            own = keys[valid]
             window[index, width - len(own):], mask[index, width - len(own):] = own, True
         return {guard._prompt_output_of_layer[layer]: window[:, :, i] for i, layer in enumerate(layers)}, mask
     if getattr(guard, "positions", 1) <= 1:

@@ -320,12 +320,13 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     # guard` keeps them) and the full graph's per-position keys (a local pass)
     positions = PROMPT_POSITIONS if forget_pooled is not None and isinstance(reader, KeyReader) else 1
     means: dict[str, list] = {"retain": [], "forget": []}
-    encoded: dict[str, list] = {"retain": [], "forget": []}   # the token sequences read, for the every-position pass
+    retain_sequences: list[list[int]] = []   # the retain prompts' token sequences, for the every-position pass
 
     def keys(dataset: Dataset, one: bool = False, side: str = "retain") -> np.ndarray:
         """every format (one: a single format per prompt, rotating: for framed variants)"""
         sequences = encode_formats(tokenizer, dataset.prompts, formats, one)
-        encoded[side] += sequences
+        if side == "retain":
+            retain_sequences.extend(sequences)
         if positions == 1:
             return grouped_last_keys(reader, sequences, desc=f"calibrate {dataset.name}")
         last, mean, _ = prompt_window_keys(model, sequences, range(model.manifest.num_layers), fit_layers,
@@ -375,14 +376,15 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     if forget_fit is not None:
         linear = calibrate_linear(forget_fit, fit_layers, all_retain, forget_keys, plain, target,
                                   decode_keys if decoded is not None else None, owner, pooled=pooled)
-        if pooled is not None:   # the chosen region read at every prompt position, on the budget left (a 2nd pass)
-            from unskill.runtime.ksd import linear_regions
+        chosen = linear.forget_rate >= forget_rate
+        if chosen and pooled is not None:   # the stored region read at every prompt position, on the budget left
+            from unskill.runtime.ksd import linear_regions   # (a second pass: only for the rule that is stored)
 
-            earlier = lowest_earlier_scores(model, encoded["retain"], linear_regions("", linear.setting)[0],
+            earlier = lowest_earlier_scores(model, retain_sequences, linear_regions("", linear.setting)[0],
                                             batch_size, desc="calibrate every position")
             calibrate_anywhere(linear, earlier, target)
         considered[linear.setting.name] = linear.forget_rate
-        if linear.forget_rate >= forget_rate:
+        if chosen:
             setting, forget_rate, retain_rate, plain_rate = (linear.setting, linear.forget_rate, linear.retain_rate,
                                                              linear.plain_rate)
     setting.calibration = {"retain": [d.name for d in retain], "forget": [d.name for d in forget_sets],
