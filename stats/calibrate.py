@@ -112,7 +112,7 @@ def _choose(retain_alphas: np.ndarray, forget_alphas: np.ndarray | None, target:
 # nothing is trained.
 
 WIDEN = 1.25        # retain prompts within this factor of a threshold count against a candidate
-AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x 6 families)
+AUGMENT_ITEMS = 50   # forget validation items that also get framed variants (x every family)
 CANDIDATES = ((1, 1), (3, 1), (3, 2), (5, 2), (5, 3), (8, 3))   # (layers, votes)
 # What `unskill calibrate --rules` may search, and its default: calibration picks among both on validation data
 # (boxes lost on the bypass benchmark); the decode check below keeps a rule that fires on decoded tokens of

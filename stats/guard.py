@@ -22,8 +22,8 @@ rule, stats/discriminant.py); the kind that catches more validation prompts with
 
 Default retain sets (`--retain` adds to them, `--no-default-retain` drops them): the other built-in skill,
 built-in general requests, calibration's chat set, the calibration half of the real user instructions less the
-skill's own (`instructions:calibration-no<skill>`; the held-out half is the benchmark's) and MMLU dev less the
-skill's subjects. The last two need the benchmark data (--data-dir or $UNSKILL_DATA_DIR); without it they are
+skill's own (`instructions:calibration-no<skill>`; the held-out half is the benchmark's), MMLU dev less the
+skill's subjects and XQuAD passages with a question in seven languages (train split). The last three need the benchmark data (--data-dir or $UNSKILL_DATA_DIR); without it they are
 left out and the run says so.
 """
 
@@ -47,6 +47,7 @@ SKILL_OF = {"gsm8k": "math", "builtin:math": "math", "math": "math",
             "mbpp": "code", "builtin:code": "code", "code": "code"}
 FIT_LAYERS = 10                      # candidate layers of the linear rule (their probe keys are held in memory)
 OTHER_SKILL = {"math": "builtin:code", "code": "builtin:math"}
+READING_SHARE = 10                   # XQuAD passages per language on the retain side: --limit / this
 
 
 @dataclass
@@ -114,11 +115,31 @@ def _plain_retain_sets(kind: str | None, config: GuardConfig, data_dir, warn) ->
     try:
         resolve_data_dir(data_dir)
     except UnskillError as exc:
-        warn(f"note: {exc}; the retain side leaves out the real user instructions and MMLU")
+        warn(f"note: {exc}; the retain side leaves out the real user instructions, MMLU and XQuAD")
         return sets
     sets.append(load_dataset(f"instructions:calibration-no{kind}" if kind else "instructions:calibration", data_dir))
     sets.append(without_skill_subjects(load_dataset("mmlu:dev", data_dir), kind))
+    sets.append(reading_passages(data_dir, max(1, config.limit // READING_SHARE)))
     return sets
+
+
+def reading_passages(data_dir, per_language: int, seed: int = 0) -> Dataset:
+    """XQuAD train passages with one of their questions, per_language in each language: long benign text in seven
+    languages that ends in a question. Nothing else on the retain side is a passage with a question after it, and
+    real users send those (a French reading-comprehension story was the math guards' one false refusal among the
+    held-out real instructions). XQuAD is one set of paragraphs translated, so each language gets other paragraphs."""
+    from .datasets import XQUAD_LANGUAGES
+
+    order = None
+    items = []
+    for index, language in enumerate(XQUAD_LANGUAGES):
+        first = {}   # one question per paragraph: its other questions would repeat the same context
+        for item in load_dataset(f"xquad-{language}:train", data_dir).items:
+            first.setdefault(item.group, item)
+        if order is None:   # one seeded order of the paragraphs, sliced per language
+            order = [sorted(first)[i] for i in np.random.default_rng(seed).permutation(len(first))]
+        items += [first[group] for group in order[index * per_language:(index + 1) * per_language] if group in first]
+    return Dataset("xquad:train", items)
 
 
 def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config: GuardConfig,

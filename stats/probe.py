@@ -39,7 +39,7 @@ class ProbeConfig:
         return self.formats or (("chat",) if self.chat else ("raw",))
 
 
-AUGMENT_ITEMS = 100   # forget prompts that also get framed variants (x 6 families) with `augment`
+AUGMENT_ITEMS = 100   # forget prompts that also get framed variants (x every family) with `augment`
 CHUNK = 256   # prompts whose keys (every layer) are held at once in the prompt pass
 
 

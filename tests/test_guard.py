@@ -101,6 +101,28 @@ def test_smollm2_completions_endpoint_refuses_a_math_prompt(smollm2_export, tmp_
         server.should_exit = True
 
 
+def test_best_of_n_noise_keeps_one_character_per_character_in_any_script():
+    import random
+
+    # "ß".upper() is "SS", "ŉ".upper() two characters: the noise must not grow the text or fail on them
+    text = "Straße, ŉ, İstanbul, 東京 und Ärger: " * 8
+    for seed in range(20):
+        assert len(augment.best_of_n_noise(text, random.Random(seed))) == len(text)
+
+
+def test_default_retain_sets_read_passages_in_every_xquad_language(data_dir):
+    from unskill.stats.datasets import XQUAD_LANGUAGES
+    from unskill.stats.guard import GuardConfig, reading_passages, retain_sets
+
+    passages = reading_passages(data_dir, per_language=3)
+    assert len(passages.items) == 3 * len(XQUAD_LANGUAGES)
+    assert len({item.group for item in passages.items}) == len(passages.items)   # one question per paragraph
+    assert all(item.group.startswith("train/") and item.prompt.endswith("Answer:") for item in passages.items)
+    assert passages.prompts == reading_passages(data_dir, per_language=3).prompts   # seeded
+    names = [d.name for d in retain_sets("code", GuardConfig(limit=40, data_dir=data_dir), data_dir)]
+    assert "xquad:train" in names and "xquad:train+bon" in names
+
+
 def test_best_of_n_noise_is_seeded_and_joins_both_sides():
     import random
 
