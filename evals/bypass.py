@@ -5,7 +5,8 @@ test items of the forget skill (GSM8K test, MBPP test) with the hand-written fra
 per retain set, conversations the guard must answer (the other skill's test set, MMLU test without the skill's
 own subjects (stats/augment.py SKILL_SUBJECTS: refusing algebra is no false refusal for a math guard), general
 chat with numbers in it, and real users' requests: the held-out half of the user-oriented instructions without
-the skill's label, `instructions:heldout-no<kind>`). The same held-out half's requests labelled with the skill
+the skill's label, `instructions:heldout-no<kind>`), and reading comprehension: XQuAD test passages with a
+question, in seven languages. The same held-out half's requests labelled with the skill
 (`instructions:heldout-<kind>`, few) are one more attack family: the skill as real users ask for it.
 Every choice is drawn from `random.Random(seed)`: the same arguments give the same prompts.
 Nothing here may be used to fit or calibrate a guard (that is stats/augment.py, tested disjoint).
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from unskill.runtime.errors import UnskillError
 from unskill.stats.augment import without_skill_subjects
-from unskill.stats.datasets import Item, load_dataset, sample
+from unskill.stats.datasets import XQUAD_LANGUAGES, Item, load_dataset, reading_passages, sample
 
 from . import bypass_items as B
 
@@ -31,7 +32,7 @@ COMMON_FAMILIES = ("plain", "reworded", "language", "roleplay", "injection", "fe
                    "multiturn")
 FAMILIES = {"gsm8k": COMMON_FAMILIES + ("code", "user-requests"),
             "mbpp": COMMON_FAMILIES + ("pseudocode", "explain", "story", "user-requests")}
-RETAIN_SETS = ("other-skill", "mmlu", "chat", "instructions")
+RETAIN_SETS = ("other-skill", "mmlu", "chat", "instructions", "reading")
 KIND_OF = {"gsm8k": "math", "mbpp": "code"}    # the instructions label (and augment kind) of each forget skill
 # The instruction sets are small and fixed (the held-out half of 252 requests: ~95 benign, 6 math, 13 code), so
 # they are taken whole whatever --gen-limit says: a false-refusal rate at 1 % needs ~100 prompts.
@@ -156,6 +157,9 @@ def bypass_sets(forget: str, data_dir=None, limit: int = 50, seed: int = 0) -> l
     sets.append(BypassSet("mmlu", "retain", [_user(i.prompt) for i in mmlu]))
     sets.append(BypassSet("chat", "retain", [_user(text) for text in chat]))
     sets.append(BypassSet("instructions", "retain", instruction_conversations(forget, "no", data_dir)))
+    per_language = -(-limit // len(XQUAD_LANGUAGES))   # the test split's articles: calibration reads train's
+    reading = reading_passages(data_dir, per_language, "test", seed).items[:limit]
+    sets.append(BypassSet("reading", "retain", [_user(item.prompt) for item in reading]))
     return sets
 
 

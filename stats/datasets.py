@@ -60,7 +60,8 @@ from unskill.runtime.errors import UnskillError
 
 from .items import Dataset, Item
 
-__all__ = ["Item", "Dataset", "load_dataset", "sample", "resolve_data_dir", "BENCHMARKS", "BUILTINS"]
+__all__ = ["Item", "Dataset", "load_dataset", "sample", "reading_passages", "resolve_data_dir", "BENCHMARKS",
+           "BUILTINS"]
 
 BUILTINS = ("math", "code", "general")
 XQUAD_LANGUAGES = ("en", "es", "de", "ar", "hi", "vi", "zh")
@@ -236,6 +237,23 @@ def _instructions(root: Path, split: str) -> tuple[Path, list[Item]]:
     if keep.startswith("no"):
         return path, [item for item in items if item.group != keep[2:]]
     return path, [item for item in items if not keep or item.group == keep]
+
+
+def reading_passages(data_dir, per_language: int, split: str = "train", seed: int = 0) -> Dataset:
+    """XQuAD passages with one of their questions, per_language in each language, from one split (train: the
+    guard's retain side; test: the bypass benchmark's): long benign text in seven languages that ends in a
+    question. XQuAD is one set of paragraphs translated, so each language gets other paragraphs (one seeded order
+    sliced per language), and a paragraph's other questions, which would repeat its context, are left out."""
+    order: list[str] | None = None
+    items = []
+    for index, language in enumerate(XQUAD_LANGUAGES):
+        first: dict[str, Item] = {}
+        for item in load_dataset(f"xquad-{language}:{split}", data_dir).items:
+            first.setdefault(item.group, item)
+        if order is None:
+            order = [sorted(first)[i] for i in np.random.default_rng(seed).permutation(len(first))]
+        items += [first[group] for group in order[index * per_language:(index + 1) * per_language] if group in first]
+    return Dataset(f"xquad:{split}", items)
 
 
 def _lf(code: str) -> str:

@@ -111,16 +111,22 @@ def test_best_of_n_noise_keeps_one_character_per_character_in_any_script():
 
 
 def test_default_retain_sets_read_passages_in_every_xquad_language(data_dir):
-    from unskill.stats.datasets import XQUAD_LANGUAGES
-    from unskill.stats.guard import GuardConfig, reading_passages, retain_sets
+    from unskill.evals.bypass import bypass_sets
+    from unskill.stats.datasets import XQUAD_LANGUAGES, reading_passages
+    from unskill.stats.guard import GuardConfig, retain_sets
 
     passages = reading_passages(data_dir, per_language=3)
     assert len(passages.items) == 3 * len(XQUAD_LANGUAGES)
-    assert len({item.group for item in passages.items}) == len(passages.items)   # one question per paragraph
+    assert len({item.group for item in passages.items}) == len(passages.items)   # other paragraphs per language
     assert all(item.group.startswith("train/") and item.prompt.endswith("Answer:") for item in passages.items)
     assert passages.prompts == reading_passages(data_dir, per_language=3).prompts   # seeded
     names = [d.name for d in retain_sets("code", GuardConfig(limit=40, data_dir=data_dir), data_dir)]
     assert "xquad:train" in names and "xquad:train+bon" in names
+    # the benchmark's reading set is the test split's articles: no passage of it was calibrated on
+    reading = next(s for s in bypass_sets("gsm8k", data_dir, limit=10) if s.name == "reading")
+    calibrated = {item.prompt.split("\n\nQuestion:")[0] for item in reading_passages(data_dir, 200).items}
+    assert reading.side == "retain" and len(reading.conversations) == 10
+    assert not {c[-1][1].split("\n\nQuestion:")[0] for c in reading.conversations} & calibrated
 
 
 def test_best_of_n_noise_is_seeded_and_joins_both_sides():
