@@ -23,8 +23,8 @@ rule, stats/discriminant.py); the kind that catches more validation prompts with
 Default retain sets (`--retain` adds to them, `--no-default-retain` drops them): the other built-in skill,
 built-in general requests, calibration's chat set, the calibration half of the real user instructions less the
 skill's own (`instructions:calibration-no<skill>`; the held-out half is the benchmark's), MMLU dev less the
-skill's subjects and XQuAD passages with a question in seven languages (train split). The last three need the benchmark data (--data-dir or $UNSKILL_DATA_DIR); without it they are
-left out and the run says so.
+skill's subjects and XQuAD passages with a question in seven languages (train split). The last three need the
+benchmark data (--data-dir or $UNSKILL_DATA_DIR); without it they are left out and the run says so.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ SKILL_OF = {"gsm8k": "math", "builtin:math": "math", "math": "math",
 FIT_LAYERS = 10                      # candidate layers of the linear rule (their probe keys are held in memory)
 OTHER_SKILL = {"math": "builtin:code", "code": "builtin:math"}
 # XQuAD passages per language on the retain side: --limit / this. Nothing else there is a long text with a question
-# after it, and the guards made without them refused 70-80 % (SmolLM2 math) and 4-21 % (SmolLM2 code, chat-raw) of
-# held-out XQuAD passages: reading comprehension with a "how many" question read as the skill.
+# after it, and the guards made without them refused 70-80 % (SmolLM2 math, chat-raw), 38 % (Gemma-3 math) and
+# 4-21 % (SmolLM2 code) of held-out XQuAD passages: reading comprehension with a "how many" question read as the skill.
 READING_SHARE = 10
 
 
