@@ -251,7 +251,8 @@ def reading_passages(data_dir, per_language: int, split: str = "train", seed: in
         for item in load_dataset(f"xquad-{language}:{split}", data_dir).items:
             first.setdefault(item.group, item)
         if order is None:
-            order = [sorted(first)[i] for i in np.random.default_rng(seed).permutation(len(first))]
+            groups = sorted(first)
+            order = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
         items += [first[group] for group in order[index * per_language:(index + 1) * per_language] if group in first]
     return Dataset(f"xquad:{split}", items)
 
