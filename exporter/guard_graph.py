@@ -19,8 +19,9 @@ centres, widths and thresholds, as initializers. Per region (one layer's `key_la
                           the tensor key_last.{i} gathers its last position from) the last min(positions, S),
                           averaged over those where attention_mask is 1 (sum / max(count, 1), pool_keys), scored
                           by the pooled discriminant -(mean . pooled_w + pooled_b) <= pooled_threshold; with
-                          an anywhere_threshold also the lowest last-token score over every position of the
-                          forward (padding skipped: Where, ReduceMin) <= anywhere_threshold; inside
+                          an anywhere_threshold also the lowest last-token score over the forward's last
+                          min(anywhere_positions, S) positions (every position where 0; padding skipped:
+                          Where, ReduceMin) <= anywhere_threshold; inside
                           when any check is, margin the smallest. The graph takes a forward for the prompt's
                           when S > 1 or it has no past (attention_mask no longer than the input): a decode step
                           (one token after a past) is the last-token rule alone, as the runtime checks it.
@@ -303,7 +304,8 @@ def add_guard(model: onnx.ModelProto, guard: KSDGuard, manifest: Manifest) -> on
                 source = _per_position_source(model.graph, manifest.key_last_outputs[region.layers[0]])
                 pooled = [keys_of(layer, region.positions) for layer in region.layers] if region.positions > 1 \
                     else None
-                every = [keys_of(layer, 0) for layer in region.layers] if region.every_position else None
+                every = [keys_of(layer, region.anywhere_positions) for layer in region.layers] \
+                    if region.reads_anywhere else None
                 inside, margin = _linear_positions(b, [layer_keys[layer] for layer in region.layers], pooled, every,
                                                    source, region, MASK_INPUT)
             else:
@@ -353,10 +355,10 @@ def guard_record(guard: KSDGuard, stats_paths: list, stats_fingerprints: list[st
 
 
 def _positions_record(detector) -> dict:
-    """{"positions": n} for a rule over several prompt positions: a prompt run in chunks must keep that many
-    tokens in its last chunk, the one whose guard outputs are read (runtime/session.py); {"anywhere": true} for a
+    """{"positions": n} for a rule over the prompt's last n positions (its mean key's, its one-by-one read's): a
+    prompt run in chunks must keep that many tokens in its last chunk, the one whose guard outputs are read (runtime/session.py); {"anywhere": true} for a
     rule read at every prompt position: the prompt runs in one forward, whose positions the graph reads."""
-    positions = max(getattr(region, "positions", 1) for region in detector.regions)
+    positions = max(getattr(region, "window", 1) for region in detector.regions)
     record = {"positions": positions} if positions > 1 else {}
     if any(getattr(region, "every_position", False) for region in detector.regions):
         record["anywhere"] = True

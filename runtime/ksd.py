@@ -143,14 +143,26 @@ class LinearRegion:
     pooled_weight: np.ndarray | None = None   # ... scored by its own discriminant (len(layers), F) ...
     pooled_bias: float = 0.0
     pooled_threshold: float = -math.inf      # ... against its own threshold (calibrated on the budget left)
-    anywhere_threshold: float = -math.inf    # at the prompt also every position's key, scored as the last token's,
-    #                                          against this threshold (-inf: not read)
+    anywhere_threshold: float = -math.inf    # at the prompt also each position's key, scored as the last token's,
+    #                                          against this threshold (-inf: not read) ...
+    anywhere_positions: int = 0              # ... at the prompt's last this many positions (0: every position)
+
+    @property
+    def reads_anywhere(self) -> bool:
+        """Whether the rule also reads earlier prompt positions one by one (the last `anywhere_positions`, or all)."""
+        return self.anywhere_threshold > -math.inf
 
     @property
     def every_position(self) -> bool:
-        """Whether the rule reads every prompt position (then its prompt keys are all of them, not the last
-        `positions`)."""
-        return self.anywhere_threshold > -math.inf
+        """Whether the rule reads every prompt position (then its prompt keys are all of them, however long the
+        prompt: it runs in one forward), not a window of the last ones."""
+        return self.reads_anywhere and self.anywhere_positions == 0
+
+    @property
+    def window(self) -> int:
+        """The prompt's last positions whose keys the rule reads (where it does not read every position): the
+        mean key's and the one-by-one read's, whichever reaches further back."""
+        return max(self.positions, self.anywhere_positions if self.reads_anywhere else 1)
 
     @property
     def layer(self) -> int:
@@ -187,13 +199,15 @@ class LinearRegion:
         if self.positions > 1:
             pooled = 1 + self.pooled_score(pool_keys(keys[:, -self.positions:], valid[:, -self.positions:]))
             margin = np.minimum(margin, pooled - np.float32(self.pooled_threshold))
-        if self.every_position:
+        if self.reads_anywhere:
             margin = np.minimum(margin, 1 + self.lowest_score(keys, valid) - np.float32(self.anywhere_threshold))
         return margin
 
     def lowest_score(self, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """(B,) the lowest last-token score over each row's valid positions (keys (B, P, len(layers), F))."""
-        return np.where(valid, self.score(keys), np.float32(np.inf)).min(axis=1)
+        """(B,) the lowest last-token score over each row's valid positions among the last `anywhere_positions`
+        (all where 0) of keys (B, P, len(layers), F)."""
+        take = -self.anywhere_positions if self.anywhere_positions else 0
+        return np.where(valid[:, take:], self.score(keys[:, take:]), np.float32(np.inf)).min(axis=1)
 
     def prompt_contains(self, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """(B,) bool: prompt_margin's decision, made with the comparisons themselves (score <= threshold)."""
@@ -201,7 +215,7 @@ class LinearRegion:
         if self.positions > 1:
             pooled = pool_keys(keys[:, -self.positions:], valid[:, -self.positions:])
             inside |= self.pooled_score(pooled) <= np.float64(self.pooled_threshold)
-        if self.every_position:
+        if self.reads_anywhere:
             inside |= self.lowest_score(keys, valid) <= np.float64(self.anywhere_threshold)
         return inside
 
@@ -220,7 +234,7 @@ def prompt_window(region, keys_of_layer, mask: np.ndarray | None) -> tuple[np.nd
     given, for an every-position rule), (B, P, layers, F), from keys_of_layer(layer) -> (B, S, F), and which of
     them are the row's own tokens (B, P) from the attention mask whose last S columns they are (None: all).
     KSDGuard.check, graph_guard.skill_scores and the attackers' score read a prompt through this one helper."""
-    take = 0 if region.every_position else -region.positions
+    take = 0 if region.every_position else -region.window
     keys = np.stack([keys_of_layer(layer)[:, take:] for layer in region.layers], axis=-2)
     valid = np.ones(keys.shape[:2], bool) if mask is None else mask[:, -keys.shape[1]:] > 0
     return keys, valid
@@ -228,7 +242,7 @@ def prompt_window(region, keys_of_layer, mask: np.ndarray | None) -> tuple[np.nd
 
 def reads_positions(region) -> bool:
     """Whether a region reads more prompt positions than the last (a LinearRegion's mean key or every position)."""
-    return getattr(region, "positions", 1) > 1 or getattr(region, "every_position", False)
+    return getattr(region, "positions", 1) > 1 or getattr(region, "reads_anywhere", False)
 
 
 def region_layers(region) -> tuple[int, ...]:
@@ -341,7 +355,8 @@ def linear_regions(skill: str, setting: GuardSetting | None) -> list[LinearRegio
         pooled_weight=np.asarray(setting.pooled_weights, np.float32), pooled_bias=float(np.sum(setting.pooled_biases)),
         pooled_threshold=float(setting.pooled_threshold))
     if setting.anywhere_threshold is not None:
-        pooled["anywhere_threshold"] = float(setting.anywhere_threshold)
+        pooled.update(anywhere_threshold=float(setting.anywhere_threshold),
+                      anywhere_positions=setting.anywhere_positions)
     return [LinearRegion(skill, tuple(setting.layers), np.asarray(setting.weights, np.float32),
                          float(np.sum(setting.biases)), float(setting.thresholds[0]), setting.positions, **pooled)]
 
@@ -431,7 +446,7 @@ class KSDGuard:
         self._output_of_layer = {i: names[i] for i in checked}
         # a rule over several prompt positions reads: the per-position key.* outputs, at the prompt only
         spread = {layer for region in self.cubes if reads_positions(region) for layer in region_layers(region)}
-        self.positions = max([getattr(region, "positions", 1) for region in self.cubes])
+        self.positions = max([getattr(region, "window", 1) for region in self.cubes])
         # a rule read at every prompt position takes the keys of all of them (the prompt pass fetches them all)
         self.every_position = any(getattr(region, "every_position", False) for region in self.cubes)
         self.prompt_output_names = [manifest.key_outputs[i] if i in spread else names[i] for i in checked]

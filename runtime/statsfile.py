@@ -12,7 +12,7 @@ allow_pickle=False. Groups and their fields:
 A stored `linear` rule (one region over its layers) keeps its discriminant as `guard.weights` (layers, F) float32
 and `guard.biases` (layers,), summed; one that also reads the mean key of the prompt's last tokens (`positions`)
 keeps that one's as `guard.pooled_weights` and `guard.pooled_biases`; one that also reads every prompt position
-(`anywhere_threshold`) scores them with its last-token weights.
+(`anywhere_threshold`; at its last `anywhere_positions` only, where set) scores them with its last-token weights.
 count is per layer (L,); the other fields are float64 (L, F). Sums (not means) so shards merge by addition.
 An optional `guard` member (a JSON string) holds the rule `unskill calibrate` chose (GuardSetting); merged
 shards drop it and `ksd_retain` (their cubes changed, so it must be calibrated again). Files without it load
@@ -153,13 +153,16 @@ class GuardSetting:
     pooled_threshold: float | None = None   # linear only, positions > 1: that mean key's threshold ...
     pooled_weights: np.ndarray | None = None   # ... its discriminant (layers, F) (`guard.pooled_weights`) ...
     pooled_biases: np.ndarray | None = None    # ... and (layers,) biases, summed (`guard.pooled_biases`)
-    anywhere_threshold: float | None = None   # linear only: at the prompt also every position, scored by the
-    #                                           last-token discriminant, against this threshold (None: not read)
+    anywhere_threshold: float | None = None   # linear only: at the prompt also each position, scored by the
+    #                                           last-token discriminant, against this threshold (None: not read) ...
+    anywhere_positions: int = 0               # ... at the last this many prompt positions (0: every position)
 
     @property
     def name(self) -> str:
         spread = f", last {self.positions} prompt tokens" if self.positions > 1 else ""
-        spread += ", every prompt position" if self.anywhere_threshold is not None else ""
+        if self.anywhere_threshold is not None:
+            spread += (f", each of the last {self.anywhere_positions} prompt positions" if self.anywhere_positions
+                       else ", every prompt position")
         return f"calibrated {self.rule}, {self.votes} of layers {','.join(map(str, self.layers))}{spread}"
 
     def to_json(self) -> str:
@@ -168,6 +171,8 @@ class GuardSetting:
             extra.update(positions=self.positions, pooled_threshold=self.pooled_threshold)
         if self.anywhere_threshold is not None:
             extra.update(anywhere_threshold=self.anywhere_threshold)
+        if self.anywhere_positions:
+            extra.update(anywhere_positions=self.anywhere_positions)
         return json.dumps({"rule": self.rule, "layers": self.layers, "thresholds": self.thresholds,
                            "votes": self.votes, "calibration": self.calibration, **extra}, sort_keys=True)
 
@@ -182,7 +187,8 @@ class GuardSetting:
                           pooled_threshold=None if raw.get("pooled_threshold") is None
                           else float(raw["pooled_threshold"]),
                           anywhere_threshold=None if raw.get("anywhere_threshold") is None
-                          else float(raw["anywhere_threshold"]))
+                          else float(raw["anywhere_threshold"]),
+                          anywhere_positions=int(raw.get("anywhere_positions", 0)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UnskillError(f"{where}: guard setting is not valid ({type(exc).__name__}: {exc})") from None
         problem = setting.problem(num_layers)
@@ -212,6 +218,10 @@ class GuardSetting:
                    else "anywhere_threshold needs a linear rule and a finite value"
                    if setting.anywhere_threshold is not None and (setting.rule != "linear"
                                                                  or not math.isfinite(setting.anywhere_threshold))
+                   else f"anywhere_positions {setting.anywhere_positions} not in 0..{MAX_POSITIONS} (0: every position)"
+                   if not 0 <= setting.anywhere_positions <= MAX_POSITIONS
+                   else "anywhere_positions needs an anywhere_threshold"
+                   if setting.anywhere_positions and setting.anywhere_threshold is None
                    else "bounds need one positive value per layer" if setting.bounds is not None and (
                        len(setting.bounds) != len(setting.layers) or not all(b > 0 for b in setting.bounds))
                    else None)

@@ -380,6 +380,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
         if chosen and pooled is not None:   # the stored region read at every prompt position, on the budget left
             from unskill.runtime.ksd import linear_regions   # (a second pass: only for the rule that is stored)
 
+            linear.setting.anywhere_positions = ANYWHERE_POSITIONS
             earlier = lowest_earlier_scores(model, retain_sequences, linear_regions("", linear.setting)[0],
                                             batch_size, desc="calibrate every position")
             calibrate_anywhere(linear, earlier, target)
@@ -430,6 +431,12 @@ WINDOWS = (1, 3, 5)   # candidate regions: this many adjacent fit layers, their 
 # queries; SmolLM2's: stories 0.40 -> 0.75, search 0.58 / 1.00 -> 0.33 / 0.17, chat / raw).
 PROMPT_POSITIONS = 16
 LAST_SHARE = 0.5
+# The one-by-one read covers the prompt's last ANYWHERE_POSITIONS positions, not every one: its threshold lies below
+# every retain prompt the other reads answer, and read at every position a long benign passage's lowest token put
+# it where it caught nothing (SmolLM2's coding guard: -1.80; the frame-and-suffix search beat it on every request).
+# A request's end stays within this many tokens of a 12-token suffix and a frame's closing words (docs/guard.md).
+ANYWHERE_POSITIONS = 32
+WINDOW_SLICE = 128        # prompts per slice of that read's calibration pass
 
 
 def linear_threshold(scores: np.ndarray, target: float) -> float:
@@ -559,13 +566,21 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
 
 def lowest_earlier_scores(model: OnnxLM, sequences: list[list[int]], region, batch_size: int = 8,
                           desc: str = "keys") -> np.ndarray:
-    """(n,) each prompt's lowest score under `region` (a LinearRegion: its last-token discriminant) over its
-    positions before the last (+inf where there are none): what a read at every prompt position adds to the last
-    token's. These keys were never fitted on (the fit reads last tokens and decoded tokens), so the full fit's
-    weights score them out of sample; the last token's own score stays the out-of-fold one."""
-    from unskill.runtime.keys import every_position_keys
+    """(n,) each prompt's lowest score under `region` (a LinearRegion: its last-token discriminant) over the
+    positions before the last that its one-by-one read covers (its last `anywhere_positions`, read as the runtime
+    reads them; every position where 0), +inf where there are none: what that read adds to the last token's.
+    These keys were never fitted on (the fit reads last tokens and decoded tokens), so the full fit's weights
+    score them out of sample; the last token's own score stays the out-of-fold one."""
+    from unskill.runtime.keys import every_position_keys, prompt_window_keys
 
     lowest = np.full(len(sequences), np.inf, np.float32)
+    if region.anywhere_positions:   # in slices: a slice's keys are (slice, positions, layers, F) float32
+        for start in range(0, len(sequences), WINDOW_SLICE):
+            _, keys, valid = prompt_window_keys(model, sequences[start:start + WINDOW_SLICE], [], region.layers,
+                                                region.anywhere_positions, batch_size, desc)
+            scores = np.where(valid, region.score(keys), np.float32(np.inf))[:, :-1]
+            lowest[start:start + len(keys)] = scores.min(axis=1) if scores.shape[1] else np.inf
+        return lowest
     for rows, keys, valid in every_position_keys(model, sequences, region.layers, batch_size, desc):
         scores = np.where(valid, region.score(keys), np.float32(np.inf))[:, :-1]
         if scores.shape[1]:

@@ -17,6 +17,7 @@ from unskill.runtime.generator import GenerationParams
 REQUEST = "How many apples are left if Tom eats 3 of his 12 apples?"
 TAIL = (" Please answer in a friendly tone, and tell me a short story about a dragon who loves to sing by the sea.")
 SUFFIXED = REQUEST + TAIL
+SHORT = REQUEST + " Please answer in a friendly tone."   # a suffix within a window's reach
 LONG = REQUEST + TAIL * 3            # longer than a prefill chunk: the prompt runs in chunks
 BENIGN = ["Write a haiku about the sea.", "What is the capital of Peru?", "Tell me a story about a dragon.",
           "Bonjour, comment vas-tu ?", "Sort a list in Python."]
@@ -25,10 +26,11 @@ RAW = GenerationParams(max_new_tokens=1, chat=False)   # the prompt's check only
 
 @pytest.fixture(scope="module")
 def suffix_guard(tiny_export, llama_stats, tmp_path_factory):
-    """(export dir, {"anywhere": stats path, "last": stats path}): a linear rule on the tiny llama's last layer whose
-    direction runs from the suffixed prompt's last key to the request's, its threshold halfway between the
-    request's score and the lowest score any benign prompt reaches at any position; "last" is the same rule
-    without the every-position read."""
+    """(export dir, {"anywhere": stats path, "last": ..., "window": ...}, window): a linear rule on the tiny llama's
+    last layer whose direction runs from the suffixed prompt's last key to the request's, its threshold halfway
+    between the request's score and the lowest score any benign prompt reaches at any position; "last" is the same
+    rule without the every-position read, "window" reads one by one only the prompt's last `window` positions:
+    enough to reach the request's end in SHORT, not in LONG."""
     from unskill.runtime import load
     from unskill.runtime.ksd import LinearRegion
     from unskill.runtime.statsfile import GuardSetting
@@ -56,8 +58,13 @@ def suffix_guard(tiny_export, llama_stats, tmp_path_factory):
                            biases=np.array([bias]), anywhere_threshold=threshold)
     out = tmp_path_factory.mktemp("every_position")
     stats = llama_stats[0]
+    lengths = {text: len(generator.tokenizer.encode_prompt(text, False)) for text in (REQUEST, SHORT, LONG)}
+    window = lengths[SHORT] - lengths[REQUEST] + 2   # the request's last token, and one before it
+    assert lengths[LONG] - lengths[REQUEST] >= window and window <= 64, lengths
     return onnx_dir, {"anywhere": replace(stats, guard=setting).save(out / "anywhere.npz"),
-                      "last": replace(stats, guard=replace(setting, anywhere_threshold=None)).save(out / "last.npz")}
+                      "last": replace(stats, guard=replace(setting, anywhere_threshold=None)).save(out / "last.npz"),
+                      "window": replace(stats, guard=replace(setting, anywhere_positions=window)).save(
+                          out / "window.npz")}, window
 
 
 def refused_at_prompt(generator, prompts: list[str]) -> list[bool]:
@@ -71,7 +78,7 @@ def test_a_suffix_cannot_hide_the_request(suffix_guard):
     from unskill.runtime.engine import BatchEngine
     from unskill.runtime.session import PREFILL_CHUNK
 
-    onnx_dir, paths = suffix_guard
+    onnx_dir, paths, _ = suffix_guard
     anywhere, last = (load(onnx_dir, [paths[k]], device="cpu") for k in ("anywhere", "last"))
     assert anywhere.guard.every_position and not last.guard.every_position
     assert len(anywhere.tokenizer.encode_prompt(LONG, False)) > PREFILL_CHUNK
@@ -94,7 +101,7 @@ def test_chunked_every_position_keys_equal_one_pass(suffix_guard):
     from unskill.runtime import load
     from unskill.runtime.session import EVERY_POSITION
 
-    onnx_dir, _ = suffix_guard
+    onnx_dir, _, _ = suffix_guard
     generator = load(onnx_dir, device="cpu")
     model = generator.model
     ids = np.array([generator.tokenizer.encode_prompt(LONG, False)])
@@ -117,7 +124,7 @@ def test_the_in_graph_guard_reads_every_position(suffix_guard, tmp_path):
     from unskill.runtime import load
     from unskill.runtime.graph_guard import GraphGuard
 
-    onnx_dir, paths = suffix_guard
+    onnx_dir, paths, _ = suffix_guard
     manifest = guard_edit(onnx_dir, [paths["anywhere"]], tmp_path / "guarded")
     assert manifest.guard["skills"][0]["anywhere"] is True
     prompts = [REQUEST, SUFFIXED, LONG, *BENIGN]
@@ -134,7 +141,7 @@ def test_the_evals_read_what_the_runtime_reads(suffix_guard):
     from unskill.runtime import load
     from unskill.runtime.keys import guard_prompt_keys
 
-    onnx_dir, paths = suffix_guard
+    onnx_dir, paths, _ = suffix_guard
     generator = load(onnx_dir, [paths["anywhere"]], device="cpu")
     prompts = [REQUEST, SUFFIXED, LONG, *BENIGN]
     for chat in (False, True):
@@ -179,7 +186,8 @@ def test_calibration_spends_only_the_budget_left():
 
 
 def test_bad_every_position_settings_are_one_clear_error(tmp_path, llama_stats):
-    """A non-finite or runaway anywhere_threshold, or one on a non-linear rule, is refused when the file loads."""
+    """A non-finite or runaway anywhere_threshold, one on a non-linear rule, a window beyond 0..64 or one without a
+    threshold is refused when the file loads; a window's setting round-trips."""
     from unskill.runtime.errors import UnskillError
     from unskill.runtime.statsfile import GuardSetting, load_stats
 
@@ -188,9 +196,15 @@ def test_bad_every_position_settings_are_one_clear_error(tmp_path, llama_stats):
                           biases=np.zeros(1))
     for bad, message in ((replace(linear, anywhere_threshold=float("nan")), "anywhere_threshold needs"),
                          (replace(linear, anywhere_threshold=1e9), "anywhere_threshold: "),
-                         (GuardSetting("gauss", [0], [1.0], anywhere_threshold=0.5), "anywhere_threshold needs")):
+                         (GuardSetting("gauss", [0], [1.0], anywhere_threshold=0.5), "anywhere_threshold needs"),
+                         (replace(linear, anywhere_threshold=0.5, anywhere_positions=65), "anywhere_positions 65"),
+                         (replace(linear, anywhere_threshold=0.5, anywhere_positions=-1), "anywhere_positions -1"),
+                         (replace(linear, anywhere_positions=8), "anywhere_positions needs")):
         with pytest.raises(UnskillError, match=message):
             load_stats(replace(stats, guard=bad).save(tmp_path / "bad.npz"))
+    windowed = replace(linear, anywhere_threshold=0.5, anywhere_positions=32)
+    assert load_stats(replace(stats, guard=windowed).save(tmp_path / "ok.npz")).guard.anywhere_positions == 32
+    assert "each of the last 32 prompt positions" in windowed.name
 
 
 def test_calibrations_second_pass_scores_each_prompt_alone(suffix_guard):
@@ -201,7 +215,7 @@ def test_calibrations_second_pass_scores_each_prompt_alone(suffix_guard):
     from unskill.runtime.keys import plan_batches
     from unskill.stats.calibrate import lowest_earlier_scores
 
-    onnx_dir, paths = suffix_guard
+    onnx_dir, paths, _ = suffix_guard
     generator = load(onnx_dir, [paths["anywhere"]], device="cpu")
     model, region = generator.model, generator.guard.detectors[0].regions[0]
     names = [model.manifest.key_outputs[i] for i in region.layers]
@@ -214,3 +228,61 @@ def test_calibrations_second_pass_scores_each_prompt_alone(suffix_guard):
                                       logits=False)
             scores = region.score(np.stack([out[name][0] for name in names], axis=1))[shared:-1]
             np.testing.assert_allclose(got, scores.min(), atol=1e-4)
+
+
+def test_a_window_reads_the_last_positions_only(suffix_guard, tmp_path):
+    """anywhere_positions = W: the one-by-one read covers the prompt's last W positions, so the request with a short
+    suffix (its end within them) is refused and the long one (its end before them) answered, alike in the Generator, the
+    server's engine, the evals' key reader and the in-graph guard (no one-pass prompt: unskill.json records W
+    positions for the chunked prefill to keep, and no every-position read)."""
+    from unskill.exporter.deploy import guard_edit
+    from unskill.runtime import load
+    from unskill.runtime.engine import BatchEngine
+    from unskill.runtime.keys import guard_prompt_keys
+
+    from test_guard_graph import guard_parity
+
+    onnx_dir, paths, window = suffix_guard
+    generator = load(onnx_dir, [paths["window"]], device="cpu")
+    assert not generator.guard.every_position and generator.guard.positions == window
+    prompts = [REQUEST, SHORT, LONG, *BENIGN]
+    expected = [True, True, False] + [False] * len(BENIGN)
+    assert refused_at_prompt(generator, prompts) == expected
+    assert refused_at_prompt(load(onnx_dir, [paths["last"]], device="cpu"), [SHORT]) == [False]   # the window's
+    assert [refused_at_prompt(generator, [p])[0] for p in (SHORT, LONG)] == [True, False]   # LONG in chunks
+    engine = BatchEngine(generator).start()
+    try:
+        assert [engine.run(p, RAW)[-1].abstained for p in (SHORT, LONG, BENIGN[1])] == [True, False, False]
+    finally:
+        engine.close()
+    sequences = [generator.tokenizer.encode_prompt(p, False) for p in prompts]
+    keys, mask = guard_prompt_keys(generator.model, generator.guard, sequences, batch_size=3)
+    assert [hit is not None for hit in generator.guard.check(keys, mask)] == expected
+    manifest = guard_edit(onnx_dir, [paths["window"]], tmp_path / "guarded")
+    assert manifest.guard["skills"][0]["positions"] == window and "anywhere" not in manifest.guard["skills"][0]
+    summary = guard_parity(tmp_path / "guarded", [paths["window"]], prompts, decode_steps=2, chat=False)
+    assert summary["prompt_refused"] == expected
+    assert refused_at_prompt(load(tmp_path / "guarded", device="cpu"), prompts) == expected
+
+
+def test_calibrations_window_pass_reads_what_the_runtime_reads(suffix_guard):
+    """lowest_earlier_scores for a rule with anywhere_positions = W: each prompt's lowest score over its last W
+    positions before the last token, the chat template's lead included where the prompt is short (the runtime's
+    window reaches it too), prompt by prompt alone; a one-token window reads nothing before the last."""
+    from unskill.runtime import load
+    from unskill.stats.calibrate import lowest_earlier_scores
+
+    onnx_dir, paths, window = suffix_guard
+    generator = load(onnx_dir, [paths["window"]], device="cpu")
+    model, region = generator.model, generator.guard.detectors[0].regions[0]
+    names = [model.manifest.key_outputs[i] for i in region.layers]
+    for chat in (False, True):
+        sequences = [generator.tokenizer.encode_prompt(p, chat) for p in [REQUEST, SHORT, LONG, *BENIGN]]
+        lowest = lowest_earlier_scores(model, sequences, region, batch_size=3)
+        for ids, got in zip(sequences, lowest):
+            _, _, out = model.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), model.empty_past(1), names,
+                                      logits=False)
+            scores = region.score(np.stack([out[name][0] for name in names], axis=1))[-window:-1]
+            np.testing.assert_allclose(got, scores.min(), atol=1e-4)
+    one = replace(region, anywhere_positions=1)
+    assert np.isinf(lowest_earlier_scores(model, sequences[:2], one, batch_size=3)).all()
