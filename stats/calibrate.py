@@ -7,7 +7,7 @@ fitted k) whose cube contains it. Rates at any alpha follow from sorting these, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -380,10 +380,11 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
         if chosen and pooled is not None:   # the stored region read at every prompt position, on the budget left
             from unskill.runtime.ksd import linear_regions   # (a second pass: only for the rule that is stored)
 
-            linear.setting.anywhere_positions = ANYWHERE_POSITIONS
-            earlier = lowest_earlier_scores(model, retain_sequences, linear_regions("", linear.setting)[0],
-                                            batch_size, desc="calibrate every position")
-            calibrate_anywhere(linear, earlier, target)
+            region = replace(linear_regions("", linear.setting)[0], anywhere_positions=ANYWHERE_POSITIONS)
+            earlier = lowest_earlier_scores(model, retain_sequences, region, batch_size,
+                                            desc=f"calibrate the last {ANYWHERE_POSITIONS} positions")
+            if calibrate_anywhere(linear, earlier, target) is not None:   # (None: nothing left, nothing stored)
+                linear.setting.anywhere_positions = ANYWHERE_POSITIONS
         considered[linear.setting.name] = linear.forget_rate
         if chosen:
             setting, forget_rate, retain_rate, plain_rate = (linear.setting, linear.forget_rate, linear.retain_rate,

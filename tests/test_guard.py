@@ -41,6 +41,8 @@ def test_unskill_guard_stores_a_rule_that_refuses_raw_and_chat_prompts(tiny_expo
     assert code == 0, capsys.readouterr().err
     stats = load_stats(out)
     assert stats.guard is not None and stats.guard.calibration["formats"] == list(augment.FORMAT_SETS["all"])
+    # the one-by-one read's window is stored with its threshold, or not at all (nothing left of the budget)
+    assert (stats.guard.anywhere_positions == 0) == (stats.guard.anywhere_threshold is None)
     assert stats.meta["prompt_template"]["formats"] == list(augment.FORMAT_SETS["all"])
     assert "ksd-run --stats" in capsys.readouterr().out
     # the validation apples (the last quarter, never probed) are refused in both modes; the other sentences pass
