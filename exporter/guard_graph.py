@@ -356,8 +356,9 @@ def guard_record(guard: KSDGuard, stats_paths: list, stats_fingerprints: list[st
 
 def _positions_record(detector) -> dict:
     """{"positions": n} for a rule over the prompt's last n positions (its mean key's, its one-by-one read's): a
-    prompt run in chunks must keep that many tokens in its last chunk, the one whose guard outputs are read (runtime/session.py); {"anywhere": true} for a
-    rule read at every prompt position: the prompt runs in one forward, whose positions the graph reads."""
+    prompt run in chunks must keep that many tokens in its last chunk, the one whose guard outputs are read
+    (runtime/session.py); {"anywhere": true} for a rule read at every prompt position: the prompt runs in one
+    forward, whose positions the graph reads."""
     positions = max(getattr(region, "window", 1) for region in detector.regions)
     record = {"positions": positions} if positions > 1 else {}
     if any(getattr(region, "every_position", False) for region in detector.regions):

@@ -377,7 +377,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
         linear = calibrate_linear(forget_fit, fit_layers, all_retain, forget_keys, plain, target,
                                   decode_keys if decoded is not None else None, owner, pooled=pooled)
         chosen = linear.forget_rate >= forget_rate
-        if chosen and pooled is not None:   # the stored region read at every prompt position, on the budget left
+        if chosen and pooled is not None:   # the stored region, its last positions one by one, on the budget left
             from unskill.runtime.ksd import linear_regions   # (a second pass: only for the rule that is stored)
 
             region = replace(linear_regions("", linear.setting)[0], anywhere_positions=ANYWHERE_POSITIONS)
@@ -574,15 +574,18 @@ def lowest_earlier_scores(model: OnnxLM, sequences: list[list[int]], region, bat
     score them out of sample; the last token's own score stays the out-of-fold one."""
     from unskill.runtime.keys import every_position_keys, prompt_window_keys
 
-    lowest = np.full(len(sequences), np.inf, np.float32)
-    if region.anywhere_positions:   # in slices: a slice's keys are (slice, positions, layers, F) float32
-        for start in range(0, len(sequences), WINDOW_SLICE):
+    def batches():
+        """(rows, keys (B, P, layers, F), valid (B, P)) at the positions the read covers"""
+        if not region.anywhere_positions:
+            yield from every_position_keys(model, sequences, region.layers, batch_size, desc)
+            return
+        for start in range(0, len(sequences), WINDOW_SLICE):   # slices: (slice, positions, layers, F) float32 each
             _, keys, valid = prompt_window_keys(model, sequences[start:start + WINDOW_SLICE], [], region.layers,
                                                 region.anywhere_positions, batch_size, desc)
-            scores = np.where(valid, region.score(keys), np.float32(np.inf))[:, :-1]
-            lowest[start:start + len(keys)] = scores.min(axis=1) if scores.shape[1] else np.inf
-        return lowest
-    for rows, keys, valid in every_position_keys(model, sequences, region.layers, batch_size, desc):
+            yield slice(start, start + len(keys)), keys, valid
+
+    lowest = np.full(len(sequences), np.inf, np.float32)
+    for rows, keys, valid in batches():
         scores = np.where(valid, region.score(keys), np.float32(np.inf))[:, :-1]
         if scores.shape[1]:
             lowest[rows] = scores.min(axis=1)
@@ -590,8 +593,8 @@ def lowest_earlier_scores(model: OnnxLM, sequences: list[list[int]], region, bat
 
 
 def calibrate_anywhere(linear: LinearCalibration, earlier: np.ndarray, target: float) -> float | None:
-    """The threshold of the every-position read on what the last token and the mean key left of the budget:
-    scores are each retain prompt's lowest over its positions (earlier: lowest_earlier_scores; its last token:
+    """The threshold of the one-by-one read on what the last token and the mean key left of the budget:
+    scores are each retain prompt's lowest over the positions it covers (earlier: lowest_earlier_scores; its last token:
     the out-of-fold score); None when nothing is left. Sets it on the setting and updates the retain rate."""
     lowest = np.minimum(earlier, linear.retain_scores)
     threshold = _left_threshold(lowest, linear.retain_refused, target)
