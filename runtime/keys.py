@@ -162,20 +162,34 @@ def prompt_window_keys(model: OnnxLM, sequences: list[list[int]], last_layers, w
 
 
 def every_position_keys(model: OnnxLM, sequences: list[list[int]], layers, batch_size: int = 8, desc: str = "keys"):
-    """Yield (sequence indices, keys (B, S, layers, F) at every position of the batch's forward, valid (B, S): which
-    positions hold the row's own tokens) batch by batch: what a rule read at every prompt position sees (runtime/
-    ksd.py LinearRegion.every_position). Sequences are grouped by their start and a common prefix runs once, as
-    the server's engine runs the chat template's common lead once: those positions are not read (they are the
-    same for every prompt). Long prompts run in chunks (OnnxLM.forward tail=EVERY_POSITION)."""
+    """Yield (sequence indices, keys (B, S, layers, F) at every position of each row, valid (B, S): which positions
+    hold the row's own tokens) batch by batch: what a rule read at every prompt position sees (runtime/ksd.py
+    LinearRegion.every_position), as the decode loop reads one prompt alone. Sequences are grouped by their start
+    and a common prefix runs once; its positions are read too (once, the same for every row), because a batch's
+    common prefix can be anything the rows share: ten mutations of one request share the request itself. Long
+    prompts run in chunks (OnnxLM.forward tail=EVERY_POSITION)."""
     names = [model.manifest.key_outputs[i] for i in resolve_layers(layers, model.manifest.num_layers)]
     for group in prefix_groups(sequences, batch_size):
         members = [sequences[i] for i in group]
         shared, _ = plan_batches(members, batch_size)
+        lead = prefix_keys(model, members[0][:shared], names)   # (shared, layers, F)
         for rows, values in last_position_keys(model, members, names, batch_size, desc=desc, tail=EVERY_POSITION):
-            keys = np.stack([values[name] for name in names], axis=2)   # (B, S, W, F)
+            keys = np.stack([values[name] for name in names], axis=2)   # (B, S, W, F), the rows after the prefix
             lengths = np.array([len(members[row]) - shared for row in rows])
             valid = np.arange(keys.shape[1])[None, :] >= keys.shape[1] - lengths[:, None]
+            if shared:   # rows are [prefix | left padding | own tokens]
+                keys = np.concatenate([np.broadcast_to(lead, (len(rows),) + lead.shape), keys], axis=1)
+                valid = np.concatenate([np.ones((len(rows), shared), bool), valid], axis=1)
             yield [group[row] for row in rows], keys, valid
+
+
+def prefix_keys(model: OnnxLM, prefix: list[int], names: list[str]) -> np.ndarray:
+    """(len(prefix), len(names), F) the keys of names at every position of a prefix run alone."""
+    if not prefix:
+        return np.zeros((0, len(names), model.manifest.key_width), np.float32)
+    ids = np.asarray([prefix], dtype=np.int64)
+    _, _, values = model.forward(ids, np.ones_like(ids), model.empty_past(1), names, logits=False, tail=EVERY_POSITION)
+    return np.stack([values[name][0] for name in names], axis=1)
 
 
 def guard_prompt_keys(model: OnnxLM, guard, sequences: list[list[int]], batch_size: int = 8, desc: str = "keys",

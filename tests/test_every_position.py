@@ -152,6 +152,13 @@ def test_the_evals_read_what_the_runtime_reads(suffix_guard):
         assert read == decoded, chat
         if not chat:
             assert read == [True, True, True] + [False] * len(BENIGN)
+    # a batch whose common prefix is the request itself (an attacker's mutations of one framed request): the
+    # prefix runs once and its positions are read all the same
+    tails = [SUFFIXED + " One.", SUFFIXED + " Two more words.", SUFFIXED + " And a third, longer tail here."]
+    sequences = [generator.tokenizer.encode_prompt(p, False) for p in tails]
+    keys, mask = guard_prompt_keys(generator.model, generator.guard, sequences, batch_size=3)
+    assert [hit is not None for hit in generator.guard.check(keys, mask)] == refused_at_prompt(generator, tails) == [
+        True] * 3
 
 
 def test_calibration_spends_only_the_budget_left():
@@ -209,10 +216,9 @@ def test_bad_every_position_settings_are_one_clear_error(tmp_path, llama_stats):
 
 def test_calibrations_second_pass_scores_each_prompt_alone(suffix_guard):
     """lowest_earlier_scores (calibration's pass over the retain prompts) equals each prompt scored alone: its lowest
-    score over the positions after the batch's common lead and before its last token, in batches with left padding
+    score over the positions before its last token (the batch's common lead included), in batches with left padding
     and a shared chat prefix alike."""
     from unskill.runtime import load
-    from unskill.runtime.keys import plan_batches
     from unskill.stats.calibrate import lowest_earlier_scores
 
     onnx_dir, paths, _ = suffix_guard
@@ -221,12 +227,11 @@ def test_calibrations_second_pass_scores_each_prompt_alone(suffix_guard):
     names = [model.manifest.key_outputs[i] for i in region.layers]
     for chat in (False, True):
         sequences = [generator.tokenizer.encode_prompt(p, chat) for p in [REQUEST, SUFFIXED, *BENIGN]]
-        shared, _ = plan_batches(sequences, 3)
         lowest = lowest_earlier_scores(model, sequences, region, batch_size=3)
         for ids, got in zip(sequences, lowest):
             _, _, out = model.forward(np.array([ids]), np.ones((1, len(ids)), np.int64), model.empty_past(1), names,
                                       logits=False)
-            scores = region.score(np.stack([out[name][0] for name in names], axis=1))[shared:-1]
+            scores = region.score(np.stack([out[name][0] for name in names], axis=1))[:-1]
             np.testing.assert_allclose(got, scores.min(), atol=1e-4)
 
 
