@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .stats_eval import _add_ray_arguments, _ray
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -32,6 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data-dir", help="benchmark data (default: $UNSKILL_DATA_DIR)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-progress", action="store_true")
+    _add_ray_arguments(p)   # --ray: the prompt passes on a Ray pool
     p.set_defaults(run=run)
 
 
@@ -48,11 +51,16 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise UnskillError(f"{flag} must be >= 1, got {value}")
     _check_target(args.target)
-    model = OnnxLM(args.model)
+    options = _ray(args)
+    model = OnnxLM(args.model)   # under --ray too: the decode check's few greedy decodes run here
     tokenizer = TextTokenizer(args.model, model.manifest)
     config = GuardConfig(args.limit, list(args.retain), not args.no_default_retain, args.formats, args.augment,
                          args.target, args.data_dir, args.batch_size, progress=not args.no_progress)
-    stats, result = make_guard(model, tokenizer, args.forget, config, args.skill)
+    ray = None
+    if options:   # the prompt passes on the pool (cluster/ stays out of stats/: make_guard is handed them)
+        from unskill.cluster.jobs import RayGuard
+        ray = RayGuard(options)
+    stats, result = make_guard(model, tokenizer, args.forget, config, args.skill, ray=ray)
     stats.save(args.out)
     setting, cal = result.setting, result.setting.calibration
     print(f"{stats.skill}: {setting.name} (thresholds {', '.join(f'{t:.4g}' for t in setting.thresholds)})\n"

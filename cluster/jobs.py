@@ -2,7 +2,9 @@
 
   ray_prober     for stats/probe.Prober (`unskill stats`): prompt and text passes on one pool, each task's
                  Moments merged in task order on the driver (Moments.merge, as `unskill stats --merge` does)
-  RayKeyReader   for runtime/keys.KeyReader (`unskill calibrate`, the bypass benchmark): last-token keys
+  RayKeyReader   for runtime/keys.KeyReader (`unskill calibrate`, `unskill guard`, the bypass benchmark):
+                 last-token keys, and the keys of the prompt's last tokens (window_keys)
+  RayGuard       what `unskill guard --ray` hands stats/guard.make_guard: the prober and the reader above
   eval_runner    for the item runners of evals/evaluate.Harness (`unskill eval`): per-item records
 
 The driver tokenizes and plans the batches exactly as the single-process pass does (runtime/keys.plan_batches:
@@ -118,8 +120,12 @@ class RayKeyReader:
         self.model, self.options, self.batch_size, self.rows_per_task = model, options, batch_size, rows_per_task
         self.work = KeyWork(str(model.directory), options.device, options.threads)
 
-    def last_keys(self, sequences: list[list[int]], layers=None, desc: str = "keys") -> np.ndarray:
-        return self.last_keys_each([sequences], layers, desc)[0]
+    def last_keys(self, sequences: list[list[int]], layers=None, desc: str = "keys", bar=None) -> np.ndarray:
+        """bar: a tqdm counting prompts, advanced when the job is done (the pool shows its own progress)."""
+        keys = self.last_keys_each([sequences], layers, desc)[0]
+        if bar is not None:
+            bar.update(len(sequences))
+        return keys
 
     def last_keys_each(self, groups: list[list[list[int]]], layers=None, desc: str = "keys") -> list[np.ndarray]:
         """Each group planned on its own, as KeyReader plans it; all groups' tasks in one pool (one model load
@@ -140,6 +146,83 @@ class RayKeyReader:
             group, rows = owners[index]
             keys[group][rows] = task_keys
         return keys
+
+    def window_keys(self, sequences: list[list[int]], last_layers, window_layers, positions: int, desc: str = "keys",
+                    pool: bool = False):
+        """KeyReader.window_keys on the pool (the actors load the full graph)."""
+        return window_keys_on_pool(self.model, self.options, sequences, last_layers, window_layers, positions,
+                                   self.batch_size, desc, pool, self.rows_per_task)
+
+
+@dataclass(frozen=True)
+class WindowTask:
+    """Batches of one planned window pass (runtime/keys.prompt_window_keys): rows are prefix + suffix."""
+    prefix: tuple
+    batches: list                 # list of batches, each a list of suffix token lists
+    last_layers: tuple            # layers whose last-token key is returned
+    window_layers: tuple          # layers whose keys at the last `positions` tokens are returned
+    positions: int
+    pool: bool                    # their mean over the row's own tokens instead
+
+
+@dataclass(frozen=True)
+class WindowWork(_ModelWork):
+    def start(self):
+        from unskill.runtime.keys import prefill_rows, prefix_cache, require_key_last, window_batch
+
+        model = self._load()   # the full graph: the per-position key.* outputs
+        last_of, window_of = require_key_last(model.manifest, model.directory), model.manifest.key_outputs
+        cached = {}
+
+        def one(task: WindowTask):
+            if task.prefix not in cached:
+                cached.clear()
+                cached[task.prefix] = prefix_cache(model, list(task.prefix))
+            last_names = [last_of[i] for i in task.last_layers]
+            window_names = [window_of[i] for i in task.window_layers]
+            parts = [window_batch(prefill_rows(model, suffixes, len(task.prefix), cached[task.prefix],
+                                               last_names + window_names, tail=task.positions),
+                                  np.array([len(task.prefix) + len(suffix) for suffix in suffixes]), last_names,
+                                  window_names, task.positions, task.pool) for suffixes in task.batches]
+            return tuple(None if parts[0][i] is None else np.concatenate([part[i] for part in parts])
+                         for i in range(3))
+
+        return lambda tasks: [one(task) for task in tasks]
+
+
+def window_keys_on_pool(model, options: RayOptions, sequences: list[list[int]], last_layers, window_layers,
+                        positions: int, batch_size: int, desc: str, pool: bool, rows_per_task: int):
+    """runtime/keys.prompt_window_keys with its batches run by the actors: the same groups, shared prefixes and
+    batches (plan_batches keeping `positions` tokens), so the same keys."""
+    from unskill.runtime.keys import plan_batches, prefix_groups, resolve_layers
+
+    manifest = model.manifest
+    last_layers = resolve_layers(last_layers, manifest.num_layers)
+    window_layers = resolve_layers(window_layers, manifest.num_layers)
+    width = manifest.key_width
+    last = np.empty((len(sequences), len(last_layers), width), dtype=np.float32)
+    shape = (len(window_layers), width) if pool else (positions, len(window_layers), width)
+    window = np.zeros((len(sequences),) + shape, dtype=np.float32)
+    valid = np.zeros((len(sequences), positions), dtype=bool)
+    tasks, owners = [], []   # owners: per task, the sequence indices of its rows
+    per_task = max(1, rows_per_task // batch_size)
+    for group in prefix_groups(sequences, batch_size):
+        members = [sequences[i] for i in group]
+        shared, batches = plan_batches(members, batch_size, keep=positions)
+        for start in range(0, len(batches), per_task):
+            chunk = batches[start:start + per_task]
+            tasks.append(WindowTask(tuple(members[0][:shared]), [[members[i][shared:] for i in batch]
+                                                                  for batch in chunk],
+                                    tuple(last_layers), tuple(window_layers), positions, pool))
+            owners.append([group[i] for batch in chunk for i in batch])
+    work = WindowWork(str(model.directory), options.device, options.threads)
+    for index, (task_last, task_window, task_valid) in imap_items(tasks, work, options, model_dir=model.directory,
+                                                                  fingerprint=manifest.fingerprint, desc=desc):
+        rows = owners[index]
+        if last_layers:
+            last[rows] = task_last
+        window[rows], valid[rows] = task_window, task_valid
+    return last, window, valid
 
 
 @dataclass(frozen=True)
@@ -182,6 +265,9 @@ def ray_prober(model, tokenizer, config, options: RayOptions, rows_per_task: int
     from unskill.stats.probe import CHUNK, Prober
 
     class RayProber(Prober):
+        def reader(self):
+            return RayKeyReader(self.model, options, self.config.batch_size, rows_per_task)
+
         def prompt_tasks(self, dataset) -> list:
             sequences, tasks = self.prompt_sequences(dataset), []
             # planned per CHUNK as the single-process pass does: the same shared prefix, the same batches
@@ -196,6 +282,8 @@ def ray_prober(model, tokenizer, config, options: RayOptions, rows_per_task: int
             return [TextTask(side, batches[start:start + per_task]) for start in range(0, len(batches), per_task)]
 
         def passes(self, probes, text_sides):
+            if self.keep_layers:   # `unskill guard` keeps the probes' keys here: its prompt pass reads them from the
+                return super().passes(probes, text_sides)   # pool (self.reader); a guard has no text pass
             jobs = {"ksd": self.prompt_tasks(probes)}
             for dataset, side in text_sides:
                 jobs[side] = self.text_tasks(dataset, side)
@@ -261,3 +349,17 @@ def eval_runner(model_dir, fingerprint: str, config, stats_paths: dict, options:
             yield from zip(groups[index], records)
 
     return run
+
+
+@dataclass(frozen=True)
+class RayGuard:
+    """`unskill guard --ray`: stats/guard.make_guard's prompt passes (the probes, the calibration's retain and
+    validation prompts, the last positions' pass) run on the pool; the decode check's few greedy decodes run in
+    this process. stats/ imports nothing of this package: make_guard calls these two."""
+    options: RayOptions
+
+    def prober(self, model, tokenizer, config):
+        return ray_prober(model, tokenizer, config, self.options)
+
+    def reader(self, model, batch_size: int):
+        return RayKeyReader(model, self.options, batch_size)

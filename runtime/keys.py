@@ -120,6 +120,12 @@ class KeyReader:
         distributed reader (cluster/jobs.py) runs them in one job."""
         return [self.last_keys(sequences, layers, desc) for sequences in groups]
 
+    def window_keys(self, sequences: list[list[int]], last_layers, window_layers, positions: int, desc: str = "keys",
+                    pool: bool = False):
+        """prompt_window_keys on this reader's model (the full graph: its per-position keys)."""
+        return prompt_window_keys(self.model, sequences, last_layers, window_layers, positions, self.batch_size, desc,
+                                  pool)
+
 
 def prompt_window_keys(model: OnnxLM, sequences: list[list[int]], last_layers, window_layers, positions: int,
                        batch_size: int = 8, desc: str = "keys", pool: bool = False):
@@ -130,8 +136,6 @@ def prompt_window_keys(model: OnnxLM, sequences: list[list[int]], last_layers, w
     key.* outputs (the probe graph has key_last.* only). Prompts are grouped by their start as in
     grouped_last_keys; a shared prefix always leaves the last `positions` tokens, so a position is valid exactly
     when the prompt has that many tokens, as in the decode loop's left-padded batch and the server's engine."""
-    from .ksd import pool_keys
-
     manifest = model.manifest
     last_layers = resolve_layers(last_layers, manifest.num_layers)
     window_layers = resolve_layers(window_layers, manifest.num_layers)
@@ -148,17 +152,28 @@ def prompt_window_keys(model: OnnxLM, sequences: list[list[int]], last_layers, w
         for rows, values in last_position_keys(model, members, last_names + window_names, batch_size, desc=desc,
                                                tail=positions):
             index = [group[row] for row in rows]
-            if last_names:
-                last[index] = np.stack([values[name] for name in last_names], axis=1)
-            per_position = np.stack([values[name] for name in window_names], axis=2)   # (B, S, W, F)
-            take = min(positions, per_position.shape[1])
             lengths = np.array([len(members[row]) for row in rows])
-            seen = np.arange(positions)[None, :] >= positions - np.minimum(lengths, take)[:, None]
-            valid[index] = seen
-            tokens = np.zeros((len(rows), positions) + shape[-2:], dtype=np.float32)
-            tokens[:, positions - take:] = per_position[:, -take:]
-            window[index] = pool_keys(tokens, seen) if pool else tokens
+            part_last, window[index], valid[index] = window_batch(values, lengths, last_names, window_names,
+                                                                  positions, pool)
+            if last_names:
+                last[index] = part_last
     return last, window, valid
+
+
+def window_batch(values: dict[str, np.ndarray], lengths: np.ndarray, last_names: list[str], window_names: list[str],
+                 positions: int, pool: bool):
+    """One batch of a window pass (prompt_window_keys; cluster/jobs.py runs the same on a pool) from its prefill's
+    values (tail=positions): (keys at the last token (B, L, F) or None without last_names, the last `positions`
+    tokens' keys (B, P, W, F) or their mean (B, W, F), valid (B, P)); lengths: each row's whole prompt length."""
+    from .ksd import pool_keys
+
+    last = np.stack([values[name] for name in last_names], axis=1) if last_names else None
+    per_position = np.stack([values[name] for name in window_names], axis=2)   # (B, S, W, F)
+    take = min(positions, per_position.shape[1])
+    valid = np.arange(positions)[None, :] >= positions - np.minimum(lengths, take)[:, None]
+    tokens = np.zeros((len(lengths), positions) + per_position.shape[2:], dtype=np.float32)
+    tokens[:, positions - take:] = per_position[:, -take:]
+    return last, (pool_keys(tokens, valid) if pool else tokens), valid
 
 
 def every_position_keys(model: OnnxLM, sequences: list[list[int]], layers, batch_size: int = 8, desc: str = "keys"):

@@ -308,7 +308,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     fit_layers: the linear rule then also reads that mean (calibrate_linear's `pooled`) and, on the budget those
     leave, every prompt position (calibrate_anywhere: a second pass over the retain prompts). The stored
     forget_refused is the last token's and the mean key's (a lower bound: the every-position read only adds)."""
-    from unskill.runtime.keys import KeyReader, grouped_last_keys, prompt_window_keys
+    from unskill.runtime.keys import KeyReader, grouped_last_keys
 
     from .augment import augment, encode_formats
 
@@ -317,8 +317,8 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
     reader = reader or KeyReader(model, batch_size, progress)
 
     # a linear rule that also reads the mean key of the prompt's last tokens needs the probes' means (`unskill
-    # guard` keeps them) and the full graph's per-position keys (a local pass)
-    positions = PROMPT_POSITIONS if forget_pooled is not None and isinstance(reader, KeyReader) else 1
+    # guard` keeps them) and the full graph's per-position keys (the reader's window_keys)
+    positions = PROMPT_POSITIONS if forget_pooled is not None else 1
     means: dict[str, list] = {"retain": [], "forget": []}
     retain_sequences: list[list[int]] = []   # the retain prompts' token sequences, for the every-position pass
 
@@ -329,8 +329,8 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
             retain_sequences.extend(sequences)
         if positions == 1:
             return grouped_last_keys(reader, sequences, desc=f"calibrate {dataset.name}")
-        last, mean, _ = prompt_window_keys(model, sequences, range(model.manifest.num_layers), fit_layers,
-                                           positions, batch_size, desc=f"calibrate {dataset.name}", pool=True)
+        last, mean, _ = reader.window_keys(sequences, range(model.manifest.num_layers), fit_layers, positions,
+                                           desc=f"calibrate {dataset.name}", pool=True)
         means[side].append(mean)
         return last
 
@@ -382,7 +382,7 @@ def calibrate_rule(model: OnnxLM, tokenizer: TextTokenizer, stats: StatsFile, re
 
             region = replace(linear_regions("", linear.setting)[0], anywhere_positions=ANYWHERE_POSITIONS)
             earlier = lowest_earlier_scores(model, retain_sequences, region, batch_size,
-                                            desc=f"calibrate the last {ANYWHERE_POSITIONS} positions")
+                                            desc=f"calibrate the last {ANYWHERE_POSITIONS} positions", reader=reader)
             if calibrate_anywhere(linear, earlier, target) is not None:   # (None: nothing left, nothing stored)
                 linear.setting.anywhere_positions = ANYWHERE_POSITIONS
         considered[linear.setting.name] = linear.forget_rate
@@ -566,13 +566,16 @@ def calibrate_linear(forget_fit: np.ndarray, fit_layers: list[int], retain: np.n
 
 
 def lowest_earlier_scores(model: OnnxLM, sequences: list[list[int]], region, batch_size: int = 8,
-                          desc: str = "keys") -> np.ndarray:
+                          desc: str = "keys", reader=None) -> np.ndarray:
     """(n,) each prompt's lowest score under `region` (a LinearRegion: its last-token discriminant) over the
     positions before the last that its one-by-one read covers (its last `anywhere_positions`, read as the runtime
     reads them; every position where 0), +inf where there are none: what that read adds to the last token's.
     These keys were never fitted on (the fit reads last tokens and decoded tokens), so the full fit's weights
-    score them out of sample; the last token's own score stays the out-of-fold one."""
-    from unskill.runtime.keys import every_position_keys, prompt_window_keys
+    score them out of sample; the last token's own score stays the out-of-fold one. reader: where the window is
+    read (calibrate_rule's; a KeyReader on `model` by default)."""
+    from unskill.runtime.keys import KeyReader, every_position_keys
+
+    reader = reader or KeyReader(model, batch_size)
 
     def batches():
         """(rows, keys (B, P, layers, F), valid (B, P)) at the positions the read covers"""
@@ -580,8 +583,8 @@ def lowest_earlier_scores(model: OnnxLM, sequences: list[list[int]], region, bat
             yield from every_position_keys(model, sequences, region.layers, batch_size, desc)
             return
         for start in range(0, len(sequences), WINDOW_SLICE):   # slices: (slice, positions, layers, F) float32 each
-            _, keys, valid = prompt_window_keys(model, sequences[start:start + WINDOW_SLICE], [], region.layers,
-                                                region.anywhere_positions, batch_size, desc)
+            _, keys, valid = reader.window_keys(sequences[start:start + WINDOW_SLICE], [], region.layers,
+                                                region.anywhere_positions, desc)
             yield slice(start, start + len(keys)), keys, valid
 
     lowest = np.full(len(sequences), np.inf, np.float32)

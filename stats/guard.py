@@ -127,8 +127,10 @@ def _plain_retain_sets(kind: str | None, config: GuardConfig, data_dir, warn) ->
 
 
 def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config: GuardConfig,
-               skill: str | None = None, warn=None):
-    """Probe, calibrate, store: (the stats file with its rule, calibrate's RuleCalibration)."""
+               skill: str | None = None, warn=None, ray=None):
+    """Probe, calibrate, store: (the stats file with its rule, calibrate's RuleCalibration). ray: where the prompt
+    passes run instead of here (cluster/jobs.RayGuard: its prober(model, tokenizer, config) and reader(model,
+    batch_size)); the same keys, so the same rule."""
     from .augment import FORMAT_SETS
     from .calibrate import DECODE_PROMPTS, DECODE_TOKENS, PROMPT_POSITIONS, calibrate_rule
     from .probe import AUGMENT_ITEMS, ProbeConfig, Prober, probe
@@ -147,7 +149,7 @@ def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config
         raise UnskillError("unskill guard: no retain set (give --retain SPEC, or keep the default ones)")
     formats = FORMAT_SETS[config.formats]
     probe_config = ProbeConfig(True, config.batch_size, progress=config.progress, formats=formats)
-    prober = Prober(model, tokenizer, probe_config)
+    prober = ray.prober(model, tokenizer, probe_config) if ray else Prober(model, tokenizer, probe_config)
     prober.keep_layers = fit_layers(model.manifest.num_layers)   # the linear rule is fitted on the probes' keys
     prober.keep_positions = PROMPT_POSITIONS                      # ... and on the mean of their last tokens
     stats = probe(model, tokenizer, probes, None, probe_config, skill or forget_spec, augment=augment_kind,
@@ -157,7 +159,8 @@ def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config
                             decode_prompts=DECODE_PROMPTS if config.decode_prompts is None else config.decode_prompts,
                             decode_tokens=DECODE_TOKENS if config.decode_tokens is None else config.decode_tokens,
                             formats=formats, forget_fit=prober.kept_keys(), fit_layers=prober.keep_layers,
-                            forget_pooled=prober.kept_mean_keys())
+                            forget_pooled=prober.kept_mean_keys(),
+                            reader=ray.reader(model, config.batch_size) if ray else None)
     store_rule(stats, result)
     return stats, result
 

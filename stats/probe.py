@@ -18,7 +18,6 @@ from tqdm import tqdm
 from unskill.runtime.errors import UnskillError
 # last_position_keys and shared_prefix_length live in runtime/keys.py now; re-exported for older imports
 from unskill.runtime.keys import MIN_SHARED_PREFIX, KeyReader, grouped_last_keys, _batches, last_position_keys, shared_prefix_length  # noqa: F401
-from unskill.runtime.keys import prompt_window_keys
 from unskill.runtime.session import OnnxLM, left_pad
 from unskill.runtime.statsfile import CALIBRATION_GROUPS, GROUP_FIELDS, Moments, StatsFile
 from unskill.runtime.tokenizer import TextTokenizer
@@ -91,15 +90,14 @@ class Prober:
     def prompt_pass(self, dataset: Dataset) -> Moments:
         sequences = self.prompt_sequences(dataset)
         moments = self._new("ksd")
-        reader = KeyReader(self.model, self.config.batch_size, self.config.progress)
+        reader = self.reader()
         with tqdm(total=len(sequences), desc=f"KSD {dataset.name}", unit="prompt",
                   disable=not self.config.progress) as bar:
             for start in range(0, len(sequences), CHUNK):   # memory stays O(CHUNK * L * F)
                 chunk = sequences[start:start + CHUNK]
                 if self.keep_layers and self.keep_positions > 1:   # per-position keys: the full graph
-                    keys, means, _ = prompt_window_keys(self.model, chunk, range(self.manifest.num_layers),
-                                                        self.keep_layers, self.keep_positions,
-                                                        self.config.batch_size, pool=True)
+                    keys, means, _ = reader.window_keys(chunk, range(self.manifest.num_layers), self.keep_layers,
+                                                        self.keep_positions, pool=True)
                     self.kept_means.append(means)
                     bar.update(len(chunk))
                 else:
@@ -109,6 +107,10 @@ class Prober:
                 if self.keep_layers:
                     self.kept.append(keys[:, self.keep_layers])
         return moments
+
+    def reader(self):
+        """What the prompt pass reads keys with: runtime/keys.KeyReader here (cluster/jobs.py: on a Ray pool)."""
+        return KeyReader(self.model, self.config.batch_size, self.config.progress)
 
     def kept_keys(self) -> np.ndarray:
         """(probes, len(keep_layers), F): the keys the prompt pass kept, in probe order."""

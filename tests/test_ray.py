@@ -1,6 +1,7 @@
-"""--ray on a local Ray cluster of 2 CPUs (one per test module, Ray starts in ~10-20 s): stats, calibration and
-eval give what the single-process commands give, a killed actor's batch is retried and counted once, a worker
-with another model is refused, and two Ray Serve replicas answer concurrent requests as ksd-run does."""
+"""--ray on a local Ray cluster of 2 CPUs (one per test module, Ray starts in ~10-20 s): stats, calibration, the
+one-command guard and eval give what the single-process commands give, a killed actor's batch is retried and
+counted once, a worker with another model is refused, and two Ray Serve replicas answer concurrent requests as
+ksd-run does."""
 
 import json
 import shutil
@@ -133,6 +134,29 @@ def test_calibration_on_ray_stores_the_same_rule(cluster, model_dir, prompt_file
     if "ksd_retain" in rules["single"].groups:
         assert_same_groups = rules["single"].groups["ksd_retain"], rules["ray"].groups["ksd_retain"]
         np.testing.assert_array_equal(*(g.values["sum"] for g in assert_same_groups))
+
+
+def test_guard_on_ray_stores_the_same_rule(cluster, model_dir, tmp_path):
+    """`unskill guard --ray`: the probes' keys and their last tokens' mean, the calibration's prompt passes and
+    the last positions' pass run on the pool, the same keys as in one process, so the same stored rule and moments."""
+    from test_guard import APPLES as GUARD_APPLES, OTHER   # the sets tests/test_guard.py makes its guard from
+
+    forget, retain = tmp_path / "apples.jsonl", tmp_path / "other.jsonl"
+    forget.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in GUARD_APPLES))
+    retain.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in OTHER))
+    made = {}
+    for mode, extra in (("single", ["--no-progress"]), ("ray", RAY)):
+        out = tmp_path / f"{mode}.npz"
+        assert main(["guard", "--model", str(model_dir), "--forget", str(forget), "--retain", str(retain),
+                     "--no-default-retain", "--limit", "40", "--batch-size", "4", "--out", str(out), *extra]) == 0
+        made[mode] = load_stats(out)
+    single, distributed = made["single"], made["ray"]
+    assert single.guard is not None and distributed.guard.to_json() == single.guard.to_json()
+    assert single.guard.rule == "linear"   # the rule fitted on the kept keys and their means
+    for name, moments in single.groups.items():
+        for field in moments.fields:
+            np.testing.assert_allclose(distributed.groups[name].values[field], moments.values[field], rtol=1e-12,
+                                       atol=1e-12 * np.abs(moments.values[field]).max(), err_msg=f"{name}.{field}")
 
 
 def test_eval_on_ray_gives_the_same_per_item_results(cluster, model_dir, prompt_files, llama_stats, data_dir,
