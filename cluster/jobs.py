@@ -70,18 +70,15 @@ class KeyWork(_ModelWork):
 
 def _prefill_runner(model):
     """PrefillTask -> its rows' keys (or their `ksd` Moments) on this keys graph, as KeyReader computes them."""
-    from unskill.runtime.keys import prefill_rows, prefix_cache, require_key_last
+    from unskill.runtime.keys import prefill_rows, prefix_cacher, require_key_last
 
     names = require_key_last(model.manifest, model.directory)
-    cached = {}
+    cache_of = prefix_cacher(model)   # tasks of one chunk share a prefix: run it once per actor
 
     def one(task: PrefillTask):
-        if task.prefix not in cached:   # tasks of one chunk share it: run it once per actor
-            cached.clear()
-            cached[task.prefix] = prefix_cache(model, list(task.prefix))
         outputs = [names[i] for i in task.layers]
         keys = np.concatenate([np.stack([values[name] for name in outputs], axis=1) for values in
-                               (prefill_rows(model, suffixes, len(task.prefix), cached[task.prefix], outputs)
+                               (prefill_rows(model, suffixes, len(task.prefix), cache_of(task.prefix), outputs)
                                 for suffixes in task.batches)])
         return _ksd_moments(keys, model.manifest) if task.moments else keys
 
@@ -97,20 +94,25 @@ def _ksd_moments(keys: np.ndarray, manifest):
     return moments
 
 
-def _plan(sequences: list[list[int]], batch_size: int, layers, moments: bool, rows_per_task: int):
-    """Tasks of whole batches, in the single-process plan's order, and the sequence indices of their rows."""
+def _plan(sequences: list[list[int]], batch_size: int, make_task, rows_per_task: int, keep: int = 1):
+    """Tasks of whole batches, in the single-process plan's order (runtime/keys.plan_batches, `keep` tokens after
+    the prefix), and the sequence indices of their rows; make_task(prefix tuple, batches of suffixes) -> a task."""
     from unskill.runtime.keys import plan_batches
 
-    shared, batches = plan_batches(sequences, batch_size)
-    prefix = tuple(sequences[0][:shared]) if shared else ()
+    shared, batches = plan_batches(sequences, batch_size, keep=keep)
+    prefix = tuple(sequences[0][:shared])
     per_task = max(1, rows_per_task // batch_size)
     tasks, rows = [], []
     for start in range(0, len(batches), per_task):
         group = batches[start:start + per_task]
-        tasks.append(PrefillTask(prefix, [[sequences[i][shared:] for i in batch] for batch in group],
-                                 tuple(layers), moments))
+        tasks.append(make_task(prefix, [[sequences[i][shared:] for i in batch] for batch in group]))
         rows.append([i for batch in group for i in batch])
     return tasks, rows
+
+
+def _prefill_tasks(layers, moments: bool):
+    """_plan's make_task for a last-token pass."""
+    return lambda prefix, batches: PrefillTask(prefix, batches, tuple(layers), moments)
 
 
 class RayKeyReader:
@@ -138,7 +140,8 @@ class RayKeyReader:
         tasks, owners = [], []   # owners: per task, (group, the group's sequence indices of its rows)
         for group, sequences in enumerate(groups):
             if sequences:
-                planned, rows = _plan(sequences, self.batch_size, layers, False, self.rows_per_task)
+                planned, rows = _plan(sequences, self.batch_size, _prefill_tasks(layers, False),
+                                      self.rows_per_task)
                 tasks += planned
                 owners += [(group, task_rows) for task_rows in rows]
         for index, task_keys in imap_items(tasks, self.work, self.options, model_dir=self.model.directory,
@@ -168,19 +171,16 @@ class WindowTask:
 @dataclass(frozen=True)
 class WindowWork(_ModelWork):
     def start(self):
-        from unskill.runtime.keys import prefill_rows, prefix_cache, require_key_last, window_batch
+        from unskill.runtime.keys import prefill_rows, prefix_cacher, require_key_last, window_batch
 
         model = self._load()   # the full graph: the per-position key.* outputs
         last_of, window_of = require_key_last(model.manifest, model.directory), model.manifest.key_outputs
-        cached = {}
+        cache_of = prefix_cacher(model)
 
         def one(task: WindowTask):
-            if task.prefix not in cached:
-                cached.clear()
-                cached[task.prefix] = prefix_cache(model, list(task.prefix))
             last_names = [last_of[i] for i in task.last_layers]
             window_names = [window_of[i] for i in task.window_layers]
-            parts = [window_batch(prefill_rows(model, suffixes, len(task.prefix), cached[task.prefix],
+            parts = [window_batch(prefill_rows(model, suffixes, len(task.prefix), cache_of(task.prefix),
                                                last_names + window_names, tail=task.positions),
                                   np.array([len(task.prefix) + len(suffix) for suffix in suffixes]), last_names,
                                   window_names, task.positions, task.pool) for suffixes in task.batches]
@@ -194,35 +194,23 @@ def window_keys_on_pool(model, options: RayOptions, sequences: list[list[int]], 
                         positions: int, batch_size: int, desc: str, pool: bool, rows_per_task: int):
     """runtime/keys.prompt_window_keys with its batches run by the actors: the same groups, shared prefixes and
     batches (plan_batches keeping `positions` tokens), so the same keys."""
-    from unskill.runtime.keys import plan_batches, prefix_groups, resolve_layers
+    from unskill.runtime.keys import WindowArrays, prefix_groups
 
-    manifest = model.manifest
-    last_layers = resolve_layers(last_layers, manifest.num_layers)
-    window_layers = resolve_layers(window_layers, manifest.num_layers)
-    width = manifest.key_width
-    last = np.empty((len(sequences), len(last_layers), width), dtype=np.float32)
-    shape = (len(window_layers), width) if pool else (positions, len(window_layers), width)
-    window = np.zeros((len(sequences),) + shape, dtype=np.float32)
-    valid = np.zeros((len(sequences), positions), dtype=bool)
+    out = WindowArrays(model, len(sequences), last_layers, window_layers, positions, pool)
+
+    def make_task(prefix, batches):
+        return WindowTask(prefix, batches, tuple(out.last_layers), tuple(out.window_layers), positions, pool)
+
     tasks, owners = [], []   # owners: per task, the sequence indices of its rows
-    per_task = max(1, rows_per_task // batch_size)
     for group in prefix_groups(sequences, batch_size):
-        members = [sequences[i] for i in group]
-        shared, batches = plan_batches(members, batch_size, keep=positions)
-        for start in range(0, len(batches), per_task):
-            chunk = batches[start:start + per_task]
-            tasks.append(WindowTask(tuple(members[0][:shared]), [[members[i][shared:] for i in batch]
-                                                                  for batch in chunk],
-                                    tuple(last_layers), tuple(window_layers), positions, pool))
-            owners.append([group[i] for batch in chunk for i in batch])
+        planned, rows = _plan([sequences[i] for i in group], batch_size, make_task, rows_per_task, keep=positions)
+        tasks += planned
+        owners += [[group[i] for i in task_rows] for task_rows in rows]
     work = WindowWork(str(model.directory), options.device, options.threads)
-    for index, (task_last, task_window, task_valid) in imap_items(tasks, work, options, model_dir=model.directory,
-                                                                  fingerprint=manifest.fingerprint, desc=desc):
-        rows = owners[index]
-        if last_layers:
-            last[rows] = task_last
-        window[rows], valid[rows] = task_window, task_valid
-    return last, window, valid
+    for index, part in imap_items(tasks, work, options, model_dir=model.directory,
+                                  fingerprint=model.manifest.fingerprint, desc=desc):
+        out.put(owners[index], part)
+    return out.last, out.window, out.valid
 
 
 @dataclass(frozen=True)
@@ -270,10 +258,10 @@ def ray_prober(model, tokenizer, config, options: RayOptions, rows_per_task: int
 
         def prompt_tasks(self, dataset) -> list:
             sequences, tasks = self.prompt_sequences(dataset), []
+            moments = _prefill_tasks(range(self.manifest.num_layers), True)
             # planned per CHUNK as the single-process pass does: the same shared prefix, the same batches
             for start in range(0, len(sequences), CHUNK):
-                tasks += _plan(sequences[start:start + CHUNK], self.config.batch_size,
-                               range(self.manifest.num_layers), True, rows_per_task)[0]
+                tasks += _plan(sequences[start:start + CHUNK], self.config.batch_size, moments, rows_per_task)[0]
             return tasks
 
         def text_tasks(self, dataset, side: str) -> list:

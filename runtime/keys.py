@@ -64,6 +64,20 @@ def prefix_cache(model: OnnxLM, prefix: list[int]) -> dict[str, np.ndarray]:
     return {name: value.numpy() for name, value in past.items()}
 
 
+def prefix_cacher(model: OnnxLM):
+    """prefix (tuple) -> its prefix_cache, keeping the last one: the tasks of a distributed pass (cluster/jobs.py)
+    come in plan order, so consecutive ones share a prefix; one is held at a time to bound memory."""
+    held = {}
+
+    def cache_of(prefix: tuple) -> dict[str, np.ndarray]:
+        if prefix not in held:
+            held.clear()
+            held[prefix] = prefix_cache(model, list(prefix))
+        return held[prefix]
+
+    return cache_of
+
+
 def prefill_rows(model: OnnxLM, suffixes: list[list[int]], shared: int, cache: dict[str, np.ndarray],
                  outputs: list[str], tail: int = 0) -> dict[str, np.ndarray]:
     """One batch of a pass: rows are [prefix (its cache) | left padding | suffix]; positions from the mask."""
@@ -80,12 +94,14 @@ def prefill_rows(model: OnnxLM, suffixes: list[list[int]], shared: int, cache: d
 
 def last_position_keys(model: OnnxLM, sequences: list[list[int]], outputs: list[str], batch_size: int,
                        progress: bool = False, desc: str = "keys", share_prefix: bool = True, bar=None,
-                       tail: int = 0):
+                       tail: int = 0, cache: dict[str, np.ndarray] | None = None):
     """Yield (sequence indices, {output: value at each sequence's last token}) batch by batch. The common
     prefix of all sequences runs once; its KV cache is repeated for every batch, so a prompt pass costs
-    the tokens after it only. Rows are [prefix | left padding | suffix]; positions come from the mask."""
+    the tokens after it only. Rows are [prefix | left padding | suffix]; positions come from the mask.
+    cache: the prefix's KV cache when the caller ran it already (every_position_keys reads its keys too)."""
     shared, batches = plan_batches(sequences, batch_size, share_prefix, keep=max(tail, 1))
-    cache = prefix_cache(model, sequences[0][:shared]) if shared else {}
+    if cache is None:
+        cache = prefix_cache(model, sequences[0][:shared]) if shared else {}
     for rows in (batches if bar is not None else tqdm(batches, desc=desc, unit="batch", disable=not progress)):
         values = prefill_rows(model, [sequences[i][shared:] for i in rows], shared, cache, outputs, tail)
         if bar is not None:
@@ -136,28 +152,40 @@ def prompt_window_keys(model: OnnxLM, sequences: list[list[int]], last_layers, w
     key.* outputs (the probe graph has key_last.* only). Prompts are grouped by their start as in
     grouped_last_keys; a shared prefix always leaves the last `positions` tokens, so a position is valid exactly
     when the prompt has that many tokens, as in the decode loop's left-padded batch and the server's engine."""
-    manifest = model.manifest
-    last_layers = resolve_layers(last_layers, manifest.num_layers)
-    window_layers = resolve_layers(window_layers, manifest.num_layers)
-    last_names = [require_key_last(manifest, model.directory)[i] for i in last_layers] if last_layers else []
-    window_names = [manifest.key_outputs[i] for i in window_layers]
-    width = manifest.key_width
-    last = np.empty((len(sequences), len(last_layers), width), dtype=np.float32)
-    shape = (len(window_layers), width) if pool else (positions, len(window_layers), width)
-    window = np.zeros((len(sequences),) + shape, dtype=np.float32)
-    valid = np.zeros((len(sequences), positions), dtype=bool)
+    out = WindowArrays(model, len(sequences), last_layers, window_layers, positions, pool)
     for group in prefix_groups(sequences, batch_size):
         members = [sequences[i] for i in group]
         # tail=positions: any shared prefix leaves each prompt's last `positions` tokens in its own row
-        for rows, values in last_position_keys(model, members, last_names + window_names, batch_size, desc=desc,
-                                               tail=positions):
-            index = [group[row] for row in rows]
+        for rows, values in last_position_keys(model, members, out.last_names + out.window_names, batch_size,
+                                               desc=desc, tail=positions):
             lengths = np.array([len(members[row]) for row in rows])
-            part_last, window[index], valid[index] = window_batch(values, lengths, last_names, window_names,
-                                                                  positions, pool)
-            if last_names:
-                last[index] = part_last
-    return last, window, valid
+            out.put([group[row] for row in rows],
+                    window_batch(values, lengths, out.last_names, out.window_names, positions, pool))
+    return out.last, out.window, out.valid
+
+
+class WindowArrays:
+    """The outputs of one window pass (prompt_window_keys, or cluster/jobs.py's on a pool), filled batch by batch:
+    last (n, L, F), window (n, P, W, F) or pooled (n, W, F), valid (n, P); and the key outputs that feed them."""
+
+    def __init__(self, model: OnnxLM, count: int, last_layers, window_layers, positions: int, pool: bool):
+        manifest = model.manifest
+        self.last_layers = resolve_layers(last_layers, manifest.num_layers)
+        self.window_layers = resolve_layers(window_layers, manifest.num_layers)
+        key_last = require_key_last(manifest, model.directory) if self.last_layers else []
+        self.last_names = [key_last[i] for i in self.last_layers]
+        self.window_names = [manifest.key_outputs[i] for i in self.window_layers]
+        width = manifest.key_width
+        self.last = np.empty((count, len(self.last_layers), width), dtype=np.float32)
+        shape = (len(self.window_layers), width) if pool else (positions, len(self.window_layers), width)
+        self.window = np.zeros((count,) + shape, dtype=np.float32)
+        self.valid = np.zeros((count, positions), dtype=bool)
+
+    def put(self, index: list[int], part: tuple):
+        """part: window_batch's (last or None, window, valid) of the sequences at index."""
+        part_last, self.window[index], self.valid[index] = part
+        if self.last_layers:
+            self.last[index] = part_last
 
 
 def window_batch(values: dict[str, np.ndarray], lengths: np.ndarray, last_names: list[str], window_names: list[str],
@@ -187,8 +215,9 @@ def every_position_keys(model: OnnxLM, sequences: list[list[int]], layers, batch
     for group in prefix_groups(sequences, batch_size):
         members = [sequences[i] for i in group]
         shared, _ = plan_batches(members, batch_size)
-        lead = prefix_keys(model, members[0][:shared], names)   # (shared, layers, F)
-        for rows, values in last_position_keys(model, members, names, batch_size, desc=desc, tail=EVERY_POSITION):
+        cache, lead = prefix_pass(model, members[0][:shared], names)   # lead: (shared, layers, F)
+        for rows, values in last_position_keys(model, members, names, batch_size, desc=desc, tail=EVERY_POSITION,
+                                               cache=cache):
             keys = np.stack([values[name] for name in names], axis=2)   # (B, S, W, F), the rows after the prefix
             lengths = np.array([len(members[row]) - shared for row in rows])
             valid = np.arange(keys.shape[1])[None, :] >= keys.shape[1] - lengths[:, None]
@@ -198,13 +227,16 @@ def every_position_keys(model: OnnxLM, sequences: list[list[int]], layers, batch
             yield [group[row] for row in rows], keys, valid
 
 
-def prefix_keys(model: OnnxLM, prefix: list[int], names: list[str]) -> np.ndarray:
-    """(len(prefix), len(names), F) the keys of names at every position of a prefix run alone."""
+def prefix_pass(model: OnnxLM, prefix: list[int], names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One forward of a prefix alone: (its KV cache as prefix_cache returns it, the keys of names at every
+    position (len(prefix), len(names), F))."""
     if not prefix:
-        return np.zeros((0, len(names), model.manifest.key_width), np.float32)
+        return {}, np.zeros((0, len(names), model.manifest.key_width), np.float32)
     ids = np.asarray([prefix], dtype=np.int64)
-    _, _, values = model.forward(ids, np.ones_like(ids), model.empty_past(1), names, logits=False, tail=EVERY_POSITION)
-    return np.stack([values[name][0] for name in names], axis=1)
+    _, past, values = model.forward(ids, np.ones_like(ids), model.empty_past(1), names, logits=False,
+                                    tail=EVERY_POSITION)
+    return ({name: value.numpy() for name, value in past.items()},
+            np.stack([values[name][0] for name in names], axis=1))
 
 
 def guard_prompt_keys(model: OnnxLM, guard, sequences: list[list[int]], batch_size: int = 8, desc: str = "keys",
