@@ -319,7 +319,7 @@ def chat_dataset() -> Dataset:
 
 # ------------------------------------------------------------------------------------------ prompt formats
 # What users send besides one chat-templated turn: raw text (`ksd-run --no-chat`, /v1/completions, base models),
-# completion frames, a system prompt, a conversation. The key at the last prompt token moves with the format
+# completion frames, a system prompt, a conversation (templated, or pasted as plain text). The key at the last prompt token moves with the format
 # (on SmolLM2 a raw "Question: ...\nAnswer:" walked past a chat-fitted guard), so `unskill guard` fits and
 # calibrates on every prompt in several formats, forget and retain side alike.
 COMPLETION_FRAMES = ["Question: {q}\nAnswer:", "Q: {q}\nA:", "{q}\n\nAnswer:", "Task: {q}\nResponse:",
@@ -329,9 +329,9 @@ SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a friendly AI that an
 PRIOR_TURNS = [("Hi there!", "Hi! What would you like to talk about?"),
                ("Can I ask you something?", "Of course, go ahead."),
                ("Thanks for your help earlier.", "You're welcome! What else can I do for you?")]
-# Every prompt is read in each BASE format and in one ROTATED one (by its index), so formats cost 3x, not 6x.
+# Every prompt is read in each BASE format and in one ROTATED one (by its index), so formats cost 3x, not 7x.
 BASE_FORMATS = ("chat", "raw")
-ROTATED_FORMATS = ("frame-raw", "frame-chat", "system", "turns")
+ROTATED_FORMATS = ("frame-raw", "frame-chat", "system", "turns", "turns-raw")
 FORMAT_SETS = {"chat": ("chat",), "raw": ("raw",), "all": BASE_FORMATS + ROTATED_FORMATS}
 
 
@@ -344,10 +344,10 @@ def in_format(prompt: str, fmt: str, index: int):
     if fmt == "system":
         return [{"role": "system", "content": SYSTEM_PROMPTS[index % len(SYSTEM_PROMPTS)]},
                 {"role": "user", "content": prompt}], True
-    if fmt == "turns":
+    if fmt.startswith("turns"):   # turns-raw: a conversation pasted as plain text (/v1/completions, base models)
         asked, answered = PRIOR_TURNS[index % len(PRIOR_TURNS)]
         return [{"role": "user", "content": asked}, {"role": "assistant", "content": answered},
-                {"role": "user", "content": prompt}], True
+                {"role": "user", "content": prompt}], fmt == "turns"
     raise ValueError(f"unknown prompt format {fmt!r}")
 
 

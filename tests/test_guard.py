@@ -19,9 +19,10 @@ OTHER = [f"The {thing} of {place} is famous for its {quality}." for thing in ("c
 def test_formats_render_every_prompt_in_chat_raw_and_one_rotated_format():
     rendered = augment.formats_of("What is 2+2?", 0, augment.FORMAT_SETS["all"])
     assert rendered[:2] == [("What is 2+2?", True), ("What is 2+2?", False)] and len(rendered) == 3
-    rotated = [augment.formats_of("Q?", i, augment.FORMAT_SETS["all"])[2] for i in range(4)]
+    rotated = [augment.formats_of("Q?", i, augment.FORMAT_SETS["all"])[2] for i in range(5)]
     assert rotated[0] == ("Question: Q?\nAnswer:", False) and rotated[1][1] is True          # frame raw, frame chat
     assert rotated[2][0][0]["role"] == "system" and [m["role"] for m in rotated[3][0]] == ["user", "assistant", "user"]
+    assert rotated[3][1] is True and rotated[4][1] is False and len(rotated[4][0]) == 3   # a conversation, chat and raw
     one = [augment.formats_of("Q?", i, augment.FORMAT_SETS["all"], one=True)[0] for i in range(12)]
     assert one[0::3] == [("Q?", True)] * 4 and one[1::3] == [("Q?", False)] * 4   # a third chat, a third raw
     assert len({json.dumps(r) for r in one[2::3]}) == 4                          # the rest: every other format
