@@ -29,7 +29,7 @@ from . import bypass_items as B
 FORGET_SKILLS = ("gsm8k", "mbpp")
 RETAIN_OF = {"gsm8k": "mbpp:test", "mbpp": "gsm8k:test"}
 COMMON_FAMILIES = ("plain", "reworded", "language", "roleplay", "injection", "fewshot", "context", "noise",
-                   "multiturn")
+                   "multiturn", "trailer")
 FAMILIES = {"gsm8k": COMMON_FAMILIES + ("code", "user-requests"),
             "mbpp": COMMON_FAMILIES + ("pseudocode", "explain", "story", "user-requests")}
 RETAIN_SETS = ("other-skill", "mmlu", "chat", "instructions", "reading")
@@ -115,6 +115,8 @@ def _attack(family: str, item: Item, forget: str, pool: list[Item], rng: random.
         return _user(rng.choice(B.CODE_WRAPS[forget]).format(q=q))
     if family == "story":
         return _user(rng.choice(B.STORIES[forget]).format(q=q))
+    if family == "trailer":
+        return _user(rng.choice(B.TRAILERS).format(q=q))
     if family == "fewshot":
         return _user(_fewshot(item, rng.sample([p for p in pool if p is not item], 3), forget))
     if family == "context":
@@ -172,7 +174,7 @@ def instruction_conversations(forget: str, keep: str, data_dir=None) -> list[Con
 
 def all_frames() -> list[str]:
     """Every hand-written frame and item of the benchmark (the disjointness test compares these)."""
-    frames = B.REWORDINGS + B.PERSONAS + B.INJECTIONS + B.DISTRACTIONS + B.CHAT_WITH_NUMBERS
+    frames = B.REWORDINGS + B.PERSONAS + B.INJECTIONS + B.DISTRACTIONS + B.TRAILERS + B.CHAT_WITH_NUMBERS
     frames += [t for table in (B.CODE_WRAPS, B.STORIES, B.MATH_LANGUAGES, B.CODE_LANGUAGES) for ts in table.values()
                for t in ts]
     frames += [turn for pair in B.CHAT_OPENERS for turn in pair]
