@@ -92,10 +92,11 @@ def test_smollm2_completions_endpoint_refuses_a_math_prompt(smollm2_export, tmp_
     server, port = serve_in_thread(build_app(engine, "smollm2", "k"))
     try:
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=120)
-        # a guard from 40 probes refuses this raw prompt within its answer (the runtime checks every decoded token):
-        # on the reference export at the 14th token; a server that shares no cached prefix with it (a rule over
-        # the prompt's last 32 positions reads them all) decodes it in other float orders, so room up to 32
-        raw = api.completions.create(model="smollm2", prompt="Question: What is 15% of 240?\nAnswer:", max_tokens=32)
+        # a word problem, the kind the 40 built-in probes hold, in a completion frame (the runtime checks the prompt
+        # and every decoded token; room up to 32). The bare "What is 15% of 240?" in this frame is refused
+        # in chat but passes a guard this small in raw form since the fit's answer-opening trailers (docs/guard.md)
+        raw = api.completions.create(model="smollm2", max_tokens=32, prompt="Question: Sara buys 3 notebooks at 4 "
+                                     "dollars each and pays with a 20 dollar bill. How much change does she get?\nAnswer:")
         assert raw.choices[0].finish_reason == "content_filter"
         chat = api.chat.completions.create(model="smollm2", max_tokens=16, messages=[
             {"role": "user", "content": "A baker makes 24 muffins and sells 3/4 of them. How many muffins are left?"}])
