@@ -23,7 +23,7 @@ from unskill.stats.guard import refusal_rates
 FORGET = {"math": "gsm8k:test", "code": "mbpp:test"}
 
 
-SETS = ("forget", "other", "mmlu", "chat", "instructions", "reading")
+SETS = ("forget", "other", "mmlu", "chat", "instructions", "reading", "arithmetic")
 
 
 def datasets(skill: str, limit: int, data_dir, names=SETS) -> list[Dataset]:
@@ -35,7 +35,8 @@ def datasets(skill: str, limit: int, data_dir, names=SETS) -> list[Dataset]:
             "mmlu": lambda: sample(without_skill_subjects(load_dataset("mmlu:test", data_dir), skill), limit),
             "chat": lambda: Dataset("bypass-chat", [Item(text) for text in CHAT]),
             "instructions": lambda: load_dataset(f"instructions:heldout-no{skill}", data_dir),
-            "reading": lambda: reading_passages(data_dir, -(-limit // len(XQUAD_LANGUAGES)), "test")}
+            "reading": lambda: reading_passages(data_dir, -(-limit // len(XQUAD_LANGUAGES)), "test"),
+            "arithmetic": lambda: sample(load_dataset("gsm8k:test-arithmetic", data_dir), limit)}
     return [make[name]() for name in names]
 
 

@@ -15,7 +15,10 @@ SPEC forms:
 Benchmark splits:
   gsm8k    train, validation, test. validation is the LAST 500 items of train.jsonl and `train`
            excludes them, so a model tuned on `train` can be checked on `validation` without
-           touching the official test set.
+           touching the official test set. SPLIT-arithmetic (e.g. `gsm8k:test-arithmetic`): the arithmetic
+           inside the split's solutions, asked bare ("What is 16 - 3 - 4?"): the first calculator
+           annotation (`<<16-3-4=9>>`) with an operator of each solution, duplicates dropped, in
+           ARITHMETIC_WORDINGS by turn; completion = the annotation's result.
   mbpp     prompt (task_id 1-10), test (11-510), validation (511-600), train (601-974), the HF
            convention. The source file's code uses CRLF (and a few bare CR) line ends; they are
            normalised to LF so tokenizers do not see stray '\\r' tokens.
@@ -70,7 +73,8 @@ BENCHMARKS = ("gsm8k", "mbpp", "mmlu", "instructions") + tuple(f"xquad-{lang}" f
 BUILTIN_SIZE = 300
 GSM8K_VALIDATION_SIZE = 500
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
-_SPLITS = {"gsm8k": ("train", "validation", "test"), "mbpp": tuple(MBPP_SPLITS), "mmlu": ("dev", "test"),
+_GSM8K_SPLITS = ("train", "validation", "test")
+_SPLITS = {"gsm8k": _GSM8K_SPLITS + tuple(f"{split}-arithmetic" for split in _GSM8K_SPLITS), "mbpp": tuple(MBPP_SPLITS), "mmlu": ("dev", "test"),
            "xquad": ("train", "test"),
            "instructions": tuple(f"{split}{suffix}" for split in ("calibration", "heldout", "all")
                                  for suffix in ("", "-math", "-code", "-other", "-nomath", "-nocode"))}
@@ -181,7 +185,15 @@ def _load_benchmark(spec: str, bench: str, split: str, data_dir, limit: int | No
     return dataset
 
 
+# How a bare calculation is asked (gsm8k:SPLIT-arithmetic): a user who wants the sum, not the story around it.
+ARITHMETIC_WORDINGS = ("What is {e}?", "Compute {e}.", "Calculate {e}", "{e} = ?", "Quick question: what's {e}?")
+_ANNOTATION = re.compile(r"<<([^<>=]*[-+*/][^<>=]*)=([^<>]*)>>")
+
+
 def _gsm8k(root: Path, split: str) -> tuple[Path, list[Item]]:
+    if split.endswith("-arithmetic"):
+        path, items = _gsm8k(root, split.removesuffix("-arithmetic"))
+        return path, _bare_arithmetic(items)
     path = root / "gsm8k" / ("test.jsonl" if split == "test" else "train.jsonl")
     items = [Item(_field(path, loc, rec, "question"), _field(path, loc, rec, "answer"))
              for loc, rec in _objects(path, _jsonl_records(path))]
@@ -190,6 +202,22 @@ def _gsm8k(root: Path, split: str) -> tuple[Path, list[Item]]:
     elif split == "train":
         items = items[:-GSM8K_VALIDATION_SIZE]
     return path, items
+
+
+def _bare_arithmetic(items: list[Item]) -> list[Item]:
+    """Each solution's first calculation with an operator, spaced as people type it, asked in a wording."""
+    asked, seen = [], set()
+    for item in items:
+        found = _ANNOTATION.search(item.completion or "")
+        if not found:
+            continue
+        expression = re.sub(r"\s*([-+*/])\s*", r" \1 ", found[1]).strip()
+        if expression in seen:
+            continue
+        seen.add(expression)
+        wording = ARITHMETIC_WORDINGS[len(asked) % len(ARITHMETIC_WORDINGS)]
+        asked.append(Item(wording.format(e=expression), found[2].strip()))
+    return asked
 
 
 def _mbpp(root: Path, split: str) -> tuple[Path, list[Item]]:

@@ -13,7 +13,7 @@ import pytest
 
 from unskill.runtime.errors import UnskillError
 from unskill.stats import builtin_probes
-from unskill.stats.datasets import BENCHMARKS, BUILTINS, Dataset, Item, load_dataset, resolve_data_dir
+from unskill.stats.datasets import ARITHMETIC_WORDINGS, BENCHMARKS, BUILTINS, Dataset, Item, load_dataset, resolve_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,6 +146,24 @@ def test_gsm8k_validation_is_carved_from_train(data_dir):
         load_dataset("gsm8k:test", data_dir=data_dir).items[:5]
 
 
+def test_gsm8k_arithmetic_asks_each_solutions_first_calculation(data_dir):
+    """gsm8k:SPLIT-arithmetic: the bare calculation of each solution, its result as the completion."""
+    asked = load_dataset("gsm8k:test-arithmetic", data_dir=data_dir)
+    assert (asked.name, len(asked)) == ("gsm8k:test-arithmetic", 930)
+    assert asked.items[0] == Item("What is 16 - 3 - 4?", "9")   # Janet's ducks: <<16-3-4=9>>
+    assert len(set(asked.prompts)) == len(asked)
+    right = 0
+    for item in asked.items:
+        before, after = next(w.split("{e}") for w in ARITHMETIC_WORDINGS
+                             if item.prompt.startswith(w.split("{e}")[0]) and item.prompt.endswith(w.split("{e}")[1]))
+        expression = item.prompt[len(before):len(item.prompt) - len(after)]
+        try:
+            right += abs(_arith(ast.parse(expression, mode="eval")) - float(item.completion)) < 1e-6
+        except (ValueError, SyntaxError):
+            pass   # a few annotations hold percent signs or a rounded result
+    assert right >= 0.9 * len(asked), right
+
+
 def test_mbpp_prompt_format(data_dir):
     first = load_dataset("mbpp:test", data_dir=data_dir).items[0]
     assert first.prompt == ("Write a python function to remove first and last occurrence of a given character from "
@@ -213,6 +231,11 @@ def test_small_fake_benchmarks(tmp_path):
     (tmp_path / "gsm8k" / "train.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
     assert load_dataset("gsm8k", data_dir=tmp_path).prompts == ["q0", "q1", "q2"]
     assert load_dataset("gsm8k:validation", data_dir=tmp_path).prompts[0] == "q3"
+    rows = [{"question": "q", "answer": a} for a in ("x <<7=7>> y <<2+3=5>> z <<4*4=16>>", "<<2 + 3=5>>", "#### 1",
+                                                    "<<10/4=2.5>>")]
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    assert load_dataset("gsm8k:test-arithmetic", data_dir=tmp_path).items == [
+        Item(ARITHMETIC_WORDINGS[0].format(e="2 + 3"), "5"), Item(ARITHMETIC_WORDINGS[1].format(e="10 / 4"), "2.5")]
 
     (tmp_path / "mbpp").mkdir()
     (tmp_path / "mbpp" / "mbpp.jsonl").write_text(json.dumps({"task_id": 11, "text": "t", "code": "c"}) + "\n")
