@@ -74,7 +74,8 @@ BUILTIN_SIZE = 300
 GSM8K_VALIDATION_SIZE = 500
 MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 _GSM8K_SPLITS = ("train", "validation", "test")
-_SPLITS = {"gsm8k": _GSM8K_SPLITS + tuple(f"{split}-arithmetic" for split in _GSM8K_SPLITS), "mbpp": tuple(MBPP_SPLITS), "mmlu": ("dev", "test"),
+_SPLITS = {"gsm8k": _GSM8K_SPLITS + tuple(f"{split}-arithmetic" for split in _GSM8K_SPLITS),
+           "mbpp": tuple(MBPP_SPLITS), "mmlu": ("dev", "test"),
            "xquad": ("train", "test"),
            "instructions": tuple(f"{split}{suffix}" for split in ("calibration", "heldout", "all")
                                  for suffix in ("", "-math", "-code", "-other", "-nomath", "-nocode"))}
