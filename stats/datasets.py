@@ -205,19 +205,32 @@ def _gsm8k(root: Path, split: str) -> tuple[Path, list[Item]]:
     return path, items
 
 
+def first_calculation(solution: str | None) -> tuple[str, str] | None:
+    """(expression, result) of a GSM8K solution's first calculator annotation with an operator (`<<16-3-4=9>>`
+    -> ("16 - 3 - 4", "9")), the expression spaced as people type it; None when it shows none. The benchmark's
+    bare calculations (SPLIT-arithmetic) and the guard fit's (stats/augment.py "bare") both come from here."""
+    found = _ANNOTATION.search(solution or "")
+    if not found:
+        return None
+    return spaced_operators(found[1]), found[2].strip()
+
+
+def spaced_operators(expression: str) -> str:
+    """One space either side of every + - * / ("16-3*4" -> "16 - 3 * 4")."""
+    return re.sub(r"\s*([-+*/])\s*", r" \1 ", expression).strip()
+
+
 def _bare_arithmetic(items: list[Item]) -> list[Item]:
-    """Each solution's first calculation with an operator, spaced as people type it, asked in a wording."""
+    """Each solution's first calculation, asked in a wording (duplicates dropped)."""
     asked, seen = [], set()
     for item in items:
-        found = _ANNOTATION.search(item.completion or "")
-        if not found:
+        found = first_calculation(item.completion)
+        if not found or found[0] in seen:
             continue
-        expression = re.sub(r"\s*([-+*/])\s*", r" \1 ", found[1]).strip()
-        if expression in seen:
-            continue
+        expression, result = found
         seen.add(expression)
         wording = ARITHMETIC_WORDINGS[len(asked) % len(ARITHMETIC_WORDINGS)]
-        asked.append(Item(wording.format(e=expression), found[2].strip()))
+        asked.append(Item(wording.format(e=expression), result))
     return asked
 
 
