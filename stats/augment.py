@@ -407,7 +407,7 @@ def encode_formats(tokenizer, prompts: list[str], formats=("chat",), one: bool =
 
 
 def all_frames() -> list[str]:
-    frames = WRAPPERS + PERSONAS + STORY_FRAMES + TRAILERS + INSTRUCTIONS + CHAT + CHAT_REQUESTS + list(MATH_LANGUAGES.values())
+    frames = WRAPPERS + PERSONAS + STORY_FRAMES + TRAILERS + BARE_WORDINGS + INSTRUCTIONS + CHAT + CHAT_REQUESTS + list(MATH_LANGUAGES.values())
     frames += COMPLETION_FRAMES + SYSTEM_PROMPTS + [text for turn in PRIOR_TURNS for text in turn]
     frames += [t for ts in CODE_LANGUAGES.values() for t in ts]
     return frames + [t for ts in CODE_REQUESTS.values() for t in ts]

@@ -31,6 +31,28 @@ def test_augmentation_frames_share_nothing_with_the_benchmark():
     assert not shared, shared
 
 
+def test_math_fit_asks_calculations_bare_and_leaves_the_other_families_as_they_were(data_dir):
+    """The math fit's "bare" family: each probe's first calculation (else two of its numbers), worded apart from
+    the benchmark's bare calculations; appended last, so every other family draws as before; not in a coding fit."""
+    from unskill.stats.datasets import ARITHMETIC_WORDINGS, Item, first_calculation, load_dataset
+
+    train = load_dataset("gsm8k:train", data_dir, 40)
+    fitted = augment.augment(train, "math", seed=3).items
+    assert fitted[:-40] == augment.augment(train, "math", seed=3, families=augment.FAMILIES).items
+    shown = [(first_calculation(item.completion), bare.prompt) for item, bare in zip(train.items, fitted[-40:])]
+    assert sum(calculation is not None for calculation, _ in shown) >= 35   # a few solutions show none
+    for calculation, bare in shown:
+        assert calculation is None or bare in {w.format(e=calculation[0]) for w in augment.BARE_WORDINGS}, bare
+    story = augment.augment(augment.Dataset("x", [Item("Ann has 12 pens and buys 30 more. How many?")]), "math")
+    assert re.fullmatch(r"\D*(12|30) [-+*/] (12|30)\D*", story.items[-1].prompt), story.items[-1].prompt
+    code = load_dataset("mbpp:train", data_dir, 10)
+    assert augment.augment(code, "code").items == augment.augment(code, "code", families=augment.FAMILIES).items
+    # worded apart from gsm8k:test-arithmetic (guard_rates' held-out bare calculations): no prompt in common
+    assert not set(augment.BARE_WORDINGS) & set(ARITHMETIC_WORDINGS)
+    every = augment.augment(load_dataset("gsm8k:train", data_dir), "math", families=("bare",)).prompts
+    assert not set(every) & set(load_dataset("gsm8k:test-arithmetic", data_dir).prompts)
+
+
 def test_bypass_sets_are_deterministic_and_use_held_out_items(data_dir):
     for forget in bypass.FORGET_SKILLS:
         first = bypass.bypass_sets(forget, data_dir, limit=6, seed=3)
