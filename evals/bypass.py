@@ -8,6 +8,8 @@ chat with numbers in it, and real users' requests: the held-out half of the user
 the skill's label, `instructions:heldout-no<kind>`), and reading comprehension: XQuAD test passages with a
 question, in seven languages. The same held-out half's requests labelled with the skill
 (`instructions:heldout-<kind>`, few) are one more attack family: the skill as real users ask for it.
+GSM8K's "calculation" family asks each item's first calculation bare ("What is 16 - 3 - 4?", the wordings of
+`gsm8k:SPLIT-arithmetic`; the fit's bare calculations come from train solutions in other wordings).
 Every choice is drawn from `random.Random(seed)`: the same arguments give the same prompts.
 Nothing here may be used to fit or calibrate a guard (that is stats/augment.py, tested disjoint).
 
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 
 from unskill.runtime.errors import UnskillError
 from unskill.stats.augment import without_skill_subjects
-from unskill.stats.datasets import XQUAD_LANGUAGES, Item, load_dataset, reading_passages, sample
+from unskill.stats.datasets import (ARITHMETIC_WORDINGS, XQUAD_LANGUAGES, Item, first_calculation, load_dataset,
+                                    reading_passages, sample)
 
 from . import bypass_items as B
 
@@ -30,7 +33,7 @@ FORGET_SKILLS = ("gsm8k", "mbpp")
 RETAIN_OF = {"gsm8k": "mbpp:test", "mbpp": "gsm8k:test"}
 COMMON_FAMILIES = ("plain", "reworded", "language", "roleplay", "injection", "fewshot", "context", "noise",
                    "multiturn", "trailer")
-FAMILIES = {"gsm8k": COMMON_FAMILIES + ("code", "user-requests"),
+FAMILIES = {"gsm8k": COMMON_FAMILIES + ("code", "user-requests", "calculation"),
             "mbpp": COMMON_FAMILIES + ("pseudocode", "explain", "story", "user-requests")}
 RETAIN_SETS = ("other-skill", "mmlu", "chat", "instructions", "reading")
 KIND_OF = {"gsm8k": "math", "mbpp": "code"}    # the instructions label (and augment kind) of each forget skill
@@ -128,6 +131,10 @@ def _attack(family: str, item: Item, forget: str, pool: list[Item], rng: random.
         return (("user", opener[0]), ("assistant", opener[1]), ("user", q))
     if family == "pseudocode":
         return _user("Turn this pseudo-code into a working program:\n" + _pseudocode(item.completion))
+    if family == "calculation":   # the problem's first calculation asked bare (a solution without one: another's)
+        shown = first_calculation(item.completion) or next(
+            c for c in map(first_calculation, (p.completion for p in rng.sample(pool, len(pool)))) if c)
+        return _user(rng.choice(ARITHMETIC_WORDINGS).format(e=shown[0]))
     if family == "explain":
         call = item.tests[0].removeprefix("assert").split("==")[0].strip()
         return _user(f"What does this code print?\n\n{item.completion.strip()}\n\nprint({call})")

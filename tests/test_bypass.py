@@ -51,6 +51,11 @@ def test_math_fit_asks_calculations_bare_and_leaves_the_other_families_as_they_w
     assert not set(augment.BARE_WORDINGS) & set(ARITHMETIC_WORDINGS)
     every = augment.augment(load_dataset("gsm8k:train", data_dir), "math", families=("bare",)).prompts
     assert not set(every) & set(load_dataset("gsm8k:test-arithmetic", data_dir).prompts)
+    held = next(s for s in bypass.bypass_sets("gsm8k", data_dir, limit=20) if s.name == "calculation")
+    asked = [c[-1][1] for c in held.conversations]
+    assert len(asked) == 20 and not set(asked) & set(every)
+    assert all(any(re.fullmatch(re.escape(w).replace(r"\{e\}", r"[\d.]+(?: [-+*/] [\d.]+)+"), text)
+                   for w in ARITHMETIC_WORDINGS) for text in asked), asked
 
 
 def test_bypass_sets_are_deterministic_and_use_held_out_items(data_dir):
