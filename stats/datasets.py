@@ -212,12 +212,7 @@ def first_calculation(solution: str | None) -> tuple[str, str] | None:
     found = _ANNOTATION.search(solution or "")
     if not found:
         return None
-    return spaced_operators(found[1]), found[2].strip()
-
-
-def spaced_operators(expression: str) -> str:
-    """One space either side of every + - * / ("16-3*4" -> "16 - 3 * 4")."""
-    return re.sub(r"\s*([-+*/])\s*", r" \1 ", expression).strip()
+    return re.sub(r"\s*([-+*/])\s*", r" \1 ", found[1]).strip(), found[2].strip()
 
 
 def _bare_arithmetic(items: list[Item]) -> list[Item]:

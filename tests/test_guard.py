@@ -93,8 +93,8 @@ def test_smollm2_completions_endpoint_refuses_a_math_prompt(smollm2_export, tmp_
     try:
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=120)
         # a word problem, the kind the 40 built-in probes hold, in a completion frame (the runtime checks the prompt
-        # and every decoded token; room up to 32). The bare "What is 15% of 240?" in this frame is refused
-        # in chat but passes a guard this small in raw form since the fit's answer-opening trailers (docs/guard.md)
+        # and every decoded token; room up to 32). The bare "What is 15% of 240?" passed a guard this small
+        # in raw form until the math fit asked calculations bare (docs/guard.md); this test has not been switched to it
         raw = api.completions.create(model="smollm2", max_tokens=32, prompt="Question: Sara buys 3 notebooks at 4 "
                                      "dollars each and pays with a 20 dollar bill. How much change does she get?\nAnswer:")
         assert raw.choices[0].finish_reason == "content_filter"
