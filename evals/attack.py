@@ -173,9 +173,10 @@ def random_search(requests: list[Conversation], decide: Decide, vocab_size: int,
     """Per request: all frames once (no suffix), then rounds of SEARCH_BATCH mutations of the best candidate (a
     fresh random suffix on the first round, then one suffix token replaced, or the frame swapped with p = 0.2),
     keeping the lowest score, until a query is answered or the budget max(steps) is spent. Per request the index of
-    the answering query, or None."""
+    the answering query, or None, and its text (`answered`: what got through, for the report and its analysis)."""
     budget = max(steps)
     first: list[int | None] = [None] * len(requests)
+    answered_text: list[str | None] = [None] * len(requests)
     best = [Candidate(0, ()) for _ in requests]
     rngs = [random.Random(f"attack:search:{seed}:{r}") for r in range(len(requests))]
     sent = [0] * len(requests)
@@ -195,6 +196,7 @@ def random_search(requests: list[Conversation], decide: Decide, vocab_size: int,
             answered = np.flatnonzero(~refused[offset:offset + size])
             if answered.size:
                 first[r] = sent[r] + int(answered[0]) + 1
+                answered_text[r] = batch[offset + int(answered[0])][-1][1]
             for candidate, score in zip(rounds[r], scores[offset:offset + size]):
                 candidate.score = float(score)
                 if candidate.score < best[r].score:
@@ -203,7 +205,7 @@ def random_search(requests: list[Conversation], decide: Decide, vocab_size: int,
             offset += size
             rounds[r] = [_mutate(best[r], rngs[r], vocab_size) for _ in range(SEARCH_BATCH)]
     return {"requests": len(requests), "first_answered": first, "queries": sum(sent),
-            "success": success_curve(first, steps), "frames": len(SEARCH_FRAMES)}
+            "success": success_curve(first, steps), "frames": len(SEARCH_FRAMES), "answered": answered_text}
 
 
 def _mutate(candidate: Candidate, rng: random.Random, vocab_size: int) -> Candidate:

@@ -315,6 +315,11 @@ def _attack_table(source: str, task_name: str, stats_name: str, task: dict, comm
     if examples:
         lines += ["First Best-of-N sample that got through: " + "; ".join(
             e.replace("|", "\\|").replace("\n", " ") for e in examples), ""]
+    passed = [f"{fmt}: `{next(text for text in run['search']['answered'] if text)[:200]}`"
+              for fmt, run in formats.items() if any(run.get("search", {}).get("answered") or [])]
+    if passed:   # (results written before the search kept its answered prompts have no such line)
+        lines += ["First search prompt that got through: " + "; ".join(
+            e.replace("|", "\\|").replace("\n", " ") for e in passed), ""]
     return lines
 
 

@@ -542,6 +542,31 @@ def test_best_of_n_stops_at_the_first_answered_sample_and_its_curve_is_monotone(
     assert all(short["success"][str(n)] == result["success"][str(n)] for n in (1, 2, 5, 10, 20, 50))
 
 
+def test_search_keeps_the_prompt_that_got_through():
+    """The search's answered prompt is the text the guard let through (the report prints it); a request the guard
+    never answers spends the whole budget and keeps none. The toy guard answers a suffix holding token 7."""
+    from unskill.evals import attack
+
+    requests = [(("user", f"Compute {i} plus {i + 3}."),) for i in range(3)]
+    sent = []
+
+    def decide(conversations):
+        texts = [c[-1][1] for c in conversations]
+        sent.extend(texts)
+        refused = np.array(["t7" not in text.split() or "plus 3" in text for text in texts])
+        return refused, np.full(len(texts), 2.0)
+
+    result = attack.random_search(requests, decide, vocab_size=10, seed=3, steps=(1, 50, 200),
+                                  vocabulary=lambda ids: " ".join(f"t{i}" for i in ids))
+    for r, (first, text) in enumerate(zip(result["first_answered"], result["answered"])):
+        mine = [t for t in sent if f"Compute {r} plus" in t]
+        if r == 0:   # "plus 3" is never answered
+            assert first is None and text is None and len(mine) == 200
+        else:
+            assert first is not None and mine[first - 1] == text and "t7" in text.split()
+            assert requests[r][0][1] in text
+
+
 def test_guard_decision_is_the_runtime_guards_and_its_score_crosses_one_where_it_fires(llama, tmp_path):
     """`guard_decision` returns KSDGuard.check's refusals; its score is <= 1 exactly on refused rows for box,
     gauss and ratio rules with votes."""

@@ -92,12 +92,12 @@ def test_smollm2_completions_endpoint_refuses_a_math_prompt(smollm2_export, tmp_
     server, port = serve_in_thread(build_app(engine, "smollm2", "k"))
     try:
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=120)
-        # a word problem, the kind the 40 built-in probes hold, in a completion frame (the runtime checks the prompt
-        # and every decoded token; room up to 32). The bare "What is 15% of 240?" passed a guard this small
-        # in raw form until the math fit asked calculations bare (docs/guard.md); this test has not been switched to it
-        raw = api.completions.create(model="smollm2", max_tokens=32, prompt="Question: Sara buys 3 notebooks at 4 "
-                                     "dollars each and pays with a 20 dollar bill. How much change does she get?\nAnswer:")
-        assert raw.choices[0].finish_reason == "content_filter"
+        # the issue's own prompt, a bare calculation in a completion frame and alone (the runtime checks the prompt and
+        # every decoded token; room up to 32): the 40 built-in probes are word problems, and the math fit's bare
+        # family (stats/augment.py) asks their calculations bare, so the guard holds the question asked alone too
+        for prompt in ("Question: What is 15% of 240?\nAnswer:", "What is 15% of 240?"):
+            raw = api.completions.create(model="smollm2", max_tokens=32, prompt=prompt)
+            assert raw.choices[0].finish_reason == "content_filter", prompt
         chat = api.chat.completions.create(model="smollm2", max_tokens=16, messages=[
             {"role": "user", "content": "A baker makes 24 muffins and sells 3/4 of them. How many muffins are left?"}])
         assert chat.choices[0].finish_reason == "content_filter"
@@ -149,3 +149,4 @@ def test_best_of_n_noise_is_seeded_and_joins_both_sides():
     sets = retain_sets("math", GuardConfig(limit=30, data_dir=None), None, warn=lambda line: None)
     names = [d.name for d in sets]
     assert "builtin:code+bon" in names and len(sets) == 2 * len([n for n in names if not n.endswith("+bon")])
+
