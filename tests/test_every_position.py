@@ -291,3 +291,33 @@ def test_calibrations_window_pass_reads_what_the_runtime_reads(suffix_guard):
             np.testing.assert_allclose(got, scores.min(), atol=1e-4)
     one = replace(region, anywhere_positions=1)
     assert np.isinf(lowest_earlier_scores(model, sequences[:2], one, batch_size=3)).all()
+
+
+def test_guard_reads_margins_fire_where_the_guard_does():
+    """scripts/guard_reads.py splits a linear rule's decision into its three reads: a prompt is refused exactly
+    where one of their margins is <= 0 (prompt_contains), and each read alone is that read's comparison."""
+    import importlib.util
+    from pathlib import Path
+
+    from unskill.runtime.ksd import LinearRegion
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "guard_reads.py"
+    spec = importlib.util.spec_from_file_location("guard_reads", path)
+    guard_reads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(guard_reads)
+    rng = np.random.default_rng(5)
+    weight = rng.normal(size=(2, 6)).astype(np.float32)
+    region = LinearRegion("s", (0, 1), weight, 0.1, -4.0, positions=4, pooled_weight=-weight, pooled_bias=0.2,
+                          pooled_threshold=-2.0, anywhere_threshold=-7.0, anywhere_positions=6)
+    keys = rng.normal(size=(200, 8, 2, 6)).astype(np.float32)
+    valid = np.ones((200, 8), bool)
+    valid[::3, :5] = False                      # left padding on some rows
+    margins = guard_reads.read_margins(region, keys, valid)
+    nearest = np.min(np.stack([margins[read] for read in guard_reads.READS]), axis=0)
+    inside = region.prompt_contains(keys, valid)
+    assert 0 < inside.sum() < 200 and all((margins[read] <= 0).any() for read in guard_reads.READS)
+    assert np.array_equal(inside, nearest <= 0)
+    assert np.array_equal(margins["last"] <= 0, region.contains(keys[:, -1]))
+    plain = LinearRegion("s", (0, 1), weight, 0.1, -0.5)   # a rule that reads the last token only
+    only = guard_reads.read_margins(plain, keys, valid)
+    assert np.isinf(only["mean"]).all() and np.isinf(only["anywhere"]).all()
