@@ -282,6 +282,26 @@ def noisy_copies(dataset: Dataset, every: int = 3, seed: int = 0) -> Dataset:
     return Dataset(f"{dataset.name}+bon", [Item(best_of_n_noise(item.prompt, rng)) for item in dataset.items[::every]])
 
 
+# A black-box search appends a suffix of random vocabulary tokens to a request and mutates it one token at a time
+# until the guard lets the request through (Andriushchenko et al., 2024; evals/attack.py, 12 tokens): the prompt's
+# last token and the mean of its last ones then read the junk, not the request. Fitting on such copies (forget
+# side: each probe; retain side: a third of each set, so benign text with junk after it stays answered) is the
+# defence; the tokens here are fresh random draws of the augmentation's own seed, never the search's.
+SUFFIX_TOKENS = (4, 16)   # the suffix's length in tokens, drawn uniformly
+
+
+def suffix_copies(dataset: Dataset, vocabulary, vocab_size: int, every: int = 1, seed: int = 0,
+                  group: str | None = None) -> Dataset:
+    """A copy of every `every`-th prompt with a suffix of random vocabulary tokens: vocabulary(ids) -> text (the
+    tokenizer's decode). The copies take `group` (FRAMED: read in one format each), else keep their items'."""
+    rng = random.Random(f"suffix:{seed}:{dataset.name}")
+    items = []
+    for item in dataset.items[::every]:
+        ids = [rng.randrange(vocab_size) for _ in range(rng.randint(*SUFFIX_TOKENS))]
+        items.append(Item(f"{item.prompt} {vocabulary(ids)}", group=item.group if group is None else group))
+    return Dataset(f"{dataset.name}+suffix", items)
+
+
 def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
     q = item.prompt if kind == "math" else item.prompt.split("\nYour code should pass these tests:")[0]
     if family == "wrapper":

@@ -14,7 +14,8 @@ last VALIDATION_SHARE for validation.
 Best-of-N noise (random capitalization, shuffled letters, ASCII noise; Hughes et al., 2024) is one family of
 the forget side's framed variants and every probe also gets a noised copy (an attacker resamples this noise until
 a request passes, so one family's share was too few), and a noised copy of every third retain prompt joins the
-retain side, so a garbled benign request is not refused either.
+retain side, so a garbled benign request is not refused either. Every probe and every third retain prompt also get
+a copy with a suffix of random vocabulary tokens (what a black-box search appends and mutates; stats/augment.py).
 
 Besides the moments of the probes' keys (the `ksd` group: the paper's cube, the Gaussian kinds), the probe pass
 keeps the keys themselves at FIT_LAYERS layers, and calibration fits a linear discriminant on them (the `linear`
@@ -95,14 +96,17 @@ def forget_sets(spec: str, limit: int, data_dir) -> tuple[Dataset, Dataset]:
     return Dataset(spec, items[:cut]), Dataset(f"{spec}[validation]", items[cut:])
 
 
-def retain_sets(kind: str | None, config: GuardConfig, data_dir, warn=print) -> list[Dataset]:
-    """The --retain sets, then the defaults; then a Best-of-N-noised copy of every third prompt of each."""
+def retain_sets(kind: str | None, config: GuardConfig, data_dir, warn=print, vocabulary=None) -> list[Dataset]:
+    """The --retain sets, then the defaults; then a Best-of-N-noised copy of every third prompt of each and, given
+    vocabulary (decode, vocab size), a random-suffixed copy of every third (the forget side has both kinds of copy:
+    without them here, the noise or the junk alone would read as the skill)."""
     sets = _plain_retain_sets(kind, config, data_dir, warn)
     if not config.noisy_retain:
         return sets
-    from .augment import noisy_copies
+    from .augment import noisy_copies, suffix_copies
 
-    return sets + [noisy_copies(dataset) for dataset in sets]
+    suffixed = [suffix_copies(dataset, *vocabulary, every=3) for dataset in sets] if vocabulary else []
+    return sets + [noisy_copies(dataset) for dataset in sets] + suffixed
 
 
 def _plain_retain_sets(kind: str | None, config: GuardConfig, data_dir, warn) -> list[Dataset]:
@@ -141,10 +145,12 @@ def make_guard(model: OnnxLM, tokenizer: TextTokenizer, forget_spec: str, config
     kind = skill_kind(forget_spec)
     augment_kind = kind if config.augment == "auto" else None if config.augment == "none" else config.augment
     probes, validation = forget_sets(forget_spec, config.limit, config.data_dir)
-    if augment_kind:   # Best-of-N-noised copies of every probe: one per family is too few to hold against it
-        from .augment import augment
-        probes = Dataset(probes.name, probes.items + augment(probes, augment_kind, seed=2, families=("bon",)).items)
-    retain = retain_sets(kind, config, config.data_dir, warn)
+    vocabulary = (tokenizer.decode, tokenizer.tokenizer.get_vocab_size())
+    if augment_kind:   # Best-of-N-noised and random-suffixed copies of every probe: one per family is too few
+        from .augment import FRAMED, augment, suffix_copies
+        probes = Dataset(probes.name, probes.items + augment(probes, augment_kind, seed=2, families=("bon",)).items
+                         + suffix_copies(probes, *vocabulary, group=FRAMED).items)
+    retain = retain_sets(kind, config, config.data_dir, warn, vocabulary if augment_kind else None)
     if not retain:
         raise UnskillError("unskill guard: no retain set (give --retain SPEC, or keep the default ones)")
     formats = FORMAT_SETS[config.formats]

@@ -2,6 +2,7 @@
 and raw-prompt mode alike; the prompt formats it fits on; on SmolLM2 `/v1/completions` refuses a math prompt."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -150,3 +151,35 @@ def test_best_of_n_noise_is_seeded_and_joins_both_sides():
     names = [d.name for d in sets]
     assert "builtin:code+bon" in names and len(sets) == 2 * len([n for n in names if not n.endswith("+bon")])
 
+
+def test_random_suffix_copies_are_seeded_fresh_and_join_both_sides():
+    """Each copy is its prompt, a space, then 4-16 random vocabulary tokens of the augmentation's own seed (the
+    search's suffixes are 12 tokens of another seed); a third of each retain set gets one when the guard passes the
+    tokenizer's vocabulary, none without it."""
+    from unskill.stats.datasets import Dataset
+    from unskill.stats.guard import GuardConfig, retain_sets
+    from unskill.stats.items import Item
+
+    def vocabulary(ids):
+        return "".join(f"<{i}>" for i in ids)
+
+    probes = Dataset("p", [Item(f"Question {i}: how many apples?", group="g") for i in range(30)])
+    copies = augment.suffix_copies(probes, vocabulary, 50000, group=augment.FRAMED)
+    assert copies.prompts == augment.suffix_copies(probes, vocabulary, 50000).prompts   # seeded
+    lengths = set()
+    for item, copy in zip(probes.items, copies.items):
+        head, suffix = copy.prompt[:len(item.prompt) + 1], copy.prompt[len(item.prompt) + 1:]
+        assert head == item.prompt + " " and copy.group == augment.FRAMED
+        tokens = re.findall(r"<(\d+)>", suffix)
+        assert "".join(f"<{t}>" for t in tokens) == suffix
+        lengths.add(len(tokens))
+    assert min(lengths) >= 4 and max(lengths) <= 16 and len(lengths) > 3
+    assert augment.suffix_copies(probes, vocabulary, 50000, seed=1).prompts != copies.prompts
+    config = GuardConfig(limit=30, data_dir=None)
+    plain = retain_sets("math", config, None, warn=lambda line: None)
+    with_suffix = retain_sets("math", config, None, warn=lambda line: None, vocabulary=(vocabulary, 50000))
+    suffixed = {d.name: d for d in with_suffix if d.name.endswith("+suffix")}
+    assert [d.name for d in with_suffix[:len(plain)]] == [d.name for d in plain]
+    assert set(suffixed) == {f"{d.name}+suffix" for d in plain if not d.name.endswith("+bon")}
+    general = next(d for d in plain if d.name == "builtin:general")
+    assert len(suffixed["builtin:general+suffix"].items) == len(general.items[::3])
