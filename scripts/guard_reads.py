@@ -75,13 +75,14 @@ def main(argv=None) -> int:
         nearest = np.min(np.stack([margins[read] for read in READS]), axis=0)
         refused = [hit is not None for hit in guard.check(keys, mask)]
         print(f"{dataset.name} {mode}: {sum(refused)} of {len(refused)} refused")
-        for row in np.argsort(nearest)[:args.show]:
+        shown = np.argsort(nearest)[:args.show]
+        for row in shown:
             cells = "  ".join(f"{read} {margins[read][row]:+.3f}" for read in READS)
             print(f"  {'refused ' if refused[row] else 'answered'} {cells}  {dataset.items[row].group or '-':6s} "
                   f"{dataset.prompts[row][:70]!r}")
         result["modes"][mode] = {"prompts": len(refused), "refused": int(sum(refused)), "nearest": [
             {"prompt": dataset.prompts[row][:80], "group": dataset.items[row].group, "refused": refused[row],
-             **{read: round(float(margins[read][row]), 4) for read in READS}} for row in np.argsort(nearest)[:args.show]]}
+             **{read: round(float(margins[read][row]), 4) for read in READS}} for row in shown]}
     if args.out:
         from unskill.runtime.io import write_json
         write_json(args.out, result)
