@@ -26,11 +26,13 @@ Benchmark splits:
   xquad-LL train (first half of the articles), test (second half); splitting by article keeps
            the same context paragraph from landing in both splits.
   instructions  calibration, heldout, all: the 252 user-oriented instructions (Self-Instruct), prompt =
-           instruction + the first instance's input. Split BY APP (within each label, apps in sha256 order go
-           alternately to heldout and calibration), so near-identical requests of one app never sit on both
-           sides. Each item's `group` is its label from the app (INSTRUCTION_SKILL_APPS): "math", "code" or
-           "other". A suffix keeps one label or drops one: `instructions:heldout-nocode` (everything a coding
-           guard must answer), `instructions:calibration-nomath`, `instructions:all-code`.
+           instruction + the first instance's input. Split BY APP (within each app label, apps in sha256 order
+           go alternately to heldout and calibration), so near-identical requests of one app never sit on both
+           sides. Each item's `group` is what the request asks for (INSTRUCTION_SKILL_IDS): "math", "code" or
+           "other"; an app does not settle it (Wolfram alpha's list holds a request for poems, StackOverflow's
+           one for reading first-order logic, Google Sheets' one for a formula). A suffix keeps one label or
+           drops one: `instructions:heldout-nocode` (everything a coding guard must answer),
+           `instructions:calibration-nomath`, `instructions:all-code`.
 
 Files (the text after the last ':' is FIELD only when the whole SPEC is not an existing file):
   .jsonl   one JSON object (or string) per line; FIELD defaults to the first of prompt/question/text
@@ -79,10 +81,23 @@ _SPLITS = {"gsm8k": _GSM8K_SPLITS + tuple(f"{split}-arithmetic" for split in _GS
            "xquad": ("train", "test"),
            "instructions": tuple(f"{split}{suffix}" for split in ("calibration", "heldout", "all")
                                  for suffix in ("", "-math", "-code", "-other", "-nomath", "-nocode"))}
-# The apps whose requests are the forget skills (SOURCES.md): every other app's request must be answered.
+# The apps of the forget skills (SOURCES.md). They only place the split (calibration | held out, by app within
+# each app label): the two halves are what they were when the labels were the apps'.
 INSTRUCTION_SKILL_APPS = {
     "code": ("Leetcode", "GeeksforGeeks", "StackOverflow", "w3schools", "Github"),
     "math": ("Wolfram alpha", "(Wolfram alpha)?", "Sudoku", "MS Excel"),
+}
+# The label of a request is what it asks for, read request by request (ids of user_oriented_instructions.jsonl,
+# "user_oriented_task_N"); every request not listed here is "other" and must be answered by either guard.
+# math: compute an amount, solve an equation, prove or check a statement about numbers, find a sequence's formula.
+#   (Not: Sudoku, scheduling, salary estimates, aphorisms and poems, though two apps of the math list hold them.)
+# code: write, fix, translate, explain or predict program code in a programming, query or shell language (Python,
+#   Java, R, SQL, bash, git commands, regular expressions, spreadsheet formulas, a CI workflow), or hand such code
+#   over to be read. (Not: markup and typesetting such as HTML, Markdown, LaTeX, CSS colours and ABC notation; naming
+#   spreadsheet functions; searching for posts; interview topics or advice; first-order logic.)
+INSTRUCTION_SKILL_IDS = {
+    "math": (15, 19, 114, 140, 141, 142, 143, 144, 149),
+    "code": (12, 13, 14, 23, 27, 77, 78, 89, 90, 92, 93, 96, 190, 195, 205, 210, 227, 231, 243),
 }
 _SPLIT_ALIASES = {"mmlu": {"train": "dev"}}
 
@@ -248,8 +263,15 @@ def _mbpp(root: Path, split: str) -> tuple[Path, list[Item]]:
     return path, items
 
 
-def instruction_label(app: str) -> str:
+def instruction_app_label(app: str) -> str:
+    """The skill an app's list stands for: it places the split, not the label (instruction_label)."""
     return next((skill for skill, apps in INSTRUCTION_SKILL_APPS.items() if app in apps), "other")
+
+
+def instruction_label(record_id: str) -> str:
+    """What the request "user_oriented_task_N" asks for: "math", "code" or "other" (INSTRUCTION_SKILL_IDS)."""
+    number = int(record_id.rpartition("_")[2]) if record_id.rpartition("_")[2].isdigit() else -1
+    return next((skill for skill, ids in INSTRUCTION_SKILL_IDS.items() if number in ids), "other")
 
 
 def _instructions(root: Path, split: str) -> tuple[Path, list[Item]]:
@@ -264,10 +286,11 @@ def _instructions(root: Path, split: str) -> tuple[Path, list[Item]]:
         text = _field(path, loc, rec, "instruction").strip()
         given = str(instances[0].get("input") or "").strip()
         prompt = f"{text}\n\n{given}" if given else text
-        records.append((app, Item(prompt, str(instances[0].get("output") or ""), group=instruction_label(app))))
+        label = instruction_label(str(rec.get("id") or ""))
+        records.append((app, Item(prompt, str(instances[0].get("output") or ""), group=label)))
     held = set()
     for label in ("math", "code", "other"):
-        apps = sorted({app for app, item in records if item.group == label},
+        apps = sorted({app for app, item in records if instruction_app_label(app) == label},
                       key=lambda name: hashlib.sha256(name.encode()).hexdigest())
         held.update(apps[0::2])
     items = [item for app, item in records if part == "all" or (app in held) == (part == "heldout")]

@@ -376,11 +376,12 @@ def test_slices_joins_and_seeded_samples(data_dir):
 
 
 def test_instructions_split_by_app_and_labelled(data_dir):
-    """Calibration and held-out parts share no app, together give all 252 requests, and the skill labels
-    follow the app (SOURCES.md): Leetcode is code, Wolfram alpha is math, Grammarly is neither."""
+    """Calibration and held-out parts share no app, together give all 252 requests, and a request's label is what
+    it asks for, not its app's: Wolfram alpha's equation is math but its request for poems is not, a Google Sheets
+    formula is code, naming Excel functions is neither."""
     import json
 
-    from unskill.stats.datasets import instruction_label
+    from unskill.stats.datasets import instruction_app_label, instruction_label
 
     records = [json.loads(line) for line in (data_dir / "instructions" / "user_oriented_instructions.jsonl").open()]
     app_of = {}
@@ -393,8 +394,17 @@ def test_instructions_split_by_app_and_labelled(data_dir):
     assert min(len(calibration), len(heldout)) >= 90
     for part in (calibration, heldout):
         assert {i.group for i in part.items} == {"math", "code", "other"}   # each label on both sides
-    assert (instruction_label("Leetcode"), instruction_label("Wolfram alpha"), instruction_label("Grammarly")) == \
-        ("code", "math", "other")
+    assert (instruction_app_label("Leetcode"), instruction_app_label("Wolfram alpha"),
+            instruction_app_label("Grammarly")) == ("code", "math", "other")
+    def label_of(head):
+        return next(instruction_label(rec["id"]) for rec in records if rec["instruction"].startswith(head))
+
+    assert label_of("Solve this equation.") == "math"
+    assert label_of("Look for poems that mention the given object or") == "other"      # app: (Wolfram alpha)?
+    assert label_of("Translate the natural language description int") == "code"        # app: Google Sheets
+    assert label_of("Please write the Excel function name associat") == "other"       # app: MS Excel
+    assert label_of("You are given a sentence in first-order logic.") == "other"      # app: StackOverflow
+    assert instruction_label("user_oriented_task_9999") == instruction_label("no id") == "other"
     no_code = load_dataset("instructions:heldout-nocode", data_dir)
     assert len(no_code) == len(heldout) - len(load_dataset("instructions:heldout-code", data_dir))
     assert all(i.group != "code" for i in no_code.items)
