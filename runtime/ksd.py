@@ -195,13 +195,20 @@ class LinearRegion:
         tokens' keys keeps the skill's evidence that one position loses. And a causal model's key at the end of
         the request does not change with what follows it, so a suffix, a story or a transcript frame around the
         request cannot hide it from a rule read at every position (docs/guard.md)."""
-        margin = self.margin(keys[:, -1])
+        return 1 + np.minimum.reduce(list(self.read_margins(keys, valid).values()))
+
+    def read_margins(self, keys: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
+        """Each read's (B,) score - threshold (<= 0 fires) on prompt keys as prompt_margin takes them: "last" (the
+        last token), "mean" (the mean key of the last `positions`), "anywhere" (the lowest position); +inf for a
+        read the rule does not make. Which read refuses a prompt, and by how much (scripts/guard_reads.py)."""
+        never = np.full(len(keys), np.inf, np.float32)
+        margins = {"last": self.score(keys[:, -1]) - np.float32(self.threshold), "mean": never, "anywhere": never}
         if self.positions > 1:
-            pooled = 1 + self.pooled_score(pool_keys(keys[:, -self.positions:], valid[:, -self.positions:]))
-            margin = np.minimum(margin, pooled - np.float32(self.pooled_threshold))
+            pooled = pool_keys(keys[:, -self.positions:], valid[:, -self.positions:])
+            margins["mean"] = self.pooled_score(pooled) - np.float32(self.pooled_threshold)
         if self.reads_anywhere:
-            margin = np.minimum(margin, 1 + self.lowest_score(keys, valid) - np.float32(self.anywhere_threshold))
-        return margin
+            margins["anywhere"] = self.lowest_score(keys, valid) - np.float32(self.anywhere_threshold)
+        return margins
 
     def lowest_score(self, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """(B,) the lowest last-token score over each row's valid positions among the last `anywhere_positions`

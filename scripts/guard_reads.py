@@ -20,24 +20,13 @@ import numpy as np
 
 from unskill.runtime.errors import UnskillError
 from unskill.runtime.keys import KeyReader, guard_prompt_keys
-from unskill.runtime.ksd import KSDGuard, LinearRegion, pool_keys, prompt_window
+from unskill.runtime.ksd import KSDGuard, LinearRegion, prompt_window
 from unskill.runtime.session import OnnxLM
 from unskill.runtime.statsfile import load_stats
 from unskill.runtime.tokenizer import TextTokenizer
 from unskill.stats.datasets import load_dataset
 
 READS = ("last", "mean", "anywhere")
-
-
-def read_margins(region: LinearRegion, keys: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
-    """(B,) score - threshold of each read on prompt keys (B, P, layers, F) with valid (B, P); +inf where the rule
-    does not read it."""
-    margins = {"last": region.score(keys[:, -1]) - np.float32(region.threshold)}
-    margins["mean"] = (region.pooled_score(pool_keys(keys[:, -region.positions:], valid[:, -region.positions:]))
-                       - np.float32(region.pooled_threshold)) if region.positions > 1 else np.full(len(keys), np.inf)
-    margins["anywhere"] = (region.lowest_score(keys, valid) - np.float32(region.anywhere_threshold)
-                           if region.reads_anywhere else np.full(len(keys), np.inf))
-    return margins
 
 
 def main(argv=None) -> int:
@@ -71,7 +60,7 @@ def main(argv=None) -> int:
         keys, mask = guard_prompt_keys(model, guard, sequences, args.batch_size, f"{dataset.name} {mode}", reader)
         names = guard._prompt_output_of_layer   # the tap's per-position outputs, as evals/attack.py reads them
         window, valid = prompt_window(region, lambda layer: keys[names[layer]], mask)
-        margins = read_margins(region, window, valid)
+        margins = region.read_margins(window, valid)
         nearest = np.min(np.stack([margins[read] for read in READS]), axis=0)
         refused = [hit is not None for hit in guard.check(keys, mask)]
         print(f"{dataset.name} {mode}: {sum(refused)} of {len(refused)} refused")

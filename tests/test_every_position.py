@@ -294,8 +294,9 @@ def test_calibrations_window_pass_reads_what_the_runtime_reads(suffix_guard):
 
 
 def test_guard_reads_margins_fire_where_the_guard_does():
-    """scripts/guard_reads.py splits a linear rule's decision into its three reads: a prompt is refused exactly
-    where one of their margins is <= 0 (prompt_contains), and each read alone is that read's comparison."""
+    """LinearRegion.read_margins (what scripts/guard_reads.py prints) splits a linear rule's decision into its three
+    reads: a prompt is refused exactly where one of their margins is <= 0 (prompt_contains), prompt_margin is 1 +
+    the smallest, and each read alone is that read's comparison."""
     import importlib.util
     from pathlib import Path
 
@@ -312,12 +313,13 @@ def test_guard_reads_margins_fire_where_the_guard_does():
     keys = rng.normal(size=(200, 8, 2, 6)).astype(np.float32)
     valid = np.ones((200, 8), bool)
     valid[::3, :5] = False                      # left padding on some rows
-    margins = guard_reads.read_margins(region, keys, valid)
+    margins = region.read_margins(keys, valid)
     nearest = np.min(np.stack([margins[read] for read in guard_reads.READS]), axis=0)
     inside = region.prompt_contains(keys, valid)
     assert 0 < inside.sum() < 200 and all((margins[read] <= 0).any() for read in guard_reads.READS)
     assert np.array_equal(inside, nearest <= 0)
+    np.testing.assert_allclose(region.prompt_margin(keys, valid), 1 + nearest, atol=1e-6)
     assert np.array_equal(margins["last"] <= 0, region.contains(keys[:, -1]))
     plain = LinearRegion("s", (0, 1), weight, 0.1, -0.5)   # a rule that reads the last token only
-    only = guard_reads.read_margins(plain, keys, valid)
+    only = plain.read_margins(keys, valid)
     assert np.isinf(only["mean"]).all() and np.isinf(only["anywhere"]).all()
