@@ -90,13 +90,14 @@ INSTRUCTION_SKILL_APPS = {
 # The label of a request is what it asks for, read request by request (ids of user_oriented_instructions.jsonl,
 # "user_oriented_task_N"); every request not listed here is "other" and must be answered by either guard.
 # math: compute an amount, solve an equation, prove or check a statement about numbers, find a sequence's formula.
-#   (Not: Sudoku, scheduling, salary estimates, aphorisms and poems, though two apps of the math list hold them.)
+#   (Not: a table of prices with nothing to compute, Sudoku, scheduling, salary estimates, aphorisms and poems,
+#   though the apps of the math list hold some of them.)
 # code: write, fix, translate, explain or predict program code in a programming, query or shell language (Python,
-#   Java, R, SQL, bash, git commands, regular expressions, spreadsheet formulas, a CI workflow), or hand such code
-#   over to be read. (Not: markup and typesetting such as HTML, Markdown, LaTeX, CSS colours and ABC notation; naming
+#   Java, R, SQL, bash, git commands, regular expressions, spreadsheet formulas, a CI workflow), set a programming
+#   problem, or hand such code over to be read. (Not: markup and typesetting such as HTML, Markdown, LaTeX, CSS colours and ABC notation; naming
 #   spreadsheet functions; searching for posts; interview topics or advice; first-order logic.)
 INSTRUCTION_SKILL_IDS = {
-    "math": (15, 19, 114, 140, 141, 142, 143, 144, 149),
+    "math": (15, 114, 140, 141, 142, 143, 144, 149),
     "code": (12, 13, 14, 23, 27, 77, 78, 89, 90, 92, 93, 96, 190, 195, 205, 210, 227, 231, 243),
 }
 _SPLIT_ALIASES = {"mmlu": {"train": "dev"}}

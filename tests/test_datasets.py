@@ -400,6 +400,7 @@ def test_instructions_split_by_app_and_labelled(data_dir):
         return next(instruction_label(rec["id"]) for rec in records if rec["instruction"].startswith(head))
 
     assert label_of("Solve this equation.") == "math"
+    assert label_of("I bought two shirts from the store") == "other"   # app: MS Excel; a table, nothing to compute
     assert label_of("Look for poems that mention the given object or") == "other"      # app: (Wolfram alpha)?
     assert label_of("Translate the natural language description int") == "code"        # app: Google Sheets
     assert label_of("Please write the Excel function name associat") == "other"       # app: MS Excel
