@@ -471,7 +471,7 @@ def test_instruction_sets_are_held_out_and_split_by_the_skill_label(data_dir):
         retain = [c[-1][1] for c in sets["instructions"].conversations]
         attack = [c[-1][1] for c in sets["user-requests"].conversations]
         assert sets["instructions"].side == "retain" and sets["user-requests"].side == "attack"
-        assert len(retain) > 80 and 3 <= len(attack) < 20
+        assert len(retain) > 80 and 2 <= len(attack) < 20     # math: 2 held-out requests ask for it, code: 13
         assert not set(retain) & labelled and set(attack) <= labelled
         assert not (set(retain) | set(attack)) & calibration
 
