@@ -29,13 +29,16 @@ CODE = "Write a python function to reverse a string."
 
 
 def bypass_sample(data_dir, per_set: int = 4) -> list:
-    """A few conversations of every attack family and retain set of both skills (the first `per_set` of each)."""
+    """A few conversations of every attack family and retain set of both skills (the first `per_set` of each), each
+    once: both skills' real-user retain sets hold the same benign requests, and two copies of one prompt are the two
+    middle scores that linear_setting puts its threshold between, so on it."""
     from unskill.evals.bypass import bypass_sets
     from unskill.runtime.tokenizer import messages_of
 
-    return [messages_of(conversation)
-            for forget in ("gsm8k", "mbpp") for bypass in bypass_sets(forget, data_dir, limit=4)
-            for conversation in bypass.conversations[:per_set]]
+    prompts = [messages_of(conversation)
+               for forget in ("gsm8k", "mbpp") for bypass in bypass_sets(forget, data_dir, limit=4)
+               for conversation in bypass.conversations[:per_set]]
+    return [prompt for index, prompt in enumerate(prompts) if prompt not in prompts[:index]]
 
 
 def prompt_keys(generator, prompts: list, layers: list[int], batch_size: int = 8) -> dict:
