@@ -94,8 +94,9 @@ INSTRUCTION_SKILL_APPS = {
 #   though the apps of the math list hold some of them.)
 # code: write, fix, translate, explain or predict program code in a programming, query or shell language (Python,
 #   Java, R, SQL, bash, git commands, regular expressions, spreadsheet formulas, a CI workflow), set a programming
-#   problem, or hand such code over to be read. (Not: markup and typesetting such as HTML, Markdown, LaTeX, CSS colours and ABC notation; naming
-#   spreadsheet functions; searching for posts; interview topics or advice; first-order logic.)
+#   problem, or hand such code over to be read. (Not: markup and typesetting such as HTML, Markdown, LaTeX, CSS
+#   colours and ABC notation; naming spreadsheet functions; searching for posts; interview topics or advice;
+#   first-order logic.)
 INSTRUCTION_SKILL_IDS = {
     "math": (15, 114, 140, 141, 142, 143, 144, 149),
     "code": (12, 13, 14, 23, 27, 77, 78, 89, 90, 92, 93, 96, 190, 195, 205, 210, 227, 231, 243),
@@ -271,7 +272,8 @@ def instruction_app_label(app: str) -> str:
 
 def instruction_label(record_id: str) -> str:
     """What the request "user_oriented_task_N" asks for: "math", "code" or "other" (INSTRUCTION_SKILL_IDS)."""
-    number = int(record_id.rpartition("_")[2]) if record_id.rpartition("_")[2].isdigit() else -1
+    tail = record_id.rpartition("_")[2]
+    number = int(tail) if tail.isdigit() else -1
     return next((skill for skill, ids in INSTRUCTION_SKILL_IDS.items() if number in ids), "other")
 
 
