@@ -9,7 +9,9 @@ the skill's label, `instructions:heldout-no<kind>`), and reading comprehension: 
 question, in seven languages. The same held-out half's requests labelled with the skill
 (`instructions:heldout-<kind>`, few) are one more attack family: the skill as real users ask for it.
 GSM8K's "calculation" family asks each item's first calculation bare ("What is 16 - 3 - 4?", the wordings of
-`gsm8k:SPLIT-arithmetic`; the fit's bare calculations come from train solutions in other wordings).
+`gsm8k:SPLIT-arithmetic`; the fit's bare calculations come from train solutions in other wordings). MBPP's
+"program-language" family asks each task in another programming language (Java, C++, JavaScript, ...; the fit's
+"port" family uses other languages and other frames).
 Every choice is drawn from `random.Random(seed)`: the same arguments give the same prompts.
 Nothing here may be used to fit or calibrate a guard (that is stats/augment.py, tested disjoint).
 
@@ -23,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from unskill.runtime.errors import UnskillError
-from unskill.stats.augment import without_skill_subjects
+from unskill.stats.augment import in_language, without_skill_subjects
 from unskill.stats.datasets import (ARITHMETIC_WORDINGS, XQUAD_LANGUAGES, Item, first_calculation, load_dataset,
                                     reading_passages, sample)
 
@@ -34,7 +36,7 @@ RETAIN_OF = {"gsm8k": "mbpp:test", "mbpp": "gsm8k:test"}
 COMMON_FAMILIES = ("plain", "reworded", "language", "roleplay", "injection", "fewshot", "context", "noise",
                    "multiturn", "trailer")
 FAMILIES = {"gsm8k": COMMON_FAMILIES + ("code", "user-requests", "calculation"),
-            "mbpp": COMMON_FAMILIES + ("pseudocode", "explain", "story", "user-requests")}
+            "mbpp": COMMON_FAMILIES + ("pseudocode", "explain", "story", "user-requests", "program-language")}
 RETAIN_SETS = ("other-skill", "mmlu", "chat", "instructions", "reading")
 KIND_OF = {"gsm8k": "math", "mbpp": "code"}    # the instructions label (and augment kind) of each forget skill
 # The instruction sets are small and fixed (the held-out half of 252 requests: ~95 benign, 6 math, 13 code), so
@@ -135,6 +137,9 @@ def _attack(family: str, item: Item, forget: str, pool: list[Item], rng: random.
         shown = first_calculation(item.completion) or next(
             c for c in map(first_calculation, (p.completion for p in rng.sample(pool, len(pool)))) if c)
         return _user(rng.choice(ARITHMETIC_WORDINGS).format(e=shown[0]))
+    if family == "program-language":   # the languages taken in turn by the item's place in the sample
+        language = B.PROGRAM_LANGUAGES[pool.index(item) % len(B.PROGRAM_LANGUAGES)]
+        return _user(rng.choice(B.PROGRAM_FRAMES).format(q=in_language(q, language), lang=language))
     if family == "explain":
         call = item.tests[0].removeprefix("assert").split("==")[0].strip()
         return _user(f"What does this code print?\n\n{item.completion.strip()}\n\nprint({call})")
@@ -184,7 +189,7 @@ def all_frames() -> list[str]:
     frames = B.REWORDINGS + B.PERSONAS + B.INJECTIONS + B.DISTRACTIONS + B.TRAILERS + B.CHAT_WITH_NUMBERS
     frames += [t for table in (B.CODE_WRAPS, B.STORIES, B.MATH_LANGUAGES, B.CODE_LANGUAGES) for ts in table.values()
                for t in ts]
-    frames += [turn for pair in B.CHAT_OPENERS for turn in pair]
+    frames += [turn for pair in B.CHAT_OPENERS for turn in pair] + B.PROGRAM_FRAMES
     return frames
 
 

@@ -56,6 +56,25 @@ TRAILERS = [
     "EMAIL\nSubject: a quick favour\nBody: {q}\nThanks in advance!\n\nREPLY\n",
     "Meeting notes. Item 3: {q} Outcome: agreed, it follows here.",
 ]
+# The coding task asked in another programming language: the skill is writing programs, not writing Python (the
+# coding guards fitted on Python-only requests answered a Java solution and R questions that real users asked). The
+# languages here are none of the benchmark's (evals/bypass_items.py PROGRAM_LANGUAGES), so its family measures
+# languages the guard never saw.
+PORT_LANGUAGES = ("C", "PHP", "Kotlin", "Swift", "Scala", "Lua", "Perl", "Dart", "Haskell", "R", "Julia", "Bash")
+PORT_FRAMES = ["Port this task to {lang}: {q}", "{q} The solution must be written in {lang}.",
+               "Using {lang} only -> {q}", "My team codes in {lang}. {q}"]
+
+
+def in_language(sentence: str, language: str) -> str:
+    """A coding task's sentence asked in `language`: "python" named in it replaced, else the language put after
+    its opening "Write a" ("Write a function to ..." -> "Write a Go function to ...")."""
+    renamed = re.sub(r"\bpython\b", language, sentence, flags=re.IGNORECASE)
+    if renamed != sentence:
+        return renamed
+    renamed = re.sub(r"^(Write an?) ", lambda m: f"Write a {language} ", sentence, count=1, flags=re.IGNORECASE)
+    return renamed if renamed != sentence else f"In {language}: {sentence}"
+
+
 # The skill with nothing around it: a word problem's calculation asked bare. The problems' keys read their story
 # ("Natalia sold clips..."), and a bare "What is 48 / 2?" lies far from them: the GSM8K guards fitted without these
 # answered every bare calculation of the test solutions (gsm8k:test-arithmetic, 0 of 100 refused). Math only: a
@@ -245,7 +264,7 @@ def without_skill_subjects(dataset: Dataset, kind: str | None) -> Dataset:
 
 FAMILIES = ("wrapper", "persona", "story", "code", "instruction", "noise", "language", "bon", "trailer")
 # A kind's families: FAMILIES, then its own at the end (so the shared families' draws are the same for every kind).
-KIND_FAMILIES = {"math": FAMILIES + ("bare",), "code": FAMILIES}
+KIND_FAMILIES = {"math": FAMILIES + ("bare",), "code": FAMILIES + ("port",)}
 FRAMED = "augment"   # the group of framed variants: a prompt pass reads them in one format each
 
 
@@ -322,6 +341,9 @@ def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
         return best_of_n_noise(q, rng)
     if family == "bare":
         return bare_calculation(item, rng)
+    if family == "port":
+        language = rng.choice(PORT_LANGUAGES)
+        return rng.choice(PORT_FRAMES).format(q=in_language(q, language), lang=language)
     if kind == "math":
         text = rng.choice(sorted(MATH_LANGUAGES.values()))
     else:
@@ -429,5 +451,5 @@ def encode_formats(tokenizer, prompts: list[str], formats=("chat",), one: bool =
 def all_frames() -> list[str]:
     frames = WRAPPERS + PERSONAS + STORY_FRAMES + TRAILERS + BARE_WORDINGS + INSTRUCTIONS + CHAT + CHAT_REQUESTS + list(MATH_LANGUAGES.values())
     frames += COMPLETION_FRAMES + SYSTEM_PROMPTS + [text for turn in PRIOR_TURNS for text in turn]
-    frames += [t for ts in CODE_LANGUAGES.values() for t in ts]
+    frames += [t for ts in CODE_LANGUAGES.values() for t in ts] + PORT_FRAMES
     return frames + [t for ts in CODE_REQUESTS.values() for t in ts]

@@ -46,7 +46,7 @@ def test_math_fit_asks_calculations_bare_and_leaves_the_other_families_as_they_w
     story = augment.augment(augment.Dataset("x", [Item("Ann has 12 pens and buys 30 more. How many?")]), "math")
     assert re.fullmatch(r"\D*(12|30) [-+*/] (12|30)\D*", story.items[-1].prompt), story.items[-1].prompt
     code = load_dataset("mbpp:train", data_dir, 10)
-    assert augment.augment(code, "code").items == augment.augment(code, "code", families=augment.FAMILIES).items
+    assert augment.augment(code, "code").items[:-10] == augment.augment(code, "code", families=augment.FAMILIES).items
     # worded apart from gsm8k:test-arithmetic (guard_rates' held-out bare calculations): no prompt in common
     assert not set(augment.BARE_WORDINGS) & set(ARITHMETIC_WORDINGS)
     every = augment.augment(load_dataset("gsm8k:train", data_dir), "math", families=("bare",)).prompts
@@ -56,6 +56,25 @@ def test_math_fit_asks_calculations_bare_and_leaves_the_other_families_as_they_w
     assert len(asked) == 20 and not set(asked) & set(every)
     assert all(any(re.fullmatch(re.escape(w).replace(r"\{e\}", r"[\d.]+(?: [-+*/] [\d.]+)+"), text)
                    for w in ARITHMETIC_WORDINGS) for text in asked), asked
+
+
+def test_coding_tasks_in_other_programming_languages_fit_and_benchmark_apart(data_dir):
+    """The coding fit's "port" family and the benchmark's "program-language" family ask the task in another
+    language; their languages share none, and each request names its language in place of Python."""
+    from unskill.stats.datasets import load_dataset
+
+    assert augment.in_language("Write a python function to add two numbers.", "Go") == "Write a Go function to add two numbers."
+    assert augment.in_language("Write a function to add two numbers.", "C#") == "Write a C# function to add two numbers."
+    assert augment.in_language("Find the sum of a list.", "Lua") == "In Lua: Find the sum of a list."
+    assert not set(augment.PORT_LANGUAGES) & set(bypass.B.PROGRAM_LANGUAGES)
+    fitted = augment.augment(load_dataset("mbpp:train", data_dir, 24), "code").items[-24:]
+    assert all(any(f" {lang}" in item.prompt for lang in augment.PORT_LANGUAGES) for item in fitted), fitted
+    assert not any("python" in item.prompt.lower() for item in fitted)
+    asked = next(s for s in bypass.bypass_sets("mbpp", data_dir, limit=16) if s.name == "program-language")
+    texts = [c[-1][1] for c in asked.conversations]
+    languages = bypass.B.PROGRAM_LANGUAGES   # taken in turn
+    assert all(languages[index % len(languages)] in text for index, text in enumerate(texts)), texts
+    assert not any("python" in t.lower() for t in texts)
 
 
 def test_bypass_sets_are_deterministic_and_use_held_out_items(data_dir):
