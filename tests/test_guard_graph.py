@@ -88,26 +88,25 @@ def guard_parity(model_dir: Path, stats_paths: list[Path], prompts: list, decode
 
 
 def rule_stats(stats, keys_of_layer: dict[int, np.ndarray], retain_group, out_dir: Path) -> list[Path]:
-    """One stats file per rule kind (box, gauss, ratio with a cap, 2-of-3 votes), thresholds at the median score
-    of `keys_of_layer` so that each rule refuses some rows and passes others, and last one without a stored rule
-    ("paper": a guard only when the paper's cube is asked for)."""
+    """One stats file per rule kind (box, gauss, ratio with a cap, 2-of-3 votes), thresholds near the median score
+    of `keys_of_layer` (gap_threshold) so that each rule refuses some rows and passes others, and last one without
+    a stored rule ("paper": a guard only when the paper's cube is asked for)."""
     from unskill.runtime.ksd import build_cubes, gauss_score, gaussian, ratio_score
 
     mean, inverse_sigma = gaussian(stats.groups["ksd"])
     retain_mean, retain_inverse_sigma = gaussian(retain_group)
     layers = sorted(keys_of_layer)
-    median = lambda values: float(np.median(values))  # noqa: E731
     gauss = {i: gauss_score(keys_of_layer[i], mean[i], inverse_sigma[i]) for i in layers}
-    box_alpha = {i: median((np.abs(keys_of_layer[i] - c.center) / c.halfwidth).max(axis=-1))
+    box_alpha = {i: gap_threshold((np.abs(keys_of_layer[i] - c.center) / c.halfwidth).max(axis=-1))
                  for i in layers for c in build_cubes(stats, [i], 1.0, "k")}
     ratio = {i: ratio_score(keys_of_layer[i], mean[i], inverse_sigma[i], retain_mean[i], retain_inverse_sigma[i])
              for i in layers}
     settings = {
         "box": GuardSetting("box", layers[-2:], [box_alpha[i] for i in layers[-2:]]),
-        "gauss": GuardSetting("gauss", layers, [median(gauss[i]) for i in layers]),
-        "ratio": GuardSetting("ratio", layers[-2:], [median(ratio[i]) for i in layers[-2:]],
-                              bounds=[float(np.quantile(gauss[i], 0.7)) for i in layers[-2:]]),
-        "votes": GuardSetting("gauss", layers, [median(gauss[i]) * 1.2 for i in layers], votes=2),
+        "gauss": GuardSetting("gauss", layers, [gap_threshold(gauss[i]) for i in layers]),
+        "ratio": GuardSetting("ratio", layers[-2:], [gap_threshold(ratio[i]) for i in layers[-2:]],
+                              bounds=[gap_threshold(gauss[i], near=0.7) for i in layers[-2:]]),
+        "votes": GuardSetting("gauss", layers, [gap_threshold(gauss[i], near=0.6) for i in layers], votes=2),
         "linear": linear_setting(keys_of_layer, layers[-2:], forget_rows=len(APPLES)),
         "paper": None,
     }
@@ -119,10 +118,22 @@ def rule_stats(stats, keys_of_layer: dict[int, np.ndarray], retain_group, out_di
     return paths
 
 
+def gap_threshold(values: np.ndarray, near: float = 0.5) -> float:
+    """A threshold halfway across the widest gap between neighbouring scores within a quarter of the rows of the
+    `near` quantile: no prompt's score sits on or near it, so the graph's float32 and NumPy's rounding cannot split
+    on a row (a median of an odd count is a row's own score, and two near-equal middle scores put the threshold
+    within rounding of both: both failed the parity test once)."""
+    ordered = np.sort(np.asarray(values, np.float64).ravel())
+    centre, reach = int(near * len(ordered)), max(1, len(ordered) // 4)
+    low, high = max(0, centre - reach), min(len(ordered) - 1, centre + reach)
+    widest = low + int(np.argmax(np.diff(ordered[low:high + 1])))
+    return float(ordered[widest] + ordered[widest + 1]) / 2
+
+
 def linear_setting(keys_of_layer: dict[int, np.ndarray], layers: list[int], forget_rows: int, positions: int = 1,
                    position_keys: dict[int, np.ndarray] | None = None, valid: np.ndarray | None = None) -> GuardSetting:
     """A linear rule over `layers` fitted on these keys (the first forget_rows the forget side), its threshold
-    halfway between the two middle scores so no prompt key sits on the boundary.
+    across the widest gap near the middle score (gap_threshold) so no prompt key sits on the boundary.
     positions > 1: a rule that also reads the mean key of that many prompt positions, given the prompts'
     per-position keys (layer -> (n, S, F)) and valid (n, S) (left padding False): the last token's threshold
     halfway between the quarter-way scores (a quarter of the prompts fire on their last token), the mean key's
@@ -138,11 +149,9 @@ def linear_setting(keys_of_layer: dict[int, np.ndarray], layers: list[int], forg
 
     weights, biases = discriminant([keys_of_layer[i] for i in layers])
     region = LinearRegion("linear", tuple(layers), weights, float(biases.sum()), 0.0)
-    scores = np.sort(region.score(np.stack([keys_of_layer[i] for i in layers], axis=1)))
-    middle = len(scores) // 2
+    scores = region.score(np.stack([keys_of_layer[i] for i in layers], axis=1))
     if positions == 1:
-        return GuardSetting("linear", layers, [float(scores[middle - 1] + scores[middle]) / 2], weights=weights,
-                            biases=biases)
+        return GuardSetting("linear", layers, [gap_threshold(scores)], weights=weights, biases=biases)
     last = region.score(np.stack([position_keys[i][:, -1] for i in layers], axis=-2))
     threshold = float(np.sort(last)[len(last) // 4 - 1:len(last) // 4 + 1].mean())
     pooled = pool_keys(np.stack([position_keys[i][:, -positions:] for i in layers], axis=-2), valid[:, -positions:])

@@ -30,8 +30,8 @@ CODE = "Write a python function to reverse a string."
 
 def bypass_sample(data_dir, per_set: int = 4) -> list:
     """A few conversations of every attack family and retain set of both skills (the first `per_set` of each), each
-    once: both skills' real-user retain sets hold the same benign requests, and two copies of one prompt are the two
-    middle scores that linear_setting puts its threshold between, so on it."""
+    once: both skills' real-user retain sets hold the same benign requests (two copies of one prompt are one score
+    twice; gap_threshold keeps every threshold off the scores anyway)."""
     from unskill.evals.bypass import bypass_sets
     from unskill.runtime.tokenizer import messages_of
 
