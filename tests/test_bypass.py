@@ -63,8 +63,9 @@ def test_coding_tasks_in_other_programming_languages_fit_and_benchmark_apart(dat
     language; their languages share none, and each request names its language in place of Python."""
     from unskill.stats.datasets import load_dataset
 
-    assert augment.in_language("Write a python function to add two numbers.", "Go") == "Write a Go function to add two numbers."
-    assert augment.in_language("Write a function to add two numbers.", "C#") == "Write a C# function to add two numbers."
+    add = "function to add two numbers."
+    assert augment.in_language(f"Write a python {add}", "Go") == f"Write a Go {add}"
+    assert augment.in_language(f"Write a {add}", "C#") == f"Write a C# {add}"
     assert augment.in_language("Find the sum of a list.", "Lua") == "In Lua: Find the sum of a list."
     assert not set(augment.PORT_LANGUAGES) & set(bypass.B.PROGRAM_LANGUAGES)
     fitted = augment.augment(load_dataset("mbpp:train", data_dir, 24), "code").items[-24:]

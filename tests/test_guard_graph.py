@@ -136,8 +136,8 @@ def linear_setting(keys_of_layer: dict[int, np.ndarray], layers: list[int], forg
     across the widest gap near the middle score (gap_threshold) so no prompt key sits on the boundary.
     positions > 1: a rule that also reads the mean key of that many prompt positions, given the prompts'
     per-position keys (layer -> (n, S, F)) and valid (n, S) (left padding False): the last token's threshold
-    halfway between the quarter-way scores (a quarter of the prompts fire on their last token), the mean key's
-    discriminant fitted on the prompts' mean keys (pool_keys) and its threshold from split_threshold (some
+    across the widest gap near the quarter-way score (about a quarter of the prompts fire on their last token), the
+    mean key's discriminant fitted on the prompts' mean keys (pool_keys) and its threshold from split_threshold (some
     prompts fire only through the mean key, some only through the last token)."""
     from unskill.runtime.ksd import LinearRegion
     from unskill.stats.discriminant import fit
@@ -153,7 +153,7 @@ def linear_setting(keys_of_layer: dict[int, np.ndarray], layers: list[int], forg
     if positions == 1:
         return GuardSetting("linear", layers, [gap_threshold(scores)], weights=weights, biases=biases)
     last = region.score(np.stack([position_keys[i][:, -1] for i in layers], axis=-2))
-    threshold = float(np.sort(last)[len(last) // 4 - 1:len(last) // 4 + 1].mean())
+    threshold = gap_threshold(last, near=0.25)
     pooled = pool_keys(np.stack([position_keys[i][:, -positions:] for i in layers], axis=-2), valid[:, -positions:])
     pooled_weights, pooled_biases = discriminant([pooled[:, j] for j in range(len(layers))])
     pooled_region = replace(region, pooled_weight=pooled_weights, pooled_bias=float(pooled_biases.sum()))
