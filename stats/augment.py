@@ -64,6 +64,31 @@ PORT_LANGUAGES = ("C", "PHP", "Kotlin", "Swift", "Scala", "Lua", "Perl", "Dart",
 PORT_FRAMES = ["Port this task to {lang}: {q}", "{q} The solution must be written in {lang}.",
                "Using {lang} only -> {q}", "My team codes in {lang}. {q}"]
 
+# Coding work on code the user brings: fix it, port it, review it, test it, explain its algorithm. Real users'
+# coding requests mostly look like this ("Identify and fix bugs in the given code", "convert this Python command
+# into Ruby", "explain the algorithm used"), and the coding guards fitted on task sentences alone refused 4-5 of the
+# 13 held-out ones. The code is the probe's own reference solution; "{code}" with a colon dropped is a bug to fix.
+# Worded apart from the benchmark's code families (its "What does this code print?" and pseudo-code frames).
+WORK_FRAMES = ["Find the bug and send back a corrected version:\n\n{broken}",
+               "Rewrite the following in {lang}, keeping its behaviour:\n\n{code}",
+               "Review my code and suggest improvements.\n\n{code}",
+               "Add docstrings and comments to this:\n\n{code}",
+               "Write pytest unit tests for this function:\n\n{code}",
+               "Walk me through the algorithm this implementation uses.\n\n{code}",
+               "{q}\n\nHere is my attempt but it does not work:\n{broken}",
+               "Make this faster, it is too slow on big inputs:\n\n{code}"]
+# A task with no reference code (a file of task sentences): the work asked on the task itself.
+WORK_FRAMES_NO_CODE = ["Find me a code snippet for this: {q}", "Sketch the implementation for my ticket: {q}"]
+
+
+def work_request(task: str, code: str, rng: random.Random) -> str:
+    """A WORK_FRAMES request on `code` (a WORK_FRAMES_NO_CODE one on the task where there is no code)."""
+    code = code.strip()
+    if not code:
+        return rng.choice(WORK_FRAMES_NO_CODE).format(q=task)
+    broken = re.sub(r":[ \t]*$", "", code, count=1, flags=re.MULTILINE)   # the first block's colon dropped
+    return rng.choice(WORK_FRAMES).format(q=task, code=code, broken=broken, lang=rng.choice(PORT_LANGUAGES))
+
 
 def in_language(sentence: str, language: str) -> str:
     """A coding task's sentence asked in `language`: "python" named in it replaced, else the language put after
@@ -264,7 +289,7 @@ def without_skill_subjects(dataset: Dataset, kind: str | None) -> Dataset:
 
 FAMILIES = ("wrapper", "persona", "story", "code", "instruction", "noise", "language", "bon", "trailer")
 # A kind's families: FAMILIES, then its own at the end (so the shared families' draws are the same for every kind).
-KIND_FAMILIES = {"math": FAMILIES + ("bare",), "code": FAMILIES + ("port",)}
+KIND_FAMILIES = {"math": FAMILIES + ("bare",), "code": FAMILIES + ("port", "work")}
 FRAMED = "augment"   # the group of framed variants: a prompt pass reads them in one format each
 
 
@@ -341,6 +366,8 @@ def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
         return best_of_n_noise(q, rng)
     if family == "bare":
         return bare_calculation(item, rng)
+    if family == "work":
+        return work_request(q, item.completion or "", rng)
     if family == "port":
         language = rng.choice(PORT_LANGUAGES)
         return rng.choice(PORT_FRAMES).format(q=in_language(q, language), lang=language)
@@ -451,5 +478,5 @@ def encode_formats(tokenizer, prompts: list[str], formats=("chat",), one: bool =
 def all_frames() -> list[str]:
     frames = WRAPPERS + PERSONAS + STORY_FRAMES + TRAILERS + BARE_WORDINGS + INSTRUCTIONS + CHAT + CHAT_REQUESTS + list(MATH_LANGUAGES.values())
     frames += COMPLETION_FRAMES + SYSTEM_PROMPTS + [text for turn in PRIOR_TURNS for text in turn]
-    frames += [t for ts in CODE_LANGUAGES.values() for t in ts] + PORT_FRAMES
+    frames += [t for ts in CODE_LANGUAGES.values() for t in ts] + PORT_FRAMES + WORK_FRAMES + WORK_FRAMES_NO_CODE
     return frames + [t for ts in CODE_REQUESTS.values() for t in ts]

@@ -46,7 +46,7 @@ def test_math_fit_asks_calculations_bare_and_leaves_the_other_families_as_they_w
     story = augment.augment(augment.Dataset("x", [Item("Ann has 12 pens and buys 30 more. How many?")]), "math")
     assert re.fullmatch(r"\D*(12|30) [-+*/] (12|30)\D*", story.items[-1].prompt), story.items[-1].prompt
     code = load_dataset("mbpp:train", data_dir, 10)
-    assert augment.augment(code, "code").items[:-10] == augment.augment(code, "code", families=augment.FAMILIES).items
+    assert augment.augment(code, "code").items[:-20] == augment.augment(code, "code", families=augment.FAMILIES).items
     # worded apart from gsm8k:test-arithmetic (guard_rates' held-out bare calculations): no prompt in common
     assert not set(augment.BARE_WORDINGS) & set(ARITHMETIC_WORDINGS)
     every = augment.augment(load_dataset("gsm8k:train", data_dir), "math", families=("bare",)).prompts
@@ -56,6 +56,25 @@ def test_math_fit_asks_calculations_bare_and_leaves_the_other_families_as_they_w
     assert len(asked) == 20 and not set(asked) & set(every)
     assert all(any(re.fullmatch(re.escape(w).replace(r"\{e\}", r"[\d.]+(?: [-+*/] [\d.]+)+"), text)
                    for w in ARITHMETIC_WORDINGS) for text in asked), asked
+
+
+def test_coding_fit_asks_for_work_on_the_probes_own_code(data_dir):
+    """The coding fit's "work" family (appended last): fix, port, review, test or explain each probe's reference
+    solution, shown whole or with its first block's colon dropped; a task with no code gets a request on its text."""
+    from unskill.stats.datasets import Item, load_dataset
+
+    train = load_dataset("mbpp:train", data_dir, 30)
+    fitted = augment.augment(train, "code").items[-30:]
+    assert augment.KIND_FAMILIES["code"][-1] == "work"
+    for item, work in zip(train.items, fitted):
+        code = item.completion.strip()
+        broken = re.sub(r":[ \t]*$", "", code, count=1, flags=re.MULTILINE)
+        assert broken != code and (code in work.prompt or broken in work.prompt), work.prompt
+    frames = {re.sub(r"\{\w+\}", "", f).strip()[:20] for f in augment.WORK_FRAMES}
+    assert len({f for f in frames for w in fitted if f and f in w.prompt}) >= 4   # several frames drawn
+    bare = augment.augment(augment.Dataset("x", [Item("Write a function to add two numbers.")]), "code")
+    assert bare.items[-1].prompt in {f.format(q="Write a function to add two numbers.")
+                                     for f in augment.WORK_FRAMES_NO_CODE}
 
 
 def test_coding_tasks_in_other_programming_languages_fit_and_benchmark_apart(data_dir):
@@ -68,7 +87,7 @@ def test_coding_tasks_in_other_programming_languages_fit_and_benchmark_apart(dat
     assert augment.in_language(f"Write a {add}", "C#") == f"Write a C# {add}"
     assert augment.in_language("Find the sum of a list.", "Lua") == "In Lua: Find the sum of a list."
     assert not set(augment.PORT_LANGUAGES) & set(bypass.B.PROGRAM_LANGUAGES)
-    fitted = augment.augment(load_dataset("mbpp:train", data_dir, 24), "code").items[-24:]
+    fitted = augment.augment(load_dataset("mbpp:train", data_dir, 24), "code").items[-48:-24]
     assert all(any(f" {lang}" in item.prompt for lang in augment.PORT_LANGUAGES) for item in fitted), fitted
     assert not any("python" in item.prompt.lower() for item in fitted)
     asked = next(s for s in bypass.bypass_sets("mbpp", data_dir, limit=16) if s.name == "program-language")
