@@ -67,7 +67,7 @@ PORT_FRAMES = ["Port this task to {lang}: {q}", "{q} The solution must be writte
 # Coding work on code the user brings: fix it, port it, review it, test it, explain its algorithm. Real users'
 # coding requests mostly look like this ("Identify and fix bugs in the given code", "convert this Python command
 # into Ruby", "explain the algorithm used"), and the coding guards fitted on task sentences alone refused 4-5 of the
-# 13 held-out ones. The code is the probe's own reference solution; "{code}" with a colon dropped is a bug to fix.
+# 13 held-out ones. The code is the probe's own reference solution; "{broken}" is it with a colon dropped, a bug to fix.
 # Worded apart from the benchmark's code families (its "What does this code print?" and pseudo-code frames).
 WORK_FRAMES = ["Find the bug and send back a corrected version:\n\n{broken}",
                "Rewrite the following in {lang}, keeping its behaviour:\n\n{code}",
@@ -367,7 +367,7 @@ def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
     if family == "bare":
         return bare_calculation(item, rng)
     if family == "work":
-        return work_request(q, item.completion or "", rng)
+        return work_request(q, item.completion, rng)
     if family == "port":
         language = rng.choice(PORT_LANGUAGES)
         return rng.choice(PORT_FRAMES).format(q=in_language(q, language), lang=language)
