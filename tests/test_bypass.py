@@ -70,6 +70,9 @@ def test_coding_fit_asks_for_work_on_the_probes_own_code(data_dir):
         code = item.completion.strip()
         broken = re.sub(r":[ \t]*$", "", code, count=1, flags=re.MULTILINE)
         assert broken != code and (code in work.prompt or broken in work.prompt), work.prompt
+        compile(code, "<reference>", "exec")
+        with pytest.raises(SyntaxError):   # the copy to fix is broken indeed
+            compile(broken, "<broken>", "exec")
     frames = {re.sub(r"\{\w+\}", "", f).strip()[:20] for f in augment.WORK_FRAMES}
     assert len({f for f in frames for w in fitted if f and f in w.prompt}) >= 4   # several frames drawn
     bare = augment.augment(augment.Dataset("x", [Item("Write a function to add two numbers.")]), "code")
