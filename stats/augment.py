@@ -90,36 +90,6 @@ def work_request(task: str, code: str, rng: random.Random) -> str:
     return rng.choice(WORK_FRAMES).format(q=task, code=code, broken=broken, lang=rng.choice(PORT_LANGUAGES))
 
 
-# Teaching and assessing the skill: turn a task into an exercise, a quiz, hints or a rubric, or write a quiz or a
-# challenge on a programming topic with no task at all. Real users ask for these ("a skill assessment for R", "design a
-# programming problem on a subject"), and the coding guards fitted on solving and code work answered them. Written
-# after reading that those two held-out requests pass, so the benchmark's user-requests no longer measure them blind;
-# the topics leave out the one a held-out request names (dynamic programming) and the languages leave out R (the
-# other held-out request's). Interview questions are left out: the real requests that list common interview topics
-# or coach an interviewee are benign (stats/datasets.py labels), and near_dataset("code") keeps them answered.
-TEACH_FRAMES = ["Turn this into an exercise for my programming class, with a statement, limits on the input and two "
-                "sample cases: {q}",
-                "Write three multiple-choice questions checking that a student could solve this in {lang}: {q}",
-                "Give a stuck student three hints, from vague to specific, for this exercise: {q}",
-                "Write a grading rubric for submissions to this coding assignment: {q}"]
-TEACH_TOPIC_FRAMES = ["Create a ten-question test of {lang} knowledge for job applicants.",
-                      "Make up a coding challenge about {topic}, with a sample input and its output.",
-                      "Prepare a short quiz on {topic} in {lang} for beginners.",
-                      "Write a lesson plan that teaches {topic} in {lang} to first-year programming students."]
-TEACH_LANGUAGES = ("Python",) + tuple(lang for lang in PORT_LANGUAGES if lang != "R")
-TEACH_TOPICS = ("recursion", "hash maps", "sorting algorithms", "string manipulation", "binary search",
-                "linked lists", "closures", "list comprehensions", "graph traversal", "bit manipulation",
-                "regular expressions", "greedy algorithms", "exception handling", "classes and objects")
-
-
-def teach_request(task: str, rng: random.Random) -> str:
-    """A TEACH_FRAMES request on the task, or (one in three) a TEACH_TOPIC_FRAMES one on a topic."""
-    lang = rng.choice(TEACH_LANGUAGES)
-    if rng.random() < 1 / 3:
-        return rng.choice(TEACH_TOPIC_FRAMES).format(lang=lang, topic=rng.choice(TEACH_TOPICS))
-    return rng.choice(TEACH_FRAMES).format(q=task, lang=lang)
-
-
 def in_language(sentence: str, language: str) -> str:
     """A coding task's sentence asked in `language`: "python" named in it replaced, else the language put after
     its opening "Write a" ("Write a function to ..." -> "Write a Go function to ...")."""
@@ -319,7 +289,7 @@ def without_skill_subjects(dataset: Dataset, kind: str | None) -> Dataset:
 
 FAMILIES = ("wrapper", "persona", "story", "code", "instruction", "noise", "language", "bon", "trailer")
 # A kind's families: FAMILIES, then its own at the end (so the shared families' draws are the same for every kind).
-KIND_FAMILIES = {"math": FAMILIES + ("bare",), "code": FAMILIES + ("port", "work", "teach")}
+KIND_FAMILIES = {"math": FAMILIES + ("bare",), "code": FAMILIES + ("port", "work")}
 FRAMED = "augment"   # the group of framed variants: a prompt pass reads them in one format each
 
 
@@ -398,8 +368,6 @@ def _frame(family: str, item: Item, kind: str, rng: random.Random) -> str:
         return bare_calculation(item, rng)
     if family == "work":
         return work_request(q, item.completion, rng)
-    if family == "teach":
-        return teach_request(q, rng)
     if family == "port":
         language = rng.choice(PORT_LANGUAGES)
         return rng.choice(PORT_FRAMES).format(q=in_language(q, language), lang=language)
@@ -442,62 +410,6 @@ def chat_dataset() -> Dataset:
     framed += [STORY_FRAMES[i % len(STORY_FRAMES)].format(q=text) for i, text in enumerate(plain[2::4])]
     framed += [TRAILERS[i % len(TRAILERS)].format(q=text) for i, text in enumerate(plain[1::4])]
     return Dataset("builtin:chat", [Item(text) for text in plain + framed])
-
-
-# Requests near a skill's border that are not the skill: a retain set of the guard for that skill (stats/guard.py).
-# For coding: using software and tools (spreadsheets, files, settings, collaboration sites), careers in
-# tech, and quizzes, lesson plans and rubrics on subjects other than programming (the coding fit's "teach" family
-# asks these on programming). The coding guards without them refused a real request for spreadsheet function names.
-# None asks for a command, a formula or code: those are the skill (stats/datasets.py INSTRUCTION_SKILL_IDS).
-# Hand-written, none of them a real request of the benchmark (tests/test_bypass.py checks them apart).
-NEAR_REQUESTS = {"code": [
-    "How do I freeze the top row of a spreadsheet so the headers stay visible?",
-    "Which spreadsheet function counts the cells that are not empty, and which one counts only numbers?",
-    "Explain the difference between a pivot table and a filter in plain words.",
-    "How can I stop a spreadsheet from turning 3/4 into a date?",
-    "How do I print a spreadsheet so every column fits on one page?",
-    "Name five spreadsheet functions a bookkeeper uses every week and what each is for.",
-    "How do I share a folder on my cloud drive so others can view it but not edit it?",
-    "How do I get back a file I deleted from my desktop yesterday?",
-    "What is the difference between a .zip and a .rar file?",
-    "Explain what a pull request is to someone who has never used GitHub.",
-    "Why does my computer get slower the longer it stays on?",
-    "My laptop fan is loud all the time. What should I check first?",
-    "How do I set up two-factor authentication on my email account?",
-    "Explain what a VPN does in plain words.",
-    "What is the difference between RAM and disk storage?",
-    "How do I make my phone back up photos only over Wi-Fi?",
-    "Which keyboard shortcuts save the most time in a word processor?",
-    "How do I change the default browser on my computer?",
-    "What does a software engineer do on a normal day?",
-    "How should I prepare for my first job interview at a tech company?",
-    "Is a computer science degree worth it if I want to be a product manager?",
-    "Compare three project management tools for a team of six.",
-    "Write release notes for version 2.3 of our note-taking app: dark mode, faster sync, a fixed login problem.",
-    "Draft a bug report for an app that closes itself whenever I attach a photo.",
-    "Explain what cloud storage is to my grandmother.",
-    "What should a company's password policy say?",
-    "Make a ten-question quiz on the solar system for fourth graders.",
-    "Write a lesson plan on the causes of the First World War.",
-    "Give three hints, from vague to specific, for the riddle: what has keys but opens no locks?",
-    "Write a grading rubric for a persuasive essay in ninth grade.",
-    "Design a vocabulary test of fifteen words for intermediate Spanish learners.",
-    "Prepare a short quiz on fractions for a fifth-grade class.",
-    "Make up a team-building challenge for a new sales team, with rules and a time limit.",
-    "Turn this chapter summary into five discussion questions for a book club: a boy finds a map in his attic.",
-    "Write multiple-choice questions that check whether a new hire read the safety manual.",
-    "Create a study schedule for a nursing exam in six weeks.",
-    "Explain how a search engine decides which page to show first.",
-    "What is the difference between a web browser and a search engine?",
-    "Suggest a naming scheme for the folders of a small photography business.",
-    "How do I write a clear subject line for an email to a professor?",
-]}
-
-
-def near_dataset(kind: str | None) -> Dataset | None:
-    """NEAR_REQUESTS of the skill `kind` as a retain set (None where the kind has none)."""
-    requests = NEAR_REQUESTS.get(kind or "")
-    return Dataset(f"builtin:near-{kind}", [Item(text) for text in requests]) if requests else None
 
 
 # ------------------------------------------------------------------------------------------ prompt formats
@@ -567,5 +479,4 @@ def all_frames() -> list[str]:
     frames = WRAPPERS + PERSONAS + STORY_FRAMES + TRAILERS + BARE_WORDINGS + INSTRUCTIONS + CHAT + CHAT_REQUESTS + list(MATH_LANGUAGES.values())
     frames += COMPLETION_FRAMES + SYSTEM_PROMPTS + [text for turn in PRIOR_TURNS for text in turn]
     frames += [t for ts in CODE_LANGUAGES.values() for t in ts] + PORT_FRAMES + WORK_FRAMES + WORK_FRAMES_NO_CODE
-    frames += TEACH_FRAMES + TEACH_TOPIC_FRAMES + [t for ts in NEAR_REQUESTS.values() for t in ts]
     return frames + [t for ts in CODE_REQUESTS.values() for t in ts]

@@ -22,8 +22,7 @@ keeps the keys themselves at FIT_LAYERS layers, and calibration fits a linear di
 rule, stats/discriminant.py); the kind that catches more validation prompts within the target is stored.
 
 Default retain sets (`--retain` adds to them, `--no-default-retain` drops them): the other built-in skill,
-built-in general requests, calibration's chat set, requests near the skill's border that are not it (coding:
-stats/augment.py NEAR_REQUESTS), the calibration half of the real user instructions less the
+built-in general requests, calibration's chat set, the calibration half of the real user instructions less the
 skill's own (`instructions:calibration-no<skill>`; the held-out half is the benchmark's), MMLU dev less the
 skill's subjects and XQuAD passages with a question in seven languages (train split). The last three need the
 benchmark data (--data-dir or $UNSKILL_DATA_DIR); without it they are left out and the run says so.
@@ -111,7 +110,7 @@ def retain_sets(kind: str | None, config: GuardConfig, data_dir, warn=print, voc
 
 
 def _plain_retain_sets(kind: str | None, config: GuardConfig, data_dir, warn) -> list[Dataset]:
-    from .augment import chat_dataset, near_dataset, without_skill_subjects
+    from .augment import chat_dataset, without_skill_subjects
     from .datasets import resolve_data_dir
 
     sets = [load_dataset(spec, data_dir, config.limit) for spec in config.retain]
@@ -120,9 +119,6 @@ def _plain_retain_sets(kind: str | None, config: GuardConfig, data_dir, warn) ->
     if kind in OTHER_SKILL:
         sets.append(load_dataset(OTHER_SKILL[kind], None, min(config.limit, 100)))
     sets += [load_dataset("builtin:general", None, min(config.limit, 100)), chat_dataset()]
-    near = near_dataset(kind)   # requests near the skill's border that are not it (tools, teaching other subjects)
-    if near is not None:
-        sets.append(near)
     try:
         resolve_data_dir(data_dir)
     except UnskillError as exc:

@@ -46,7 +46,7 @@ def test_math_fit_asks_calculations_bare_and_leaves_the_other_families_as_they_w
     story = augment.augment(augment.Dataset("x", [Item("Ann has 12 pens and buys 30 more. How many?")]), "math")
     assert re.fullmatch(r"\D*(12|30) [-+*/] (12|30)\D*", story.items[-1].prompt), story.items[-1].prompt
     code = load_dataset("mbpp:train", data_dir, 10)
-    assert augment.augment(code, "code").items[:-30] == augment.augment(code, "code", families=augment.FAMILIES).items
+    assert augment.augment(code, "code").items[:-20] == augment.augment(code, "code", families=augment.FAMILIES).items
     # worded apart from gsm8k:test-arithmetic (guard_rates' held-out bare calculations): no prompt in common
     assert not set(augment.BARE_WORDINGS) & set(ARITHMETIC_WORDINGS)
     every = augment.augment(load_dataset("gsm8k:train", data_dir), "math", families=("bare",)).prompts
@@ -64,8 +64,8 @@ def test_coding_fit_asks_for_work_on_the_probes_own_code(data_dir):
     from unskill.stats.datasets import Item, load_dataset
 
     train = load_dataset("mbpp:train", data_dir, 30)
-    fitted = augment.augment(train, "code").items[-60:-30]
-    assert augment.KIND_FAMILIES["code"][-2] == "work"
+    fitted = augment.augment(train, "code").items[-30:]
+    assert augment.KIND_FAMILIES["code"][-1] == "work"
     for item, work in zip(train.items, fitted):
         code = item.completion.strip()
         broken = re.sub(r":[ \t]*$", "", code, count=1, flags=re.MULTILINE)
@@ -76,33 +76,8 @@ def test_coding_fit_asks_for_work_on_the_probes_own_code(data_dir):
     frames = {re.sub(r"\{\w+\}", "", f).strip()[:20] for f in augment.WORK_FRAMES}
     assert len({f for f in frames for w in fitted if f and f in w.prompt}) >= 4   # several frames drawn
     bare = augment.augment(augment.Dataset("x", [Item("Write a function to add two numbers.")]), "code")
-    assert bare.items[-2].prompt in {f.format(q="Write a function to add two numbers.")
+    assert bare.items[-1].prompt in {f.format(q="Write a function to add two numbers.")
                                      for f in augment.WORK_FRAMES_NO_CODE}
-
-
-def test_coding_fit_asks_to_teach_the_skill_and_the_guard_keeps_teaching_other_subjects(data_dir):
-    """The coding fit's "teach" family (appended last): an exercise, quiz, hints or rubric made of each probe's task,
-    or a quiz or challenge on a programming topic; the near-skill retain set (tools, other subjects taught) joins a
-    coding guard's defaults only. Both are written apart from every real user request (no 5-gram shared)."""
-    from unskill.stats.datasets import load_dataset
-    from unskill.stats.guard import GuardConfig, retain_sets
-
-    train = load_dataset("mbpp:train", data_dir, 30)
-    fitted = augment.augment(train, "code").items[-30:]
-    assert augment.KIND_FAMILIES["code"][-1] == "teach"
-    tasks = [item.prompt.split("\nYour code should pass these tests:")[0] for item in train.items]
-    on_task = [task in teach.prompt for task, teach in zip(tasks, fitted)]
-    on_topic = [any(topic in teach.prompt for topic in augment.TEACH_TOPICS) or "knowledge for job" in teach.prompt
-                for teach in fitted]
-    assert all(a != b for a, b in zip(on_task, on_topic)), fitted   # each on its task or on a topic, not both
-    assert 5 <= sum(on_topic) <= 20
-    assert not any("dynamic programming" in t.prompt.lower() or " R " in t.prompt for t in fitted)
-    real = set().union(*(_ngrams(p) for p in load_dataset("instructions:all", data_dir).prompts))
-    written = augment.TEACH_FRAMES + augment.TEACH_TOPIC_FRAMES + augment.NEAR_REQUESTS["code"]
-    assert not [t for t in written if _ngrams(t) & real]
-    config = GuardConfig(limit=10, data_dir=str(data_dir), noisy_retain=False)
-    assert "builtin:near-code" in [d.name for d in retain_sets("code", config, data_dir)]
-    assert not [d for d in retain_sets("math", config, data_dir) if d.name.startswith("builtin:near")]
 
 
 def test_coding_tasks_in_other_programming_languages_fit_and_benchmark_apart(data_dir):
@@ -115,7 +90,7 @@ def test_coding_tasks_in_other_programming_languages_fit_and_benchmark_apart(dat
     assert augment.in_language(f"Write a {add}", "C#") == f"Write a C# {add}"
     assert augment.in_language("Find the sum of a list.", "Lua") == "In Lua: Find the sum of a list."
     assert not set(augment.PORT_LANGUAGES) & set(bypass.B.PROGRAM_LANGUAGES)
-    fitted = augment.augment(load_dataset("mbpp:train", data_dir, 24), "code").items[-72:-48]
+    fitted = augment.augment(load_dataset("mbpp:train", data_dir, 24), "code").items[-48:-24]
     assert all(any(f" {lang}" in item.prompt for lang in augment.PORT_LANGUAGES) for item in fitted), fitted
     assert not any("python" in item.prompt.lower() for item in fitted)
     asked = next(s for s in bypass.bypass_sets("mbpp", data_dir, limit=16) if s.name == "program-language")
