@@ -103,9 +103,9 @@ class TimedGuard(KSDGuard):
         super().__init__(*args, **kwargs)
         self.seconds, self.calls = 0.0, 0
 
-    def check(self, last_keys):
+    def check(self, last_keys, mask=None):   # the runtime passes the attention mask for multi-position rules
         start = time.perf_counter()
-        hits = super().check(last_keys)
+        hits = super().check(last_keys, mask)
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return hits
