@@ -323,3 +323,22 @@ def test_guard_reads_margins_fire_where_the_guard_does():
     plain = LinearRegion("s", (0, 1), weight, 0.1, -0.5)   # a rule that reads the last token only
     only = plain.read_margins(keys, valid)
     assert np.isinf(only["mean"]).all() and np.isinf(only["anywhere"]).all()
+
+
+def test_the_benchmarks_timed_guard_decides_as_the_runtimes(suffix_guard, monkeypatch):
+    """benchmarks/levers.py times the guard with a subclass of KSDGuard; it must take what the Generator passes (the
+    attention mask of a multi-position rule) and decide the same, or guard_rules.py times nothing."""
+    from pathlib import Path
+
+    from unskill.runtime import Generator, load, load_stats
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from levers import TimedGuard
+
+    onnx_dir, paths, _ = suffix_guard
+    runtime = load(onnx_dir, [paths["anywhere"]], device="cpu")
+    guard = TimedGuard([load_stats(paths["anywhere"])], runtime.model.manifest)
+    timed = Generator(runtime.model, runtime.tokenizer, guard)
+    prompts = [REQUEST, SUFFIXED, LONG, *BENIGN[:2]]
+    assert refused_at_prompt(timed, prompts) == refused_at_prompt(runtime, prompts) == [True] * 3 + [False] * 2
+    assert guard.calls > 0 and guard.seconds > 0
