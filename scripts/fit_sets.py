@@ -16,7 +16,8 @@ what each variant refuses of the held-out sets, with the window the validation p
 
 Variants: the guard's fit as it is; with the calibration half's real skill requests (and their framed and noised
 copies) on the forget side, repeated 1, 5 or 20 times; with the calibration half's benign real requests repeated
-3 or 10 times on the retain side (hard negatives weighted up). It is a screen, not the guard: one format, the last
+3 or 10 times on the retain side (hard negatives weighted up); and, for the guard's fit, the window chosen by the
+calibration half's real skill requests where the validation prompts tie. It is a screen, not the guard: one format, the last
 token only (no mean or every-position read), no decoded tokens, no suffix copies, so its false refusals run above
 a stored guard's. A variant that does not move the held-out rates here is not worth a guard run.
 """
@@ -94,7 +95,8 @@ def read_keys(model_dir: str, skill: str, data_dir: str, limit: int, out: str, b
 
 
 def score_variant(keys: dict, forget: np.ndarray, fit_retain: np.ndarray, retain: np.ndarray,
-                  held_out: tuple = ("validation",) + HELD_OUT, seed: int = 0) -> list[dict]:
+                  held_out: tuple = ("validation", "real_skill", "real_skill_framed") + HELD_OUT,
+                  seed: int = 0) -> list[dict]:
     """Every window of adjacent layers: its threshold (at most TARGET of the retain prompts out of fold, the
     discriminants averaged over the window) and the share of each held-out set it refuses. forget (n, C, F),
     fit_retain (m', C, F): what the discriminant is fitted on; retain (m, C, F): what the threshold is set on
@@ -127,6 +129,13 @@ def score_variant(keys: dict, forget: np.ndarray, fit_retain: np.ndarray, retain
 def chosen_window(rows: list[dict]) -> dict:
     """What the calibration would store: the most validation prompts refused, then the wider window, the earlier."""
     return max(rows, key=lambda row: (row["validation"], row["window"], -row["start"]))
+
+
+def window_by_real_requests(rows: list[dict]) -> dict:
+    """The validation prompts first (they saturate on both models), then the calibration half's real skill
+    requests with their framed copies, then as chosen_window: a tie-break a guard could use without held-out data."""
+    return max(rows, key=lambda row: (row["validation"], row["real_skill"] + row["real_skill_framed"],
+                                      row["window"], -row["start"]))
 
 
 def variants(keys: dict) -> tuple[dict, np.ndarray]:
@@ -170,6 +179,11 @@ def report(keys_path: str, out: str | None) -> int:
         result["variants"][name] = {"chosen": best, "windows": rows}
         print(f"{name:40s} {best['window']}@{best['start']:<4d} " +
               "  ".join(f"{best[held]:14.3f}" for held in ("validation",) + HELD_OUT))
+        if name == "guard's fit":
+            tied = window_by_real_requests(rows)
+            result["window_by_real_requests"] = tied
+            print(f"{'  window by the real requests':40s} {tied['window']}@{tied['start']:<4d} " +
+                  "  ".join(f"{tied[held]:14.3f}" for held in ("validation",) + HELD_OUT))
     forget, fit_retain = found["guard's fit"]
     result["separation"] = separation(keys, forget, fit_retain)
     print("the guard's fit, layer by layer: AUC of held-out skill vs benign requests; benign refused at 0.9 recall")

@@ -56,3 +56,20 @@ def test_a_keys_file_without_the_sets_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.count("\n") == 0 and str(path) in err and "probes_framed" in err
     assert fit_sets.main(["report", "--keys", str(tmp_path / "absent.npz")]) == 2
     assert "absent.npz" in capsys.readouterr().err
+
+
+def test_the_real_requests_break_the_tie_between_windows():
+    """Layer 1 sees the real requests' direction, layers 0 and 2 do not; every window refuses all validation
+    prompts. chosen_window keeps the widest; the tie-break by the calibration half's real requests takes layer 1."""
+    fit_sets = _script()
+    keys = _keys()
+    e1 = np.eye(16)[1] * 4
+    keys["validation"] += np.eye(16)[0] * 4   # far enough that every window refuses all of them: a tie
+    for name in ("real_skill", "real_skill_framed", "real_skill_bon", "heldout_skill"):
+        keys[name][:, [0, 2]] -= e1 + np.eye(16)[0] * 4   # far on the benign side at layers 0 and 2
+        keys[name][:, 1] += np.eye(16)[0] * 4   # ... and like the probes at layer 1
+    found, retain = fit_sets.variants(keys)
+    rows = fit_sets.score_variant(keys, *found["guard's fit"], retain)
+    assert (fit_sets.chosen_window(rows)["window"], fit_sets.chosen_window(rows)["start"]) == (3, 0)
+    tied = fit_sets.window_by_real_requests(rows)
+    assert (tied["window"], tied["start"]) == (1, 1) and tied["heldout_skill"] > 0.9
