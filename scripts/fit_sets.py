@@ -94,24 +94,24 @@ def read_keys(model_dir: str, skill: str, data_dir: str, limit: int, out: str, b
     os.replace(temporary, out)
 
 
-def score_variant(keys: dict, forget: np.ndarray, fit_retain: np.ndarray, retain: np.ndarray,
+def score_variant(keys: dict, forget: np.ndarray, retain: np.ndarray, repeats: np.ndarray,
                   held_out: tuple = ("validation", "real_skill", "real_skill_framed") + HELD_OUT,
                   seed: int = 0) -> list[dict]:
     """Every window of adjacent layers: its threshold (at most TARGET of the retain prompts out of fold, the
-    discriminants averaged over the window) and the share of each held-out set it refuses. forget (n, C, F),
-    fit_retain (m', C, F): what the discriminant is fitted on; retain (m, C, F): what the threshold is set on
-    (fit_retain is retain, possibly with some rows repeated)."""
+    discriminants averaged over the window) and the share of each held-out set it refuses. forget (n, C, F) and
+    retain (m, C, F) keys, each retain prompt counted repeats (m,) times in every fit (a weight; the threshold
+    counts each once)."""
     from unskill.stats.discriminant import fit
 
     columns = forget.shape[1]
     fold = np.random.default_rng(seed).permutation(retain.shape[0]) % FOLDS
     per_layer = []
     for column in range(columns):
-        weight, bias = fit(forget[:, column], fit_retain[:, column])
+        weight, bias = fit(forget[:, column], np.repeat(retain[:, column], repeats, axis=0))
         out_of_fold = np.empty(retain.shape[0])
         for part in range(FOLDS):   # the threshold's side: each retain prompt scored by a fit without it
             inside = fold != part
-            w, b = fit(forget[:, column], retain[inside, column])
+            w, b = fit(forget[:, column], np.repeat(retain[inside, column], repeats[inside], axis=0))
             out_of_fold[~inside] = retain[~inside, column] @ w + b
         per_layer.append((out_of_fold, {name: keys[name][:, column] @ weight + bias for name in held_out}))
     rows = []
@@ -139,17 +139,18 @@ def window_by_real_requests(rows: list[dict]) -> dict:
 
 
 def variants(keys: dict) -> tuple[dict, np.ndarray]:
-    """({name: (forget rows, retain rows the discriminant is fitted on)}, the retain rows thresholds are set on)."""
+    """({name: (forget rows, each retain row's weight)}, the retain rows)."""
     retain_names = sorted(name for name in keys if name.startswith("retain_"))
     retain = np.concatenate([keys[name] for name in retain_names])
+    hard = np.concatenate([np.full(len(keys[name]), name == "retain_instructions") for name in retain_names])
     forget = np.concatenate([keys[name] for name in FORGET_FIT])
     real = np.concatenate([keys[name] for name in REAL_SKILL])
-    out = {"guard's fit": (forget, retain)}
+    once = np.ones(retain.shape[0], dtype=np.int64)
+    out = {"guard's fit": (forget, once)}
     for times in (1, 5, 20):
-        out[f"+ calibration skill requests x{times}"] = (np.concatenate([forget] + [real] * times), retain)
+        out[f"+ calibration skill requests x{times}"] = (np.concatenate([forget] + [real] * times), once)
     for times in (3, 10):
-        out[f"calibration benign requests x{times}"] = (
-            forget, np.concatenate([retain] + [keys["retain_instructions"]] * (times - 1)))
+        out[f"calibration benign requests x{times}"] = (forget, np.where(hard, times, 1))
     return out, retain
 
 
@@ -173,19 +174,18 @@ def report(keys_path: str, out: str | None) -> int:
     found, retain = variants(keys)
     result = {"keys": keys_path, "target": TARGET, "variants": {}}
     print(f"{'variant':40s} window  " + "  ".join(f"{name:>14s}" for name in ("validation",) + HELD_OUT))
-    for name, (forget, fit_retain) in found.items():
-        rows = score_variant(keys, forget, fit_retain, retain)
+    for name, (forget, repeats) in found.items():
+        rows = score_variant(keys, forget, retain, repeats)
         best = chosen_window(rows)
-        result["variants"][name] = {"chosen": best, "windows": rows}
+        result["variants"][name] = {"chosen": best}
         print(f"{name:40s} {best['window']}@{best['start']:<4d} " +
               "  ".join(f"{best[held]:14.3f}" for held in ("validation",) + HELD_OUT))
         if name == "guard's fit":
             tied = window_by_real_requests(rows)
-            result["window_by_real_requests"] = tied
+            result["window_by_real_requests"], result["windows"] = tied, rows
             print(f"{'  window by the real requests':40s} {tied['window']}@{tied['start']:<4d} " +
                   "  ".join(f"{tied[held]:14.3f}" for held in ("validation",) + HELD_OUT))
-    forget, fit_retain = found["guard's fit"]
-    result["separation"] = separation(keys, forget, fit_retain)
+    result["separation"] = separation(keys, found["guard's fit"][0], retain)
     print("the guard's fit, layer by layer: AUC of held-out skill vs benign requests; benign refused at 0.9 recall")
     print("  " + "  ".join(f"{row['auc']:.2f}/{row['benign_at_0.9']:.2f}" for row in result["separation"]))
     if out:
@@ -194,7 +194,7 @@ def report(keys_path: str, out: str | None) -> int:
     return 0
 
 
-def separation(keys: dict, forget: np.ndarray, fit_retain: np.ndarray) -> list[dict]:
+def separation(keys: dict, forget: np.ndarray, retain: np.ndarray) -> list[dict]:
     """Per fit layer, how far any threshold on the fitted direction could go on the held-out real requests: the
     AUC of the skill's against the benign ones, and the share of benign ones refused where 90 % of the skill's are
     (a ceiling on the direction, not on the calibration: nothing here sets a threshold from held-out data)."""
@@ -202,7 +202,7 @@ def separation(keys: dict, forget: np.ndarray, fit_retain: np.ndarray) -> list[d
 
     rows = []
     for column in range(forget.shape[1]):
-        weight, bias = fit(forget[:, column], fit_retain[:, column])
+        weight, bias = fit(forget[:, column], retain[:, column])
         skill = keys["heldout_skill"][:, column] @ weight + bias
         benign = keys["heldout_benign"][:, column] @ weight + bias
         at_recall = np.sort(skill)[int(np.floor(0.1 * skill.size))]

@@ -38,8 +38,8 @@ def test_the_screen_finds_what_the_calibration_requests_add():
     fit_sets = _script()
     keys = _keys()
     found, retain = fit_sets.variants(keys)
-    rates = {name: fit_sets.chosen_window(fit_sets.score_variant(keys, forget, fit_retain, retain))
-             for name, (forget, fit_retain) in found.items()}
+    rates = {name: fit_sets.chosen_window(fit_sets.score_variant(keys, forget, retain, repeats))
+             for name, (forget, repeats) in found.items()}
     plain = rates["guard's fit"]
     assert plain["validation"] == 1.0 and plain["test"] == 1.0 and plain["window"] == 3   # ties go to the widest
     assert plain["heldout_skill"] < 0.2 and plain["heldout_benign"] <= 0.03
@@ -69,7 +69,27 @@ def test_the_real_requests_break_the_tie_between_windows():
         keys[name][:, [0, 2]] -= e1 + np.eye(16)[0] * 4   # far on the benign side at layers 0 and 2
         keys[name][:, 1] += np.eye(16)[0] * 4   # ... and like the probes at layer 1
     found, retain = fit_sets.variants(keys)
-    rows = fit_sets.score_variant(keys, *found["guard's fit"], retain)
+    forget, repeats = found["guard's fit"]
+    rows = fit_sets.score_variant(keys, forget, retain, repeats)
     assert (fit_sets.chosen_window(rows)["window"], fit_sets.chosen_window(rows)["start"]) == (3, 0)
     tied = fit_sets.window_by_real_requests(rows)
     assert (tied["window"], tied["start"]) == (1, 1) and tied["heldout_skill"] > 0.9
+
+
+def test_weighing_the_border_answers_more_border_requests():
+    """Benign requests that lean towards the skill (the calibration half's and, alike, the held-out ones): weighed
+    10 times in the fit, fewer held-out ones are refused, and the forget side is still caught (fails where the
+    weights are dropped)."""
+    fit_sets = _script()
+    keys = _keys(seed=1)
+    border = np.eye(16)[0] * 2.5 + np.eye(16)[2] * 3
+    rng = np.random.default_rng(2)
+    for name in ("retain_instructions", "heldout_benign"):
+        keys[name] = (rng.normal(size=keys[name].shape) + border).astype(np.float32)
+    found, retain = fit_sets.variants(keys)
+    plain = fit_sets.chosen_window(fit_sets.score_variant(keys, found["guard's fit"][0], retain,
+                                                          found["guard's fit"][1]))
+    weighed = fit_sets.chosen_window(fit_sets.score_variant(keys, found["calibration benign requests x10"][0], retain,
+                                                            found["calibration benign requests x10"][1]))
+    assert weighed["heldout_benign"] < plain["heldout_benign"] and weighed["heldout_benign"] <= 0.03
+    assert weighed["validation"] >= 0.98
