@@ -17,9 +17,9 @@ what each variant refuses of the held-out sets, with the window the validation p
 Variants: the guard's fit as it is; with the calibration half's real skill requests (and their framed and noised
 copies) on the forget side, repeated 1, 5 or 20 times; with the calibration half's benign real requests repeated
 3 or 10 times on the retain side (hard negatives weighted up); and, for the guard's fit, the window chosen by the
-calibration half's real skill requests where the validation prompts tie. It is a screen, not the guard: one format, the last
-token only (no mean or every-position read), no decoded tokens, no suffix copies, so its false refusals run above
-a stored guard's. A variant that does not move the held-out rates here is not worth a guard run.
+calibration half's real skill requests where the validation prompts tie. It is a screen, not the guard: one format,
+the last token only (no mean or every-position read), no decoded tokens, no suffix copies, so its false refusals run
+above a stored guard's. A variant that does not move the held-out rates here is not worth a guard run.
 """
 
 from __future__ import annotations
