@@ -1,5 +1,5 @@
-"""Writing results: check an output path before the work, then write the file atomically (JSON, JSONL or
-text), so an interrupted or failed command leaves the old file or none, never half of one."""
+"""Writing results: check an output path before the work, then write the file atomically (JSON, JSONL, NPZ
+or text), so an interrupted or failed command leaves the old file or none, never half of one."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from .errors import UnskillError
 
@@ -55,6 +57,21 @@ def write_text_atomic(path: str, text: str) -> None:
         os.replace(tmp, target)
     except OSError as exc:
         raise UnskillError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_npz_atomic(path: str | Path, arrays: dict) -> None:
+    """np.savez of `arrays` that appears complete or not at all (a crash leaves no half-written file behind)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".unskill-", suffix=".npz", dir=target.parent)
+    os.close(handle)
+    try:
+        np.savez(tmp, **arrays)
+        os.chmod(tmp, 0o644)   # mkstemp makes it private; results are ordinary files
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

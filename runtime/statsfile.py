@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UnskillError
+from .io import write_npz_atomic
 from .manifest import Manifest
 
 SCHEMA_VERSION = 1
@@ -279,16 +278,7 @@ class StatsFile:
             arrays[f"{group}.count"] = moments.count
             for name, value in moments.values.items():
                 arrays[f"{group}.{name}"] = value
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".npz", dir=path.parent)
-        os.close(handle)
-        try:
-            np.savez(tmp, **arrays)
-            os.chmod(tmp, 0o644)   # mkstemp makes it private; stats are ordinary files
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_npz_atomic(path, arrays)
         return path
 
     def check_model(self, manifest: Manifest, where: str) -> None:

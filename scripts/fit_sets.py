@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -74,6 +73,7 @@ def fit_and_heldout_sets(skill: str, data_dir: str, limit: int) -> dict:
 
 def read_keys(model_dir: str, skill: str, data_dir: str, limit: int, out: str, batch_size: int) -> None:
     from unskill.runtime import OnnxLM, TextTokenizer
+    from unskill.runtime.io import write_npz_atomic
     from unskill.runtime.keys import KeyReader
     from unskill.stats.guard import fit_layers
 
@@ -86,12 +86,7 @@ def read_keys(model_dir: str, skill: str, data_dir: str, limit: int, out: str, b
         sequences = [tokenizer.encode_prompt(prompt, tokenizer.has_chat_template) for prompt in dataset.prompts]
         keys[name] = reader.last_keys(sequences, layers, desc=name).astype(np.float16)   # halves the file
         print(f"{name}: {len(sequences)} prompts", file=sys.stderr)
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".npz", dir=folder)
-    with os.fdopen(handle, "wb") as stream:
-        np.savez(stream, layers=np.array(layers), **keys)
-    os.replace(temporary, out)
+    write_npz_atomic(out, {"layers": np.array(layers), **keys})
 
 
 def score_variant(keys: dict, forget: np.ndarray, retain: np.ndarray, repeats: np.ndarray,
